@@ -1,0 +1,15 @@
+# Settings for prefloss's own tests, benchmarks and examples; never applied to consumers.
+add_library(prefloss_dev INTERFACE)
+target_link_libraries(prefloss_dev INTERFACE prefloss)
+if(PREFLOSS_NATIVE)
+  target_link_libraries(prefloss_dev INTERFACE prefloss_native)
+endif()
+target_compile_options(prefloss_dev INTERFACE -Wall -Wextra -Wpedantic $<$<BOOL:${PREFLOSS_WERROR}>:-Werror>)
+if(PREFLOSS_SANITIZE)
+  target_compile_options(prefloss_dev INTERFACE -fsanitize=${PREFLOSS_SANITIZE} -fno-omit-frame-pointer
+                                                -fno-sanitize-recover=all)
+  target_link_options(prefloss_dev INTERFACE -fsanitize=${PREFLOSS_SANITIZE})
+endif()
+if(NOT CMAKE_BUILD_TYPE AND NOT CMAKE_CONFIGURATION_TYPES)
+  set(CMAKE_BUILD_TYPE Release CACHE STRING "Build type" FORCE)
+endif()

@@ -1,0 +1,27 @@
+/// @file config.hpp
+/// Version macros, the user-overridable assertion hook, and the numerics guard.
+#pragma once
+
+#define PREFLOSS_VERSION_MAJOR 0
+#define PREFLOSS_VERSION_MINOR 1
+#define PREFLOSS_VERSION_PATCH 0
+#define PREFLOSS_VERSION (PREFLOSS_VERSION_MAJOR * 10000 + PREFLOSS_VERSION_MINOR * 100 + PREFLOSS_VERSION_PATCH)
+
+// -ffast-math lets the compiler assume no NaN/inf and reassociate sums: log1p(exp(-|x|)) and
+// the compensated sums then lose the accuracy this library promises, and masked-out NaN padding
+// can leak through selects. Refuse to build rather than silently return wrong numbers.
+#if defined(__FAST_MATH__)
+#error "prefloss must not be compiled with -ffast-math (it breaks log1p/logsigmoid and NaN-safe masking)"
+#endif
+
+/// Internal invariant check (never used for input validation, which always throws).
+/// Define PREFLOSS_ASSERT before including prefloss to route it to your own handler.
+#ifndef PREFLOSS_ASSERT
+#include <cassert>
+#define PREFLOSS_ASSERT(cond) assert(cond)
+#endif
+
+namespace prefloss {
+/// Index type used for tensor extents (Eigen's).
+using Index = long;
+}  // namespace prefloss

@@ -1,0 +1,144 @@
+/// @file detail/masked_kernels.hpp
+/// Row kernels behind masked_sum / masked_mean: one streaming pass that selects (never
+/// multiplies by) the mask, so masked-out inf/NaN cannot leak, and float rows are summed with
+/// Kahan compensation per lane (error ~2 eps * sum|x|, independent of the row length).
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <type_traits>
+
+#include "../config.hpp"
+#include "simd.hpp"
+#include "tensor.hpp"
+
+namespace prefloss::detail {
+
+/// sum of selected w*x and of selected w over one row, in double.
+struct RowSums {
+  double value;
+  double weight;
+};
+
+template <class S, class M>
+inline constexpr bool simd_mask_v = sizeof(M) == 1 || std::is_same_v<S, M>;
+
+/// Selected lanes and their weights for a batch of tokens starting at m.
+template <class S, class M>
+struct MaskLanes {
+  batch_bool<S> sel;
+  batch<S> weight;
+};
+
+template <class S, class M>
+inline MaskLanes<S, M> load_mask(const M* m) noexcept {
+  if constexpr (sizeof(M) == 1) {
+    return {load_byte_mask<S, arch>(m), batch<S>(S(1))};
+  } else {
+    const batch<S> w = load_u<S, arch>(m);
+    return {w != batch<S>(S(0)), w};
+  }
+}
+
+template <class S, class M>
+inline bool selected(M m) noexcept {
+  return m != M(0);
+}
+
+template <class S, class M>
+inline double weight_of(M m) noexcept {
+  if constexpr (sizeof(M) == 1) {
+    return 1.0;
+  } else {
+    return static_cast<double>(m);
+  }
+}
+
+/// Kahan accumulator over SIMD lanes (float) or a plain lane sum (double, whose rounding is
+/// already far below the float-input bound).
+template <class S>
+struct LaneSum {
+  batch<S> s = batch<S>(S(0)), c = batch<S>(S(0));
+  void add(const batch<S>& v) noexcept {
+    if constexpr (std::is_same_v<S, float>) {
+      const batch<S> y = v - c;
+      const batch<S> t = s + y;
+      c = (t - s) - y;
+      s = t;
+    } else {
+      s += v;
+    }
+  }
+  double total() const noexcept {
+    alignas(64) S a[lanes<S>], b[lanes<S>];
+    s.store_aligned(a);
+    c.store_aligned(b);
+    double r = 0;
+    for (std::size_t k = 0; k < lanes<S>; ++k) r += static_cast<double>(a[k]) - static_cast<double>(b[k]);
+    return r;
+  }
+};
+
+/// NeedValue = false skips x entirely (it may be null): the weight-only pass of a mean's adjoint.
+template <bool NeedValue, bool NeedWeight, class S, class M>
+inline RowSums row_sums(const S* x, const M* m, Index n) noexcept {
+  Index t = 0;
+  double value = 0, weight = 0;
+  if constexpr (simd_mask_v<S, M>) {
+    constexpr Index w = static_cast<Index>(lanes<S>);
+    LaneSum<S> v0, v1, w0, w1;  // two chains hide the add latency
+    const batch<S> zero(S(0));
+    for (; t + 2 * w <= n; t += 2 * w) {
+      const auto ma = load_mask<S>(m + t);
+      const auto mb = load_mask<S>(m + t + w);
+      if constexpr (NeedValue && sizeof(M) == 1) {
+        v0.add(xsimd::select(ma.sel, load_u<S, arch>(x + t), zero));
+        v1.add(xsimd::select(mb.sel, load_u<S, arch>(x + t + w), zero));
+      } else if constexpr (NeedValue) {
+        v0.add(xsimd::select(ma.sel, ma.weight * load_u<S, arch>(x + t), zero));
+        v1.add(xsimd::select(mb.sel, mb.weight * load_u<S, arch>(x + t + w), zero));
+      }
+      if constexpr (NeedWeight) {
+        w0.add(xsimd::select(ma.sel, ma.weight, zero));
+        w1.add(xsimd::select(mb.sel, mb.weight, zero));
+      }
+    }
+    value = v0.total() + v1.total();
+    if constexpr (NeedWeight) weight = w0.total() + w1.total();
+    // A selected +-inf turns Kahan's correction into inf - inf; redo such a row plainly so
+    // it sums to +-inf (or NaN) exactly as the scalar definition does.
+    if (value != value || weight != weight) {
+      t = 0;
+      value = weight = 0;
+    }
+  }
+  for (; t < n; ++t) {
+    if (selected<S>(m[t])) {
+      const double wt = weight_of<S>(m[t]);
+      if constexpr (NeedValue) value += wt * static_cast<double>(x[t]);
+      weight += wt;
+    }
+  }
+  return {value, weight};
+}
+
+/// out[t] = selected ? scale * w(t) : 0 for one row.
+template <class S, class M>
+inline void row_fill(const M* m, Index n, S scale, S* out) noexcept {
+  Index t = 0;
+  if constexpr (simd_mask_v<S, M>) {
+    constexpr Index w = static_cast<Index>(lanes<S>);
+    const batch<S> zero(S(0)), g(scale);
+    for (; t + w <= n; t += w) {
+      const auto ml = load_mask<S>(m + t);
+      if constexpr (sizeof(M) == 1) {
+        store_u(out + t, xsimd::select(ml.sel, g, zero));
+      } else {
+        store_u(out + t, xsimd::select(ml.sel, g * ml.weight, zero));
+      }
+    }
+  }
+  for (; t < n; ++t) out[t] = selected<S>(m[t]) ? static_cast<S>(scale * weight_of<S>(m[t])) : S(0);
+}
+
+}  // namespace prefloss::detail

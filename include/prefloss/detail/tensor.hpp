@@ -1,0 +1,133 @@
+/// @file detail/tensor.hpp
+/// Raw views over the Eigen tensors and maps callers hand in, plus the shape checks that turn a
+/// mismatch into a prefloss::shape_error naming the argument.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include <unsupported/Eigen/CXX11/Tensor>
+
+#include "../config.hpp"
+#include "../errors.hpp"
+
+namespace prefloss::detail {
+
+template <class T>
+using remove_cvref_t = std::remove_cv_t<std::remove_reference_t<T>>;
+
+template <class T, class = void>
+struct is_tensor : std::false_type {};
+template <class T>
+struct is_tensor<T, std::void_t<decltype(remove_cvref_t<T>::NumDimensions), decltype(std::declval<T&>().data()),
+                                decltype(std::declval<T&>().dimension(0))>> : std::true_type {};
+
+template <class T>
+inline constexpr bool is_tensor_v = is_tensor<remove_cvref_t<T>>::value;
+
+template <class T>
+using tensor_scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(std::declval<remove_cvref_t<T>&>().data())>>;
+
+template <class T>
+inline constexpr int tensor_rank_v = remove_cvref_t<T>::NumDimensions;
+
+template <class T>
+inline constexpr bool tensor_writable_v =
+    !std::is_const_v<std::remove_pointer_t<decltype(std::declval<std::remove_reference_t<T>&>().data())>>;
+
+template <class T>
+inline constexpr bool is_real_v = std::is_same_v<T, float> || std::is_same_v<T, double>;
+
+template <class T>
+inline constexpr bool is_mask_v = is_real_v<T> || std::is_same_v<T, bool> || std::is_same_v<T, std::uint8_t>;
+
+/// [rows, cols] row-major read view.
+template <class T>
+struct Matrix {
+  const T* data;
+  Index rows, cols;
+  const T* row(Index i) const noexcept { return data + i * cols; }
+};
+
+/// [rows, cols] row-major write view.
+template <class T>
+struct MatrixOut {
+  T* data;
+  Index rows, cols;
+  T* row(Index i) const noexcept { return data + i * cols; }
+};
+
+/// [size] read view.
+template <class T>
+struct Vector {
+  const T* data;
+  Index size;
+};
+
+inline std::string shape_str(Index a) { return "[" + std::to_string(a) + "]"; }
+inline std::string shape_str(Index a, Index b) { return "[" + std::to_string(a) + ", " + std::to_string(b) + "]"; }
+
+template <class T>
+std::string shape_of(const T& t) {
+  if constexpr (tensor_rank_v<T> == 1) {
+    return shape_str(t.dimension(0));
+  } else {
+    std::string s = "[";
+    for (int d = 0; d < tensor_rank_v<T>; ++d) s += (d ? ", " : "") + std::to_string(t.dimension(d));
+    return s + "]";
+  }
+}
+
+template <class T>
+constexpr void require_token_tensor() {
+  static_assert(is_tensor_v<T>, "prefloss: token arguments must be Eigen::Tensor or Eigen::TensorMap");
+  static_assert(tensor_rank_v<T> == 2, "prefloss: token tensors are rank 2 [batch, tokens]");
+  static_assert(static_cast<int>(remove_cvref_t<T>::Layout) == static_cast<int>(Eigen::RowMajor),
+                "prefloss: token tensors must be row-major (Eigen::RowMajor)");
+}
+
+template <class T>
+Matrix<tensor_scalar_t<T>> matrix_view(const T& t) {
+  require_token_tensor<T>();
+  return {t.data(), static_cast<Index>(t.dimension(0)), static_cast<Index>(t.dimension(1))};
+}
+
+template <class T>
+Vector<tensor_scalar_t<T>> vector_view(const T& t) {
+  static_assert(is_tensor_v<T>, "prefloss: sequence arguments must be rank-1 Eigen tensors or sequence expressions");
+  static_assert(tensor_rank_v<T> == 1, "prefloss: sequence tensors are rank 1 [batch]");
+  return {t.data(), static_cast<Index>(t.dimension(0))};
+}
+
+/// Checks a caller-provided output's extents and returns a write view; throws shape_error
+/// ("<fn>: argument '<name>' must have shape [..], got [..]") otherwise.
+template <class T>
+MatrixOut<tensor_scalar_t<T>> matrix_out(T&& t, Index rows, Index cols, const char* fn, const char* name) {
+  require_token_tensor<T>();
+  static_assert(tensor_writable_v<T>, "prefloss: output tensors must be writable (not const)");
+  if (t.dimension(0) != rows || t.dimension(1) != cols)
+    throw shape_error(std::string(fn) + ": argument '" + name + "' must have shape " + shape_str(rows, cols) + ", got " +
+                      shape_of(t));
+  return {t.data(), rows, cols};
+}
+
+template <class T>
+tensor_scalar_t<T>* vector_out(T&& t, Index size, const char* fn, const char* name) {
+  static_assert(is_tensor_v<T> && tensor_rank_v<T> == 1, "prefloss: this output is a rank-1 [batch] tensor");
+  static_assert(tensor_writable_v<T>, "prefloss: output tensors must be writable (not const)");
+  if (t.dimension(0) != size)
+    throw shape_error(std::string(fn) + ": argument '" + name + "' must have shape " + shape_str(size) + ", got " +
+                      shape_of(t));
+  return t.data();
+}
+
+/// Throws unless `what` (an argument's extent) equals `expected`.
+inline void require_same(const char* fn, const char* a, const std::string& shape_a, const char* b,
+                         const std::string& shape_b) {
+  if (shape_a != shape_b)
+    throw shape_error(std::string(fn) + ": argument '" + a + "' has shape " + shape_a + " but '" + b + "' has shape " +
+                      shape_b);
+}
+
+}  // namespace prefloss::detail

@@ -1,0 +1,137 @@
+/// @file reduce/masked.hpp
+/// masked_sum / masked_mean: lazy [batch] sequence expressions over [batch, tokens] tokens.
+#pragma once
+
+#include <string>
+#include <type_traits>
+
+#include <unsupported/Eigen/CXX11/Tensor>
+
+#include "../config.hpp"
+#include "../detail/masked_kernels.hpp"
+#include "../detail/tensor.hpp"
+#include "../errors.hpp"
+
+namespace prefloss {
+
+/// How a masked row of tokens becomes one sequence value.
+enum class Reduction { sum, mean };
+
+/// @brief A lazy masked reduction of row-major [batch, tokens] values to [batch].
+///
+/// Holds views (pointer and extents) of the caller's tokens and mask, not copies: the tensors
+/// must outlive the expression and any loss result built from it. Tokens whose mask entry is
+/// zero are skipped, never multiplied, so they may hold inf or NaN. A float/double mask acts as
+/// a per-token weight w: sum = sum_t w_t x_t and mean = sum_t w_t x_t / sum_t w_t over w_t != 0;
+/// the mean of a row with no selected token is 0 with gradient 0.
+template <class S, class M, Reduction R>
+class MaskedReduction {
+  static_assert(detail::is_real_v<S>, "prefloss: tokens must be float or double");
+  static_assert(detail::is_mask_v<M>, "prefloss: masks must be bool, uint8_t, float or double");
+
+ public:
+  using Scalar = S;
+  using MaskScalar = M;
+  static constexpr Reduction reduction = R;
+
+  MaskedReduction(detail::Matrix<S> tokens, detail::Matrix<M> mask) : x_(tokens), m_(mask) {}
+
+  /// Number of sequences (the batch).
+  Index size() const noexcept { return x_.rows; }
+  /// Tokens per sequence.
+  Index tokens() const noexcept { return x_.cols; }
+  /// Shape of the token leaves, for messages.
+  std::string shape() const { return detail::shape_str(x_.rows, x_.cols); }
+
+  /// Value of sequence i (double accumulation).
+  double value(Index i) const noexcept {
+    if constexpr (R == Reduction::sum) {
+      return detail::row_sums<true, false>(x_.row(i), m_.row(i), x_.cols).value;
+    } else {
+      const auto r = detail::row_sums<true, true>(x_.row(i), m_.row(i), x_.cols);
+      return r.weight != 0 ? r.value / r.weight : 0.0;
+    }
+  }
+
+  /// Writes all [batch] values to out (no checks; out holds size() elements).
+  void eval_to(S* out) const noexcept {
+    for (Index i = 0; i < x_.rows; ++i) out[i] = static_cast<S>(value(i));
+  }
+
+  /// The [batch] values as a new tensor.
+  Eigen::Tensor<S, 1> eval() const {
+    Eigen::Tensor<S, 1> out(x_.rows);
+    eval_to(out.data());
+    return out;
+  }
+
+  /// Checks that `grad` can receive this expression's gradient (a [batch, tokens] row-major
+  /// tensor or map) and returns a write view of it.
+  template <class G>
+  detail::MatrixOut<S> grad_view(G&& grad, const char* fn, const char* name) const {
+    static_assert(std::is_same_v<detail::tensor_scalar_t<G>, S>,
+                  "prefloss: gradient tensor must have the token tensor's scalar type");
+    return detail::matrix_out(std::forward<G>(grad), x_.rows, x_.cols, fn, name);
+  }
+
+  /// grad[i, t] = upstream[i] * d value_i / d x[i, t]: upstream times the weight (divided by
+  /// the row's total weight for a mean), 0 where the mask is 0. Overwrites every element.
+  void backward_to(const S* upstream, detail::MatrixOut<S> grad) const noexcept {
+    for (Index i = 0; i < x_.rows; ++i) {
+      double scale = upstream[i];
+      if constexpr (R == Reduction::mean) {
+        const double total = detail::row_sums<false, true>(static_cast<const S*>(nullptr), m_.row(i), x_.cols).weight;
+        scale = total != 0 ? upstream[i] / total : 0.0;
+      }
+      detail::row_fill<S>(m_.row(i), x_.cols, static_cast<S>(scale), grad.row(i));
+    }
+  }
+
+  /// @brief Adjoint: writes d(sum_i upstream[i] * value_i) / d tokens into grad.
+  /// @param upstream [batch] tensor of d loss / d value.
+  /// @param grad [batch, tokens] row-major tensor or map, fully overwritten.
+  /// @throws shape_error if either shape is wrong (nothing is written then).
+  template <class U, class G>
+  void backward(const U& upstream, G&& grad) const {
+    const auto up = detail::vector_view(upstream);
+    static_assert(std::is_same_v<detail::tensor_scalar_t<U>, S>, "prefloss: upstream must have the token scalar type");
+    if (up.size != x_.rows)
+      throw shape_error(std::string("backward: argument 'upstream' must have shape ") + detail::shape_str(x_.rows) +
+                        ", got " + detail::shape_str(up.size));
+    backward_to(up.data, grad_view(std::forward<G>(grad), "backward", "grad"));
+  }
+
+ private:
+  detail::Matrix<S> x_;
+  detail::Matrix<M> m_;
+};
+
+namespace detail {
+template <Reduction R, class X, class Mk>
+auto make_masked(const X& tokens, const Mk& mask, const char* fn) {
+  const auto x = matrix_view(tokens);
+  const auto m = matrix_view(mask);
+  if (x.rows != m.rows || x.cols != m.cols)
+    throw shape_error(std::string(fn) + ": argument 'mask' has shape " + shape_str(m.rows, m.cols) + " but 'tokens' has shape " +
+                      shape_str(x.rows, x.cols));
+  return MaskedReduction<tensor_scalar_t<X>, tensor_scalar_t<Mk>, R>(x, m);
+}
+}  // namespace detail
+
+/// @brief Per-sequence masked sum: value_i = sum_t w[i,t] x[i,t] over w[i,t] != 0.
+/// @param tokens row-major [batch, tokens] float/double Eigen::Tensor or TensorMap.
+/// @param mask same shape; bool/uint8 (nonzero selects) or float/double (weights).
+/// @throws shape_error if the shapes differ.
+template <class X, class Mk>
+auto masked_sum(const X& tokens, const Mk& mask) {
+  return detail::make_masked<Reduction::sum>(tokens, mask, "masked_sum");
+}
+
+/// @brief Per-sequence masked mean: sum_t w x / sum_t w over selected tokens; 0 for empty rows.
+/// @throws shape_error if the shapes differ.
+template <class X, class Mk>
+auto masked_mean(const X& tokens, const Mk& mask) {
+  return detail::make_masked<Reduction::mean>(tokens, mask, "masked_mean");
+}
+
+}  // namespace prefloss
