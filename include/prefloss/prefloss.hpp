@@ -10,3 +10,5 @@
 #include "math/softplus.hpp"
 #include "reduce/masked.hpp"
 #include "reduce/sequence.hpp"
+#include "loss/bradley_terry.hpp"
+#include "loss/dpo.hpp"

@@ -1,0 +1,43 @@
+/// @file detail/checks.hpp
+/// Option and batch validation shared by every loss; each failure names the function, the
+/// argument or option, the rule and the value seen.
+#pragma once
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "../config.hpp"
+#include "../errors.hpp"
+
+namespace prefloss::detail {
+
+/// Shortest round-trippable text of a double, for messages.
+inline std::string fmt(double v) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  std::string s(buf);
+  for (int p = 6; p <= 17; ++p) {  // prefer the shortest form that reads back exactly
+    std::snprintf(buf, sizeof buf, "%.*g", p, v);
+    if (std::strtod(buf, nullptr) == v) return buf;
+  }
+  return s;
+}
+
+/// Throws option_error("<fn>: option '<name>' must be <rule>, got <value>") unless ok.
+inline void require_option(bool ok, const char* fn, const char* name, const char* rule, double value) {
+  if (!ok) throw option_error(std::string(fn) + ": option '" + name + "' must be " + rule + ", got " + fmt(value));
+}
+
+/// Throws option_error for an enum value outside its declared set.
+inline void require_enum(bool ok, const char* fn, const char* name, int value) {
+  if (!ok)
+    throw option_error(std::string(fn) + ": option '" + name + "' has unknown value " + std::to_string(value));
+}
+
+/// Losses average over the batch: an empty batch has no defined loss.
+inline void require_nonempty(const char* fn, const char* name, Index batch) {
+  if (batch == 0) throw shape_error(std::string(fn) + ": argument '" + name + "' has an empty batch (shape [0])");
+}
+
+}  // namespace prefloss::detail

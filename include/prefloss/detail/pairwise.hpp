@@ -1,0 +1,144 @@
+/// @file detail/pairwise.hpp
+/// The machinery shared by every loss of a chosen and a rejected sequence (Bradley-Terry, the
+/// DPO family, IPO, SimPO, ORPO): evaluate both sequence inputs once, apply a per-example
+/// function that returns the loss and its partial derivatives, average over the batch, and keep
+/// d loss / d sequence value so backward() is one streaming write per side.
+#pragma once
+
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <unsupported/Eigen/CXX11/Tensor>
+
+#include "../config.hpp"
+#include "../errors.hpp"
+#include "../reduce/sequence.hpp"
+#include "checks.hpp"
+#include "tensor.hpp"
+
+namespace prefloss {
+
+/// Metrics of the DPO family, as TRL logs them (rewards are beta * (policy - reference)).
+template <class S>
+struct PreferenceMetrics {
+  S reward_chosen = 0;    ///< batch mean of the chosen rewards
+  S reward_rejected = 0;  ///< batch mean of the rejected rewards
+  S reward_margin = 0;    ///< batch mean of chosen - rejected reward
+  S reward_accuracy = 0;  ///< fraction of pairs with chosen reward strictly greater
+};
+
+/// @brief Result of a pairwise loss: the batch loss, per-example losses, metrics, and the
+/// gradient with respect to both policy inputs.
+///
+/// Holds copies of the input expressions (which view the caller's tensors: keep those alive
+/// until backward() has run) and the per-example d loss / d value, [batch] each.
+template <class Metrics, class SeqC, class SeqR>
+class PairwiseResult {
+ public:
+  using Scalar = typename SeqC::Scalar;
+  Scalar loss = 0;                ///< batch loss (mean of losses unless the loss says otherwise)
+  Eigen::Tensor<Scalar, 1> losses;  ///< per-example losses [batch]
+  Metrics metrics;
+
+  PairwiseResult(const char* fn, SeqC c, SeqR r) : fn_(fn), c_(std::move(c)), r_(std::move(r)) {}
+
+  /// @brief Writes d loss / d chosen and d loss / d rejected. Each output is shaped like its
+  /// input's leaves: [batch, tokens] for a masked_sum/masked_mean expression (0 at masked-out
+  /// tokens), [batch] for a plain sequence tensor. Both shapes are checked before either is
+  /// written.
+  /// @throws shape_error naming 'grad_chosen' or 'grad_rejected'.
+  template <class GC, class GR>
+  void backward(GC&& grad_chosen, GR&& grad_rejected) const {
+    const auto gc = c_.grad_view(std::forward<GC>(grad_chosen), fn_, "grad_chosen");
+    const auto gr = r_.grad_view(std::forward<GR>(grad_rejected), fn_, "grad_rejected");
+    c_.backward_to(dc_.data(), gc);
+    r_.backward_to(dr_.data(), gr);
+  }
+
+  /// d loss / d chosen sequence value, per example (the upstream of the token gradient).
+  const Eigen::Tensor<Scalar, 1>& grad_chosen_value() const noexcept { return dc_; }
+  /// d loss / d rejected sequence value, per example.
+  const Eigen::Tensor<Scalar, 1>& grad_rejected_value() const noexcept { return dr_; }
+
+  // Filled by detail::pairwise_loss.
+  Eigen::Tensor<Scalar, 1> dc_, dr_;
+
+ private:
+  const char* fn_;
+  SeqC c_;
+  SeqR r_;
+};
+
+namespace detail {
+
+/// Per-example loss and its partial derivatives with respect to the two policy values.
+struct PairTerm {
+  double loss, d_chosen, d_rejected;
+};
+
+/// Throws unless a sequence argument has the batch size of 'chosen'.
+template <class Seq>
+void require_batch(const char* fn, const char* name, const Seq& s, Index batch, const std::string& chosen_shape) {
+  if (s.size() != batch)
+    throw shape_error(std::string(fn) + ": argument '" + name + "' has batch " + std::to_string(s.size()) + " (shape " +
+                      s.shape() + ") but 'chosen' has batch " + std::to_string(batch) + " (shape " + chosen_shape + ")");
+}
+
+template <class Seq>
+std::vector<double> values_of(const Seq& s) {
+  std::vector<double> v(static_cast<std::size_t>(s.size()));
+  for (Index i = 0; i < s.size(); ++i) v[static_cast<std::size_t>(i)] = s.value(i);
+  return v;
+}
+
+/// Runs a pairwise loss over the batch. term(i) gives example i's PairTerm; the batch loss is
+/// the mean, so the stored value gradients are d term / d value divided by the batch size.
+template <class Metrics, class SeqC, class SeqR, class Term>
+PairwiseResult<Metrics, SeqC, SeqR> pairwise_loss(const char* fn, SeqC c, SeqR r, Term&& term) {
+  using S = typename SeqC::Scalar;
+  const Index B = c.size();
+  PairwiseResult<Metrics, SeqC, SeqR> out(fn, std::move(c), std::move(r));
+  out.losses = Eigen::Tensor<S, 1>(B);
+  out.dc_ = Eigen::Tensor<S, 1>(B);
+  out.dr_ = Eigen::Tensor<S, 1>(B);
+  double total = 0;
+  const double inv_b = 1.0 / static_cast<double>(B);
+  for (Index i = 0; i < B; ++i) {
+    const PairTerm t = term(i);
+    out.losses(i) = static_cast<S>(t.loss);
+    out.dc_(i) = static_cast<S>(t.d_chosen * inv_b);
+    out.dr_(i) = static_cast<S>(t.d_rejected * inv_b);
+    total += t.loss;
+  }
+  out.loss = static_cast<S>(total * inv_b);
+  return out;
+}
+
+/// TRL's reward metrics from the per-example rewards beta * u.
+template <class S>
+PreferenceMetrics<S> preference_metrics(const std::vector<double>& reward_c, const std::vector<double>& reward_r) {
+  PreferenceMetrics<S> m;
+  const double n = static_cast<double>(reward_c.size());
+  double rc = 0, rr = 0, acc = 0;
+  for (std::size_t i = 0; i < reward_c.size(); ++i) {
+    rc += reward_c[i];
+    rr += reward_r[i];
+    acc += reward_c[i] > reward_r[i] ? 1.0 : 0.0;
+  }
+  m.reward_chosen = static_cast<S>(rc / n);
+  m.reward_rejected = static_cast<S>(rr / n);
+  m.reward_margin = static_cast<S>((rc - rr) / n);
+  m.reward_accuracy = static_cast<S>(acc / n);
+  return m;
+}
+
+template <class A, class B>
+constexpr void require_same_scalar() {
+  static_assert(std::is_same_v<typename sequence_t<A>::Scalar, typename sequence_t<B>::Scalar>,
+                "prefloss: all sequence inputs of a loss must share one scalar type (float or double)");
+}
+
+}  // namespace detail
+}  // namespace prefloss
