@@ -12,3 +12,4 @@
 #include "reduce/sequence.hpp"
 #include "loss/bradley_terry.hpp"
 #include "loss/dpo.hpp"
+#include "loss/kto.hpp"

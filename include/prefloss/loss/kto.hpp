@@ -1,0 +1,176 @@
+/// @file loss/kto.hpp
+/// Kahneman-Tversky Optimization (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect
+/// Theoretic Optimization"): a loss of unpaired completions labelled desirable or undesirable,
+/// measured against a reference point z0 estimated from mismatched (KL) completions.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../detail/checks.hpp"
+#include "../detail/pairwise.hpp"
+#include "../detail/single.hpp"
+#include "../detail/tensor.hpp"
+#include "../errors.hpp"
+#include "../math/sigmoid.hpp"
+#include "../reduce/sequence.hpp"
+
+namespace prefloss {
+
+/// Options of kto(). Defaults are TRL's KTOConfig.
+struct KtoOptions {
+  double beta = 0.1;                ///< > 0 and finite: inverse temperature of the implicit reward
+  double desirable_weight = 1.0;    ///< >= 0 and finite: wd, weight of desirable examples' losses
+  double undesirable_weight = 1.0;  ///< >= 0 and finite: wu, weight of undesirable examples' losses
+  /// Unset: z0 = max(0, mean(kl_policy - kl_ref)) over this call's KL batch. Set (finite): z0 is
+  /// this value as given, not clamped. For data-parallel training pass TRL's value: the mean
+  /// over ranks of each rank's metrics.kl_mean, clamped at 0.
+  std::optional<double> reference_point;
+};
+
+/// @brief Metrics of kto(): TRL's KTOTrainer set ("kl", "count/chosen", "rewards/chosen_sum",
+/// "logps/chosen_sum", ...). "Desirable" is TRL's "chosen", "undesirable" its "rejected".
+/// Rewards are b u = b (s - rho). The sums and counts are what TRL all-reduces; the means are
+/// sum / count (0 for a class without examples).
+template <class S>
+struct KtoMetrics {
+  S reference_point = 0;          ///< z0 used (TRL "kl")
+  S kl_mean = 0;                  ///< mean(kl_policy - kl_ref) of this call, unclamped; 0 for an empty KL batch
+  Index count_desirable = 0;      ///< examples labelled desirable (TRL "count/chosen")
+  Index count_undesirable = 0;    ///< examples labelled undesirable (TRL "count/rejected")
+  S reward_desirable_sum = 0;     ///< sum of b u over desirable examples (TRL "rewards/chosen_sum")
+  S reward_undesirable_sum = 0;   ///< sum of b u over undesirable examples (TRL "rewards/rejected_sum")
+  S reward_desirable = 0;         ///< mean of b u over desirable examples (TRL "rewards/chosen")
+  S reward_undesirable = 0;       ///< mean of b u over undesirable examples (TRL "rewards/rejected")
+  S reward_margin = 0;            ///< reward_desirable - reward_undesirable (TRL "rewards/margins")
+  S logps_desirable_sum = 0;      ///< sum of the policy values s over desirable examples (TRL "logps/chosen_sum")
+  S logps_undesirable_sum = 0;    ///< sum of s over undesirable examples (TRL "logps/rejected_sum")
+};
+
+/// @brief KTO loss of unpaired policy sequence values against reference values.
+///
+/// With u = s - rho per example and z0 the reference point:
+/// desirable `wd (1 - sig(b (u - z0)))`, undesirable `wu (1 - sig(b (z0 - u)))`; the batch loss
+/// is the mean over all examples of both classes. This is TRL's kto_loss (loss_type="kto"),
+/// which concatenates the weighted desirable and undesirable losses and takes their mean, with
+/// sequence log-probs summed over completion tokens (pass masked_sum expressions).
+///
+/// z0 = max(0, mean_j(kl_policy_j - kl_ref_j)) over the KL batch (TRL: completions paired with
+/// mismatched prompts), or opt.reference_point when set. z0 is DETACHED, as in TRL: it is a
+/// constant of the loss, so no gradient flows to kl_policy and the result has no backward for
+/// it. A NaN in the KL values gives a NaN z0 (as torch's clamp), hence NaN losses.
+///
+/// @param policy policy values: a masked_sum/masked_mean expression or a [batch] tensor
+/// @param ref reference values (constants), same forms, same batch
+/// @param desirable [batch] rank-1 tensor of bool or uint8_t; nonzero = desirable
+/// @param kl_policy, kl_ref policy and reference values of the KL completions (constants), same
+/// forms; their own batch size, which may differ from policy's, and may be 0 only when
+/// opt.reference_point is set (they are ignored for z0 then, and only feed metrics.kl_mean)
+/// @return SequenceResult with KtoMetrics; backward(grad_policy) writes d loss / d policy,
+/// shaped like policy's leaves ([batch, tokens] for an expression, 0 at masked-out tokens;
+/// [batch] for a plain tensor).
+/// @throws shape_error naming the argument for a batch mismatch, an empty batch, or an empty KL
+/// batch without reference_point; option_error for beta <= 0, a negative weight, a non-finite
+/// option or a non-finite reference_point. Nothing is written on error.
+template <class P, class R, class D, class KP, class KR>
+auto kto(const P& policy, const R& ref, const D& desirable, const KP& kl_policy, const KR& kl_ref,
+         const KtoOptions& opt = {}) {
+  constexpr const char* fn = "kto";
+  detail::require_same_scalar<P, R>();
+  detail::require_same_scalar<P, KP>();
+  detail::require_same_scalar<P, KR>();
+  static_assert(detail::is_tensor_v<D> && detail::tensor_rank_v<D> == 1,
+                "prefloss: kto's 'desirable' must be a rank-1 [batch] Eigen tensor");
+  using DS = detail::tensor_scalar_t<D>;
+  static_assert(std::is_same_v<DS, bool> || std::is_same_v<DS, std::uint8_t>,
+                "prefloss: kto's 'desirable' must hold bool or uint8_t");
+  using S = typename sequence_t<P>::Scalar;
+
+  detail::require_option(opt.beta > 0 && std::isfinite(opt.beta), fn, "beta", "> 0 and finite", opt.beta);
+  detail::require_option(opt.desirable_weight >= 0 && std::isfinite(opt.desirable_weight), fn, "desirable_weight",
+                         ">= 0 and finite", opt.desirable_weight);
+  detail::require_option(opt.undesirable_weight >= 0 && std::isfinite(opt.undesirable_weight), fn,
+                         "undesirable_weight", ">= 0 and finite", opt.undesirable_weight);
+  if (opt.reference_point)
+    detail::require_option(std::isfinite(*opt.reference_point), fn, "reference_point", "finite when set",
+                           *opt.reference_point);
+
+  auto s = as_sequence(policy);
+  const auto rho = as_sequence(ref);
+  const auto kp = as_sequence(kl_policy);
+  const auto kr = as_sequence(kl_ref);
+  const auto lab = detail::vector_view(desirable);
+  const Index B = s.size();
+  detail::require_batch(fn, "ref", rho, B, s.shape());
+  if (lab.size != B)
+    throw shape_error(std::string(fn) + ": argument 'desirable' has batch " + std::to_string(lab.size) + " (shape " +
+                      detail::shape_str(lab.size) + ") but 'policy' has batch " + std::to_string(B) + " (shape " +
+                      s.shape() + ")");
+  if (kr.size() != kp.size())
+    throw shape_error(std::string(fn) + ": argument 'kl_ref' has batch " + std::to_string(kr.size()) + " (shape " +
+                      kr.shape() + ") but 'kl_policy' has batch " + std::to_string(kp.size()) + " (shape " +
+                      kp.shape() + ")");
+  detail::require_nonempty(fn, "policy", B);
+  const Index K = kp.size();
+  if (K == 0 && !opt.reference_point)
+    throw shape_error(std::string(fn) + ": argument 'kl_policy' has an empty batch (shape " + kp.shape() +
+                      ") and option 'reference_point' is not set: z0 needs KL examples or a given reference point");
+
+  // The reference point: the KL batch's mean log-ratio (double accumulation), clamped at 0.
+  double kl_sum = 0;
+  for (Index j = 0; j < K; ++j) kl_sum += kp.value(j) - kr.value(j);
+  const double kl_mean = K > 0 ? kl_sum / static_cast<double>(K) : 0.0;
+  const double z0 = opt.reference_point ? *opt.reference_point : (std::isnan(kl_mean) ? kl_mean : std::fmax(0.0, kl_mean));
+
+  std::vector<double> u = detail::values_of(s);
+  const std::vector<double> sv = u;
+  for (Index i = 0; i < B; ++i) u[static_cast<std::size_t>(i)] -= rho.value(i);
+
+  const double b = opt.beta, wd = opt.desirable_weight, wu = opt.undesirable_weight;
+  auto result = detail::single_loss<KtoMetrics<S>>(fn, "grad_policy", std::move(s), static_cast<double>(B), [&](Index i) {
+    const double ui = u[static_cast<std::size_t>(i)];
+    if (lab.data[i] != DS(0)) {
+      // wd (1 - sig(x)) = wd sig(-x), x = b (u - z0); d/du = -wd b sig(x) sig(-x).
+      const auto t = sigmoid_and_grad(-b * (ui - z0));
+      return detail::SingleTerm{wd * t.value, -wd * b * t.grad};
+    }
+    // wu (1 - sig(y)) = wu sig(-y), y = b (z0 - u); d/du = wu b sig(y) sig(-y).
+    const auto t = sigmoid_and_grad(-b * (z0 - ui));
+    return detail::SingleTerm{wu * t.value, wu * b * t.grad};
+  });
+
+  KtoMetrics<S>& m = result.metrics;
+  double rd = 0, ru = 0, ld = 0, lu = 0;
+  Index nd = 0, nu = 0;
+  for (Index i = 0; i < B; ++i) {
+    const std::size_t k = static_cast<std::size_t>(i);
+    if (lab.data[i] != DS(0)) {
+      ++nd;
+      rd += b * u[k];
+      ld += sv[k];
+    } else {
+      ++nu;
+      ru += b * u[k];
+      lu += sv[k];
+    }
+  }
+  const double mean_d = nd ? rd / static_cast<double>(nd) : 0.0, mean_u = nu ? ru / static_cast<double>(nu) : 0.0;
+  m.reference_point = static_cast<S>(z0);
+  m.kl_mean = static_cast<S>(kl_mean);
+  m.count_desirable = nd;
+  m.count_undesirable = nu;
+  m.reward_desirable_sum = static_cast<S>(rd);
+  m.reward_undesirable_sum = static_cast<S>(ru);
+  m.reward_desirable = static_cast<S>(mean_d);
+  m.reward_undesirable = static_cast<S>(mean_u);
+  m.reward_margin = static_cast<S>(mean_d - mean_u);
+  m.logps_desirable_sum = static_cast<S>(ld);
+  m.logps_undesirable_sum = static_cast<S>(lu);
+  return result;
+}
+
+}  // namespace prefloss
