@@ -1,0 +1,339 @@
+/// @file detail/token_loss.hpp
+/// The streaming machinery behind token-level losses (ppo_clip, value_loss): one pass over a
+/// row's inputs in xsimd batches that evaluates a per-token kernel, selects with the mask (so
+/// masked-out inf/NaN never reach a sum or the gradient), accumulates the row's weighted loss,
+/// weight and metric sums, and optionally writes the scaled token gradient in the same pass.
+///
+/// A kernel is a small struct with
+///   static constexpr std::size_t n_in;    // token inputs it reads, in order
+///   static constexpr std::size_t n_sums;  // weighted metric sums it reports (<= max_sums)
+///   static constexpr bool has_max;        // whether it reports a lane value to take the max of
+///   template <bool Fwd, bool Bwd> void eval(const batch<S>* x, TokenOut<S, n_sums>& o) const;
+/// eval fills o.loss (Fwd), o.grad = d loss / d input 0 (Bwd), o.sums and o.max (Fwd).
+///
+/// Accumulation: double inputs sum in double lanes; float inputs sum in float lanes for at most
+/// chunk_batches batches and are then widened into double lanes, so a row's sum carries at most
+/// ~chunk_batches float roundings per term (<= 5e-7 relative to sum |x|) whatever its length.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <unsupported/Eigen/CXX11/Tensor>
+
+#include "../config.hpp"
+#include "../reduce/aggregation.hpp"
+#include "masked_kernels.hpp"
+#include "simd.hpp"
+#include "tensor.hpp"
+
+namespace prefloss::detail {
+
+inline constexpr std::size_t max_sums = 6;
+
+/// Selected lanes and weights for lanes<S> mask entries of any mask type.
+template <class S, class M>
+inline MaskLanes<S, M> load_mask_lanes(const M* m) noexcept {
+  if constexpr (simd_mask_v<S, M>) {
+    return load_mask<S>(m);
+  } else {
+    // float weights with double tokens or vice versa: select on the mask's own type.
+    alignas(64) bool sel[lanes<S>];
+    alignas(64) S w[lanes<S>];
+    for (std::size_t k = 0; k < lanes<S>; ++k) {
+      sel[k] = m[k] != M(0);
+      w[k] = static_cast<S>(m[k]);
+    }
+    return {batch_bool<S>::load_aligned(sel), batch<S>::load_aligned(w)};
+  }
+}
+
+/// What a token kernel returns for one batch of tokens.
+template <class S, std::size_t NS>
+struct TokenOut {
+  batch<S> loss, grad, max;
+  std::array<batch<S>, NS> sums;
+};
+
+/// A lane sum that ends in double (see the file comment).
+template <class S>
+struct WideSum {
+  batch<S> part = batch<S>(S(0));
+  alignas(64) double acc[lanes<S>] = {};
+  void add(const batch<S>& v) noexcept { part += v; }
+  void flush() noexcept {
+    if constexpr (std::is_same_v<S, float>) {
+      alignas(64) float a[lanes<S>];
+      part.store_aligned(a);
+      for (std::size_t k = 0; k < lanes<S>; ++k) acc[k] += static_cast<double>(a[k]);
+      part = batch<S>(S(0));
+    }
+  }
+  double total() noexcept {
+    if constexpr (std::is_same_v<S, float>) {
+      flush();
+      double r = 0;
+      for (std::size_t k = 0; k < lanes<S>; ++k) r += acc[k];
+      return r;
+    } else {
+      return reduce_add(part);
+    }
+  }
+};
+
+/// Float lanes are widened after this many batches.
+inline constexpr int chunk_batches = 8;
+
+/// Sums of one row (or of a whole call).
+struct TokenStats {
+  double loss = 0;    ///< sum of w * l over selected tokens
+  double weight = 0;  ///< sum of w over selected tokens
+  double sums[max_sums] = {};
+  double max = -std::numeric_limits<double>::infinity();
+
+  void merge(const TokenStats& o) noexcept {
+    loss += o.loss;
+    weight += o.weight;
+    for (std::size_t k = 0; k < max_sums; ++k) sums[k] += o.sums[k];
+    if (o.max > max) max = o.max;
+  }
+};
+
+/// @brief One pass over a row of n tokens. Fwd: returns the row's TokenStats. Bwd: writes
+/// grad[t] = gscale * w[t] * d l / d input0 at selected tokens and 0 elsewhere (every t).
+template <bool Fwd, bool Bwd, class Kernel, class S, class M>
+inline TokenStats token_row(const Kernel& k, const S* const* in, const M* m, Index n, S gscale,
+                            S* grad) noexcept {
+  constexpr std::size_t NI = Kernel::n_in, NS = Kernel::n_sums;
+  static_assert(NS <= max_sums, "token kernel reports too many sums");
+  constexpr Index W = static_cast<Index>(lanes<S>);
+  using B = batch<S>;
+  const B zero(S(0)), one(S(1)), gs(gscale);
+  const B ninf(-std::numeric_limits<S>::infinity());
+  WideSum<S> loss, weight;
+  std::array<WideSum<S>, NS> sums;
+  B mx = ninf;
+
+  const auto step = [&](const S* const* x_ptr, Index off, const M* mp, S* gp) {
+    std::array<B, NI> x;
+    for (std::size_t j = 0; j < NI; ++j) x[j] = load_u<S, arch>(x_ptr[j] + off);
+    const auto ml = load_mask_lanes<S>(mp);
+    TokenOut<S, NS> o;
+    k.template eval<Fwd, Bwd>(x.data(), o);
+    if constexpr (Fwd) {
+      if constexpr (sizeof(M) == 1) {
+        loss.add(xsimd::select(ml.sel, o.loss, zero));
+        weight.add(xsimd::select(ml.sel, one, zero));
+        for (std::size_t j = 0; j < NS; ++j) sums[j].add(xsimd::select(ml.sel, o.sums[j], zero));
+      } else {
+        loss.add(xsimd::select(ml.sel, ml.weight * o.loss, zero));
+        weight.add(xsimd::select(ml.sel, ml.weight, zero));
+        for (std::size_t j = 0; j < NS; ++j) sums[j].add(xsimd::select(ml.sel, ml.weight * o.sums[j], zero));
+      }
+      if constexpr (Kernel::has_max) mx = xsimd::max(mx, xsimd::select(ml.sel, o.max, ninf));
+    }
+    if constexpr (Bwd) {
+      if constexpr (sizeof(M) == 1) {
+        store_u(gp, xsimd::select(ml.sel, gs * o.grad, zero));
+      } else {
+        store_u(gp, xsimd::select(ml.sel, gs * (ml.weight * o.grad), zero));
+      }
+    }
+  };
+  const auto flush = [&] {
+    loss.flush();
+    weight.flush();
+    for (auto& s : sums) s.flush();
+  };
+
+  Index t = 0;
+  int c = 0;
+  for (; t + W <= n; t += W) {
+    step(in, t, m + t, Bwd ? grad + t : nullptr);
+    if (++c == chunk_batches) {
+      flush();
+      c = 0;
+    }
+  }
+  if (t < n) {
+    // The tail runs the same kernel on zero-padded copies (padding is masked out).
+    const Index r = n - t;
+    alignas(64) S xb[NI > 0 ? NI : 1][lanes<S>] = {};
+    alignas(64) M mb[lanes<S>] = {};
+    alignas(64) S gb[lanes<S>] = {};
+    const S* xp[NI > 0 ? NI : 1];
+    for (std::size_t j = 0; j < NI; ++j) {
+      std::memcpy(xb[j], in[j] + t, static_cast<std::size_t>(r) * sizeof(S));
+      xp[j] = xb[j];
+    }
+    std::memcpy(mb, m + t, static_cast<std::size_t>(r) * sizeof(M));
+    step(xp, 0, mb, gb);
+    if constexpr (Bwd) std::memcpy(grad + t, gb, static_cast<std::size_t>(r) * sizeof(S));
+  }
+
+  TokenStats st;
+  if constexpr (Fwd) {
+    st.loss = loss.total();
+    st.weight = weight.total();
+    for (std::size_t j = 0; j < NS; ++j) st.sums[j] = sums[j].total();
+    if constexpr (Kernel::has_max) {
+      alignas(64) S a[lanes<S>];
+      mx.store_aligned(a);
+      for (std::size_t j = 0; j < lanes<S>; ++j)
+        if (static_cast<double>(a[j]) > st.max) st.max = static_cast<double>(a[j]);
+    }
+  }
+  return st;
+}
+
+/// Views of a token loss's inputs: up to four [rows, cols] row-major token tensors and the mask.
+template <class S, class M>
+struct TokenInputs {
+  const S* in[4] = {};
+  const M* mask = nullptr;
+  Index rows = 0, cols = 0;
+
+  template <std::size_t N>
+  void row_ptrs(Index i, const S* (&p)[N]) const noexcept {
+    for (std::size_t j = 0; j < N; ++j) p[j] = in[j] ? in[j] + i * cols : nullptr;
+  }
+  const M* mask_row(Index i) const noexcept { return mask + i * cols; }
+};
+
+/// Sum of the mask weights of one row (the seq_mean_token_mean normaliser).
+template <class S, class M>
+inline double row_weight(const M* m, Index n) noexcept {
+  return row_sums<false, true, S>(static_cast<const S*>(nullptr), m, n).weight;
+}
+
+/// @brief Forward (and, when grad is given, the fused backward) of a token loss.
+/// Fills scales[i] = d loss / d S_i (see row_scale), losses[i] = scales[i] * S_i, and returns the
+/// merged stats of the call with `loss` replaced by the aggregated batch loss.
+template <class Kernel, class S, class M>
+TokenStats token_forward(const Kernel& k, const TokenInputs<S, M>& in, const AggregationSpec& spec, double* scales,
+                         S* losses, const MatrixOut<S>* grad) {
+  const Index B = in.rows, T = in.cols;
+  TokenStats total;
+  double loss = 0;
+  const S* p[4];
+  if (grad == nullptr) {
+    // One pass: row sums first, the normalisers afterwards. losses[] holds nothing yet, so the
+    // row sums and weights wait in scales[] and a [batch] vector.
+    std::vector<double> weights(static_cast<std::size_t>(B));
+    for (Index i = 0; i < B; ++i) {
+      in.row_ptrs(i, p);
+      const TokenStats st = token_row<true, false>(k, p, in.mask_row(i), T, S(0), static_cast<S*>(nullptr));
+      scales[i] = st.loss;
+      weights[static_cast<std::size_t>(i)] = st.weight;
+      total.merge(st);
+    }
+    for (Index i = 0; i < B; ++i) {
+      const double row_loss = scales[i];
+      scales[i] = row_scale(spec, weights[static_cast<std::size_t>(i)], total.weight);
+      const double contribution = scales[i] * row_loss;
+      losses[i] = static_cast<S>(contribution);
+      loss += contribution;
+    }
+  } else {
+    // Fused: the gradient scale of a row must be known before the row streams, so token_mean
+    // sums the mask bytes first and seq_mean_token_mean sums each row's mask just before it
+    // (still in cache for the main pass).
+    double total_weight = 0;
+    if (needs_total_weight(spec))
+      for (Index i = 0; i < B; ++i) total_weight += row_weight<S>(in.mask_row(i), T);
+    for (Index i = 0; i < B; ++i) {
+      const double w = needs_row_weight(spec) ? row_weight<S>(in.mask_row(i), T) : 0.0;
+      scales[i] = row_scale(spec, w, total_weight);
+      in.row_ptrs(i, p);
+      const TokenStats st = token_row<true, true>(k, p, in.mask_row(i), T, static_cast<S>(scales[i]), grad->row(i));
+      const double contribution = scales[i] * st.loss;
+      losses[i] = static_cast<S>(contribution);
+      loss += contribution;
+      total.merge(st);
+    }
+  }
+  total.loss = loss;
+  return total;
+}
+
+/// Writes the token gradient of a finished forward: grad[i, t] = scales[i] * w * d l / d input0.
+template <class Kernel, class S, class M>
+void token_backward(const Kernel& k, const TokenInputs<S, M>& in, const double* scales, const MatrixOut<S>& grad) noexcept {
+  const S* p[4];
+  for (Index i = 0; i < in.rows; ++i) {
+    in.row_ptrs(i, p);
+    token_row<false, true>(k, p, in.mask_row(i), in.cols, static_cast<S>(scales[i]), grad.row(i));
+  }
+}
+
+/// Throws shape_error unless a token argument has the shape of the first one.
+template <class A, class R>
+void require_same_shape(const char* fn, const char* name, const Matrix<A>& a, const char* ref_name, const Matrix<R>& ref) {
+  if (a.rows != ref.rows || a.cols != ref.cols)
+    throw shape_error(std::string(fn) + ": argument '" + name + "' has shape " + shape_str(a.rows, a.cols) + " but '" +
+                      ref_name + "' has shape " + shape_str(ref.rows, ref.cols));
+}
+
+/// @brief Result of a token-level loss: batch loss, per-sequence contributions, metrics, and a
+/// backward() that streams the token gradient from the caller's inputs.
+///
+/// Holds views of the inputs (keep them alive until backward() has run) and the per-row
+/// aggregation factors ([batch] doubles). Params::visit(f) calls f with the concrete kernel.
+template <class S, class M, class Params, class Metrics>
+class TokenLossResult {
+ public:
+  using Scalar = S;
+  Scalar loss = 0;                  ///< the batch loss
+  Eigen::Tensor<Scalar, 1> losses;  ///< per-sequence contributions [batch]; loss = sum(losses)
+  Metrics metrics;
+
+  TokenLossResult(const char* fn, const TokenInputs<S, M>& in, const Params& params, const char* grad_name)
+      : losses(in.rows), fn_(fn), grad_name_(grad_name), in_(in), params_(params), scales_(static_cast<std::size_t>(in.rows)) {}
+
+  /// @brief Writes d loss / d (first token input) into grad ([batch, tokens] row-major tensor or
+  /// map of the token scalar type): every element is overwritten, masked-out tokens get 0.
+  /// @throws shape_error naming the gradient argument (nothing is written then).
+  template <class G>
+  void backward(G&& grad) const {
+    static_assert(std::is_same_v<tensor_scalar_t<G>, S>, "prefloss: gradient tensor must have the token scalar type");
+    const MatrixOut<S> g = matrix_out(std::forward<G>(grad), in_.rows, in_.cols, fn_, grad_name_);
+    params_.visit([&](const auto& kernel) { token_backward(kernel, in_, scales_.data(), g); });
+  }
+
+  /// d loss / d S_i per row, where S_i is row i's weighted token-loss sum (the aggregation
+  /// factor: 1/token_count, 1/B, 1/(B W_i) or 1/(B C)).
+  const std::vector<double>& row_scales() const noexcept { return scales_; }
+
+  // Filled by the loss's entry point.
+  std::vector<double>& scales_storage() noexcept { return scales_; }
+  const TokenInputs<S, M>& inputs() const noexcept { return in_; }
+  const Params& params() const noexcept { return params_; }
+
+ private:
+  const char* fn_;
+  const char* grad_name_;
+  TokenInputs<S, M> in_;
+  Params params_;
+  std::vector<double> scales_;
+};
+
+/// Runs forward (fused with backward when grad != nullptr) and returns the stats of the call.
+template <class S, class M, class Params, class Metrics>
+TokenStats run_token_loss(TokenLossResult<S, M, Params, Metrics>& r, const AggregationSpec& spec,
+                          const MatrixOut<S>* grad) {
+  TokenStats st;
+  r.params().visit([&](const auto& kernel) {
+    st = token_forward(kernel, r.inputs(), spec, r.scales_storage().data(), r.losses.data(), grad);
+  });
+  r.loss = static_cast<S>(st.loss);
+  return st;
+}
+
+/// Weighted mean of a metric sum: 0 when nothing is selected.
+inline double safe_mean(double sum, double weight) noexcept { return weight != 0 ? sum / weight : 0.0; }
+
+}  // namespace prefloss::detail

@@ -1,0 +1,102 @@
+/// @file reduce/aggregation.hpp
+/// How a [batch, tokens] matrix of per-token losses becomes one batch loss: verl's loss_agg_mode
+/// choices, with caller-given global normalizers so data-parallel / accumulated micro-batches
+/// sum to exactly the full-batch loss and gradient. ppo_clip and value_loss both aggregate
+/// through this one piece of code.
+#pragma once
+
+#include <cmath>
+#include <optional>
+#include <string>
+
+#include "../config.hpp"
+#include "../detail/checks.hpp"
+#include "../errors.hpp"
+
+namespace prefloss {
+
+/// @brief Aggregation of masked per-token losses l[i,t] with mask weights w[i,t] (verl's
+/// loss_agg_mode names). Let S_i = sum_t w[i,t] l[i,t] and W_i = sum_t w[i,t] over selected tokens.
+enum class Aggregation {
+  token_mean,               ///< sum_i S_i / sum_i W_i (or / token_count when given); 0 without valid tokens
+  seq_mean_token_sum,       ///< (1/B) sum_i S_i
+  seq_mean_token_mean,      ///< (1/B) sum_i S_i / W_i; an empty row contributes 0 and still counts in B
+  seq_mean_token_sum_norm,  ///< (1/B) sum_i S_i / C, C = token_sum_norm (default: tokens per row), Dr.GRPO
+};
+
+namespace detail {
+
+/// The aggregation settings a loss's options carry, with the batch extents.
+struct AggregationSpec {
+  Aggregation mode = Aggregation::token_mean;
+  Index batch = 0;   ///< rows of this call
+  Index tokens = 0;  ///< columns of this call
+  std::optional<double> token_count;     ///< token_mean: global normaliser instead of sum_i W_i
+  std::optional<double> sequence_count;  ///< seq_* modes: global number of sequences instead of B
+  std::optional<double> token_sum_norm;  ///< seq_mean_token_sum_norm: C instead of `tokens`
+};
+
+inline bool valid_aggregation(Aggregation a) noexcept {
+  return a == Aggregation::token_mean || a == Aggregation::seq_mean_token_sum ||
+         a == Aggregation::seq_mean_token_mean || a == Aggregation::seq_mean_token_sum_norm;
+}
+
+/// Throws option_error for an unknown mode or a normaliser that is not positive and finite.
+inline void validate_aggregation(const char* fn, const AggregationSpec& s) {
+  require_enum(valid_aggregation(s.mode), fn, "aggregation", static_cast<int>(s.mode));
+  const auto positive = [&](const std::optional<double>& v, const char* name) {
+    if (v) require_option(*v > 0 && std::isfinite(*v), fn, name, "> 0 and finite when set", *v);
+  };
+  positive(s.token_count, "token_count");
+  positive(s.sequence_count, "sequence_count");
+  positive(s.token_sum_norm, "token_sum_norm");
+}
+
+/// True when the gradient scale of every row depends on the total weight of the whole call
+/// (token_mean without token_count): a fused pass must sum the mask first.
+inline bool needs_total_weight(const AggregationSpec& s) noexcept {
+  return s.mode == Aggregation::token_mean && !s.token_count;
+}
+
+/// True when row i's gradient scale depends on its own weight W_i (seq_mean_token_mean).
+inline bool needs_row_weight(const AggregationSpec& s) noexcept { return s.mode == Aggregation::seq_mean_token_mean; }
+
+/// @brief d loss / d S_i: the factor that turns row i's weighted token-loss sum into its
+/// contribution to the batch loss. Every mode is linear in the S_i, so
+/// loss = sum_i row_scale_i * S_i and d loss / d l[i,t] = row_scale_i * w[i,t].
+/// @param row_weight W_i (used by seq_mean_token_mean)
+/// @param total_weight sum_i W_i of this call (used by token_mean without token_count)
+inline double row_scale(const AggregationSpec& s, double row_weight, double total_weight) noexcept {
+  const double seqs = s.sequence_count ? *s.sequence_count : static_cast<double>(s.batch);
+  switch (s.mode) {
+    case Aggregation::token_mean: {
+      const double n = s.token_count ? *s.token_count : total_weight;
+      return n != 0 ? 1.0 / n : 0.0;
+    }
+    case Aggregation::seq_mean_token_sum:
+      return 1.0 / seqs;
+    case Aggregation::seq_mean_token_mean:
+      return row_weight != 0 ? 1.0 / (seqs * row_weight) : 0.0;
+    case Aggregation::seq_mean_token_sum_norm: {
+      const double c = s.token_sum_norm ? *s.token_sum_norm : static_cast<double>(s.tokens);
+      return c != 0 ? 1.0 / (seqs * c) : 0.0;
+    }
+  }
+  return 0.0;
+}
+
+/// Copies the aggregation fields every options struct with aggregation carries.
+template <class Opt>
+AggregationSpec aggregation_spec(const Opt& opt, Index batch, Index tokens) {
+  AggregationSpec s;
+  s.mode = opt.aggregation;
+  s.batch = batch;
+  s.tokens = tokens;
+  s.token_count = opt.token_count;
+  s.sequence_count = opt.sequence_count;
+  s.token_sum_norm = opt.token_sum_norm;
+  return s;
+}
+
+}  // namespace detail
+}  // namespace prefloss

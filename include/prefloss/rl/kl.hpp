@@ -1,0 +1,185 @@
+/// @file rl/kl.hpp
+/// Per-token KL estimators between the policy and a reference (Schulman, "Approximating KL
+/// divergence", 2020), as verl's kl_penalty computes them, with their derivatives. This is the
+/// one implementation of k1/k2/k3; ppo_clip's KL term uses it too.
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <string>
+#include <type_traits>
+
+#include "../config.hpp"
+#include "../detail/checks.hpp"
+#include "../detail/simd.hpp"
+#include "../detail/tensor.hpp"
+#include "../detail/token_loss.hpp"
+#include "../errors.hpp"
+
+namespace prefloss {
+
+/// @brief KL estimator of x = ref_logp - logp (verl's kl_penalty names in parentheses).
+enum class KlEstimator {
+  k1,  ///< -x = logp - ref_logp ("k1", "kl"); derivative 1
+  k2,  ///< x^2 / 2 ("k2", "mse"); derivative logp - ref_logp
+  k3,  ///< exp(x) - x - 1 ("k3", "low_var_kl"); derivative 1 - exp(x), clamps below
+};
+
+/// Options of kl_estimate(). The clamps are verl's low_var_kl guards (k3 only; k1 and k2 are
+/// never clamped, as in verl); std::nullopt turns a clamp off for the exact estimator.
+struct KlOptions {
+  KlEstimator estimator = KlEstimator::k3;
+  std::optional<double> k3_log_ratio_clamp = 20.0;  ///< k3: x is clamped to [-c, c] before exp (verl: 20)
+  std::optional<double> k3_clamp = 10.0;            ///< k3: the estimate is clamped to [-c, c] (verl: 10)
+};
+
+namespace detail {
+
+inline bool valid_kl_estimator(KlEstimator k) noexcept {
+  return k == KlEstimator::k1 || k == KlEstimator::k2 || k == KlEstimator::k3;
+}
+
+/// The clamps as lane constants; +inf when off (clamping to +-inf is the identity).
+template <class S>
+struct KlParams {
+  S x_clamp = std::numeric_limits<S>::infinity();
+  S value_clamp = std::numeric_limits<S>::infinity();
+};
+
+inline void validate_kl(const char* fn, KlEstimator est, const std::optional<double>& x_clamp,
+                        const std::optional<double>& v_clamp, const char* est_name, const char* x_name,
+                        const char* v_name) {
+  require_enum(valid_kl_estimator(est), fn, est_name, static_cast<int>(est));
+  if (x_clamp) require_option(*x_clamp > 0, fn, x_name, "> 0 when set", *x_clamp);
+  if (v_clamp) require_option(*v_clamp > 0, fn, v_name, "> 0 when set", *v_clamp);
+}
+
+template <class S>
+KlParams<S> kl_params(const std::optional<double>& x_clamp, const std::optional<double>& v_clamp) {
+  KlParams<S> p;
+  if (x_clamp) p.x_clamp = static_cast<S>(*x_clamp);
+  if (v_clamp) p.value_clamp = static_cast<S>(*v_clamp);
+  return p;
+}
+
+/// @brief One batch of KL estimates and d estimate / d logp, with torch's autograd conventions:
+/// torch.clamp passes the gradient on [lo, hi] inclusive and blocks it outside.
+template <KlEstimator K, class S>
+inline ValueGrad<batch<S>> kl_token(const batch<S>& logp, const batch<S>& ref, const KlParams<S>& p) noexcept {
+  using B = batch<S>;
+  if constexpr (K == KlEstimator::k1) {
+    return {logp - ref, B(S(1))};
+  } else if constexpr (K == KlEstimator::k2) {
+    const B d = logp - ref;
+    return {S(0.5) * (d * d), d};
+  } else {
+    const B x = ref - logp;
+    const B xc = xsimd::min(xsimd::max(x, B(-p.x_clamp)), B(p.x_clamp));
+    const B e = detail::exp(xc);
+    const B kld = (e - xc) - B(S(1));
+    const B value = xsimd::min(xsimd::max(kld, B(-p.value_clamp)), B(p.value_clamp));
+    const auto pass = (x >= B(-p.x_clamp)) & (x <= B(p.x_clamp)) & (kld >= B(-p.value_clamp)) &
+                      (kld <= B(p.value_clamp));
+    return {value, xsimd::select(pass, B(S(1)) - e, B(S(0)))};
+  }
+}
+
+/// Calls f(std::integral_constant<KlEstimator, K>{}) for the runtime estimator.
+template <class F>
+decltype(auto) with_kl_estimator(KlEstimator k, F&& f) {
+  switch (k) {
+    case KlEstimator::k1:
+      return f(std::integral_constant<KlEstimator, KlEstimator::k1>{});
+    case KlEstimator::k2:
+      return f(std::integral_constant<KlEstimator, KlEstimator::k2>{});
+    default:
+      return f(std::integral_constant<KlEstimator, KlEstimator::k3>{});
+  }
+}
+
+template <KlEstimator K, class S, class M>
+void kl_rows(const Matrix<S>& lp, const Matrix<S>& ref, const Matrix<M>& mask, const KlParams<S>& p, S* out,
+             S* grad) noexcept {
+  constexpr Index W = static_cast<Index>(lanes<S>);
+  using B = batch<S>;
+  const B zero(S(0));
+  const auto step = [&](const S* x, const S* r, const M* m, S* o, S* g) {
+    const auto ml = load_mask_lanes<S>(m);
+    const auto k = kl_token<K, S>(load_u<S, arch>(x), load_u<S, arch>(r), p);
+    store_u(o, xsimd::select(ml.sel, k.value, zero));
+    if (g) store_u(g, xsimd::select(ml.sel, k.grad, zero));
+  };
+  const Index n = lp.rows * lp.cols;  // rows are contiguous: stream the whole matrix
+  Index t = 0;
+  for (; t + W <= n; t += W) step(lp.data + t, ref.data + t, mask.data + t, out + t, grad ? grad + t : nullptr);
+  if (t < n) {
+    const std::size_t r = static_cast<std::size_t>(n - t);
+    alignas(64) S xb[lanes<S>] = {}, rb[lanes<S>] = {}, ob[lanes<S>], gb[lanes<S>];
+    alignas(64) M mb[lanes<S>] = {};
+    std::memcpy(xb, lp.data + t, r * sizeof(S));
+    std::memcpy(rb, ref.data + t, r * sizeof(S));
+    std::memcpy(mb, mask.data + t, r * sizeof(M));
+    step(xb, rb, mb, ob, grad ? gb : nullptr);
+    std::memcpy(out + t, ob, r * sizeof(S));
+    if (grad) std::memcpy(grad + t, gb, r * sizeof(S));
+  }
+}
+
+template <class LP, class RF, class MK, class O, class G>
+void kl_estimate_impl(const LP& logp, const RF& ref_logp, const MK& mask, const KlOptions& opt, O&& out, G* grad) {
+  constexpr const char* fn = "kl_estimate";
+  using S = tensor_scalar_t<LP>;
+  static_assert(is_real_v<S>, "prefloss: log-probs must be float or double");
+  static_assert(std::is_same_v<tensor_scalar_t<RF>, S>, "prefloss: ref_logp must have logp's scalar type");
+  static_assert(is_mask_v<tensor_scalar_t<MK>>, "prefloss: masks must be bool, uint8_t, float or double");
+  static_assert(std::is_same_v<tensor_scalar_t<O>, S>, "prefloss: out must have logp's scalar type");
+  validate_kl(fn, opt.estimator, opt.k3_log_ratio_clamp, opt.k3_clamp, "estimator", "k3_log_ratio_clamp", "k3_clamp");
+  const auto lp = matrix_view(logp);
+  const auto rf = matrix_view(ref_logp);
+  const auto mk = matrix_view(mask);
+  require_same_shape(fn, "ref_logp", rf, "logp", lp);
+  require_same_shape(fn, "mask", mk, "logp", lp);
+  const auto o = matrix_out(std::forward<O>(out), lp.rows, lp.cols, fn, "out");
+  S* g = nullptr;
+  if constexpr (!std::is_same_v<G, std::nullptr_t>) {
+    static_assert(std::is_same_v<tensor_scalar_t<G>, S>, "prefloss: grad_out must have logp's scalar type");
+    g = matrix_out(*grad, lp.rows, lp.cols, fn, "grad_out").data;
+  }
+  const auto p = kl_params<S>(opt.k3_log_ratio_clamp, opt.k3_clamp);
+  with_kl_estimator(opt.estimator, [&](auto k) { kl_rows<decltype(k)::value>(lp, rf, mk, p, o.data, g); });
+}
+
+}  // namespace detail
+
+/// @brief Per-token KL estimates k(logp, ref_logp) with x = ref_logp - logp:
+/// k1 = -x, k2 = x^2/2, k3 = exp(x) - x - 1 (verl's kl_penalty, including its low_var_kl
+/// clamps unless turned off in KlOptions). out[i,t] = 0 where the mask is 0 (masked tokens may
+/// hold inf/NaN); a float mask only selects here (nonzero = valid), it does not weight.
+/// @param logp, ref_logp row-major [batch, tokens] float/double tensors or maps
+/// @param mask same shape; bool, uint8_t, float or double
+/// @param out [batch, tokens] tensor or map of the log-prob scalar type, fully overwritten
+/// @throws shape_error naming the argument; option_error for an unknown estimator or a clamp
+/// <= 0. Nothing is written then.
+template <class LP, class RF, class MK, class O>
+void kl_estimate(const LP& logp, const RF& ref_logp, const MK& mask, const KlOptions& opt, O&& out) {
+  detail::kl_estimate_impl(logp, ref_logp, mask, opt, std::forward<O>(out), static_cast<std::nullptr_t*>(nullptr));
+}
+
+/// @brief kl_estimate with verl's default clamps for the given estimator.
+template <class LP, class RF, class MK, class O>
+void kl_estimate(const LP& logp, const RF& ref_logp, const MK& mask, KlEstimator estimator, O&& out) {
+  KlOptions opt;
+  opt.estimator = estimator;
+  detail::kl_estimate_impl(logp, ref_logp, mask, opt, std::forward<O>(out), static_cast<std::nullptr_t*>(nullptr));
+}
+
+/// @brief kl_estimate that also writes grad_out[i,t] = d k / d logp[i,t] (torch autograd of
+/// verl's formula: 1 for k1, logp - ref_logp for k2, 1 - exp(x) for k3 and 0 where a k3 clamp
+/// is active; 0 at masked-out tokens).
+template <class LP, class RF, class MK, class O, class G>
+void kl_estimate(const LP& logp, const RF& ref_logp, const MK& mask, const KlOptions& opt, O&& out, G&& grad_out) {
+  detail::kl_estimate_impl(logp, ref_logp, mask, opt, std::forward<O>(out), &grad_out);
+}
+
+}  // namespace prefloss
