@@ -1,0 +1,321 @@
+/// @file loss/ppo_clip.hpp
+/// PPO's clipped surrogate policy loss (Schulman et al. 2017) at token level, with asymmetric
+/// clip ranges (DAPO's clip-higher), dual clip (Ye et al. 2020, verl's clip_ratio_c), an optional
+/// KL penalty against a reference policy, and verl's loss aggregation modes. Forward, backward,
+/// or both in one streaming pass.
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <utility>
+
+#include "../config.hpp"
+#include "../detail/checks.hpp"
+#include "../detail/simd.hpp"
+#include "../detail/tensor.hpp"
+#include "../detail/token_loss.hpp"
+#include "../errors.hpp"
+#include "../reduce/aggregation.hpp"
+#include "../rl/kl.hpp"
+
+namespace prefloss {
+
+/// @brief Options of ppo_clip(). Defaults are verl's (compute_policy_loss_vanilla, agg_loss,
+/// kl_penalty), except dual clip, which verl always applies with clip_ratio_c = 3 and which is
+/// off here unless dual_clip > 1.
+struct PpoOptions {
+  double clip_low = 0.2;   ///< >= 0: eps_low, ratios below 1 - eps_low are clipped (verl clip_ratio_low)
+  double clip_high = 0.2;  ///< >= 0: eps_high, ratios above 1 + eps_high are clipped (verl clip_ratio_high)
+  double dual_clip = 0.0;  ///< 0 = off; > 1: c, the loss of A < 0 tokens is capped at -A c (verl clip_ratio_c)
+  Aggregation aggregation = Aggregation::token_mean;
+  double kl_coef = 0.0;  ///< >= 0: weight of the per-token KL penalty (needs ref_logp when > 0)
+  KlEstimator kl_estimator = KlEstimator::k3;
+  /// token_mean only: the global normaliser (e.g. the valid-token count summed over data-parallel
+  /// ranks and accumulation micro-batches) instead of this call's own mask weight. With it, the
+  /// losses and gradients of the parts of a batch add up to those of the whole batch.
+  std::optional<double> token_count;
+  /// seq_* modes: the global number of sequences instead of this call's batch (same purpose).
+  std::optional<double> sequence_count;
+  /// seq_mean_token_sum_norm: the constant C (Dr.GRPO's generation budget); unset = this call's
+  /// tokens per row, as verl's loss_agg_mode does.
+  std::optional<double> token_sum_norm;
+  /// verl clamps logp - old_logp to [-c, c] before exp (c = 20); the clamped value also feeds
+  /// approx_kl and the gradient is 0 beyond the clamp. std::nullopt: no clamp.
+  std::optional<double> log_ratio_clamp = 20.0;
+  std::optional<double> k3_log_ratio_clamp = 20.0;  ///< KL term, k3 only: see KlOptions (verl: 20)
+  std::optional<double> k3_clamp = 10.0;            ///< KL term, k3 only: see KlOptions (verl: 10)
+};
+
+/// @brief Metrics of ppo_clip (verl's actor/pg_clipfrac, pg_clipfrac_lower, ppo_kl, ...). All
+/// means are over valid tokens, weighted by the mask (verl_F.masked_mean), and 0 when the batch
+/// has no valid token.
+template <class S>
+struct PpoMetrics {
+  S clip_fraction = 0;      ///< share of tokens whose clipped branch is strictly larger (verl pg_clipfrac)
+  S clip_fraction_low = 0;  ///< share of tokens with A < 0 capped by dual clip (verl pg_clipfrac_lower); 0 when off
+  S approx_kl = 0;          ///< mean of old_logp - logp, after log_ratio_clamp (verl ppo_kl)
+  S ratio_mean = 0;         ///< mean of r = exp(logp - old_logp)
+  S ratio_max = 0;          ///< max of r over valid tokens (0 when none)
+  S kl_mean = 0;            ///< mean of the KL estimate (when ref_logp is given, else 0)
+  S token_weight = 0;       ///< sum of the mask weights (valid tokens): all-reduce it for token_count
+};
+
+namespace detail {
+
+/// The per-token PPO loss l and d l / d logp, with torch autograd's conventions for verl's
+/// formula: torch.clamp passes the gradient on [lo, hi] inclusive; torch.maximum/minimum split it
+/// equally between tied arguments. AddKl (kl_coef != 0) is a template argument on purpose: GCC 12
+/// at -O3 if-converts a runtime `if (bool)` around lane arithmetic into an AVX-512 masked add
+/// whose mask is the bool's byte (lane 0 only), so no runtime bool guards lane math here.
+template <class S, bool HasRef, KlEstimator K, bool AddKl>
+struct PpoKernel {
+  static constexpr std::size_t n_in = HasRef ? 4 : 3;  // logp, old_logp, advantages[, ref_logp]
+  static constexpr std::size_t n_sums = HasRef ? 5 : 4;  // clipped, dual-clipped, old - logp, ratio[, kl]
+  static constexpr bool has_max = true;                  // ratio
+
+  S lo, hi;         // 1 - eps_low, 1 + eps_high
+  S c;              // dual clip constant (unused when !dual)
+  S clamp;          // log-ratio clamp (+inf: off)
+  bool dual;
+  S kl_coef;
+  KlParams<S> kl;
+
+  template <bool Fwd, bool Bwd>
+  void eval(const batch<S>* x, TokenOut<S, n_sums>& o) const noexcept {
+    using B = batch<S>;
+    const B zero(S(0)), one(S(1)), half(S(0.5));
+    const B lp = x[0], A = x[2];
+    const B d = lp - x[1];
+    const B dc = xsimd::min(xsimd::max(d, B(-clamp)), B(clamp));
+    const B r = detail::exp(dc);
+    const B na = -A;
+    const B l1 = na * r;                                          // -A r
+    const B rc = xsimd::min(xsimd::max(r, B(lo)), B(hi));
+    const B l2 = na * rc;                                         // -A clip(r, lo, hi)
+    const B m = xsimd::max(l1, l2);
+    const auto neg = (A < zero) & batch_bool<S>(dual);
+    const B l3 = na * B(c);                                       // -A c
+    B loss = xsimd::select(neg, xsimd::min(l3, m), m);
+    B grad = zero;
+    if constexpr (Bwd) {
+      // d l1 / d logp = -A r where the log-ratio clamp passes; l2 adds the ratio clamp's gate.
+      const B g1 = xsimd::select((d >= B(-clamp)) & (d <= B(clamp)), l1, zero);
+      const B g2 = xsimd::select((r >= B(lo)) & (r <= B(hi)), g1, zero);
+      const B gm = xsimd::select(l1 > l2, g1, xsimd::select(l1 < l2, g2, half * (g1 + g2)));
+      grad = xsimd::select(neg, xsimd::select(m < l3, gm, xsimd::select(m == l3, half * gm, zero)), gm);
+    }
+    if constexpr (HasRef) {
+      const auto k = kl_token<K, S>(lp, x[3], kl);
+      if constexpr (AddKl) {
+        loss = loss + B(kl_coef) * k.value;
+        if constexpr (Bwd) grad = grad + B(kl_coef) * k.grad;
+      }
+      if constexpr (Fwd) o.sums[4] = k.value;
+    }
+    if constexpr (Fwd) {
+      o.loss = loss;
+      o.sums[0] = xsimd::select(l2 > l1, one, zero);
+      o.sums[1] = xsimd::select(neg & (m > l3), one, zero);
+      o.sums[2] = -dc;
+      o.sums[3] = r;
+      o.max = r;
+    }
+    o.grad = grad;
+  }
+};
+
+template <class S>
+struct PpoParams {
+  S lo, hi, c, clamp, kl_coef;
+  bool dual, has_ref;
+  KlEstimator estimator;
+  KlParams<S> kl;
+
+  template <class F>
+  void visit(F&& f) const {
+    const auto make = [&](auto has_ref, auto est, auto add_kl) {
+      PpoKernel<S, decltype(has_ref)::value, decltype(est)::value, decltype(add_kl)::value> k;
+      k.lo = lo;
+      k.hi = hi;
+      k.c = c;
+      k.clamp = clamp;
+      k.dual = dual;
+      k.kl_coef = kl_coef;
+      k.kl = kl;
+      f(k);
+    };
+    if (!has_ref) {
+      make(std::false_type{}, std::integral_constant<KlEstimator, KlEstimator::k3>{}, std::false_type{});
+    } else if (kl_coef != 0) {
+      with_kl_estimator(estimator, [&](auto est) { make(std::true_type{}, est, std::true_type{}); });
+    } else {
+      with_kl_estimator(estimator, [&](auto est) { make(std::true_type{}, est, std::false_type{}); });
+    }
+  }
+};
+
+}  // namespace detail
+
+/// Result of ppo_clip: .loss, .losses, .metrics, .backward(grad).
+template <class S, class M>
+using PpoResult = detail::TokenLossResult<S, M, detail::PpoParams<S>, PpoMetrics<S>>;
+
+namespace detail {
+
+template <class S, class M, class GT>
+PpoResult<S, M> ppo_clip_impl(const Matrix<S>& lp, const Matrix<S>& old, const Matrix<S>& adv, const Matrix<M>& mask,
+                              const Matrix<S>* ref, const PpoOptions& opt, GT* grad_out) {
+  constexpr const char* fn = "ppo_clip";
+  require_option(opt.clip_low >= 0 && std::isfinite(opt.clip_low), fn, "clip_low", ">= 0 and finite", opt.clip_low);
+  require_option(opt.clip_high >= 0 && std::isfinite(opt.clip_high), fn, "clip_high", ">= 0 and finite",
+                 opt.clip_high);
+  require_option(opt.dual_clip == 0 || opt.dual_clip > 1, fn, "dual_clip", "0 (off) or > 1", opt.dual_clip);
+  require_option(opt.kl_coef >= 0 && std::isfinite(opt.kl_coef), fn, "kl_coef", ">= 0 and finite", opt.kl_coef);
+  validate_kl(fn, opt.kl_estimator, opt.k3_log_ratio_clamp, opt.k3_clamp, "kl_estimator", "k3_log_ratio_clamp",
+              "k3_clamp");
+  if (opt.log_ratio_clamp)
+    require_option(*opt.log_ratio_clamp > 0, fn, "log_ratio_clamp", "> 0 when set", *opt.log_ratio_clamp);
+  if (opt.kl_coef > 0 && ref == nullptr)
+    throw option_error(std::string(fn) + ": option 'kl_coef' is " + fmt(opt.kl_coef) +
+                       " but no 'ref_logp' was given (pass ref_logp or set kl_coef = 0)");
+  const AggregationSpec spec = aggregation_spec(opt, lp.rows, lp.cols);
+  validate_aggregation(fn, spec);
+
+  require_same_shape(fn, "old_logp", old, "logp", lp);
+  require_same_shape(fn, "advantages", adv, "logp", lp);
+  require_same_shape(fn, "mask", mask, "logp", lp);
+  if (ref) require_same_shape(fn, "ref_logp", *ref, "logp", lp);
+  require_nonempty(fn, "logp", lp.rows);
+  MatrixOut<S> g{};
+  if constexpr (!std::is_same_v<GT, std::nullptr_t>) g = matrix_out(*grad_out, lp.rows, lp.cols, fn, "grad_out");
+
+  PpoParams<S> p;
+  p.lo = static_cast<S>(1.0 - opt.clip_low);
+  p.hi = static_cast<S>(1.0 + opt.clip_high);
+  p.dual = opt.dual_clip > 1;
+  p.c = static_cast<S>(p.dual ? opt.dual_clip : 0.0);
+  p.clamp = opt.log_ratio_clamp ? static_cast<S>(*opt.log_ratio_clamp) : std::numeric_limits<S>::infinity();
+  p.kl_coef = static_cast<S>(opt.kl_coef);
+  p.has_ref = ref != nullptr;
+  p.estimator = opt.kl_estimator;
+  p.kl = kl_params<S>(opt.k3_log_ratio_clamp, opt.k3_clamp);
+
+  TokenInputs<S, M> in;
+  in.in[0] = lp.data;
+  in.in[1] = old.data;
+  in.in[2] = adv.data;
+  in.in[3] = ref ? ref->data : nullptr;
+  in.mask = mask.data;
+  in.rows = lp.rows;
+  in.cols = lp.cols;
+
+  PpoResult<S, M> result(fn, in, p, "grad");
+  const TokenStats st = run_token_loss(result, spec, std::is_same_v<GT, std::nullptr_t> ? nullptr : &g);
+  PpoMetrics<S>& mt = result.metrics;
+  mt.clip_fraction = static_cast<S>(safe_mean(st.sums[0], st.weight));
+  mt.clip_fraction_low = static_cast<S>(safe_mean(st.sums[1], st.weight));
+  mt.approx_kl = static_cast<S>(safe_mean(st.sums[2], st.weight));
+  mt.ratio_mean = static_cast<S>(safe_mean(st.sums[3], st.weight));
+  mt.ratio_max = static_cast<S>(st.weight != 0 ? st.max : 0.0);
+  mt.kl_mean = static_cast<S>(ref ? safe_mean(st.sums[4], st.weight) : 0.0);
+  mt.token_weight = static_cast<S>(st.weight);
+  return result;
+}
+
+template <class LP, class OLP, class AD, class MK>
+constexpr void ppo_static_checks() {
+  using S = tensor_scalar_t<LP>;
+  static_assert(is_real_v<S>, "prefloss: log-probs must be float or double");
+  static_assert(std::is_same_v<tensor_scalar_t<OLP>, S>, "prefloss: old_logp must have logp's scalar type");
+  static_assert(std::is_same_v<tensor_scalar_t<AD>, S>, "prefloss: advantages must have logp's scalar type");
+  static_assert(is_mask_v<tensor_scalar_t<MK>>, "prefloss: masks must be bool, uint8_t, float or double");
+}
+
+template <class T>
+using if_tensor_t = std::enable_if_t<is_tensor_v<T>, int>;
+
+}  // namespace detail
+
+/// @brief PPO clipped surrogate loss over row-major [batch, tokens] tensors.
+///
+/// Per token, with r = exp(clamp(logp - old_logp, +-log_ratio_clamp)):
+///   l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high));
+///   dual clip c > 1: for A < 0, l = min(l, -A c);
+///   with ref_logp: l += kl_coef * k(logp, ref_logp) (KlEstimator, see kl_estimate).
+/// The batch loss aggregates w[i,t] l[i,t] over selected tokens (mask != 0; a float mask is the
+/// weight w) by opt.aggregation — see Aggregation; masked-out tokens never influence anything,
+/// even when they hold inf/NaN. This is verl's compute_policy_loss_vanilla + agg_loss (+ the
+/// actor's kl_loss * kl_loss_coef), with three documented differences: dual clip is opt-in;
+/// seq_mean_token_sum_norm divides by the batch as well (sum / (B C), Dr.GRPO and TRL's
+/// dr_grpo; verl's agg_loss omits the B); empty rows and empty batches give 0, not NaN.
+///
+/// `.losses[i]` is sequence i's contribution to the batch loss: row_scale_i * sum_t w l, so
+/// loss = sum_i losses[i] in every mode (token_mean: sum_t w l / N; seq_mean_token_sum:
+/// sum_t w l / B; seq_mean_token_mean: sum_t w l / (B W_i); seq_mean_token_sum_norm:
+/// sum_t w l / (B C)).
+///
+/// `.backward(grad)` writes d loss / d logp (0 at masked-out tokens) with torch autograd's
+/// conventions for verl's formula: at a clip boundary r == 1 +- eps the gradient passes
+/// (torch.clamp is inclusive), where the two branches tie the gradient is split equally
+/// (torch.maximum/minimum), and beyond the log-ratio clamp it is 0.
+///
+/// @param logp policy token log-probs (the differentiated input)
+/// @param old_logp, advantages constants of the rollout, same shape
+/// @param mask same shape: bool/uint8 (nonzero selects) or float/double (weights)
+/// @return PpoResult; holds views of the inputs until backward() has run.
+/// @throws shape_error naming the argument (shape mismatch, empty batch); option_error for
+/// clip ranges < 0, dual_clip in (0, 1] or < 0, kl_coef < 0 or > 0 without ref_logp, an unknown
+/// enum, or a normaliser/clamp <= 0. Nothing is written on error.
+template <class LP, class OLP, class AD, class MK>
+auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const MK& mask, const PpoOptions& opt = {}) {
+  detail::ppo_static_checks<LP, OLP, AD, MK>();
+  return detail::ppo_clip_impl(detail::matrix_view(logp), detail::matrix_view(old_logp), detail::matrix_view(advantages),
+                               detail::matrix_view(mask), static_cast<const detail::Matrix<detail::tensor_scalar_t<LP>>*>(nullptr),
+                               opt, static_cast<std::nullptr_t*>(nullptr));
+}
+
+/// @brief ppo_clip with a reference policy's log-probs for the KL term (kl_metrics too).
+template <class LP, class OLP, class AD, class MK, class RF, detail::if_tensor_t<RF> = 0>
+auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const MK& mask, const RF& ref_logp,
+              const PpoOptions& opt = {}) {
+  detail::ppo_static_checks<LP, OLP, AD, MK>();
+  static_assert(std::is_same_v<detail::tensor_scalar_t<RF>, detail::tensor_scalar_t<LP>>,
+                "prefloss: ref_logp must have logp's scalar type");
+  const auto ref = detail::matrix_view(ref_logp);
+  return detail::ppo_clip_impl(detail::matrix_view(logp), detail::matrix_view(old_logp), detail::matrix_view(advantages),
+                               detail::matrix_view(mask), &ref, opt, static_cast<std::nullptr_t*>(nullptr));
+}
+
+/// @brief Fused ppo_clip: forward and d loss / d logp in one streaming pass (grad_out is a
+/// [batch, tokens] tensor or map, fully overwritten). token_mean without token_count first sums
+/// the mask (1 byte a token for byte masks); seq_mean_token_mean sums each row's mask just
+/// before streaming it. The returned result can still run backward() again.
+template <class LP, class OLP, class AD, class MK, class G, detail::if_tensor_t<G> = 0>
+auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const MK& mask, const PpoOptions& opt,
+              G&& grad_out) {
+  detail::ppo_static_checks<LP, OLP, AD, MK>();
+  static_assert(std::is_same_v<detail::tensor_scalar_t<G>, detail::tensor_scalar_t<LP>>,
+                "prefloss: grad_out must have logp's scalar type");
+  return detail::ppo_clip_impl(detail::matrix_view(logp), detail::matrix_view(old_logp), detail::matrix_view(advantages),
+                               detail::matrix_view(mask), static_cast<const detail::Matrix<detail::tensor_scalar_t<LP>>*>(nullptr),
+                               opt, &grad_out);
+}
+
+/// @brief Fused ppo_clip with a reference policy (see the fused overload above).
+template <class LP, class OLP, class AD, class MK, class RF, class G, detail::if_tensor_t<RF> = 0,
+          detail::if_tensor_t<G> = 0>
+auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const MK& mask, const RF& ref_logp,
+              const PpoOptions& opt, G&& grad_out) {
+  detail::ppo_static_checks<LP, OLP, AD, MK>();
+  static_assert(std::is_same_v<detail::tensor_scalar_t<RF>, detail::tensor_scalar_t<LP>>,
+                "prefloss: ref_logp must have logp's scalar type");
+  static_assert(std::is_same_v<detail::tensor_scalar_t<G>, detail::tensor_scalar_t<LP>>,
+                "prefloss: grad_out must have logp's scalar type");
+  const auto ref = detail::matrix_view(ref_logp);
+  return detail::ppo_clip_impl(detail::matrix_view(logp), detail::matrix_view(old_logp), detail::matrix_view(advantages),
+                               detail::matrix_view(mask), &ref, opt, &grad_out);
+}
+
+}  // namespace prefloss

@@ -1,0 +1,196 @@
+/// @file loss/value.hpp
+/// PPO's clipped value-function (critic) loss at token level, aggregated like ppo_clip.
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <utility>
+
+#include "../config.hpp"
+#include "../detail/checks.hpp"
+#include "../detail/simd.hpp"
+#include "../detail/tensor.hpp"
+#include "../detail/token_loss.hpp"
+#include "../errors.hpp"
+#include "../reduce/aggregation.hpp"
+
+namespace prefloss {
+
+/// Options of value_loss(). Aggregation fields as in PpoOptions.
+struct ValueOptions {
+  /// >= 0: eps, the prediction is clipped to [old_values - eps, old_values + eps] (verl's
+  /// cliprange_value, OpenRLHF's value_clip). std::nullopt: no clipping, l = (v - R)^2 / 2.
+  std::optional<double> clip = 0.2;
+  Aggregation aggregation = Aggregation::token_mean;
+  std::optional<double> token_count;     ///< token_mean: global normaliser (see PpoOptions)
+  std::optional<double> sequence_count;  ///< seq_* modes: global number of sequences
+  std::optional<double> token_sum_norm;  ///< seq_mean_token_sum_norm: C (unset = tokens per row)
+};
+
+/// Metrics of value_loss (verl's critic/vf_clipfrac, critic/vpred_mean); masked weighted means.
+template <class S>
+struct ValueMetrics {
+  S clip_fraction = 0;  ///< share of tokens whose clipped error is strictly larger (verl vf_clipfrac)
+  S value_mean = 0;     ///< mean prediction (verl vpred_mean)
+  S token_weight = 0;   ///< sum of the mask weights
+};
+
+namespace detail {
+
+/// Per-token 0.5 * max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2) and d / d v, with
+/// verl's clip_by_value = max(min(v, hi), lo) and torch autograd's tie rule (equal split) for
+/// min, max and the outer max. Clipped is a template argument, not a runtime bool (see
+/// PpoKernel: GCC 12 miscompiles runtime bools around lane math into lane-0 masks).
+template <class S, bool Clipped>
+struct ValueKernel {
+  static constexpr std::size_t n_in = 3;    // values, old_values, returns
+  static constexpr std::size_t n_sums = 2;  // clipped, value
+  static constexpr bool has_max = false;
+  S eps;
+
+  template <bool Fwd, bool Bwd>
+  void eval(const batch<S>* x, TokenOut<S, n_sums>& o) const noexcept {
+    using B = batch<S>;
+    const B v = x[0], R = x[2];
+    const B e1 = v - R;
+    const B l1 = e1 * e1;
+    if constexpr (!Clipped) {
+      if constexpr (Fwd) {
+        o.loss = B(S(0.5)) * l1;
+        o.sums[0] = B(S(0));
+        o.sums[1] = v;
+      }
+      o.grad = e1;
+    } else {
+      clipped_eval<Fwd, Bwd>(x, o, v, R, e1, l1);
+    }
+  }
+
+  template <bool Fwd, bool Bwd>
+  void clipped_eval(const batch<S>* x, TokenOut<S, n_sums>& o, const batch<S>& v, const batch<S>& R,
+                    const batch<S>& e1, const batch<S>& l1) const noexcept {
+    using B = batch<S>;
+    const B zero(S(0)), one(S(1)), half(S(0.5)), two(S(2));
+    const B lo = x[1] - B(eps), hi = x[1] + B(eps);
+    const B mn = xsimd::min(v, hi);
+    const B vc = xsimd::max(mn, lo);
+    const B e2 = vc - R;
+    const B l2 = e2 * e2;
+    if constexpr (Fwd) {
+      o.loss = half * xsimd::max(l1, l2);
+      o.sums[0] = xsimd::select(l2 > l1, one, zero);
+      o.sums[1] = v;
+    }
+    if constexpr (Bwd) {
+      // d vc / d v through min(v, hi) then max(., lo), halves at ties.
+      const B dmn = xsimd::select(v < hi, one, xsimd::select(v == hi, half, zero));
+      const B dvc = dmn * xsimd::select(mn > lo, one, xsimd::select(mn == lo, half, zero));
+      const B g1 = two * e1, g2 = two * e2 * dvc;
+      o.grad = half * xsimd::select(l1 > l2, g1, xsimd::select(l1 < l2, g2, half * (g1 + g2)));
+    }
+  }
+};
+
+template <class S>
+struct ValueParams {
+  S eps;
+  bool clipped;
+  template <class F>
+  void visit(F&& f) const {
+    if (clipped) {
+      ValueKernel<S, true> k;
+      k.eps = eps;
+      f(k);
+    } else {
+      ValueKernel<S, false> k;
+      k.eps = eps;
+      f(k);
+    }
+  }
+};
+
+}  // namespace detail
+
+/// Result of value_loss: .loss, .losses, .metrics, .backward(grad) (d loss / d values).
+template <class S, class M>
+using ValueResult = detail::TokenLossResult<S, M, detail::ValueParams<S>, ValueMetrics<S>>;
+
+namespace detail {
+
+template <class S, class M, class GT>
+ValueResult<S, M> value_loss_impl(const Matrix<S>& v, const Matrix<S>& old, const Matrix<S>& ret, const Matrix<M>& mask,
+                                  const ValueOptions& opt, GT* grad_out) {
+  constexpr const char* fn = "value_loss";
+  if (opt.clip) require_option(*opt.clip >= 0 && std::isfinite(*opt.clip), fn, "clip", ">= 0 and finite", *opt.clip);
+  const AggregationSpec spec = aggregation_spec(opt, v.rows, v.cols);
+  validate_aggregation(fn, spec);
+  require_same_shape(fn, "old_values", old, "values", v);
+  require_same_shape(fn, "returns", ret, "values", v);
+  require_same_shape(fn, "mask", mask, "values", v);
+  require_nonempty(fn, "values", v.rows);
+  MatrixOut<S> g{};
+  if constexpr (!std::is_same_v<GT, std::nullptr_t>) g = matrix_out(*grad_out, v.rows, v.cols, fn, "grad_out");
+
+  ValueParams<S> p;
+  p.clipped = opt.clip.has_value();
+  p.eps = static_cast<S>(opt.clip ? *opt.clip : 0.0);
+  TokenInputs<S, M> in;
+  in.in[0] = v.data;
+  in.in[1] = old.data;
+  in.in[2] = ret.data;
+  in.mask = mask.data;
+  in.rows = v.rows;
+  in.cols = v.cols;
+  ValueResult<S, M> result(fn, in, p, "grad");
+  const TokenStats st = run_token_loss(result, spec, std::is_same_v<GT, std::nullptr_t> ? nullptr : &g);
+  result.metrics.clip_fraction = static_cast<S>(safe_mean(st.sums[0], st.weight));
+  result.metrics.value_mean = static_cast<S>(safe_mean(st.sums[1], st.weight));
+  result.metrics.token_weight = static_cast<S>(st.weight);
+  return result;
+}
+
+template <class V, class O, class R, class MK>
+constexpr void value_static_checks() {
+  using S = tensor_scalar_t<V>;
+  static_assert(is_real_v<S>, "prefloss: values must be float or double");
+  static_assert(std::is_same_v<tensor_scalar_t<O>, S>, "prefloss: old_values must have values' scalar type");
+  static_assert(std::is_same_v<tensor_scalar_t<R>, S>, "prefloss: returns must have values' scalar type");
+  static_assert(is_mask_v<tensor_scalar_t<MK>>, "prefloss: masks must be bool, uint8_t, float or double");
+}
+
+}  // namespace detail
+
+/// @brief Clipped value loss: per token l = 0.5 * max((v - R)^2, (clip(v, v_old - eps,
+/// v_old + eps) - R)^2), aggregated over selected tokens like ppo_clip (opt.aggregation,
+/// token_count, ...). verl's compute_value_loss (0.5 * agg_loss of the max); OpenRLHF's
+/// ValueLoss for token_mean. `.losses[i]` is row i's contribution (loss = sum of losses);
+/// `.backward(grad)` writes d loss / d values with torch autograd's conventions for verl's
+/// clip_by_value (max(min(v, hi), lo)): ties split the gradient equally, so at v == v_old + eps
+/// exactly the clipped branch passes half of it.
+/// @param values predictions [batch, tokens] (the differentiated input)
+/// @param old_values, returns constants, same shape; @param mask same shape (weights if float)
+/// @throws shape_error naming the argument; option_error for clip < 0, an unknown aggregation
+/// or a normaliser <= 0. Nothing is written on error.
+template <class V, class O, class R, class MK>
+auto value_loss(const V& values, const O& old_values, const R& returns, const MK& mask, const ValueOptions& opt = {}) {
+  detail::value_static_checks<V, O, R, MK>();
+  return detail::value_loss_impl(detail::matrix_view(values), detail::matrix_view(old_values),
+                                 detail::matrix_view(returns), detail::matrix_view(mask), opt,
+                                 static_cast<std::nullptr_t*>(nullptr));
+}
+
+/// @brief Fused value_loss: forward and d loss / d values in one pass into grad_out
+/// ([batch, tokens], fully overwritten).
+template <class V, class O, class R, class MK, class G>
+auto value_loss(const V& values, const O& old_values, const R& returns, const MK& mask, const ValueOptions& opt,
+                G&& grad_out) {
+  detail::value_static_checks<V, O, R, MK>();
+  static_assert(std::is_same_v<detail::tensor_scalar_t<G>, detail::tensor_scalar_t<V>>,
+                "prefloss: grad_out must have values' scalar type");
+  return detail::value_loss_impl(detail::matrix_view(values), detail::matrix_view(old_values),
+                                 detail::matrix_view(returns), detail::matrix_view(mask), opt, &grad_out);
+}
+
+}  // namespace prefloss
