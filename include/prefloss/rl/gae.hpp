@@ -1,0 +1,102 @@
+/// @file rl/gae.hpp
+/// Generalized Advantage Estimation (Schulman et al. 2016) over masked token rows, as verl's
+/// compute_gae_advantage_return computes it.
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <type_traits>
+
+#include "../config.hpp"
+#include "../detail/checks.hpp"
+#include "../detail/tensor.hpp"
+#include "../detail/token_loss.hpp"
+#include "../errors.hpp"
+#include "whiten.hpp"
+
+namespace prefloss {
+
+/// Options of gae(). Defaults are verl's (algorithm.gamma = lam = 1).
+struct GaeOptions {
+  double gamma = 1.0;  ///< in [0, 1]: discount
+  double lam = 1.0;    ///< in [0, 1]: GAE lambda
+  /// true: whiten the advantages with masked_whiten(WhitenOptions{}) afterwards, as verl's
+  /// compute_gae_advantage_return does (returns stay unwhitened). Off by default: plain GAE.
+  bool whiten_advantages = false;
+};
+
+/// @brief GAE advantages and returns, backwards in time along each row.
+///
+/// With valid tokens those whose mask is nonzero (a float mask selects, it does not weight),
+/// for t from the last token down, at valid t:
+///   delta = r[t] + gamma * V_next - V[t],  A[t] = delta + gamma * lam * A_next,
+///   returns[t] = A[t] + V[t],  then V_next = V[t], A_next = A[t];
+/// V_next = A_next = 0 after the row's end. Masked tokens are skipped as verl skips them: they
+/// neither discount nor reset the recursion, so a valid token before a masked span (e.g. an
+/// observation in a multi-turn rollout) bootstraps from the next valid token's value. At masked
+/// tokens both outputs are 0 (verl carries A_next there; it is never used) and the inputs there
+/// are never read into anything, so they may hold inf/NaN. Arithmetic in double.
+/// Outputs may alias the inputs (advantages_out = rewards, returns_out = values).
+/// @param rewards, values row-major [batch, tokens] float/double; @param mask same shape
+/// @param advantages_out, returns_out [batch, tokens] of the same scalar type, fully overwritten
+/// @throws shape_error naming the argument; option_error for gamma or lam outside [0, 1];
+/// with whiten_advantages, prefloss::error when the mask's weight sum is <= 1. Nothing is
+/// written on error.
+template <class R, class V, class MK, class A, class RT>
+void gae(const R& rewards, const V& values, const MK& mask, const GaeOptions& opt, A&& advantages_out,
+         RT&& returns_out) {
+  constexpr const char* fn = "gae";
+  using S = detail::tensor_scalar_t<R>;
+  using M = detail::tensor_scalar_t<MK>;
+  static_assert(detail::is_real_v<S>, "prefloss: rewards must be float or double");
+  static_assert(std::is_same_v<detail::tensor_scalar_t<V>, S>, "prefloss: values must have rewards' scalar type");
+  static_assert(detail::is_mask_v<M>, "prefloss: masks must be bool, uint8_t, float or double");
+  static_assert(std::is_same_v<detail::tensor_scalar_t<A>, S> && std::is_same_v<detail::tensor_scalar_t<RT>, S>,
+                "prefloss: outputs must have rewards' scalar type");
+  detail::require_option(opt.gamma >= 0 && opt.gamma <= 1, fn, "gamma", "in [0, 1]", opt.gamma);
+  detail::require_option(opt.lam >= 0 && opt.lam <= 1, fn, "lam", "in [0, 1]", opt.lam);
+  const auto r = detail::matrix_view(rewards);
+  const auto v = detail::matrix_view(values);
+  const auto m = detail::matrix_view(mask);
+  detail::require_same_shape(fn, "values", v, "rewards", r);
+  detail::require_same_shape(fn, "mask", m, "rewards", r);
+  const auto adv = detail::matrix_out(std::forward<A>(advantages_out), r.rows, r.cols, fn, "advantages_out");
+  const auto ret = detail::matrix_out(std::forward<RT>(returns_out), r.rows, r.cols, fn, "returns_out");
+  if (opt.whiten_advantages) {
+    double w = 0;
+    for (Index k = 0; k < m.rows * m.cols; ++k)
+      if (m.data[k] != M(0)) w += static_cast<double>(m.data[k]);
+    if (!(w > 1))
+      throw error(std::string(fn) + ": whiten_advantages needs a mask weight sum > 1, argument 'mask' has " +
+                  detail::fmt(w) + " over shape " + detail::shape_str(m.rows, m.cols));
+  }
+
+  const double gl = opt.gamma * opt.lam;
+  for (Index i = 0; i < r.rows; ++i) {
+    const S* ri = r.row(i);
+    const S* vi = v.row(i);
+    const M* mi = m.row(i);
+    S* ai = adv.row(i);
+    S* gi = ret.row(i);
+    double next_value = 0, next_adv = 0;
+    for (Index t = r.cols - 1; t >= 0; --t) {
+      if (mi[t] != M(0)) {
+        const double vt = static_cast<double>(vi[t]);
+        const double delta = static_cast<double>(ri[t]) + opt.gamma * next_value - vt;
+        next_adv = delta + gl * next_adv;
+        next_value = vt;
+        ai[t] = static_cast<S>(next_adv);
+        gi[t] = static_cast<S>(next_adv + vt);
+      } else {
+        ai[t] = S(0);
+        gi[t] = S(0);
+      }
+    }
+  }
+  if (opt.whiten_advantages) {
+    Eigen::TensorMap<Eigen::Tensor<S, 2, Eigen::RowMajor>> a(adv.data, adv.rows, adv.cols);
+    masked_whiten(a, mask, a);
+  }
+}
+
+}  // namespace prefloss

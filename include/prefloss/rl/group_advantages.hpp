@@ -1,0 +1,112 @@
+/// @file rl/group_advantages.hpp
+/// GRPO outcome advantages (Shao et al. 2024): each sequence's score relative to the other
+/// samples of its prompt, as verl's compute_grpo_outcome_advantage computes them.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../config.hpp"
+#include "../detail/checks.hpp"
+#include "../detail/tensor.hpp"
+#include "../errors.hpp"
+
+namespace prefloss {
+
+/// Options of group_advantages(). Defaults are verl's.
+struct GroupOptions {
+  double epsilon = 1e-6;     ///< >= 0: added to the group's standard deviation before dividing
+  bool scale_by_std = true;  ///< false: A = s - mean only (Dr.GRPO; verl norm_adv_by_std_in_grpo=False)
+};
+
+namespace detail {
+
+/// Writes the advantages of the samples idx[0..n) of one group.
+template <class S>
+void group_advantage(const S* s, const Index* idx, std::size_t n, const GroupOptions& opt, S* out) {
+  double mean = 0, sd = 1;  // verl: a group of one has mean 0 and std 1
+  if (n > 1) {
+    for (std::size_t k = 0; k < n; ++k) mean += static_cast<double>(s[idx[k]]);
+    mean /= static_cast<double>(n);
+    double ss = 0;
+    for (std::size_t k = 0; k < n; ++k) {
+      const double c = static_cast<double>(s[idx[k]]) - mean;
+      ss += c * c;
+    }
+    sd = std::sqrt(ss / static_cast<double>(n - 1));  // torch.std: unbiased
+  }
+  for (std::size_t k = 0; k < n; ++k) {
+    const double a = static_cast<double>(s[idx[k]]) - mean;
+    out[idx[k]] = static_cast<S>(opt.scale_by_std ? a / (sd + opt.epsilon) : a);
+  }
+}
+
+template <class SC, class O>
+auto group_prologue(const char* fn, const SC& scores, O& out, const GroupOptions& opt) {
+  using S = tensor_scalar_t<SC>;
+  static_assert(is_real_v<S>, "prefloss: scores must be float or double");
+  static_assert(std::is_same_v<tensor_scalar_t<O>, S>, "prefloss: out must have the scores' scalar type");
+  require_option(opt.epsilon >= 0 && std::isfinite(opt.epsilon), fn, "epsilon", ">= 0 and finite", opt.epsilon);
+  const auto s = vector_view(scores);
+  S* o = vector_out(out, s.size, fn, "out");
+  return std::make_pair(s, o);
+}
+
+}  // namespace detail
+
+/// @brief GRPO advantages for contiguous groups: samples [k g, (k+1) g) share a prompt.
+///
+/// Per group with scores s_j (n > 1 samples): A_j = (s_j - mean) / (std + epsilon), std the
+/// unbiased standard deviation (torch.std); A_j = s_j - mean when !scale_by_std. A group of one
+/// sample uses mean 0 and std 1, as verl does (A = s / (1 + epsilon)). Arithmetic in double;
+/// out may be scores itself.
+/// @param scores [batch] float/double (verl: token_level_rewards summed per sequence)
+/// @param group_size samples per prompt, >= 1, dividing the batch
+/// @param out [batch], same scalar type
+/// @throws shape_error naming the argument (out's shape, a batch not divisible by group_size);
+/// option_error for group_size < 1 or epsilon < 0. Nothing is written then.
+template <class SC, class G, class O, std::enable_if_t<std::is_integral_v<G>, int> = 0>
+void group_advantages(const SC& scores, G group_size, const GroupOptions& opt, O&& out) {
+  constexpr const char* fn = "group_advantages";
+  detail::require_option(group_size >= 1, fn, "group_size", ">= 1", static_cast<double>(group_size));
+  const auto [s, o] = detail::group_prologue(fn, scores, out, opt);
+  const Index g = static_cast<Index>(group_size);
+  if (s.size % g != 0)
+    throw shape_error(std::string(fn) + ": argument 'scores' has shape " + detail::shape_str(s.size) +
+                      ", not a multiple of group_size " + std::to_string(g));
+  std::vector<Index> idx(static_cast<std::size_t>(g));
+  for (Index start = 0; start < s.size; start += g) {
+    std::iota(idx.begin(), idx.end(), start);
+    detail::group_advantage(s.data, idx.data(), idx.size(), opt, o);
+  }
+}
+
+/// @brief GRPO advantages for arbitrary groups: samples with equal group_ids[i] share a prompt
+/// (verl's `index`/uid). Same formula as the group_size overload.
+/// @param group_ids [batch] tensor of an integer type
+/// @throws shape_error naming 'group_ids' or 'out'; option_error for epsilon < 0.
+template <class SC, class ID, class O, std::enable_if_t<detail::is_tensor_v<ID>, int> = 0>
+void group_advantages(const SC& scores, const ID& group_ids, const GroupOptions& opt, O&& out) {
+  constexpr const char* fn = "group_advantages";
+  static_assert(std::is_integral_v<detail::tensor_scalar_t<ID>>, "prefloss: group_ids must be an integer tensor");
+  const auto [s, o] = detail::group_prologue(fn, scores, out, opt);
+  const auto ids = detail::vector_view(group_ids);
+  if (ids.size != s.size)
+    detail::require_same(fn, "group_ids", detail::shape_str(ids.size), "scores", detail::shape_str(s.size));
+  std::vector<Index> order(static_cast<std::size_t>(s.size));
+  std::iota(order.begin(), order.end(), Index(0));
+  std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) { return ids.data[a] < ids.data[b]; });
+  std::size_t begin = 0;
+  while (begin < order.size()) {
+    std::size_t end = begin + 1;
+    while (end < order.size() && ids.data[order[end]] == ids.data[order[begin]]) ++end;
+    detail::group_advantage(s.data, order.data() + begin, end - begin, opt, o);
+    begin = end;
+  }
+}
+
+}  // namespace prefloss
