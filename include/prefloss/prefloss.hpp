@@ -20,3 +20,4 @@
 #include "rl/gae.hpp"
 #include "rl/whiten.hpp"
 #include "rl/group_advantages.hpp"
+#include "loss/sft.hpp"

@@ -3,12 +3,17 @@
 /// RewardTrainer with its reward-centering term).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 #include "../detail/checks.hpp"
 #include "../detail/pairwise.hpp"
+#include "../detail/single.hpp"
+#include "../detail/tensor.hpp"
 #include "../math/log_sigmoid.hpp"
 #include "../reduce/sequence.hpp"
 
@@ -68,6 +73,74 @@ template <class C, class R, class M, class = std::enable_if_t<detail::is_tensor_
 auto bradley_terry(const C& r_chosen, const R& r_rejected, const M& margin, const BradleyTerryOptions& opt = {}) {
   detail::require_same_scalar<C, M>();
   return detail::bradley_terry_impl(r_chosen, r_rejected, &margin, opt);
+}
+
+/// Metrics of bradley_terry_ranking().
+template <class S>
+struct RankingMetrics {
+  S accuracy = 0;       ///< fraction of pairs i < j (i ranked better) with r_i > r_j strictly
+  S reward_mean = 0;    ///< mean of all rewards
+  S reward_margin = 0;  ///< mean over pairs i < j of r_i - r_j
+};
+
+/// @brief Bradley-Terry loss over K-way rankings (InstructGPT): for each row of K rewards
+/// ordered best to worst, the mean over the C(K,2) pairs i < j of the pairwise loss
+/// `-logsig(r_i - r_j) + k (r_i + r_j)^2` (k = center_coef, TRL's centering applied to every
+/// pair; k = 0 gives InstructGPT's `-1/C(K,2) sum_{i<j} logsig(r_i - r_j)`); the batch loss is
+/// the mean over rows. With K = 2 this is bradley_terry().
+///
+/// @param rewards row-major [batch, K] Eigen::Tensor or TensorMap, float or double; each row
+/// ordered from the most to the least preferred response.
+/// @return SequenceResult with RankingMetrics; backward(grad) writes d loss / d rewards into a
+/// row-major [batch, K] tensor.
+/// @throws shape_error if K < 2 or the batch is empty; option_error for center_coef < 0.
+/// Nothing is written on error.
+template <class X>
+auto bradley_terry_ranking(const X& rewards, const BradleyTerryOptions& opt = {}) {
+  constexpr const char* fn = "bradley_terry_ranking";
+  using S = detail::tensor_scalar_t<X>;
+  detail::require_option(opt.center_coef >= 0 && std::isfinite(opt.center_coef), fn, "center_coef", ">= 0 and finite",
+                         opt.center_coef);
+  detail::PlainMatrix<S> in(detail::matrix_view(rewards));
+  const Index B = in.rows(), K = in.cols();
+  if (K < 2)
+    throw shape_error(std::string(fn) + ": argument 'rewards' must have shape [batch, K] with K >= 2, got " + in.shape());
+  detail::require_nonempty(fn, "rewards", B);
+
+  const double k = opt.center_coef;
+  const double pairs = static_cast<double>(K) * static_cast<double>(K - 1) / 2;
+  const double inv_pairs = 1.0 / pairs, inv_b = 1.0 / static_cast<double>(B);
+  SequenceResult<RankingMetrics<S>, detail::PlainMatrix<S>> out(fn, "grad", in);
+  out.losses = Eigen::Tensor<S, 1>(B);
+  out.d_ = Eigen::Tensor<S, 1>(B * K);
+  std::vector<double> d(static_cast<std::size_t>(K));
+  double total = 0, correct = 0, margin = 0, sum_r = 0;
+  for (Index i = 0; i < B; ++i) {
+    std::fill(d.begin(), d.end(), 0.0);
+    double row = 0;
+    for (Index a = 0; a < K; ++a) {
+      const double ra = in.value(i, a);
+      sum_r += ra;
+      for (Index c = a + 1; c < K; ++c) {
+        const double rc = in.value(i, c);
+        const auto ls = log_sigmoid_and_grad(ra - rc);  // d logsig(z)/dz = sig(-z)
+        const double center = ra + rc;
+        row += -ls.value + k * center * center;
+        d[static_cast<std::size_t>(a)] += -ls.grad + 2 * k * center;
+        d[static_cast<std::size_t>(c)] += ls.grad + 2 * k * center;
+        correct += ra > rc ? 1.0 : 0.0;
+        margin += ra - rc;
+      }
+    }
+    out.losses(i) = static_cast<S>(row * inv_pairs);
+    total += row * inv_pairs;
+    for (Index a = 0; a < K; ++a) out.d_(i * K + a) = static_cast<S>(d[static_cast<std::size_t>(a)] * inv_pairs * inv_b);
+  }
+  out.loss = static_cast<S>(total * inv_b);
+  out.metrics.accuracy = static_cast<S>(correct / (pairs * static_cast<double>(B)));
+  out.metrics.reward_margin = static_cast<S>(margin / (pairs * static_cast<double>(B)));
+  out.metrics.reward_mean = static_cast<S>(sum_r / (static_cast<double>(K) * static_cast<double>(B)));
+  return out;
 }
 
 }  // namespace prefloss

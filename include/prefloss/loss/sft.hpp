@@ -1,0 +1,64 @@
+/// @file loss/sft.hpp
+/// The supervised fine-tuning term: negative log-likelihood of sequence values (RPO, CPO and
+/// ORPO add it to a preference loss).
+#pragma once
+
+#include <cmath>
+#include <optional>
+
+#include "../detail/checks.hpp"
+#include "../detail/pairwise.hpp"
+#include "../detail/single.hpp"
+#include "../reduce/sequence.hpp"
+
+namespace prefloss {
+
+/// Options of nll().
+struct NllOptions {
+  /// Unset: the batch loss is the mean over examples. Set (> 0, finite): the sum of the
+  /// per-example losses is divided by this instead, e.g. the global number of valid tokens with
+  /// masked_sum inputs, which gives torch's token-mean cross-entropy (TRL's SFT loss) exactly,
+  /// also across data-parallel ranks and accumulation steps.
+  std::optional<double> normalizer;
+};
+
+/// Metrics of nll().
+template <class S>
+struct NllMetrics {
+  S mean_logp = 0;  ///< batch mean of the sequence values s (TRL "logps/chosen" for the chosen side)
+};
+
+/// @brief Negative log-likelihood: per example `-s`; the batch loss is their mean (or their sum
+/// divided by NllOptions::normalizer).
+///
+/// With masked_mean inputs s is the per-token average log-prob (ORPO's and RPO's per-sequence
+/// NLL); with masked_sum the sequence log-prob.
+///
+/// @param logp_sequence policy values: a masked_sum/masked_mean expression or a [batch] tensor
+/// @return SequenceResult; backward(grad) writes d loss / d input (token level for
+/// expressions: -1/N times the token weight, divided by the row weight for a mean; 0 at
+/// masked-out tokens).
+/// @throws shape_error on an empty batch; option_error for a normalizer <= 0 or not finite.
+/// Nothing is written on error.
+template <class X>
+auto nll(const X& logp_sequence, const NllOptions& opt = {}) {
+  constexpr const char* fn = "nll";
+  using S = typename sequence_t<X>::Scalar;
+  if (opt.normalizer)
+    detail::require_option(*opt.normalizer > 0 && std::isfinite(*opt.normalizer), fn, "normalizer", "> 0 and finite",
+                           *opt.normalizer);
+  auto s = as_sequence(logp_sequence);
+  const Index B = s.size();
+  detail::require_nonempty(fn, "logp_sequence", B);
+  const std::vector<double> v = detail::values_of(s);
+  const double norm = opt.normalizer ? *opt.normalizer : static_cast<double>(B);
+  auto result = detail::single_loss<NllMetrics<S>>(fn, "grad", std::move(s), norm, [&](Index i) {
+    return detail::SingleTerm{-v[static_cast<std::size_t>(i)], -1.0};
+  });
+  double sum = 0;
+  for (double x : v) sum += x;
+  result.metrics.mean_logp = static_cast<S>(sum / static_cast<double>(B));
+  return result;
+}
+
+}  // namespace prefloss
