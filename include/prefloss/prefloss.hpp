@@ -21,3 +21,6 @@
 #include "rl/whiten.hpp"
 #include "rl/group_advantages.hpp"
 #include "loss/sft.hpp"
+#include "loss/ipo.hpp"
+#include "loss/simpo.hpp"
+#include "loss/orpo.hpp"

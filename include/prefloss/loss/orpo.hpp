@@ -1,0 +1,97 @@
+/// @file loss/orpo.hpp
+/// ORPO (Hong et al. 2024, "Monolithic Preference Optimization without Reference Model"): SFT
+/// on the chosen response plus a log-odds-ratio preference term.
+#pragma once
+
+#include <cmath>
+#include <vector>
+
+#include "../detail/checks.hpp"
+#include "../detail/pairwise.hpp"
+#include "../math/log1mexp.hpp"
+#include "../math/log_sigmoid.hpp"
+#include "../reduce/sequence.hpp"
+
+namespace prefloss {
+
+/// Options of orpo(). Defaults are TRL's ORPOConfig.
+struct OrpoOptions {
+  double beta = 0.1;        ///< > 0 and finite: weight of the odds-ratio term (the paper's lambda)
+  double nll_weight = 1.0;  ///< >= 0 and finite: weight w of the chosen NLL term (0: odds term only)
+};
+
+/// Metrics of orpo(): TRL's ORPOTrainer set. Rewards are beta * s (no reference).
+template <class S>
+struct OrpoMetrics : PreferenceMetrics<S> {
+  S log_odds_ratio = 0;   ///< batch mean of logsig(L) (TRL "log_odds_ratio")
+  S log_odds_chosen = 0;  ///< batch mean of the log odds ratio L (TRL "log_odds_chosen")
+  S nll_loss = 0;         ///< batch mean of -s_c (TRL "nll_loss")
+};
+
+/// @brief ORPO loss of policy sequence values; no reference model.
+///
+/// With s the average log-prob of a response (pass masked_mean expressions; s <= 0) and the
+/// log odds ratio `L = (s_c - s_r) - (log1mexp(s_c) - log1mexp(s_r))`, the per-example loss is
+/// `-w s_c - b logsig(L)` (w = nll_weight, 1 by default) and the batch loss its mean. TRL's
+/// ORPOTrainer computes the same odds term; its NLL is the token mean over all chosen tokens of
+/// the batch, ours the mean over examples of each example's token mean (the paper's form); they
+/// agree when every chosen response has the same length. For TRL's NLL exactly, set
+/// nll_weight = 0 and add nll(masked_sum(...), {normalizer = chosen token count}).
+///
+/// log1mexp is evaluated exactly near 0, and the gradient is formed without the
+/// inf * 0 that sig(-L) / (1 - exp(s)) meets at s_c = 0:
+/// d/ds_c = -w - b / (-expm1(s_c) + exp(s_c - s_r + log1mexp(s_r))),
+/// d/ds_r = b / (-expm1(s_r) + exp(s_c - s_r + 2 log1mexp(s_r) - log1mexp(s_c))).
+/// So s_c = 0 (a chosen response of probability 1) gives a finite loss and gradient; s_r = 0 is
+/// a true singularity (L = -inf) and gives an infinite loss; s > 0 is outside the domain (NaN).
+///
+/// @param chosen, rejected policy values: masked_mean (or masked_sum) expressions or [batch] tensors
+/// @return PairwiseResult with OrpoMetrics; backward(g_chosen, g_rejected) writes d loss / d
+/// policy inputs (the chosen side includes the NLL term).
+/// @throws shape_error on batch mismatch or empty batch; option_error for beta <= 0,
+/// nll_weight < 0 or a non-finite option. Nothing is written on error.
+template <class C, class R>
+auto orpo(const C& chosen, const R& rejected, const OrpoOptions& opt = {}) {
+  constexpr const char* fn = "orpo";
+  detail::require_same_scalar<C, R>();
+  using S = typename sequence_t<C>::Scalar;
+  detail::require_option(opt.beta > 0 && std::isfinite(opt.beta), fn, "beta", "> 0 and finite", opt.beta);
+  detail::require_option(opt.nll_weight >= 0 && std::isfinite(opt.nll_weight), fn, "nll_weight", ">= 0 and finite",
+                         opt.nll_weight);
+  auto c = as_sequence(chosen);
+  auto r = as_sequence(rejected);
+  const Index B = c.size();
+  detail::require_batch(fn, "rejected", r, B, c.shape());
+  detail::require_nonempty(fn, "chosen", B);
+
+  const std::vector<double> sc = detail::values_of(c), sr = detail::values_of(r);
+  const double b = opt.beta, w = opt.nll_weight;
+  double sum_ratio = 0, sum_log_odds = 0;
+  auto result = detail::pairwise_loss<OrpoMetrics<S>>(fn, std::move(c), std::move(r), [&](Index i) {
+    const std::size_t k = static_cast<std::size_t>(i);
+    const double xc = sc[k], xr = sr[k];
+    const double l1c = log1mexp(xc), l1r = log1mexp(xr);
+    const double L = (xc - xr) - (l1c - l1r);
+    const double ratio = log_sigmoid_and_grad(L).value;
+    sum_ratio += ratio;
+    sum_log_odds += L;
+    const double dc = -w - b / (-std::expm1(xc) + std::exp(xc - xr + l1r));
+    const double dr = b / (-std::expm1(xr) + std::exp(xc - xr + 2 * l1r - l1c));
+    return detail::PairTerm{-w * xc - b * ratio, dc, dr};
+  });
+  std::vector<double> wc(sc.size()), wr(sr.size());
+  double nll = 0;
+  for (std::size_t i = 0; i < sc.size(); ++i) {
+    wc[i] = b * sc[i];
+    wr[i] = b * sr[i];
+    nll -= sc[i];
+  }
+  const double n = static_cast<double>(sc.size());
+  static_cast<PreferenceMetrics<S>&>(result.metrics) = detail::preference_metrics<S>(wc, wr);
+  result.metrics.log_odds_ratio = static_cast<S>(sum_ratio / n);
+  result.metrics.log_odds_chosen = static_cast<S>(sum_log_odds / n);
+  result.metrics.nll_loss = static_cast<S>(nll / n);
+  return result;
+}
+
+}  // namespace prefloss
