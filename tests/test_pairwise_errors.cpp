@@ -1,0 +1,203 @@
+// Bad input to the pairwise family: batch mismatches, empty batches, wrong gradient shapes
+// (nothing written), out-of-domain options and unknown enums. Every rejection is a prefloss
+// exception deriving from std::invalid_argument whose message names the argument or option.
+#include <prefloss/prefloss.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <limits>
+
+#include "pairwise_reference.hpp"
+
+using namespace pref;
+
+#define CHECK_REJECTS(expr, Type, ...)                                 \
+  do {                                                                 \
+    CHECK_THROWS_AS(expr, Type);                                       \
+    CHECK_THROWS_AS(expr, std::invalid_argument);                      \
+    for (const char* text : {__VA_ARGS__}) CHECK_THROWS_WITH(expr, Catch::Contains(text)); \
+  } while (0)
+
+namespace {
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr float kSentinel = 42.5f;
+
+template <class T>
+bool untouched(const T& t) {
+  for (long k = 0; k < t.size(); ++k)
+    if (t.data()[k] != kSentinel) return false;
+  return true;
+}
+}  // namespace
+
+TEST_CASE("mismatched batch sizes name the argument and both shapes", "[pairwise][errors]") {
+  Tok<float> x3(3, 5), x4(4, 5);
+  x3.setConstant(-1);
+  x4.setConstant(-1);
+  Tok<std::uint8_t> m3(3, 5), m4(4, 5);
+  m3.setConstant(1);
+  m4.setConstant(1);
+  Vec<float> v3(3), v4(4);
+  v3.setConstant(-1);
+  v4.setConstant(-1);
+  const auto c = pl::masked_sum(x3, m3);
+  const auto r4 = pl::masked_sum(x4, m4);
+  CHECK_REJECTS(pl::dpo(c, r4, v3, v3), pl::shape_error, "dpo", "'rejected'", "[4, 5]", "[3, 5]");
+  CHECK_REJECTS(pl::dpo(c, c, v4, v3), pl::shape_error, "'ref_chosen'", "[4]");
+  CHECK_REJECTS(pl::dpo(c, c, v3, v4), pl::shape_error, "'ref_rejected'", "[4]");
+  CHECK_REJECTS(pl::ipo(c, r4, v3, v3), pl::shape_error, "ipo", "'rejected'", "[4, 5]");
+  CHECK_REJECTS(pl::ipo(c, c, v3, pl::masked_mean(x4, m4)), pl::shape_error, "'ref_rejected'", "[4, 5]");
+  CHECK_REJECTS(pl::simpo(pl::masked_mean(x3, m3), pl::masked_mean(x4, m4)), pl::shape_error, "simpo", "'rejected'");
+  CHECK_REJECTS(pl::orpo(v3, v4), pl::shape_error, "orpo", "'rejected'", "[4]", "[3]");
+  CHECK_REJECTS(pl::bradley_terry(v3, v4), pl::shape_error, "bradley_terry", "'r_rejected'");
+  CHECK_REJECTS(pl::bradley_terry(v3, v3, v4), pl::shape_error, "'margin'", "[4]");
+
+  SECTION("empty batches") {
+    Vec<float> v0(0);
+    Tok<float> s0(0, 3);
+    CHECK_REJECTS(pl::dpo(v0, v0, v0, v0), pl::shape_error, "dpo", "empty");
+    CHECK_REJECTS(pl::ipo(v0, v0, v0, v0), pl::shape_error, "ipo", "empty");
+    CHECK_REJECTS(pl::simpo(v0, v0), pl::shape_error, "simpo", "empty");
+    CHECK_REJECTS(pl::orpo(v0, v0), pl::shape_error, "orpo", "empty");
+    CHECK_REJECTS(pl::nll(v0), pl::shape_error, "nll", "'logp_sequence'", "empty");
+    CHECK_REJECTS(pl::bradley_terry_ranking(s0), pl::shape_error, "bradley_terry_ranking", "'rewards'", "empty");
+  }
+  SECTION("ranking needs K >= 2") {
+    Tok<double> k1(3, 1), k0(3, 0);
+    k1.setZero();
+    CHECK_REJECTS(pl::bradley_terry_ranking(k1), pl::shape_error, "bradley_terry_ranking", "'rewards'", "K >= 2",
+                  "[3, 1]");
+    CHECK_REJECTS(pl::bradley_terry_ranking(k0), pl::shape_error, "'rewards'", "[3, 0]");
+  }
+}
+
+TEST_CASE("backward rejects wrong output shapes and writes nothing", "[pairwise][errors]") {
+  Tok<float> x(3, 5);
+  x.setConstant(-0.5f);
+  Tok<std::uint8_t> m(3, 5);
+  m.setConstant(1);
+  Vec<float> v(3);
+  v.setConstant(-2);
+  const auto e = pl::masked_mean(x, m);
+  Tok<float> ok(3, 5), wide(3, 6), tall(4, 5);
+  Vec<float> ok1(3), long1(4);
+  const auto refill = [&] {
+    for (auto* t : {&ok, &wide, &tall}) t->setConstant(kSentinel);
+    for (auto* t : {&ok1, &long1}) t->setConstant(kSentinel);
+  };
+  const auto check_pair_result = [&](const auto& res, const char* fn) {
+    refill();
+    CHECK_REJECTS(res.backward(ok, wide), pl::shape_error, fn, "'grad_rejected'", "[3, 5]", "[3, 6]");
+    CHECK(untouched(ok));
+    CHECK(untouched(wide));
+    refill();
+    CHECK_REJECTS(res.backward(tall, ok), pl::shape_error, "'grad_chosen'", "[4, 5]");
+    CHECK(untouched(ok));
+    CHECK(untouched(tall));
+  };
+  check_pair_result(pl::dpo(e, e, v, v), "dpo");
+  check_pair_result(pl::ipo(e, e, v, v), "ipo");
+  check_pair_result(pl::simpo(e, e), "simpo");
+  check_pair_result(pl::orpo(e, e), "orpo");
+  check_pair_result(pl::bradley_terry(e, e), "bradley_terry");
+
+  SECTION("plain [batch] inputs take [batch] gradients") {
+    const auto res = pl::dpo(v, e, v, v);
+    refill();
+    CHECK_REJECTS(res.backward(long1, ok), pl::shape_error, "'grad_chosen'", "[3]", "[4]");
+    CHECK(untouched(long1));
+    CHECK(untouched(ok));
+    const auto o = pl::orpo(v, v);
+    refill();
+    CHECK_REJECTS(o.backward(ok1, long1), pl::shape_error, "'grad_rejected'", "[4]");
+    CHECK(untouched(ok1));
+  }
+  SECTION("nll") {
+    refill();
+    CHECK_REJECTS(pl::nll(e).backward(wide), pl::shape_error, "nll", "'grad'", "[3, 6]");
+    CHECK(untouched(wide));
+    CHECK_REJECTS(pl::nll(v).backward(long1), pl::shape_error, "nll", "'grad'", "[4]");
+    CHECK(untouched(long1));
+  }
+  SECTION("ranking") {
+    Tok<float> s(3, 4), g(3, 5);
+    s.setZero();
+    g.setConstant(kSentinel);
+    CHECK_REJECTS(pl::bradley_terry_ranking(s).backward(g), pl::shape_error, "bradley_terry_ranking", "'grad'",
+                  "[3, 4]", "[3, 5]");
+    CHECK(untouched(g));
+  }
+}
+
+TEST_CASE("out-of-domain options name the option and the value", "[pairwise][errors]") {
+  Vec<double> v(2);
+  v.setValues({-1.0, -2.0});
+  for (const double beta : {0.0, -0.1, kNaN}) {
+    INFO("beta " << beta);
+    pl::DpoOptions d;
+    d.beta = beta;
+    CHECK_REJECTS(pl::dpo(v, v, v, v, d), pl::option_error, "dpo", "'beta'");
+    pl::IpoOptions i;
+    i.beta = beta;
+    CHECK_REJECTS(pl::ipo(v, v, v, v, i), pl::option_error, "ipo", "'beta'");
+    pl::SimpoOptions s;
+    s.beta = beta;
+    CHECK_REJECTS(pl::simpo(v, v, s), pl::option_error, "simpo", "'beta'");
+    pl::OrpoOptions o;
+    o.beta = beta;
+    CHECK_REJECTS(pl::orpo(v, v, o), pl::option_error, "orpo", "'beta'");
+  }
+  {
+    pl::DpoOptions d;
+    d.beta = -0.25;
+    CHECK_THROWS_WITH(pl::dpo(v, v, v, v, d), Catch::Contains("-0.25"));
+  }
+  for (const double e : {0.5, -0.1, 0.75, kNaN}) {
+    INFO("label_smoothing " << e);
+    pl::DpoOptions d;
+    d.label_smoothing = e;
+    CHECK_REJECTS(pl::dpo(v, v, v, v, d), pl::option_error, "'label_smoothing'", "[0, 0.5)");
+    pl::SimpoOptions s;
+    s.label_smoothing = e;
+    CHECK_REJECTS(pl::simpo(v, v, s), pl::option_error, "'label_smoothing'");
+  }
+  {
+    pl::DpoOptions d;
+    d.label_smoothing = 0.5;
+    CHECK_THROWS_WITH(pl::dpo(v, v, v, v, d), Catch::Contains("got 0.5"));
+    d.label_smoothing = -0.1;
+    CHECK_THROWS_WITH(pl::dpo(v, v, v, v, d), Catch::Contains("got -0.1"));
+  }
+  {
+    pl::DpoOptions d;
+    d.variant = static_cast<pl::DpoVariant>(7);
+    CHECK_REJECTS(pl::dpo(v, v, v, v, d), pl::option_error, "dpo", "'variant'", "7");
+  }
+  for (const double g : {-0.5, kInf, kNaN}) {
+    pl::SimpoOptions s;
+    s.gamma = g;
+    CHECK_REJECTS(pl::simpo(v, v, s), pl::option_error, "simpo", "'gamma'");
+  }
+  for (const double w : {-1.0, kNaN}) {
+    pl::OrpoOptions o;
+    o.nll_weight = w;
+    CHECK_REJECTS(pl::orpo(v, v, o), pl::option_error, "orpo", "'nll_weight'");
+  }
+  for (const double k : {-0.01, kNaN}) {
+    pl::BradleyTerryOptions b;
+    b.center_coef = k;
+    CHECK_REJECTS(pl::bradley_terry(v, v, b), pl::option_error, "bradley_terry", "'center_coef'");
+    Tok<double> s(2, 3);
+    s.setZero();
+    CHECK_REJECTS(pl::bradley_terry_ranking(s, b), pl::option_error, "bradley_terry_ranking", "'center_coef'");
+  }
+  for (const double n : {0.0, -3.0, kInf, kNaN}) {
+    pl::NllOptions o;
+    o.normalizer = n;
+    CHECK_REJECTS(pl::nll(v, o), pl::option_error, "nll", "'normalizer'");
+  }
+  pl::IpoOptions i;
+  i.beta = kInf;
+  CHECK_REJECTS(pl::ipo(v, v, v, v, i), pl::option_error, "'beta'", "inf");
+}
