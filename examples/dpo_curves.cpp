@@ -1,4 +1,4 @@
-// dpo_curves — the main demo: DPO and KTO trained on the same 1000 preference pairs
+// dpo_curves — the main demo: DPO, IPO, KTO and SimPO trained on the same 1000 preference pairs
 // from the same reference ("SFT") policy, each curve held against the exact answer.
 //
 // The task (examples/common/task.hpp) is solvable in closed form: for DPO's beta the
@@ -45,12 +45,12 @@ std::vector<double> column(const Run& r, double Snapshot::*field, double scale =
 }  // namespace
 
 int main(int argc, char** argv) {
-  const Args args = parse_args(argc, argv, "dpo_curves", "DPO and KTO on one exactly solvable preference task", 300, 60);
+  const Args args = parse_args(argc, argv, "dpo_curves", "DPO, IPO, KTO and SimPO on one exactly solvable preference task", 300, 60);
   const Stopwatch clock;
   const Experiment e = standard_experiment(args.seed);
   const Task& t = e.task;
 
-  PreferenceConfig cfg;  // beta = 0.1 (DPO, KTO); Adam lr 0.05, 64 pairs a step
+  PreferenceConfig cfg;  // beta = 0.1 (DPO, IPO, KTO), SimPO beta = 2, gamma = 0.5; Adam lr 0.05, 64 pairs a step
   cfg.steps = args.steps;
   cfg.seed = args.seed;
   const Dist ref = reference_dist(t), opt = optimum(t, cfg.beta);
@@ -59,7 +59,10 @@ int main(int argc, char** argv) {
               "and KL(pi_ref||pi*) = %.3f.\n\n",
               describe(e).c_str(), cfg.beta, opt_reward, opt_kl, sft_reward, kl(t, ref, opt));
 
-  std::vector<Run> runs{{Method::dpo, 'o', "#1f77b4", {}}, {Method::kto, '+', "#2ca02c", {}}};
+  std::vector<Run> runs{{Method::dpo, 'o', "#1f77b4", {}},
+                        {Method::ipo, 'x', "#ff7f0e", {}},
+                        {Method::kto, '+', "#2ca02c", {}},
+                        {Method::simpo, '#', "#d62728", {}}};
   for (auto& r : runs) {
     cfg.method = r.method;
     r.curve = train_preference(e, cfg, opt, cfg.beta, args.quick ? 5 : 1);
@@ -117,10 +120,10 @@ int main(int argc, char** argv) {
                 b.margin, b.kl_ref, b.true_reward, b.kl_opt);
   }
   std::printf("%-8s %17s %9s %8s %12.3f %12.3f %12.3f\n", "optimum", "", "", "", opt_kl, opt_reward, 0.0);
-  std::printf("(%ld steps of 64 pairs each, %zu methods, %.2f s)\n\n", args.steps, runs.size(), secs);
+  std::printf("(%ld steps of 64 pairs each, 4 methods, %.2f s)\n\n", args.steps, secs);
 
   // ---- PNG ----------------------------------------------------------------------------------
-  GpFigure fig(fmt("dpo_curves: preference losses on one exactly solvable task (1000 pairs, beta = %g)", cfg.beta), 2, 3, 1380, 800);
+  GpFigure fig(fmt("dpo_curves: four losses on one exactly solvable task (1000 pairs, beta = %g)", cfg.beta), 2, 3, 1380, 800);
   const auto panel = [&](const std::string& title, const std::string& ylabel, const std::string& col, bool key) {
     GpPanel p(title, "step", ylabel);
     for (const auto& r : runs)

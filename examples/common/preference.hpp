@@ -13,21 +13,27 @@
 
 namespace examples {
 
-enum class Method { dpo, kto };
+enum class Method { dpo, ipo, kto, simpo };
 
 inline const char* method_name(Method m) {
   switch (m) {
     case Method::dpo:
       return "DPO";
+    case Method::ipo:
+      return "IPO";
     case Method::kto:
       return "KTO";
+    case Method::simpo:
+      return "SimPO";
   }
   return "?";
 }
 
 struct PreferenceConfig {
   Method method = Method::dpo;
-  double beta = 0.1;          ///< DPO, KTO: the loss's beta (their default 0.1)
+  double beta = 0.1;          ///< DPO, IPO, KTO: the loss's beta (their default 0.1)
+  double simpo_beta = 2.0;    ///< SimPO's beta and gamma (its defaults; SimPO has no reference)
+  double simpo_gamma = 0.5;
   long steps = 300;
   Index batch = 64;           ///< pairs per step (KTO: their 2 * batch completions)
   double lr = 0.05;           ///< Adam on the logits
@@ -38,7 +44,8 @@ struct PreferenceConfig {
 /// prefloss's backward() gives d loss / d token log-prob, the policy chains it through the
 /// log-softmax.
 ///
-/// DPO takes masked sums of token log-probs. KTO sees the pairs as unpaired completions —
+/// DPO and IPO take masked sums of token log-probs (IPO as OpenRLHF does; TRL feeds masked
+/// means), SimPO masked means without a reference. KTO sees the pairs as unpaired completions —
 /// chosen desirable, rejected undesirable, as TRL converts paired data — and estimates its
 /// reference point from mismatched completions: each completion re-scored under the next
 /// example's prompt, over the positions both responses have. Reference values are passed as
@@ -92,11 +99,22 @@ inline double preference_loss(const Task& t, const PreferenceConfig& cfg, const 
     }
     return static_cast<double>(r.loss);
   };
+  if (cfg.method == Method::simpo) {
+    pl::SimpoOptions opt;
+    opt.beta = cfg.simpo_beta;
+    opt.gamma = cfg.simpo_gamma;
+    return finish(pl::simpo(pl::masked_mean(lc, mc), pl::masked_mean(lr, mr), opt));
+  }
   Tokens ref_lc, ref_lr;
   ref.token_logp(pairs.chosen, ref_lc);
   ref.token_logp(pairs.rejected, ref_lr);
   const auto rc = pl::masked_sum(ref_lc, mc);
   const auto rr = pl::masked_sum(ref_lr, mr);
+  if (cfg.method == Method::ipo) {
+    pl::IpoOptions opt;
+    opt.beta = cfg.beta;
+    return finish(pl::ipo(pl::masked_sum(lc, mc), pl::masked_sum(lr, mr), rc, rr, opt));
+  }
   pl::DpoOptions opt;
   opt.beta = cfg.beta;
   return finish(pl::dpo(pl::masked_sum(lc, mc), pl::masked_sum(lr, mr), rc, rr, opt));
