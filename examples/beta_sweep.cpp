@@ -107,13 +107,13 @@ int main(int argc, char** argv) {
     }
   plot.print();
 
-  std::printf("%6s | %26s | %26s | %12s %12s\n", "", "DPO after training", "closed-form optimum pi*", "KL(pi||pi*)", "");
-  std::printf("%6s | %12s %13s | %12s %13s | %12s %12s\n", "beta", "KL(pi||ref)", "true reward", "KL(pi*||ref)", "true reward",
+  std::printf("%6s | %26s | %26s | %16s\n", "", "DPO after training", "closed-form optimum pi*", "KL(pi||pi*)");
+  std::printf("%6s | %12s %13s | %12s %13s | %16s %8s\n", "beta", "KL(pi||ref)", "true reward", "KL(pi*||ref)", "true reward",
               "SFT -> DPO", "J* - J");
   for (const auto& p : points) {
     const Snapshot& s = p.curve.back();
     const double ok = kl(t, p.opt, ref), orw = true_reward(t, p.opt);
-    std::printf("%6g | %12.3f %13.3f | %12.3f %13.3f | %5.2f->%5.3f %12.4f\n", p.beta, s.kl_ref, s.true_reward, ok, orw,
+    std::printf("%6g | %12.3f %13.3f | %12.3f %13.3f | %7.2f -> %6.3f %8.4f\n", p.beta, s.kl_ref, s.true_reward, ok, orw,
                 p.curve.front().kl_opt, s.kl_opt, (orw - p.beta * ok) - (s.true_reward - p.beta * s.kl_ref));
   }
   std::printf("SFT model: true reward %.3f at KL 0. J = E[r] - beta KL(pi||pi_ref); J* - J = beta KL(pi||pi*).\n", sft_reward);
@@ -167,6 +167,6 @@ int main(int argc, char** argv) {
     kls += fmt("%s%.2f", i ? " > " : "", points[i].curve.back().kl_ref);
     if (i && points[i].curve.back().kl_ref >= points[i - 1].curve.back().kl_ref) ordered = false;
   }
-  check.expect(ordered, "smaller beta moves further from the reference, as the optimum does (KL " + kls + ")");
+  check.expect(ordered, "smaller beta, larger KL(pi || pi_ref), as for the optimum (" + kls + ")");
   return check.finish("beta_sweep");
 }

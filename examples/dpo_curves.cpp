@@ -55,8 +55,8 @@ int main(int argc, char** argv) {
   cfg.seed = args.seed;
   const Dist ref = reference_dist(t), opt = optimum(t, cfg.beta);
   const double sft_reward = true_reward(t, ref), opt_reward = true_reward(t, opt), opt_kl = kl(t, opt, ref);
-  std::printf("%s.\nbeta = %g: the optimum pi* has E[r] = %.3f at KL(pi*||pi_ref) = %.3f; the SFT model has E[r] = %.3f\n"
-              "and KL(pi_ref||pi*) = %.3f.\n\n",
+  std::printf("%s.\nbeta = %g: the optimum pi* has E[r] = %.3f at KL(pi*||pi_ref) = %.3f;\n"
+              "the SFT model has E[r] = %.3f and KL(pi_ref||pi*) = %.3f.\n\n",
               describe(e).c_str(), cfg.beta, opt_reward, opt_kl, sft_reward, kl(t, ref, opt));
 
   std::vector<Run> runs{{Method::dpo, 'o', "#1f77b4", {}},

@@ -25,8 +25,8 @@ int main(int argc, char** argv) {
 
   const RewardModel truth = true_reward_model(t);
   const RewardEval best = evaluate(truth, e.heldout);
-  std::printf("%s.\nThe true reward itself scores a held-out loss of %.4f and agrees with %.1f%% of the held-out labels:\n"
-              "no reward model can do better on these labels.\n\n",
+  std::printf("%s.\nThe true reward itself scores a held-out loss of %.4f and agrees with %.1f%% of the held-out\n"
+              "labels: no reward model can do better on these labels.\n\n",
               describe(e).c_str(), best.loss, 100 * best.accuracy);
 
   Table log({"step", "batch_loss", "train_loss", "heldout_loss", "heldout_accuracy", "heldout_label_accuracy",
@@ -74,7 +74,7 @@ int main(int argc, char** argv) {
 
   const std::size_t n = log.rows() - 1;
   const double acc0 = log["heldout_accuracy"][0], acc1 = log["heldout_accuracy"][n];
-  std::printf("\nafter %ld steps (%.2f s): train loss %.4f -> %.4f, held-out loss %.4f -> %.4f (floor %.4f),\n"
+  std::printf("\nafter %ld steps (%.2f s): train loss %.4f -> %.4f, held-out loss %.4f -> %.4f\n(floor %.4f), "
               "held-out accuracy vs true order %.3f -> %.3f, vs labels %.3f (true reward: %.3f)\n\n",
               args.steps, secs, log["train_loss"][0], log["train_loss"][n], log["heldout_loss"][0], log["heldout_loss"][n],
               best.loss, acc0, acc1, log["heldout_label_accuracy"][n], best.accuracy);
