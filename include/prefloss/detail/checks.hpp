@@ -3,6 +3,7 @@
 /// argument or option, the rule and the value seen.
 #pragma once
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -27,6 +28,11 @@ inline std::string fmt(double v) {
 /// Throws option_error("<fn>: option '<name>' must be <rule>, got <value>") unless ok.
 inline void require_option(bool ok, const char* fn, const char* name, const char* rule, double value) {
   if (!ok) throw option_error(std::string(fn) + ": option '" + name + "' must be " + rule + ", got " + fmt(value));
+}
+
+/// Every loss's beta (inverse temperature): positive and finite.
+inline void require_beta(const char* fn, double beta) {
+  require_option(beta > 0 && beta < HUGE_VAL, fn, "beta", "> 0 and finite", beta);
 }
 
 /// Throws option_error for an enum value outside its declared set.

@@ -48,7 +48,7 @@ auto dpo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref
   detail::require_same_scalar<C, RC>();
   detail::require_same_scalar<C, RR>();
   using S = typename sequence_t<C>::Scalar;
-  detail::require_option(opt.beta > 0, fn, "beta", "> 0", opt.beta);
+  detail::require_beta(fn, opt.beta);
   detail::require_option(opt.label_smoothing >= 0 && opt.label_smoothing < 0.5, fn, "label_smoothing", "in [0, 0.5)",
                          opt.label_smoothing);
   detail::require_enum(opt.variant == DpoVariant::sigmoid || opt.variant == DpoVariant::robust ||

@@ -42,7 +42,7 @@ auto ipo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref
   detail::require_same_scalar<C, RC>();
   detail::require_same_scalar<C, RR>();
   using S = typename sequence_t<C>::Scalar;
-  detail::require_option(opt.beta > 0 && std::isfinite(opt.beta), fn, "beta", "> 0 and finite", opt.beta);
+  detail::require_beta(fn, opt.beta);
   auto c = as_sequence(chosen);
   auto r = as_sequence(rejected);
   const auto rc = as_sequence(ref_chosen);

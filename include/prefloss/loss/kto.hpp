@@ -90,7 +90,7 @@ auto kto(const P& policy, const R& ref, const D& desirable, const KP& kl_policy,
                 "prefloss: kto's 'desirable' must hold bool or uint8_t");
   using S = typename sequence_t<P>::Scalar;
 
-  detail::require_option(opt.beta > 0 && std::isfinite(opt.beta), fn, "beta", "> 0 and finite", opt.beta);
+  detail::require_beta(fn, opt.beta);
   detail::require_option(opt.desirable_weight >= 0 && std::isfinite(opt.desirable_weight), fn, "desirable_weight",
                          ">= 0 and finite", opt.desirable_weight);
   detail::require_option(opt.undesirable_weight >= 0 && std::isfinite(opt.undesirable_weight), fn,

@@ -55,7 +55,7 @@ auto orpo(const C& chosen, const R& rejected, const OrpoOptions& opt = {}) {
   constexpr const char* fn = "orpo";
   detail::require_same_scalar<C, R>();
   using S = typename sequence_t<C>::Scalar;
-  detail::require_option(opt.beta > 0 && std::isfinite(opt.beta), fn, "beta", "> 0 and finite", opt.beta);
+  detail::require_beta(fn, opt.beta);
   detail::require_option(opt.nll_weight >= 0 && std::isfinite(opt.nll_weight), fn, "nll_weight", ">= 0 and finite",
                          opt.nll_weight);
   auto c = as_sequence(chosen);

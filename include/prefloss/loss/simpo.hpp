@@ -39,7 +39,7 @@ auto simpo(const C& chosen, const R& rejected, const SimpoOptions& opt = {}) {
   constexpr const char* fn = "simpo";
   detail::require_same_scalar<C, R>();
   using S = typename sequence_t<C>::Scalar;
-  detail::require_option(opt.beta > 0 && std::isfinite(opt.beta), fn, "beta", "> 0 and finite", opt.beta);
+  detail::require_beta(fn, opt.beta);
   detail::require_option(opt.gamma >= 0 && std::isfinite(opt.gamma), fn, "gamma", ">= 0 and finite", opt.gamma);
   detail::require_option(opt.label_smoothing >= 0 && opt.label_smoothing < 0.5, fn, "label_smoothing", "in [0, 0.5)",
                          opt.label_smoothing);
