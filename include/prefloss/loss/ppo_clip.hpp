@@ -78,7 +78,7 @@ struct PpoKernel {
   S lo, hi;         // 1 - eps_low, 1 + eps_high
   S c;              // dual clip constant (unused when !dual)
   S clamp;          // log-ratio clamp (+inf: off)
-  bool dual;
+  S dual_below;     // 0 with dual clip, -inf without
   S kl_coef;
   KlParams<S> kl;
 
@@ -89,13 +89,14 @@ struct PpoKernel {
     const B lp = x[0], A = x[2];
     const B d = lp - x[1];
     const B dc = xsimd::min(xsimd::max(d, B(-clamp)), B(clamp));
-    const B r = detail::exp(dc);
+    const B r = exp_ratio(dc);
     const B na = -A;
     const B l1 = na * r;                                          // -A r
     const B rc = xsimd::min(xsimd::max(r, B(lo)), B(hi));
     const B l2 = na * rc;                                         // -A clip(r, lo, hi)
     const B m = xsimd::max(l1, l2);
-    const auto neg = (A < zero) & batch_bool<S>(dual);
+    // A < 0 with dual clip on; dual_below = -inf when off (no lane is below it, NaN included).
+    const auto neg = A < B(dual_below);
     const B l3 = na * B(c);                                       // -A c
     B loss = xsimd::select(neg, xsimd::min(l3, m), m);
     B grad = zero;
@@ -141,7 +142,7 @@ struct PpoParams {
       k.hi = hi;
       k.c = c;
       k.clamp = clamp;
-      k.dual = dual;
+      k.dual_below = dual ? S(0) : -std::numeric_limits<S>::infinity();
       k.kl_coef = kl_coef;
       k.kl = kl;
       f(k);

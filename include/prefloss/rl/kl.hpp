@@ -76,7 +76,7 @@ inline ValueGrad<batch<S>> kl_token(const batch<S>& logp, const batch<S>& ref, c
   } else {
     const B x = ref - logp;
     const B xc = xsimd::min(xsimd::max(x, B(-p.x_clamp)), B(p.x_clamp));
-    const B e = detail::exp(xc);
+    const B e = exp_ratio(xc);
     const B kld = (e - xc) - B(S(1));
     const B value = xsimd::min(xsimd::max(kld, B(-p.value_clamp)), B(p.value_clamp));
     const auto pass = (x >= B(-p.x_clamp)) & (x <= B(p.x_clamp)) & (kld >= B(-p.value_clamp)) &
