@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 // GCC 12's AVX-512 intrinsics read a self-initialised dummy (`__m512 __Y = __Y;`) and warn
@@ -108,18 +109,150 @@ inline xsimd::batch_bool<T, A> load_byte_mask(const M* m) noexcept {
   }
 }
 
-/// exp(x) for a batch, down to the true underflow. xsimd 8.1 returns 0 below log(FLT_MIN)
-/// (-88.4f / -708.4) although exp(x) is still a positive subnormal until about -103.9f /
-/// -745.1; logsigmoid's tail -exp(-x) must not vanish early. Shifting by 64 is exact for x in
-/// that window, and the final scaling by 2^-64 rounds once.
+/// 1/n! for n = 2 .. 8 (float) / 2 .. 14 (double): exp(r) - 1 - r = r^2 q(r) on |r| <= log(2)/2,
+/// truncated where the remainder is below 0.01 ULP.
+template <class T>
+inline constexpr T exp_taylor[sizeof(T) == 4 ? 7 : 13] = {};
+template <>
+inline constexpr float exp_taylor<float>[7] = {1.f / 2,   1.f / 6,    1.f / 24,   1.f / 120,
+                                               1.f / 720, 1.f / 5040, 1.f / 40320};
+template <>
+inline constexpr double exp_taylor<double>[13] = {
+    1. / 2,      1. / 6,       1. / 24,       1. / 120,       1. / 720,        1. / 5040,       1. / 40320,
+    1. / 362880, 1. / 3628800, 1. / 39916800, 1. / 479001600, 1. / 6227020800, 1. / 87178291200};
+
+/// log(2) = ln2_hi + ln2_lo, ln2_hi with few enough bits that k * ln2_hi is exact for every k an
+/// exp reduction meets: float 15 significant bits (|k| <= 150 needs 8), double 32 (|k| <= 1076).
+template <class T>
+inline constexpr T ln2_hi = sizeof(T) == 4 ? T(0.693145751953125) : T(6.93147180369123816490e-01);
+template <class T>
+inline constexpr T ln2_lo = sizeof(T) == 4 ? T(1.428606765330187045e-06) : T(1.90821492927058770002e-10);
+
+/// q(r) with exp(r) = 1 + r + r^2 q(r), for |r| <= log(2)/2 (Horner over exp_taylor).
+template <class T, class A>
+inline xsimd::batch<T, A> exp_q(const xsimd::batch<T, A>& r) noexcept {
+  using B = xsimd::batch<T, A>;
+  constexpr auto& c = exp_taylor<T>;
+  constexpr std::size_t nc = sizeof(c) / sizeof(c[0]);
+  B q = B(c[nc - 1]);
+  for (std::size_t i = nc - 1; i-- > 0;) q = xsimd::fma(q, r, B(c[i]));
+  return q;
+}
+
+/// An unevaluated sum hi + lo, |lo| <= ULP(hi) / 2 (lo may be 0).
+template <class B>
+struct HiLo {
+  B hi, lo;
+};
+
+/// exp(x) for a batch as hi + lo: hi is exp(x) to <= 0.77 ULP (the last rounding included) and
+/// hi + lo is exp(x) to about 0.25 ULP of hi, for callers such as sigmoid whose own formula
+/// would double hi's rounding error. lo is 0 where hi is subnormal.
+///
+/// Not xsimd::exp, which in 8.1 (a) returns 0 below log(FLT_MIN) (-88.4f / -708.4) although
+/// exp(x) is a positive subnormal down to about -103.9f / -745.1 (logsigmoid's tail -exp(-x)
+/// must not vanish early), (b) in float already gives 0 from -87.68f on (its ldexp builds 2^k
+/// from exponent bits, so 2^-127 is 0), and (c) is off by up to 1.52 ULP in float (0.88 in
+/// double), which the functions built on it turn into more than 2 ULP.
+///
+/// x = k log(2) + r with |r| <= log(2)/2 and log(2) split so that k * hi is exact and r_hi =
+/// x - k * hi is exact (Sterbenz); exp(r) = 1 + r_hi + (r_lo + r^2 q(r)) with 1 + r_hi kept
+/// as an exact sum, and the last add split exactly into hi + lo (Fast2Sum). The scaling by 2^k
+/// goes in two halves, each 2^(k/2) normal: the first product is exact, the second rounds once,
+/// also into the subnormal range. Inputs are clamped to where exp underflows to 0 / overflows
+/// to inf (which keeps k in range); NaN is passed through.
+template <class T, class A>
+inline HiLo<xsimd::batch<T, A>> exp_hilo(const xsimd::batch<T, A>& x) noexcept {
+  using B = xsimd::batch<T, A>;
+  constexpr bool is_f = sizeof(T) == 4;
+  constexpr T lo = is_f ? T(-104) : T(-746), hi = is_f ? T(89) : T(710);
+  constexpr T inv_ln2 = T(1.44269504088896340735992468100189214);
+
+  const B xc = xsimd::min(xsimd::max(x, B(lo)), B(hi));
+  const B k = xsimd::nearbyint(xc * B(inv_ln2));
+  const B r_hi = xsimd::fnma(k, B(ln2_hi<T>), xc);  // exact
+  const B r_lo = -(k * B(ln2_lo<T>));
+  const B r = r_hi + r_lo;
+  const B h = B(T(1)) + r_hi;
+  const B l = (B(T(1)) - h) + r_hi;  // 1 + r_hi = h + l exactly (|r_hi| < 1)
+  const B t = l + xsimd::fma(r * r, exp_q(r), r_lo);
+  const B m = h + t;
+  const B m_lo = (h - m) + t;  // |h| > |t|
+  B e, e_lo;
+  if (xsimd::all(k >= B(T(std::numeric_limits<T>::min_exponent - 1)))) {  // 2^k normal: exact scaling
+    const auto i = xsimd::to_int(k);
+    e = xsimd::ldexp(m, i);
+    e_lo = xsimd::ldexp(m_lo, i);
+  } else {
+    const B k1 = xsimd::floor(k * B(T(0.5)));
+    const auto i1 = xsimd::to_int(k1), i2 = xsimd::to_int(k - k1);
+    e = xsimd::ldexp(xsimd::ldexp(m, i1), i2);
+    // Where e is subnormal its own rounding dominates and a rounded e_lo would only add error.
+    e_lo = xsimd::select(e < B(std::numeric_limits<T>::min()), B(T(0)), xsimd::ldexp(xsimd::ldexp(m_lo, i1), i2));
+  }
+  // (xsimd 8.1: x != x is false for NaN on AVX-512; isnan is right everywhere)
+  return {xsimd::select(xsimd::isnan(x), x, e), e_lo};
+}
+
+/// exp(x) for a batch, <= 0.77 ULP, down to the true underflow (see exp_hilo).
 template <class T, class A>
 inline xsimd::batch<T, A> exp(const xsimd::batch<T, A>& x) noexcept {
+  return exp_hilo(x).hi;
+}
+
+/// log1p(e.hi + e.lo) for 0 <= e <= 1: log1p(e.hi) + e.lo / (1 + e.hi) (the second-order
+/// term is below 2^-40 ULP), with 1 / (1 + e) replaced by 1 - 0.9 e + 0.4 e^2, within 4% on
+/// [0, 1]: e.lo is at most half an ULP of e, so that costs < 0.02 ULP and saves a division.
+template <class T, class A>
+inline xsimd::batch<T, A> log1p_hilo(const HiLo<xsimd::batch<T, A>>& e) noexcept {
   using B = xsimd::batch<T, A>;
-  constexpr T min_normal_log = sizeof(T) == 4 ? T(-88.3762626647949) : T(-708.3964185322641);
-  const auto low = x <= B(min_normal_log);
-  if (xsimd::none(low)) return xsimd::exp(x);
-  const B shifted = xsimd::exp(xsimd::select(low, x + B(T(64)), x));
-  return xsimd::select(low, shifted * B(T(5.421010862427522e-20)), shifted);  // 2^-64
+  const B inv = xsimd::fma(e.hi, xsimd::fma(e.hi, B(T(0.4)), B(T(-0.9))), B(T(1)));
+  return xsimd::fma(e.lo, inv, xsimd::log1p(e.hi));
+}
+
+/// Whether xsimd::fma / fnma round once on A. xsimd 8.1 has native kernels for the fma3 / fma4
+/// architectures; on AVX-512 it falls back to x * y + z, fused only if the compiler contracts
+/// it (GCC does in gnu++ modes, not under -std=c++17), so fnma_exact uses intrinsics there.
+template <class A>
+inline constexpr bool has_fma =
+    std::is_base_of_v<xsimd::fma3<xsimd::sse4_2>, A> || std::is_base_of_v<xsimd::fma3<xsimd::avx>, A> ||
+    std::is_base_of_v<xsimd::fma3<xsimd::avx2>, A> || std::is_base_of_v<xsimd::fma4, A> ||
+    std::is_base_of_v<xsimd::avx512f, A>;
+
+/// z - x * y rounded once, on architectures with has_fma<A>.
+template <class T, class A>
+inline xsimd::batch<T, A> fnma_exact(const xsimd::batch<T, A>& x, const xsimd::batch<T, A>& y,
+                                     const xsimd::batch<T, A>& z) noexcept {
+  static_assert(has_fma<A>, "fnma_exact needs a fused multiply-add");
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
+    if constexpr (sizeof(T) == 4) {
+      return _mm512_fnmadd_ps(x, y, z);
+    } else {
+      return _mm512_fnmadd_pd(x, y, z);
+    }
+  } else
+#endif
+  {
+    return xsimd::fnma(x, y, z);
+  }
+}
+
+/// log(x) for a batch. xsimd 8.1's double log reads the exponent of a subnormal input before
+/// rescaling it, so it is off by a multiple of log(2) there; rescale such lanes by 2^54 first
+/// and take 54 log(2) back off in two exact-then-rounded steps. float's log is unaffected.
+template <class T, class A>
+inline xsimd::batch<T, A> log(const xsimd::batch<T, A>& x) noexcept {
+  using B = xsimd::batch<T, A>;
+  if constexpr (sizeof(T) == 8) {
+    const auto sub = (x < B(T(2.2250738585072014e-308))) && (x > B(T(0)));
+    if (xsimd::any(sub)) {
+      const B r = xsimd::log(xsimd::select(sub, x * B(T(18014398509481984.0)), x));  // 2^54
+      // 54 * ln2_hi has 38 significant bits and r is in [-708, -671], so r - 54 ln2_hi is exact.
+      return xsimd::select(sub, (r - B(T(54) * ln2_hi<T>)) - B(T(54) * ln2_lo<T>), r);
+    }
+  }
+  return xsimd::log(x);
 }
 
 }  // namespace prefloss::detail

@@ -24,7 +24,8 @@ inline float softplus(float x) noexcept { return static_cast<float>(softplus(sta
 template <class T, class A>
 inline xsimd::batch<T, A> softplus(const xsimd::batch<T, A>& x) noexcept {
   using B = xsimd::batch<T, A>;
-  return xsimd::max(x, B(T(0))) + xsimd::log1p(detail::exp(-xsimd::abs(x)));
+  const auto e = detail::exp_hilo(-xsimd::abs(x));
+  return xsimd::max(x, B(T(0))) + detail::log1p_hilo(e);
 }
 
 /// @brief y[i] = softplus(x[i]) for i < n; any alignment, any n, x == y allowed.
