@@ -354,8 +354,11 @@ class ConsoleReporter : public benchmark::ConsoleReporter {
       auto it = r.counters.find("roofline");
       if (it != r.counters.end()) it->second.flags = benchmark::Counter::kDefaults;
       auto tok = r.counters.find("tokens");
-      if (tok != r.counters.end() && tok->second.value > 0)
-        r.counters["ns/token"] = benchmark::Counter(1e9 / tok->second.value);
+      const bool rate_like = r.run_type == Run::RT_Iteration || r.aggregate_name == "mean" || r.aggregate_name == "median";
+      if (tok != r.counters.end())  // (NaN for stddev/cv rows, whose "tokens" is not a rate)
+        r.counters["ns/token"] = benchmark::Counter(rate_like && tok->second.value > 0
+                                                        ? 1e9 / tok->second.value
+                                                        : std::numeric_limits<double>::quiet_NaN());
     }
     benchmark::ConsoleReporter::ReportRuns(fixed);
   }
