@@ -136,6 +136,56 @@ def _masked_mean_backward(m, n):
     return lambda: (up / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1) * mask
 
 
+def _grad_leaf(t):
+    return t.clone().requires_grad_(True)
+
+
+@workload(r"dpo_fwd_bwd/" + _RED)
+def _dpo(m, n):
+    # TRL dpo_loss (sigmoid, beta 0.1) on (logp * mask).sum(-1) with float masks, then autograd
+    # for d loss / d logp of both sides: its fastest eager form (autograd.grad, no accumulation).
+    lc, mc, _ = _tokens(m, n, 31)
+    lr, mr, _ = _tokens(m, n, 32)
+    lc, lr = _grad_leaf(lc), _grad_leaf(lr)
+    batch, dt = int(m["batch"]), _dtype(m["tok"])
+    rc, rr = _uniform(batch, -500, -100, dt, 33), _uniform(batch, -500, -100, dt, 34)
+    beta = 0.1
+
+    def step():
+        sc, sr = (lc * mc).sum(-1), (lr * mr).sum(-1)
+        logits = (sc - sr) - (rc - rr)
+        loss = -F.logsigmoid(beta * logits).mean()
+        with torch.no_grad():  # the metrics TRL logs
+            cr, rj = beta * (sc - rc), beta * (sr - rr)
+            _ = (cr > rj).float().mean(), (cr - rj).mean()
+        return torch.autograd.grad(loss, [lc, lr])
+    return step
+
+
+@workload(r"ppo_(fwd_bwd|fused)/" + _RED)
+def _ppo(m, n):
+    # verl compute_policy_loss_vanilla (clip 0.2/0.2, log-ratio clamp 20, no dual clip) with
+    # agg_loss token-mean and its logged metrics (pg_clipfrac, ppo_kl), then autograd d/d logp.
+    logp, mask, _ = _tokens(m, n, 41)
+    shape, dt = logp.shape, logp.dtype
+    old = (logp + _uniform(shape, -0.3, 0.3, dt, 43)).detach()
+    adv = _uniform(shape, -2, 2, dt, 42)
+    logp = _grad_leaf(logp)
+
+    def step():
+        neg_kl = torch.clamp(logp - old, -20.0, 20.0)
+        ratio = torch.exp(neg_kl)
+        l1 = -adv * ratio
+        l2 = -adv * torch.clamp(ratio, 0.8, 1.2)
+        pg = torch.maximum(l1, l2)
+        denom = mask.sum()
+        loss = (pg * mask).sum() / denom
+        with torch.no_grad():
+            _ = (torch.gt(l2, l1).float() * mask).sum() / denom, (-neg_kl * mask).sum() / denom
+        return torch.autograd.grad(loss, [logp])
+    return step
+
+
 def find_workload(kernel):
     for rx, factory in WORKLOADS:
         m = rx.match(kernel)
@@ -250,6 +300,15 @@ def goal_checks(rows, stream):
         if dram:
             out.append(f"{kernel} roofline fraction at >= 64 MiB of tokens (goal >= 0.80): " +
                        ", ".join(f"{f:.2f} at {n}" for n, f in dram))
+    for kernel, goal, floor in (("dpo_fwd_bwd/f32_u8/B256", 2.5, 0.8), ("ppo_fused/f32_u8/B256", 20.0, 0.8),
+                                ("ppo_fwd_bwd/f32_u8/B256", 20.0, 0.8)):
+        n = 256 * 8192
+        r = rows.get((kernel, n))
+        if r:
+            vs = (f"{r['torch1'] / r['sec']:.1f}x PyTorch eager 1 thread (goal >= {goal:g}x)"
+                  if isinstance(r.get("torch1"), float) else "PyTorch n/a")
+            roof = f"{r['roofline']:.2f}" if r["roofline"] is not None else "n/a"
+            out.append(f"{kernel} at 256 x 8192 tokens: roofline {roof} (goal >= {floor}), {vs}")
     for kernel in ("masked_sum/f32_u8/B64", "log_sigmoid/f32/array", "masked_sum_backward/f32_u8/B64"):
         pts = [(n, rows[(kernel, n)]["sec"] / n * 1e9) for n in sizes if (kernel, n) in rows and 1e5 / 2 <= n <= 1e8]
         if len(pts) >= 2:
