@@ -182,3 +182,16 @@ TEST_CASE("shape mismatches throw shape_error naming the argument; nothing is wr
   }
   CHECK(base != nullptr);
 }
+
+TEST_CASE("a NaN weight selects its token on every instruction set, as the scalar rule does", "[reduce]") {
+  // 40 tokens: SIMD body and scalar tail both see a NaN weight.
+  Tok<float> x(1, 40);
+  x.setConstant(-1.f);
+  Tok<float> w(1, 40);
+  w.setZero();
+  w(0, 3) = std::numeric_limits<float>::quiet_NaN();
+  CHECK(std::isnan(pl::masked_sum(x, w).eval()(0)));
+  w(0, 3) = 0.f;
+  w(0, 39) = std::numeric_limits<float>::quiet_NaN();
+  CHECK(std::isnan(pl::masked_sum(x, w).eval()(0)));
+}

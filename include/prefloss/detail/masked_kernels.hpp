@@ -36,7 +36,9 @@ inline MaskLanes<S, M> load_mask(const M* m) noexcept {
     return {load_byte_mask<S, arch>(m), batch<S>(S(1))};
   } else {
     const batch<S> w = load_u<S, arch>(m);
-    return {w != batch<S>(S(0)), w};
+    // !(w == 0), not w != 0: xsimd 8.1's AVX-512 != is an ordered compare, false for NaN,
+    // while SSE/AVX and the scalar tail count a NaN weight as selected.
+    return {!(w == batch<S>(S(0))), w};
   }
 }
 
