@@ -1,5 +1,5 @@
 // Heap allocations of ppo_clip / value_loss with caller-provided outputs must not grow with the
-// number of tokens: global operator new is counted around the calls, T = 64 vs T = 65536.
+// number of tokens: every heap allocation is counted around the calls, T = 64 vs T = 65536.
 #include <prefloss/prefloss.hpp>
 
 #include <catch2/catch.hpp>
@@ -20,8 +20,9 @@ void note(std::size_t n) {
 }
 }  // namespace
 
-// Eigen::Tensor storage comes from std::malloc, not operator new: on glibc without a sanitizer
-// (which owns malloc itself) malloc is interposed as well, so every heap byte is seen.
+// Eigen::Tensor storage comes from std::malloc, not operator new, so every heap byte must be
+// seen: under AddressSanitizer through its allocation hooks (it owns malloc and operator new);
+// otherwise by replacing operator new and, on glibc, interposing malloc as well.
 #if defined(__has_feature)
 #if __has_feature(address_sanitizer)
 #define PREFLOSS_TEST_ASAN 1
@@ -30,7 +31,18 @@ void note(std::size_t n) {
 #if defined(__SANITIZE_ADDRESS__)
 #define PREFLOSS_TEST_ASAN 1
 #endif
-#if defined(__GLIBC__) && !defined(PREFLOSS_TEST_ASAN)
+
+#if defined(PREFLOSS_TEST_ASAN)
+// From <sanitizer/allocator_interface.h> (not always installed), part of the sanitizer runtime ABI.
+extern "C" int __sanitizer_install_malloc_and_free_hooks(void (*malloc_hook)(const volatile void*, std::size_t),
+                                                         void (*free_hook)(const volatile void*));
+namespace {
+void on_malloc(const volatile void*, std::size_t n) { note(n); }
+void on_free(const volatile void*) {}
+[[maybe_unused]] const int hooks_installed = __sanitizer_install_malloc_and_free_hooks(on_malloc, on_free);
+}  // namespace
+#else
+#if defined(__GLIBC__)
 #define PREFLOSS_TEST_MALLOC_HOOK 1
 extern "C" void* __libc_malloc(std::size_t);
 extern "C" void* malloc(std::size_t n) {
@@ -51,6 +63,7 @@ void operator delete(void* p) noexcept { std::free(p); }
 void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+#endif
 
 namespace pl = prefloss;
 template <class T>
