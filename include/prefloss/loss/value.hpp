@@ -21,7 +21,8 @@ namespace prefloss {
 /// Options of value_loss(). Aggregation fields as in PpoOptions.
 struct ValueOptions {
   /// >= 0: eps, the prediction is clipped to [old_values - eps, old_values + eps] (verl's
-  /// cliprange_value, OpenRLHF's value_clip). std::nullopt: no clipping, l = (v - R)^2 / 2.
+  /// cliprange_value, OpenRLHF's value_clip). The default 0.2 is OpenRLHF's; verl's critic
+  /// config defaults to 0.5. std::nullopt: no clipping, l = (v - R)^2 / 2.
   std::optional<double> clip = 0.2;
   Aggregation aggregation = Aggregation::token_mean;
   std::optional<double> token_count;     ///< token_mean: global normaliser (see PpoOptions)
