@@ -98,21 +98,23 @@ decltype(auto) with_kl_estimator(KlEstimator k, F&& f) {
   }
 }
 
-template <KlEstimator K, class S, class M>
+/// Streams the estimates (and, with Grad, their derivatives); Grad is a template argument for
+/// the reason PpoKernel's AddKl is.
+template <KlEstimator K, bool Grad, class S, class M>
 void kl_rows(const Matrix<S>& lp, const Matrix<S>& ref, const Matrix<M>& mask, const KlParams<S>& p, S* out,
              S* grad) noexcept {
   constexpr Index W = static_cast<Index>(lanes<S>);
   using B = batch<S>;
   const B zero(S(0));
-  const auto step = [&](const S* x, const S* r, const M* m, S* o, S* g) {
+  const auto step = [&](const S* x, const S* r, const M* m, S* o, S* g) PREFLOSS_DETAIL_ALWAYS_INLINE {
     const auto ml = load_mask_lanes<S>(m);
     const auto k = kl_token<K, S>(load_u<S, arch>(x), load_u<S, arch>(r), p);
     store_u(o, xsimd::select(ml.sel, k.value, zero));
-    if (g) store_u(g, xsimd::select(ml.sel, k.grad, zero));
+    if constexpr (Grad) store_u(g, xsimd::select(ml.sel, k.grad, zero));
   };
   const Index n = lp.rows * lp.cols;  // rows are contiguous: stream the whole matrix
   Index t = 0;
-  for (; t + W <= n; t += W) step(lp.data + t, ref.data + t, mask.data + t, out + t, grad ? grad + t : nullptr);
+  for (; t + W <= n; t += W) step(lp.data + t, ref.data + t, mask.data + t, out + t, Grad ? grad + t : nullptr);
   if (t < n) {
     const std::size_t r = static_cast<std::size_t>(n - t);
     alignas(64) S xb[lanes<S>] = {}, rb[lanes<S>] = {}, ob[lanes<S>], gb[lanes<S>];
@@ -120,9 +122,9 @@ void kl_rows(const Matrix<S>& lp, const Matrix<S>& ref, const Matrix<M>& mask, c
     std::memcpy(xb, lp.data + t, r * sizeof(S));
     std::memcpy(rb, ref.data + t, r * sizeof(S));
     std::memcpy(mb, mask.data + t, r * sizeof(M));
-    step(xb, rb, mb, ob, grad ? gb : nullptr);
+    step(xb, rb, mb, ob, gb);
     std::memcpy(out + t, ob, r * sizeof(S));
-    if (grad) std::memcpy(grad + t, gb, r * sizeof(S));
+    if constexpr (Grad) std::memcpy(grad + t, gb, r * sizeof(S));
   }
 }
 
@@ -147,7 +149,12 @@ void kl_estimate_impl(const LP& logp, const RF& ref_logp, const MK& mask, const 
     g = matrix_out(*grad, lp.rows, lp.cols, fn, "grad_out").data;
   }
   const auto p = kl_params<S>(opt.k3_log_ratio_clamp, opt.k3_clamp);
-  with_kl_estimator(opt.estimator, [&](auto k) { kl_rows<decltype(k)::value>(lp, rf, mk, p, o.data, g); });
+  with_kl_estimator(opt.estimator, [&](auto k) {
+    if (g)
+      kl_rows<decltype(k)::value, true>(lp, rf, mk, p, o.data, g);
+    else
+      kl_rows<decltype(k)::value, false>(lp, rf, mk, p, o.data, g);
+  });
 }
 
 }  // namespace detail
