@@ -333,6 +333,7 @@ def main():
     ap.add_argument("--torch-reps", type=int, default=7, help="PyTorch samples; the best is kept (default 7)")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
     ap.add_argument("--json", help="also write the joined rows to this file")
+    ap.add_argument("--plot", help="also draw throughput against size to this PNG (needs gnuplot)")
     a = ap.parse_args()
 
     binaries = a.bench or sorted(p for p in glob.glob(os.path.join(a.build, "bench", "bench_*"))
@@ -410,6 +411,53 @@ def main():
         with open(a.json, "w") as f:
             json.dump({"streams": streams, "rows": [dict(kernel=k, size=n, **v) for (k, n), v in sorted(rows.items())]},
                       f, indent=1)
+    if a.plot:
+        plot(rows, streams, a.plot)
+
+
+PLOT_KERNELS = [  # (kernel, label): the main kernels of the README plot
+    ("masked_sum/f32_u8/B64", "masked\\_sum f32+u8"),
+    ("masked_sum_backward/f32_u8/B64", "masked\\_sum backward"),
+    ("log_sigmoid/f32/array", "log\\_sigmoid f32 array"),
+    ("dpo_fwd_bwd/f32_u8/B256", "DPO fwd+bwd"),
+    ("ppo_fused/f32_u8/B256", "PPO-clip fused fwd+bwd"),
+]
+
+
+def plot(rows, streams, path):
+    """Floor bytes/s against elements per call for PLOT_KERNELS, the streaming-read roofline drawn
+    as a horizontal line; gnuplot's pngcairo terminal."""
+    import shutil
+    import tempfile
+    if not shutil.which("gnuplot"):
+        print("--plot: gnuplot not found (apt-get install gnuplot-nox); no picture", file=sys.stderr)
+        return
+    roof = max(streams.values()) / 1e9
+    with tempfile.TemporaryDirectory() as tmp:
+        series = []
+        for kernel, label in PLOT_KERNELS:
+            pts = sorted((n, r["bytes_per_s"] / 1e9) for (k, n), r in rows.items() if k == kernel and r["bytes_per_s"])
+            if not pts:
+                continue
+            f = os.path.join(tmp, f"s{len(series)}.dat")
+            with open(f, "w") as fh:
+                fh.writelines(f"{n} {v}\n" for n, v in pts)
+            series.append((f, label))
+        if not series:
+            print("--plot: none of the plotted kernels ran", file=sys.stderr)
+            return
+        cmds = [
+            "set terminal pngcairo size 1000,600 font ',11'",
+            f"set output '{path}'",
+            "set logscale x", "set format x '10^{%L}'", "set grid",
+            "set xlabel 'elements (tokens) per call'", "set ylabel 'GB/s (bytes that must move)'",
+            "set key outside right top", "set yrange [0:*]",
+            "set title 'prefloss throughput against size, one thread'",
+            "plot " + ", ".join([f"'{f}' using 1:2 with linespoints lw 2 title '{lab}'" for f, lab in series] +
+                                [f"{roof} with lines dt 2 lw 2 lc 'black' title 'streaming read ({roof:.1f} GB/s)'"]),
+        ]
+        subprocess.run(["gnuplot"], input="\n".join(cmds) + "\n", text=True, check=True)
+    print(f"plot: {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
