@@ -15,6 +15,7 @@
 #include "../config.hpp"
 #include "../errors.hpp"
 #include "../reduce/sequence.hpp"
+#include "../math/log_sigmoid.hpp"
 #include "checks.hpp"
 #include "tensor.hpp"
 
@@ -116,16 +117,18 @@ PairwiseResult<Metrics, SeqC, SeqR> pairwise_loss(const char* fn, SeqC c, SeqR r
   return out;
 }
 
-/// TRL's reward metrics from the per-example rewards beta * u.
+/// TRL's reward metrics from per-example values u: the rewards are scale * u.
 template <class S>
-PreferenceMetrics<S> preference_metrics(const std::vector<double>& reward_c, const std::vector<double>& reward_r) {
+PreferenceMetrics<S> preference_metrics(const std::vector<double>& u_c, const std::vector<double>& u_r,
+                                        double scale = 1.0) {
   PreferenceMetrics<S> m;
-  const double n = static_cast<double>(reward_c.size());
+  const double n = static_cast<double>(u_c.size());
   double rc = 0, rr = 0, acc = 0;
-  for (std::size_t i = 0; i < reward_c.size(); ++i) {
-    rc += reward_c[i];
-    rr += reward_r[i];
-    acc += reward_c[i] > reward_r[i] ? 1.0 : 0.0;
+  for (std::size_t i = 0; i < u_c.size(); ++i) {
+    const double wc = scale * u_c[i], wr = scale * u_r[i];
+    rc += wc;
+    rr += wr;
+    acc += wc > wr ? 1.0 : 0.0;
   }
   m.reward_chosen = static_cast<S>(rc / n);
   m.reward_rejected = static_cast<S>(rr / n);
@@ -134,10 +137,64 @@ PreferenceMetrics<S> preference_metrics(const std::vector<double>& reward_c, con
   return m;
 }
 
+/// -(1-e) logsig(z) - e logsig(-z) and its derivative in z: the label-smoothed logistic loss of
+/// cDPO and SimPO. d logsig(z)/dz = sig(-z); d logsig(-z)/dz = -sig(z).
+struct ValueSlope {
+  double value, slope;
+};
+inline ValueSlope smoothed_logistic(double z, double e) noexcept {
+  const auto pos = log_sigmoid_and_grad(z);
+  const auto neg = log_sigmoid_and_grad(-z);
+  return {-(1 - e) * pos.value - e * neg.value, -(1 - e) * pos.grad + e * neg.grad};
+}
+
 template <class A, class B>
 constexpr void require_same_scalar() {
   static_assert(std::is_same_v<typename sequence_t<A>::Scalar, typename sequence_t<B>::Scalar>,
                 "prefloss: all sequence inputs of a loss must share one scalar type (float or double)");
+}
+
+/// The two policy sequence inputs of a pairwise loss, checked (one scalar type, one batch, not
+/// empty), and their values in double.
+template <class SeqC, class SeqR>
+struct PairInputs {
+  SeqC chosen;
+  SeqR rejected;
+  std::vector<double> uc, ur;  ///< policy values, minus the reference values when there are any
+};
+
+template <class C, class R>
+auto pair_inputs(const char* fn, const C& chosen, const R& rejected) {
+  require_same_scalar<C, R>();
+  auto c = as_sequence(chosen);
+  auto r = as_sequence(rejected);
+  require_batch(fn, "rejected", r, c.size(), c.shape());
+  require_nonempty(fn, "chosen", c.size());
+  std::vector<double> uc = values_of(c), ur = values_of(r);
+  return PairInputs<sequence_t<C>, sequence_t<R>>{std::move(c), std::move(r), std::move(uc), std::move(ur)};
+}
+
+/// The same with reference values: uc = s_c - rho_c, ur = s_r - rho_r (rho = 0 when
+/// reference_free; the references are still checked). All checks run before any value is read.
+template <class C, class R, class RC, class RR>
+auto pair_inputs(const char* fn, const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected,
+                 bool reference_free) {
+  require_same_scalar<C, RC>();
+  require_same_scalar<C, RR>();
+  const auto c = as_sequence(chosen);
+  const auto rc = as_sequence(ref_chosen);
+  const auto rr = as_sequence(ref_rejected);
+  require_batch(fn, "rejected", as_sequence(rejected), c.size(), c.shape());
+  require_batch(fn, "ref_chosen", rc, c.size(), c.shape());
+  require_batch(fn, "ref_rejected", rr, c.size(), c.shape());
+  auto p = pair_inputs(fn, chosen, rejected);
+  if (!reference_free) {
+    for (std::size_t i = 0; i < p.uc.size(); ++i) {
+      p.uc[i] -= rc.value(static_cast<Index>(i));
+      p.ur[i] -= rr.value(static_cast<Index>(i));
+    }
+  }
+  return p;
 }
 
 }  // namespace detail

@@ -44,9 +44,6 @@ struct DpoOptions {
 template <class C, class R, class RC, class RR>
 auto dpo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const DpoOptions& opt = {}) {
   constexpr const char* fn = "dpo";
-  detail::require_same_scalar<C, R>();
-  detail::require_same_scalar<C, RC>();
-  detail::require_same_scalar<C, RR>();
   using S = typename sequence_t<C>::Scalar;
   detail::require_beta(fn, opt.beta);
   detail::require_option(opt.label_smoothing >= 0 && opt.label_smoothing < 0.5, fn, "label_smoothing", "in [0, 0.5)",
@@ -54,50 +51,26 @@ auto dpo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref
   detail::require_enum(opt.variant == DpoVariant::sigmoid || opt.variant == DpoVariant::robust ||
                            opt.variant == DpoVariant::hinge,
                        fn, "variant", static_cast<int>(opt.variant));
-  auto c = as_sequence(chosen);
-  auto r = as_sequence(rejected);
-  const auto rc = as_sequence(ref_chosen);
-  const auto rr = as_sequence(ref_rejected);
-  const Index B = c.size();
-  detail::require_batch(fn, "rejected", r, B, c.shape());
-  detail::require_batch(fn, "ref_chosen", rc, B, c.shape());
-  detail::require_batch(fn, "ref_rejected", rr, B, c.shape());
-  detail::require_nonempty(fn, "chosen", B);
-
-  std::vector<double> uc = detail::values_of(c), ur = detail::values_of(r);
-  if (!opt.reference_free) {
-    for (Index i = 0; i < B; ++i) {
-      uc[static_cast<std::size_t>(i)] -= rc.value(i);
-      ur[static_cast<std::size_t>(i)] -= rr.value(i);
-    }
-  }
+  auto in = detail::pair_inputs(fn, chosen, rejected, ref_chosen, ref_rejected, opt.reference_free);
   const double b = opt.beta, e = opt.label_smoothing;
-  auto result = detail::pairwise_loss<PreferenceMetrics<S>>(fn, std::move(c), std::move(r), [&](Index i) {
+  const auto& uc = in.uc;
+  const auto& ur = in.ur;
+  auto result = detail::pairwise_loss<PreferenceMetrics<S>>(fn, std::move(in.chosen), std::move(in.rejected), [&](Index i) {
     const double z = b * (uc[static_cast<std::size_t>(i)] - ur[static_cast<std::size_t>(i)]);
-    double loss = 0, dz = 0;  // dz = d loss / d z
+    detail::ValueSlope l{};  // slope = d loss / d z
     if (opt.variant == DpoVariant::hinge) {
-      loss = std::max(0.0, 1.0 - z);
-      dz = 1.0 - z > 0 ? -1.0 : 0.0;
+      l = {std::max(0.0, 1.0 - z), 1.0 - z > 0 ? -1.0 : 0.0};
+    } else if (opt.variant == DpoVariant::sigmoid) {
+      l = detail::smoothed_logistic(z, e);
     } else {
-      // logsig(z) and logsig(-z) share one exp; d logsig(z)/dz = sig(-z), d logsig(-z)/dz = -sig(z).
+      // robust: (-(1-e) logsig(z) + e logsig(-z)) / (1-2e); d logsig(-z)/dz = -sig(z).
       const auto pos = log_sigmoid_and_grad(z);
       const auto neg = log_sigmoid_and_grad(-z);
-      if (opt.variant == DpoVariant::sigmoid) {
-        loss = -(1 - e) * pos.value - e * neg.value;
-        dz = -(1 - e) * pos.grad + e * neg.grad;
-      } else {
-        loss = (-(1 - e) * pos.value + e * neg.value) / (1 - 2 * e);
-        dz = (-(1 - e) * pos.grad - e * neg.grad) / (1 - 2 * e);
-      }
+      l = {(-(1 - e) * pos.value + e * neg.value) / (1 - 2 * e), (-(1 - e) * pos.grad - e * neg.grad) / (1 - 2 * e)};
     }
-    return detail::PairTerm{loss, b * dz, -b * dz};
+    return detail::PairTerm{l.value, b * l.slope, -b * l.slope};
   });
-  std::vector<double> wc(uc.size()), wr(ur.size());
-  for (std::size_t i = 0; i < uc.size(); ++i) {
-    wc[i] = b * uc[i];
-    wr[i] = b * ur[i];
-  }
-  result.metrics = detail::preference_metrics<S>(wc, wr);
+  result.metrics = detail::preference_metrics<S>(uc, ur, b);
   return result;
 }
 

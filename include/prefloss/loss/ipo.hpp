@@ -38,39 +38,17 @@ struct IpoOptions {
 template <class C, class R, class RC, class RR>
 auto ipo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const IpoOptions& opt = {}) {
   constexpr const char* fn = "ipo";
-  detail::require_same_scalar<C, R>();
-  detail::require_same_scalar<C, RC>();
-  detail::require_same_scalar<C, RR>();
   using S = typename sequence_t<C>::Scalar;
   detail::require_beta(fn, opt.beta);
-  auto c = as_sequence(chosen);
-  auto r = as_sequence(rejected);
-  const auto rc = as_sequence(ref_chosen);
-  const auto rr = as_sequence(ref_rejected);
-  const Index B = c.size();
-  detail::require_batch(fn, "rejected", r, B, c.shape());
-  detail::require_batch(fn, "ref_chosen", rc, B, c.shape());
-  detail::require_batch(fn, "ref_rejected", rr, B, c.shape());
-  detail::require_nonempty(fn, "chosen", B);
-
-  std::vector<double> uc = detail::values_of(c), ur = detail::values_of(r);
-  if (!opt.reference_free) {
-    for (Index i = 0; i < B; ++i) {
-      uc[static_cast<std::size_t>(i)] -= rc.value(i);
-      ur[static_cast<std::size_t>(i)] -= rr.value(i);
-    }
-  }
-  const double b = opt.beta, target = 1.0 / (2.0 * opt.beta);
-  auto result = detail::pairwise_loss<PreferenceMetrics<S>>(fn, std::move(c), std::move(r), [&](Index i) {
+  auto in = detail::pair_inputs(fn, chosen, rejected, ref_chosen, ref_rejected, opt.reference_free);
+  const double target = 1.0 / (2.0 * opt.beta);
+  const auto& uc = in.uc;
+  const auto& ur = in.ur;
+  auto result = detail::pairwise_loss<PreferenceMetrics<S>>(fn, std::move(in.chosen), std::move(in.rejected), [&](Index i) {
     const double h = uc[static_cast<std::size_t>(i)] - ur[static_cast<std::size_t>(i)] - target;
     return detail::PairTerm{h * h, 2 * h, -2 * h};
   });
-  std::vector<double> wc(uc.size()), wr(ur.size());
-  for (std::size_t i = 0; i < uc.size(); ++i) {
-    wc[i] = b * uc[i];
-    wr[i] = b * ur[i];
-  }
-  result.metrics = detail::preference_metrics<S>(wc, wr);
+  result.metrics = detail::preference_metrics<S>(uc, ur, opt.beta);
   return result;
 }
 

@@ -53,21 +53,16 @@ struct OrpoMetrics : PreferenceMetrics<S> {
 template <class C, class R>
 auto orpo(const C& chosen, const R& rejected, const OrpoOptions& opt = {}) {
   constexpr const char* fn = "orpo";
-  detail::require_same_scalar<C, R>();
   using S = typename sequence_t<C>::Scalar;
   detail::require_beta(fn, opt.beta);
   detail::require_option(opt.nll_weight >= 0 && std::isfinite(opt.nll_weight), fn, "nll_weight", ">= 0 and finite",
                          opt.nll_weight);
-  auto c = as_sequence(chosen);
-  auto r = as_sequence(rejected);
-  const Index B = c.size();
-  detail::require_batch(fn, "rejected", r, B, c.shape());
-  detail::require_nonempty(fn, "chosen", B);
-
-  const std::vector<double> sc = detail::values_of(c), sr = detail::values_of(r);
+  auto in = detail::pair_inputs(fn, chosen, rejected);
+  const auto& sc = in.uc;
+  const auto& sr = in.ur;
   const double b = opt.beta, w = opt.nll_weight;
   double sum_ratio = 0, sum_log_odds = 0;
-  auto result = detail::pairwise_loss<OrpoMetrics<S>>(fn, std::move(c), std::move(r), [&](Index i) {
+  auto result = detail::pairwise_loss<OrpoMetrics<S>>(fn, std::move(in.chosen), std::move(in.rejected), [&](Index i) {
     const std::size_t k = static_cast<std::size_t>(i);
     const double xc = sc[k], xr = sr[k];
     const double l1c = log1mexp(xc), l1r = log1mexp(xr);
@@ -79,15 +74,10 @@ auto orpo(const C& chosen, const R& rejected, const OrpoOptions& opt = {}) {
     const double dr = b / (-std::expm1(xr) + std::exp(xc - xr + 2 * l1r - l1c));
     return detail::PairTerm{-w * xc - b * ratio, dc, dr};
   });
-  std::vector<double> wc(sc.size()), wr(sr.size());
   double nll = 0;
-  for (std::size_t i = 0; i < sc.size(); ++i) {
-    wc[i] = b * sc[i];
-    wr[i] = b * sr[i];
-    nll -= sc[i];
-  }
+  for (const double v : sc) nll -= v;
   const double n = static_cast<double>(sc.size());
-  static_cast<PreferenceMetrics<S>&>(result.metrics) = detail::preference_metrics<S>(wc, wr);
+  static_cast<PreferenceMetrics<S>&>(result.metrics) = detail::preference_metrics<S>(sc, sr, b);
   result.metrics.log_odds_ratio = static_cast<S>(sum_ratio / n);
   result.metrics.log_odds_chosen = static_cast<S>(sum_log_odds / n);
   result.metrics.nll_loss = static_cast<S>(nll / n);

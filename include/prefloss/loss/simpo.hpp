@@ -37,36 +37,21 @@ struct SimpoOptions {
 template <class C, class R>
 auto simpo(const C& chosen, const R& rejected, const SimpoOptions& opt = {}) {
   constexpr const char* fn = "simpo";
-  detail::require_same_scalar<C, R>();
   using S = typename sequence_t<C>::Scalar;
   detail::require_beta(fn, opt.beta);
   detail::require_option(opt.gamma >= 0 && std::isfinite(opt.gamma), fn, "gamma", ">= 0 and finite", opt.gamma);
   detail::require_option(opt.label_smoothing >= 0 && opt.label_smoothing < 0.5, fn, "label_smoothing", "in [0, 0.5)",
                          opt.label_smoothing);
-  auto c = as_sequence(chosen);
-  auto r = as_sequence(rejected);
-  const Index B = c.size();
-  detail::require_batch(fn, "rejected", r, B, c.shape());
-  detail::require_nonempty(fn, "chosen", B);
-
-  const std::vector<double> sc = detail::values_of(c), sr = detail::values_of(r);
+  auto in = detail::pair_inputs(fn, chosen, rejected);
   const double b = opt.beta, g = opt.gamma, e = opt.label_smoothing;
-  auto result = detail::pairwise_loss<PreferenceMetrics<S>>(fn, std::move(c), std::move(r), [&](Index i) {
+  const auto& sc = in.uc;
+  const auto& sr = in.ur;
+  auto result = detail::pairwise_loss<PreferenceMetrics<S>>(fn, std::move(in.chosen), std::move(in.rejected), [&](Index i) {
     const std::size_t k = static_cast<std::size_t>(i);
-    const double z = b * (sc[k] - sr[k]) - g;
-    // d logsig(z)/dz = sig(-z) = pos.grad; d logsig(-z)/dz = -sig(z) = -neg.grad.
-    const auto pos = log_sigmoid_and_grad(z);
-    const auto neg = log_sigmoid_and_grad(-z);
-    const double loss = -(1 - e) * pos.value - e * neg.value;
-    const double dz = -(1 - e) * pos.grad + e * neg.grad;
-    return detail::PairTerm{loss, b * dz, -b * dz};
+    const auto l = detail::smoothed_logistic(b * (sc[k] - sr[k]) - g, e);
+    return detail::PairTerm{l.value, b * l.slope, -b * l.slope};
   });
-  std::vector<double> wc(sc.size()), wr(sr.size());
-  for (std::size_t i = 0; i < sc.size(); ++i) {
-    wc[i] = b * sc[i];
-    wr[i] = b * sr[i];
-  }
-  result.metrics = detail::preference_metrics<S>(wc, wr);
+  result.metrics = detail::preference_metrics<S>(sc, sr, b);
   return result;
 }
 
