@@ -109,6 +109,53 @@ inline xsimd::batch_bool<T, A> load_byte_mask(const M* m) noexcept {
   }
 }
 
+/// Whether xsimd::fma / fnma round once on A. xsimd 8.1 has native kernels for the fma3 / fma4
+/// architectures; on AVX-512 it falls back to x * y + z, fused only if the compiler contracts
+/// it (GCC does in gnu++ modes, not under -std=c++17), so fnma_exact uses intrinsics there.
+template <class A>
+inline constexpr bool has_fma =
+    std::is_base_of_v<xsimd::fma3<xsimd::sse4_2>, A> || std::is_base_of_v<xsimd::fma3<xsimd::avx>, A> ||
+    std::is_base_of_v<xsimd::fma3<xsimd::avx2>, A> || std::is_base_of_v<xsimd::fma4, A> ||
+    std::is_base_of_v<xsimd::avx512f, A>;
+
+/// z - x * y rounded once, on architectures with has_fma<A>.
+template <class T, class A>
+inline xsimd::batch<T, A> fnma_exact(const xsimd::batch<T, A>& x, const xsimd::batch<T, A>& y,
+                                     const xsimd::batch<T, A>& z) noexcept {
+  static_assert(has_fma<A>, "fnma_exact needs a fused multiply-add");
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
+    if constexpr (sizeof(T) == 4) {
+      return _mm512_fnmadd_ps(x, y, z);
+    } else {
+      return _mm512_fnmadd_pd(x, y, z);
+    }
+  } else
+#endif
+  {
+    return xsimd::fnma(x, y, z);
+  }
+}
+
+/// x * y + z rounded once, on architectures with has_fma<A>.
+template <class T, class A>
+inline xsimd::batch<T, A> fma_exact(const xsimd::batch<T, A>& x, const xsimd::batch<T, A>& y,
+                                    const xsimd::batch<T, A>& z) noexcept {
+  static_assert(has_fma<A>, "fma_exact needs a fused multiply-add");
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
+    if constexpr (sizeof(T) == 4) {
+      return _mm512_fmadd_ps(x, y, z);
+    } else {
+      return _mm512_fmadd_pd(x, y, z);
+    }
+  } else
+#endif
+  {
+    return xsimd::fma(x, y, z);
+  }
+}
+
 /// 1/n! for n = 2 .. 8 (float) / 2 .. 14 (double): exp(r) - 1 - r = r^2 q(r) on |r| <= log(2)/2,
 /// truncated where the remainder is below 0.01 ULP.
 template <class T>
@@ -138,6 +185,28 @@ inline xsimd::batch<T, A> exp_q(const xsimd::batch<T, A>& r) noexcept {
   for (std::size_t i = nc - 1; i-- > 0;) q = xsimd::fma(q, r, B(c[i]));
   return q;
 }
+
+#if defined(__AVX512F__)
+/// Round to nearest integer (ties to even) on AVX-512, no exceptions.
+template <class T, class A>
+inline xsimd::batch<T, A> exp_round(const xsimd::batch<T, A>& x) noexcept {
+  if constexpr (sizeof(T) == 4) {
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  } else {
+    return _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+}
+
+/// m * 2^k for integral k, rounded once (vscalefps/pd).
+template <class T, class A>
+inline xsimd::batch<T, A> exp_scale(const xsimd::batch<T, A>& m, const xsimd::batch<T, A>& k) noexcept {
+  if constexpr (sizeof(T) == 4) {
+    return _mm512_scalef_ps(m, k);
+  } else {
+    return _mm512_scalef_pd(m, k);
+  }
+}
+#endif
 
 /// An unevaluated sum hi + lo, |lo| <= ULP(hi) / 2 (lo may be 0).
 template <class B>
@@ -169,6 +238,28 @@ inline HiLo<xsimd::batch<T, A>> exp_hilo(const xsimd::batch<T, A>& x) noexcept {
   constexpr T inv_ln2 = T(1.44269504088896340735992468100189214);
 
   const B xc = xsimd::min(xsimd::max(x, B(lo)), B(hi));
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
+    // AVX-512: the same reduction and polynomial, branch-free; vscalefps/pd multiplies by 2^k
+    // with one rounding, gradual underflow and overflow included (k is integral and in range).
+    const B k = exp_round(xc * B(inv_ln2));
+    const B r_hi = fnma_exact(k, B(ln2_hi<T>), xc);  // exact
+    const B r_lo = -(k * B(ln2_lo<T>));
+    const B r = r_hi + r_lo;
+    const B h = B(T(1)) + r_hi;
+    const B l = (B(T(1)) - h) + r_hi;
+    constexpr auto& c = exp_taylor<T>;
+    constexpr std::size_t nc = sizeof(c) / sizeof(c[0]);
+    B q = B(c[nc - 1]);
+    for (std::size_t i = nc - 1; i-- > 0;) q = fma_exact(q, r, B(c[i]));
+    const B t = l + fma_exact(r * r, q, r_lo);
+    const B m = h + t;
+    const B m_lo = (h - m) + t;
+    const B e = exp_scale(m, k);
+    const B e_lo = xsimd::select(e < B(std::numeric_limits<T>::min()), B(T(0)), exp_scale(m_lo, k));
+    return {xsimd::select(xsimd::isnan(x), x, e), e_lo};
+  }
+#endif
   const B k = xsimd::nearbyint(xc * B(inv_ln2));
   const B r_hi = xsimd::fnma(k, B(ln2_hi<T>), xc);  // exact
   const B r_lo = -(k * B(ln2_lo<T>));
@@ -194,10 +285,47 @@ inline HiLo<xsimd::batch<T, A>> exp_hilo(const xsimd::batch<T, A>& x) noexcept {
   return {xsimd::select(xsimd::isnan(x), x, e), e_lo};
 }
 
-/// exp(x) for a batch, <= 0.77 ULP, down to the true underflow (see exp_hilo).
+/// exp(x) for a batch, down to the true underflow: exp_hilo(x).hi (<= 0.77 ULP), except on
+/// AVX-512, where callers that need no low part get a shorter kernel (<= 1.01 ULP measured):
+/// Cody-Waite reduction x = k ln2 + r rounded once, exp(r) = 1 + r + r^2 P(r) with Cephes'
+/// expf minimax polynomial (float) or Taylor to degree 13 (double, truncation < 0.02 ULP), and
+/// the same one-rounding vscalefps/pd scaling as exp_hilo, which handles overflow (+inf exactly
+/// where std::exp overflows) and gradual underflow. NaN in -> NaN out, exp(-inf) = 0.
 template <class T, class A>
 inline xsimd::batch<T, A> exp(const xsimd::batch<T, A>& x) noexcept {
-  return exp_hilo(x).hi;
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
+    using B = xsimd::batch<T, A>;
+    // Clamp first (exp is 0 / inf beyond); AVX-512 max(lo, x) / min(hi, .) return x itself
+    // when it is NaN, and scalef carries the NaN.
+    if constexpr (sizeof(T) == 4) {
+      const B xc = _mm512_min_ps(_mm512_set1_ps(128.f), _mm512_max_ps(_mm512_set1_ps(-150.f), x));
+      const B k = exp_round(xc * B(1.44269504088896341f));
+      B r = fnma_exact(k, B(0.693359375f), xc);
+      r = fnma_exact(k, B(-2.12194440e-4f), r);
+      B p = B(1.9875691500e-4f);
+      p = fma_exact(p, r, B(1.3981999507e-3f));
+      p = fma_exact(p, r, B(8.3334519073e-3f));
+      p = fma_exact(p, r, B(4.1665795894e-2f));
+      p = fma_exact(p, r, B(1.6666665459e-1f));
+      p = fma_exact(p, r, B(5.0000001201e-1f));
+      return exp_scale(fma_exact(p, r * r, r) + B(1.f), k);
+    } else {
+      const B xc = _mm512_min_pd(_mm512_set1_pd(710.0), _mm512_max_pd(_mm512_set1_pd(-746.0), x));
+      const B k = exp_round(xc * B(1.4426950408889634074));
+      // ln2 = hi + lo with hi's 21 trailing zero bits: k * hi is exact for |k| < 2^21.
+      B r = fnma_exact(k, B(ln2_hi<double>), xc);
+      r = fnma_exact(k, B(ln2_lo<double>), r);
+      constexpr auto& c = exp_taylor<double>;  // 1/2! .. 1/14!; use up to 1/13!
+      B p = B(c[11]);
+      for (std::size_t i = 11; i-- > 0;) p = fma_exact(p, r, B(c[i]));
+      return exp_scale(fma_exact(p, r * r, r) + B(1.0), k);
+    }
+  } else
+#endif
+  {
+    return exp_hilo(x).hi;
+  }
 }
 
 /// log1p(e.hi + e.lo) for 0 <= e <= 1: log1p(e.hi) + e.lo / (1 + e.hi) (the second-order
@@ -208,34 +336,6 @@ inline xsimd::batch<T, A> log1p_hilo(const HiLo<xsimd::batch<T, A>>& e) noexcept
   using B = xsimd::batch<T, A>;
   const B inv = xsimd::fma(e.hi, xsimd::fma(e.hi, B(T(0.4)), B(T(-0.9))), B(T(1)));
   return xsimd::fma(e.lo, inv, xsimd::log1p(e.hi));
-}
-
-/// Whether xsimd::fma / fnma round once on A. xsimd 8.1 has native kernels for the fma3 / fma4
-/// architectures; on AVX-512 it falls back to x * y + z, fused only if the compiler contracts
-/// it (GCC does in gnu++ modes, not under -std=c++17), so fnma_exact uses intrinsics there.
-template <class A>
-inline constexpr bool has_fma =
-    std::is_base_of_v<xsimd::fma3<xsimd::sse4_2>, A> || std::is_base_of_v<xsimd::fma3<xsimd::avx>, A> ||
-    std::is_base_of_v<xsimd::fma3<xsimd::avx2>, A> || std::is_base_of_v<xsimd::fma4, A> ||
-    std::is_base_of_v<xsimd::avx512f, A>;
-
-/// z - x * y rounded once, on architectures with has_fma<A>.
-template <class T, class A>
-inline xsimd::batch<T, A> fnma_exact(const xsimd::batch<T, A>& x, const xsimd::batch<T, A>& y,
-                                     const xsimd::batch<T, A>& z) noexcept {
-  static_assert(has_fma<A>, "fnma_exact needs a fused multiply-add");
-#if defined(__AVX512F__)
-  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
-    if constexpr (sizeof(T) == 4) {
-      return _mm512_fnmadd_ps(x, y, z);
-    } else {
-      return _mm512_fnmadd_pd(x, y, z);
-    }
-  } else
-#endif
-  {
-    return xsimd::fnma(x, y, z);
-  }
 }
 
 /// log(x) for a batch. xsimd 8.1's double log reads the exponent of a subnormal input before

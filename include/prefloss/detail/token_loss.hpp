@@ -82,60 +82,24 @@ inline xsimd::batch<T, A> add_selected(const xsimd::batch<T, A>& acc, const xsim
   return acc + xsimd::select(sel, v, xsimd::batch<T, A>(T(0)));
 }
 
-/// @brief exp(x) for ratios and KL terms: <= 2 ulp over the whole range (measured 1.01 ulp on
-/// AVX-512, 1.64 elsewhere), subnormal results
+/// @brief exp(x) for ratios and KL terms: <= 2 ulp over the whole range, subnormal results
 /// exact (no early flush), overflow to +inf exactly where std::exp overflows, exp(-inf) = 0,
 /// NaN in -> NaN out.
 ///
-/// On AVX-512 the scaling by 2^k is one vscalefps/pd, which also handles overflow and gradual
-/// underflow, so no range fix-ups are needed: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2,
-/// then exp(r) = 1 + r + r^2 P(r) with Cephes' expf minimax polynomial (float) or the Taylor
-/// polynomial to degree 13 (double, truncation < 0.02 ulp). Elsewhere detail::exp, whose xsimd
-/// kernel overflows early (above 88.376f / 709.437 instead of 88.723f / 709.783): those lanes
-/// are evaluated as exp(x - 2) e^2 (<= 2 ulp).
+/// The library's one exp, detail::exp (on AVX-512 branch-free, scaling by 2^k with one
+/// vscalefps/pd, which handles overflow and gradual underflow exactly; <= 0.77 ulp). Elsewhere
+/// its xsimd ldexp overflows early (above 88.376f / 709.437 instead of 88.723f / 709.783):
+/// those lanes are evaluated as exp(x - 2) e^2 (<= 2 ulp).
 template <class T, class A>
 inline xsimd::batch<T, A> exp_ratio(const xsimd::batch<T, A>& x) noexcept {
+  using B = xsimd::batch<T, A>;
+  const B r = detail::exp(x);
 #if defined(__AVX512F__)
-  if constexpr (std::is_base_of_v<xsimd::avx512f, A> && std::is_same_v<T, float>) {
-    // Clamp to [-150, 128] first (exp is 0 / inf there); max(lo, x) and min(hi, .) return x
-    // itself when it is NaN.
-    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(128.f), _mm512_max_ps(_mm512_set1_ps(-150.f), x));
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), xc);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    const __m512 e = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(e, k);
-  } else if constexpr (std::is_base_of_v<xsimd::avx512f, A> && std::is_same_v<T, double>) {
-    const __m512d xc = _mm512_min_pd(_mm512_set1_pd(710.0), _mm512_max_pd(_mm512_set1_pd(-746.0), x));
-    const __m512d k = _mm512_roundscale_pd(_mm512_mul_pd(xc, _mm512_set1_pd(1.4426950408889634074)),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    // ln2 = hi + lo with hi's 21 trailing zero bits: k * hi is exact for |k| < 2^21.
-    __m512d r = _mm512_fnmadd_pd(k, _mm512_set1_pd(6.93147180369123816490e-01), xc);
-    r = _mm512_fnmadd_pd(k, _mm512_set1_pd(1.90821492927058770002e-10), r);
-    constexpr double inv_fact[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
-                                   1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,     1.0 / 720.0,
-                                   1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,        0.5};  // 1/13! .. 1/2!
-    __m512d p = _mm512_set1_pd(inv_fact[0]);
-    for (std::size_t i = 1; i < sizeof inv_fact / sizeof inv_fact[0]; ++i)
-      p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(inv_fact[i]));
-    const __m512d e = _mm512_add_pd(_mm512_fmadd_pd(p, _mm512_mul_pd(r, r), r), _mm512_set1_pd(1.0));
-    return _mm512_scalef_pd(e, k);
-  } else
+  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) return r;
 #endif
-  {
-    using B = xsimd::batch<T, A>;
-    const B r = detail::exp(x);
-    const auto high = x > B(sizeof(T) == 4 ? T(88) : T(709));
-    if (xsimd::none(high)) return r;
-    return xsimd::select(high, detail::exp(x - B(T(2))) * B(T(7.389056098930650227230427)), r);
-  }
+  const auto high = x > B(sizeof(T) == 4 ? T(88) : T(709));
+  if (xsimd::none(high)) return r;
+  return xsimd::select(high, detail::exp(x - B(T(2))) * B(T(7.389056098930650227230427)), r);
 }
 
 /// acc[0..lanes) += v, widened to double (acc: 64-byte aligned, lanes<float> doubles).
