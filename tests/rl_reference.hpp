@@ -232,4 +232,36 @@ S poison(long k) {
   }
 }
 
+/// Central finite differences (step 1e-6, in long double) of loss_of(d) with respect to d.x0
+/// at every selected token, against the analytic gradient g. rel = max |g - fd| / max |fd|;
+/// masked_zero: g is exactly 0 at every masked-out token.
+struct FdResult {
+  double rel;
+  bool masked_zero;
+};
+template <class S, class F>
+FdResult token_fd_error(Data& d, const Tok<S>& g, F&& loss_of) {
+  const ld h = 1e-6L;
+  double max_err = 0, max_g = 0;
+  bool masked_zero = true;
+  for (long i = 0; i < d.B; ++i)
+    for (long t = 0; t < d.T; ++t) {
+      const std::size_t k = d.at(i, t);
+      if (!d.sel[k]) {
+        masked_zero = masked_zero && g(i, t) == S(0);
+        continue;
+      }
+      const ld x = d.x0[k];
+      d.x0[k] = x + h;
+      const ld fp = loss_of(d);
+      d.x0[k] = x - h;
+      const ld fm = loss_of(d);
+      d.x0[k] = x;
+      const double fd = static_cast<double>((fp - fm) / (2 * h));
+      max_err = std::max(max_err, std::fabs(static_cast<double>(g(i, t)) - fd));
+      max_g = std::max(max_g, std::fabs(fd));
+    }
+  return {max_g > 0 ? max_err / max_g : max_err, masked_zero};
+}
+
 }  // namespace rlref

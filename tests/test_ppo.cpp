@@ -106,26 +106,9 @@ pl::PpoResult<S, M> run_fused(const PpoCase<S, M>& c, const pl::PpoOptions& o, b
 template <class S, class M>
 double fd_error(const PpoCase<S, M>& c, const pl::PpoOptions& o, bool with_ref, const Tok<S>& g) {
   rlref::Data d = rlref::to_data(c.lp, c.old, c.adv, c.mask, with_ref ? &c.ref : nullptr);
-  const ld h = 1e-6L;
-  double max_err = 0, max_g = 0;
-  for (long i = 0; i < d.B; ++i)
-    for (long t = 0; t < d.T; ++t) {
-      const std::size_t k = d.at(i, t);
-      if (!d.sel[k]) {
-        CHECK(g(i, t) == S(0));
-        continue;
-      }
-      const ld x = d.x0[k];
-      d.x0[k] = x + h;
-      const ld fp = rlref::ppo_ref(d, o).loss;
-      d.x0[k] = x - h;
-      const ld fm = rlref::ppo_ref(d, o).loss;
-      d.x0[k] = x;
-      const double fd = static_cast<double>((fp - fm) / (2 * h));
-      max_err = std::max(max_err, std::fabs(static_cast<double>(g(i, t)) - fd));
-      max_g = std::max(max_g, std::fabs(fd));
-    }
-  return max_g > 0 ? max_err / max_g : max_err;
+  const auto r = rlref::token_fd_error(d, g, [&](const rlref::Data& x) { return rlref::ppo_ref(x, o).loss; });
+  CHECK(r.masked_zero);
+  return r.rel;
 }
 
 /// Checks loss, per-row contributions and metrics against the reference. tol is relative to the
