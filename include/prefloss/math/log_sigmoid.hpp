@@ -9,6 +9,7 @@
 #include "../config.hpp"
 #include "../detail/elementwise.hpp"
 #include "../detail/simd.hpp"
+#include "../detail/softplus_kernel.hpp"
 
 namespace prefloss {
 
@@ -21,16 +22,11 @@ inline double log_sigmoid(double x) noexcept { return std::fmin(x, 0.0) - std::l
 /// @copydoc log_sigmoid(double)
 inline float log_sigmoid(float x) noexcept { return static_cast<float>(log_sigmoid(static_cast<double>(x))); }
 
-/// @brief log(sigmoid(x)) lane-wise; same contract as the scalar form (exp from detail::exp_hilo,
-/// xsimd's log1p), <= 2 ULP.
+/// @brief log(sigmoid(x)) lane-wise; same contract as the scalar form, <= 2 ULP
+/// (detail::log_sigmoid_batch: a table-driven polynomial for float on AVX-512).
 template <class T, class A>
 inline xsimd::batch<T, A> log_sigmoid(const xsimd::batch<T, A>& x) noexcept {
-  using B = xsimd::batch<T, A>;
-  const auto e = detail::exp_hilo(-xsimd::abs(x));
-  // fmin-like: a NaN x must stay NaN; log1p(NaN) already carries it. exp's low part keeps its
-  // rounding error out of the result (it would double where log1p(e) sits just below a power
-  // of two and e just above).
-  return xsimd::min(x, B(T(0))) - detail::log1p_hilo(e);
+  return detail::log_sigmoid_batch(x);
 }
 
 /// @brief y[i] = log_sigmoid(x[i]) for i < n; any alignment, any n, x == y allowed.
@@ -39,13 +35,13 @@ inline void log_sigmoid(const T* x, T* y, std::size_t n) noexcept {
   detail::apply_unary(x, y, n, [](const auto& b) { return log_sigmoid(b); });
 }
 
-/// @brief log_sigmoid(x) and its derivative sigmoid(-x), sharing one exp.
+/// @brief log_sigmoid(x) (bit-identical to the batch form) and its derivative sigmoid(-x).
 template <class T, class A>
 inline detail::ValueGrad<xsimd::batch<T, A>> log_sigmoid_and_grad(const xsimd::batch<T, A>& x) noexcept {
   using B = xsimd::batch<T, A>;
-  const auto e = detail::exp_hilo(-xsimd::abs(x));
-  const B r = B(T(1)) / (B(T(1)) + e.hi);
-  return {xsimd::min(x, B(T(0))) - detail::log1p_hilo(e), xsimd::select(x >= B(T(0)), e.hi * r, r)};
+  const B e = detail::exp(-xsimd::abs(x));
+  const B r = B(T(1)) / (B(T(1)) + e);
+  return {log_sigmoid(x), xsimd::select(x >= B(T(0)), e * r, r)};
 }
 
 /// @brief Scalar log_sigmoid(x) and sigmoid(-x) from one exp.

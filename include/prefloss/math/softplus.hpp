@@ -9,6 +9,7 @@
 #include "../config.hpp"
 #include "../detail/elementwise.hpp"
 #include "../detail/simd.hpp"
+#include "../detail/softplus_kernel.hpp"
 
 namespace prefloss {
 
@@ -20,12 +21,13 @@ inline double softplus(double x) noexcept { return std::fmax(x, 0.0) + std::log1
 /// @copydoc softplus(double)
 inline float softplus(float x) noexcept { return static_cast<float>(softplus(static_cast<double>(x))); }
 
-/// @brief softplus(x) lane-wise.
+/// @brief softplus(x) lane-wise, as 0 - log_sigmoid(0 - x) (exact), <= 2 ULP.
 template <class T, class A>
 inline xsimd::batch<T, A> softplus(const xsimd::batch<T, A>& x) noexcept {
+  // Subtractions from +0, not negations: where log_sigmoid is +0 (x -> -inf) softplus is +0
+  // on every instruction set (xsimd 8.1 negates by xor on SSE/AVX but as 0 - x on AVX-512).
   using B = xsimd::batch<T, A>;
-  const auto e = detail::exp_hilo(-xsimd::abs(x));
-  return xsimd::max(x, B(T(0))) + detail::log1p_hilo(e);
+  return B(T(0)) - detail::log_sigmoid_batch(B(T(0)) - x);
 }
 
 /// @brief y[i] = softplus(x[i]) for i < n; any alignment, any n, x == y allowed.
