@@ -2,6 +2,8 @@
 /// Version macros, the user-overridable assertion hook, and the numerics guard.
 #pragma once
 
+#include <cstddef>
+
 #define PREFLOSS_VERSION_MAJOR 0
 #define PREFLOSS_VERSION_MINOR 1
 #define PREFLOSS_VERSION_PATCH 0
@@ -19,6 +21,14 @@
 #ifndef PREFLOSS_ASSERT
 #include <cassert>
 #define PREFLOSS_ASSERT(cond) assert(cond)
+#endif
+
+/// Array math whose output reaches this many bytes writes it with non-temporal (streaming)
+/// stores on x86: past the last-level cache an ordinary store first reads the line it
+/// overwrites, a third of the traffic of y = f(x). Below it the output stays in cache for
+/// whatever reads it next. Define before including prefloss to move it (0: always stream).
+#ifndef PREFLOSS_STREAMING_STORE_BYTES
+#define PREFLOSS_STREAMING_STORE_BYTES (std::size_t{32} << 20)
 #endif
 
 namespace prefloss {

@@ -1,35 +1,53 @@
 /// @file detail/elementwise.hpp
-/// Drives a batch function over an array of any length and alignment. The tail goes through
-/// the same batch code on a padded copy, so y[i] never depends on where i falls.
+/// Drives a batch function over an array of any length and alignment. Partial batches (the
+/// tail, and the head peeled off to align streaming stores) go through the same batch code on a
+/// padded copy, so y[i] never depends on where i falls.
 #pragma once
 
 #include <cstddef>
+#include <type_traits>
 
 #include "simd.hpp"
 
 namespace prefloss::detail {
 
+/// y[0, n) = f(x[0, n)) for n < lanes<T>, through one padded batch.
+template <class T, class F>
+inline void apply_partial(const T* x, T* y, std::size_t n, F& f) noexcept {
+  constexpr std::size_t w = lanes<T>;
+  alignas(64) T buf[w] = {};
+  for (std::size_t k = 0; k < n; ++k) buf[k] = x[k];
+  store_u(buf, f(load_u<T, arch>(buf)));
+  for (std::size_t k = 0; k < n; ++k) y[k] = buf[k];
+}
+
 template <class T, class F>
 inline void apply_unary(const T* x, T* y, std::size_t n, F&& f) noexcept {
   constexpr std::size_t w = lanes<T>;
-  std::size_t i = 0;
   // Past the caches the hardware prefetcher alone leaves the kernel waiting on DRAM; a software
   // prefetch a few KiB ahead (one cache line per batch) keeps time per element flat.
   constexpr std::size_t ahead = 4096 / sizeof(T);
-  if (n >= 2 * ahead) {
-    for (; i + ahead + w <= n; i += w) {
+  const auto run = [&](std::size_t i, auto stream) {
+    constexpr bool Stream = decltype(stream)::value;
+    if (n >= 2 * ahead) {
+      for (; i + ahead + w <= n; i += w) {
 #if defined(__GNUC__) || defined(__clang__)
-      __builtin_prefetch(x + i + ahead, 0, 3);
+        __builtin_prefetch(x + i + ahead, 0, 3);
 #endif
-      store_u(y + i, f(load_u<T, arch>(x + i)));
+        store_to<Stream>(y + i, f(load_u<T, arch>(x + i)));
+      }
     }
-  }
-  for (; i + w <= n; i += w) store_u(y + i, f(load_u<T, arch>(x + i)));
-  if (i < n) {
-    alignas(64) T buf[w] = {};
-    for (std::size_t k = 0; i + k < n; ++k) buf[k] = x[i + k];
-    store_u(buf, f(load_u<T, arch>(buf)));
-    for (std::size_t k = 0; i + k < n; ++k) y[i + k] = buf[k];
+    for (; i + w <= n; i += w) store_to<Stream>(y + i, f(load_u<T, arch>(x + i)));
+    if constexpr (Stream) stream_fence();
+    if (i < n) apply_partial(x + i, y + i, n - i, f);
+  };
+  // Streaming stores need y batch-aligned: the head before that goes first.
+  const std::size_t head = stream_head(y, n);
+  if (n >= 2 * ahead && head < w && use_stream_store<T>(n)) {
+    apply_partial(x, y, head, f);
+    run(head, std::true_type{});
+  } else {
+    run(0, std::false_type{});
   }
 }
 

@@ -138,23 +138,27 @@ inline RowSums row_sums(const S* x, const M* m, Index n) noexcept {
   return {value, weight};
 }
 
-/// out[t] = selected ? scale * w(t) : 0 for one row.
-template <class S, class M>
+/// out[t] = selected ? scale * w(t) : 0 for one row; Stream: the batch-aligned body with
+/// streaming stores (the caller fences).
+template <bool Stream, class S, class M>
 inline void row_fill(const M* m, Index n, S scale, S* out) noexcept {
+  const auto one = [&](Index t) { out[t] = selected<S>(m[t]) ? static_cast<S>(scale * weight_of<S>(m[t])) : S(0); };
   Index t = 0;
   if constexpr (simd_mask_v<S, M>) {
+    if constexpr (Stream)
+      for (const auto head = static_cast<Index>(stream_head(out, static_cast<std::size_t>(n))); t < head; ++t) one(t);
     constexpr Index w = static_cast<Index>(lanes<S>);
     const batch<S> zero(S(0)), g(scale);
     for (; t + w <= n; t += w) {
       const auto ml = load_mask<S>(m + t);
       if constexpr (sizeof(M) == 1) {
-        store_u(out + t, xsimd::select(ml.sel, g, zero));
+        store_to<Stream>(out + t, xsimd::select(ml.sel, g, zero));
       } else {
-        store_u(out + t, xsimd::select(ml.sel, g * ml.weight, zero));
+        store_to<Stream>(out + t, xsimd::select(ml.sel, g * ml.weight, zero));
       }
     }
   }
-  for (; t < n; ++t) out[t] = selected<S>(m[t]) ? static_cast<S>(scale * weight_of<S>(m[t])) : S(0);
+  for (; t < n; ++t) one(t);
 }
 
 }  // namespace prefloss::detail

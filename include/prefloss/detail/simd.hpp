@@ -2,6 +2,9 @@
 /// The one place that knows xsimd's version-specific API (8.1 here): the architecture in use,
 /// horizontal sums, mask loading and an exp without xsimd's early flush to zero. Moving to a
 /// newer xsimd should be a change to this file only.
+///
+/// xsimd 8.1 quirks callers must know: on AVX-512 unary minus is 0 - x (a zero keeps its +
+/// sign; SSE/AVX flip it), and batch != batch is false for NaN (use isnan).
 #pragma once
 
 #include <cstddef>
@@ -25,6 +28,8 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
+
+#include "../config.hpp"
 
 namespace prefloss::detail {
 
@@ -59,6 +64,87 @@ inline xsimd::batch<T, A> load_u(const T* p) noexcept {
 template <class T, class A>
 inline void store_u(T* p, const xsimd::batch<T, A>& b) noexcept {
   b.store_unaligned(p);
+}
+
+/// Whether store_stream writes around the cache on A (x86 from SSE2); elsewhere it is a store.
+template <class A>
+inline constexpr bool has_stream_store =
+#if defined(__SSE2__)
+    std::is_base_of_v<xsimd::avx512f, A> || std::is_base_of_v<xsimd::avx, A> || std::is_base_of_v<xsimd::sse2, A>;
+#else
+    false;
+#endif
+
+/// Aligned non-temporal store of b to p (p aligned to the batch size). Needs a store fence
+/// before another thread reads p (stream_fence).
+template <class T, class A>
+inline void store_stream(T* p, const xsimd::batch<T, A>& b) noexcept {
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
+    if constexpr (sizeof(T) == 4) {
+      _mm512_stream_ps(p, b);
+    } else {
+      _mm512_stream_pd(p, b);
+    }
+    return;
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (std::is_base_of_v<xsimd::avx, A>) {
+    if constexpr (sizeof(T) == 4) {
+      _mm256_stream_ps(p, b);
+    } else {
+      _mm256_stream_pd(p, b);
+    }
+    return;
+  }
+#endif
+#if defined(__SSE2__)
+  if constexpr (std::is_base_of_v<xsimd::sse2, A>) {
+    if constexpr (sizeof(T) == 4) {
+      _mm_stream_ps(p, b);
+    } else {
+      _mm_stream_pd(p, b);
+    }
+    return;
+  }
+#endif
+  b.store_aligned(p);
+}
+
+/// Orders earlier streaming stores before later stores (sfence on x86).
+inline void stream_fence() noexcept {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+/// Whether an output of `count` elements of T goes through streaming stores
+/// (PREFLOSS_STREAMING_STORE_BYTES, config.hpp).
+template <class T>
+inline bool use_stream_store(std::size_t count) noexcept {
+  return has_stream_store<arch> && count * sizeof(T) >= std::size_t{PREFLOSS_STREAMING_STORE_BYTES};
+}
+
+/// How many of the n elements at p come before the first batch-aligned one (all n if p is not
+/// even aligned to T): the head a streaming loop writes with ordinary stores.
+template <class T>
+inline std::size_t stream_head(const T* p, std::size_t n) noexcept {
+  constexpr std::size_t align = lanes<T> * sizeof(T);
+  const auto addr = reinterpret_cast<std::uintptr_t>(p);
+  if (addr % sizeof(T) != 0) return n;
+  const std::size_t head = (align - addr % align) % align / sizeof(T);
+  return head < n ? head : n;
+}
+
+/// store_stream when Stream (p batch-aligned), else store_u.
+template <bool Stream, class T, class A>
+inline void store_to(T* p, const xsimd::batch<T, A>& b) noexcept {
+  if constexpr (Stream) {
+    store_stream(p, b);
+  } else {
+    store_u(p, b);
+  }
 }
 
 /// lanes<T> mask bytes (bool or uint8, nonzero = selected) as a batch_bool over T.

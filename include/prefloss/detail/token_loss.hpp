@@ -201,8 +201,9 @@ struct TokenStats {
 };
 
 /// @brief One pass over a row of n tokens. Fwd: returns the row's TokenStats. Bwd: writes
-/// grad[t] = gscale * w[t] * d l / d input0 at selected tokens and 0 elsewhere (every t).
-template <bool Fwd, bool Bwd, class Kernel, class S, class M>
+/// grad[t] = gscale * w[t] * d l / d input0 at selected tokens and 0 elsewhere (every t);
+/// Stream: the batch-aligned body of grad with streaming stores (the caller fences).
+template <bool Fwd, bool Bwd, bool Stream = false, class Kernel, class S, class M>
 inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m, Index n, S gscale,
                             S* grad) noexcept {
   constexpr std::size_t NI = Kernel::n_in, NS = Kernel::n_sums;
@@ -220,7 +221,8 @@ inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m
   std::array<WideSum<S>, NS> sums;
   B mx = ninf;
 
-  const auto step = [&](const S* const* x_ptr, Index off, const M* mp, S* gp) PREFLOSS_DETAIL_ALWAYS_INLINE {
+  const auto step = [&](const S* const* x_ptr, Index off, const M* mp, S* gp,
+                        auto stream) PREFLOSS_DETAIL_ALWAYS_INLINE {
     std::array<B, NI> x;
     for (std::size_t j = 0; j < NI; ++j) x[j] = load_u<S, arch>(x_ptr[j] + off);
     const auto ml = load_mask_lanes<S>(mp);
@@ -240,9 +242,9 @@ inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m
     }
     if constexpr (Bwd) {
       if constexpr (sizeof(M) == 1) {
-        store_u(gp, xsimd::select(ml.sel, gs * o.grad, zero));
+        store_to<decltype(stream)::value>(gp, xsimd::select(ml.sel, gs * o.grad, zero));
       } else {
-        store_u(gp, xsimd::select(ml.sel, gs * (ml.weight * o.grad), zero));
+        store_to<decltype(stream)::value>(gp, xsimd::select(ml.sel, gs * (ml.weight * o.grad), zero));
       }
     }
   };
@@ -252,24 +254,9 @@ inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m
     for (auto& s : sums) s.flush();
   };
 
-  Index t = 0;
-  int c = 0;
-  for (; t + W <= n; t += W) {
-    // One prefetch per 64-byte line of each stream.
-    if ((static_cast<std::size_t>(t) * sizeof(S)) % 64 == 0) {
-      for (std::size_t j = 0; j < NI; ++j) prefetch_read(src[j] + t);
-      if constexpr (Bwd) prefetch_write(grad + t);
-    }
-    if ((static_cast<std::size_t>(t) * sizeof(M)) % 64 == 0) prefetch_read(m + t);
-    step(src, t, m + t, Bwd ? grad + t : nullptr);
-    if (++c == chunk_batches) {
-      flush();
-      c = 0;
-    }
-  }
-  if (t < n) {
-    // The tail runs the same kernel on zero-padded copies (padding is masked out).
-    const Index r = n - t;
+  // r < W tokens from t through the same kernel on zero-padded copies (padding is masked out):
+  // the tail, and with Stream the head before grad's first aligned batch.
+  const auto partial = [&](Index t, Index r) {
     alignas(64) S xb[NI > 0 ? NI : 1][lanes<S>] = {};
     alignas(64) M mb[lanes<S>] = {};
     alignas(64) S gb[lanes<S>] = {};
@@ -279,9 +266,30 @@ inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m
       xp[j] = xb[j];
     }
     std::memcpy(mb, m + t, static_cast<std::size_t>(r) * sizeof(M));
-    step(xp, 0, mb, gb);
+    step(xp, 0, mb, gb, std::false_type{});
     if constexpr (Bwd) std::memcpy(grad + t, gb, static_cast<std::size_t>(r) * sizeof(S));
+  };
+
+  Index t = 0;
+  if constexpr (Bwd && Stream) {
+    t = static_cast<Index>(stream_head(grad, static_cast<std::size_t>(n)));
+    if (t > 0) partial(0, t);
   }
+  int c = 0;
+  for (; t + W <= n; t += W) {
+    // One prefetch per 64-byte line of each stream.
+    if ((static_cast<std::size_t>(t) * sizeof(S)) % 64 == 0) {
+      for (std::size_t j = 0; j < NI; ++j) prefetch_read(src[j] + t);
+      if constexpr (Bwd && !Stream) prefetch_write(grad + t);
+    }
+    if ((static_cast<std::size_t>(t) * sizeof(M)) % 64 == 0) prefetch_read(m + t);
+    step(src, t, m + t, Bwd ? grad + t : nullptr, std::bool_constant<Stream>{});
+    if (++c == chunk_batches) {
+      flush();
+      c = 0;
+    }
+  }
+  if (t < n) partial(t, n - t);
 
   TokenStats st;
   if constexpr (Fwd) {
@@ -353,15 +361,24 @@ TokenStats token_forward(const Kernel& k, const TokenInputs<S, M>& in, const Agg
     double total_weight = 0;
     if (needs_total_weight(spec))
       for (Index i = 0; i < B; ++i) total_weight += row_weight<S>(in.mask_row(i), T);
-    for (Index i = 0; i < B; ++i) {
-      const double w = needs_row_weight(spec) ? row_weight<S>(in.mask_row(i), T) : 0.0;
-      scales[i] = row_scale(spec, w, total_weight);
-      in.row_ptrs(i, p);
-      const TokenStats st = token_row<true, true>(k, p, in.mask_row(i), T, static_cast<S>(scales[i]), grad->row(i));
-      const double contribution = scales[i] * st.loss;
-      losses[i] = static_cast<S>(contribution);
-      loss += contribution;
-      total.merge(st);
+    const auto rows = [&](auto stream) {
+      for (Index i = 0; i < B; ++i) {
+        const double w = needs_row_weight(spec) ? row_weight<S>(in.mask_row(i), T) : 0.0;
+        scales[i] = row_scale(spec, w, total_weight);
+        in.row_ptrs(i, p);
+        const TokenStats st = token_row<true, true, decltype(stream)::value>(k, p, in.mask_row(i), T,
+                                                                             static_cast<S>(scales[i]), grad->row(i));
+        const double contribution = scales[i] * st.loss;
+        losses[i] = static_cast<S>(contribution);
+        loss += contribution;
+        total.merge(st);
+      }
+    };
+    if (use_stream_store<S>(static_cast<std::size_t>(B) * static_cast<std::size_t>(T))) {
+      rows(std::true_type{});
+      stream_fence();
+    } else {
+      rows(std::false_type{});
     }
   }
   total.loss = loss;
@@ -372,9 +389,18 @@ TokenStats token_forward(const Kernel& k, const TokenInputs<S, M>& in, const Agg
 template <class Kernel, class S, class M>
 void token_backward(const Kernel& k, const TokenInputs<S, M>& in, const double* scales, const MatrixOut<S>& grad) noexcept {
   const S* p[4];
-  for (Index i = 0; i < in.rows; ++i) {
-    in.row_ptrs(i, p);
-    token_row<false, true>(k, p, in.mask_row(i), in.cols, static_cast<S>(scales[i]), grad.row(i));
+  const auto rows = [&](auto stream) {
+    for (Index i = 0; i < in.rows; ++i) {
+      in.row_ptrs(i, p);
+      token_row<false, true, decltype(stream)::value>(k, p, in.mask_row(i), in.cols, static_cast<S>(scales[i]),
+                                                      grad.row(i));
+    }
+  };
+  if (use_stream_store<S>(static_cast<std::size_t>(in.rows) * static_cast<std::size_t>(in.cols))) {
+    rows(std::true_type{});
+    stream_fence();
+  } else {
+    rows(std::false_type{});
   }
 }
 

@@ -77,13 +77,11 @@ class MaskedReduction {
   /// grad[i, t] = upstream[i] * d value_i / d x[i, t]: upstream times the weight (divided by
   /// the row's total weight for a mean), 0 where the mask is 0. Overwrites every element.
   void backward_to(const S* upstream, detail::MatrixOut<S> grad) const noexcept {
-    for (Index i = 0; i < x_.rows; ++i) {
-      double scale = upstream[i];
-      if constexpr (R == Reduction::mean) {
-        const double total = detail::row_sums<false, true>(static_cast<const S*>(nullptr), m_.row(i), x_.cols).weight;
-        scale = total != 0 ? upstream[i] / total : 0.0;
-      }
-      detail::row_fill<S>(m_.row(i), x_.cols, static_cast<S>(scale), grad.row(i));
+    if (detail::use_stream_store<S>(static_cast<std::size_t>(x_.rows) * static_cast<std::size_t>(x_.cols))) {
+      backward_rows<true>(upstream, grad);
+      detail::stream_fence();
+    } else {
+      backward_rows<false>(upstream, grad);
     }
   }
 
@@ -102,6 +100,18 @@ class MaskedReduction {
   }
 
  private:
+  template <bool Stream>
+  void backward_rows(const S* upstream, detail::MatrixOut<S> grad) const noexcept {
+    for (Index i = 0; i < x_.rows; ++i) {
+      double scale = upstream[i];
+      if constexpr (R == Reduction::mean) {
+        const double total = detail::row_sums<false, true>(static_cast<const S*>(nullptr), m_.row(i), x_.cols).weight;
+        scale = total != 0 ? upstream[i] / total : 0.0;
+      }
+      detail::row_fill<Stream, S>(m_.row(i), x_.cols, static_cast<S>(scale), grad.row(i));
+    }
+  }
+
   detail::Matrix<S> x_;
   detail::Matrix<M> m_;
 };
