@@ -195,3 +195,38 @@ TEST_CASE("a NaN weight selects its token on every instruction set, as the scala
   w(0, 39) = std::numeric_limits<float>::quiet_NaN();
   CHECK(std::isnan(pl::masked_sum(x, w).eval()(0)));
 }
+
+TEST_CASE("masked reductions: any nonzero mask byte selects with weight 1, rows of every length", "[reduce]") {
+  // Rows long enough for the 64- and 32-byte mask-counting steps plus their tails.
+  const std::uint8_t bytes[] = {0, 1, 2, 128, 255, 0, 7};
+  for (long T : {1L, 31L, 64L, 65L, 200L}) {
+    const long B = 3;
+    Tok<float> x(B, T);
+    Tok<std::uint8_t> m(B, T);
+    Eigen::Tensor<float, 1> up(B);
+    for (long i = 0; i < B; ++i) {
+      up(i) = static_cast<float>(i + 1);
+      for (long t = 0; t < T; ++t) {
+        m(i, t) = bytes[(i + t * 3) % 7];
+        x(i, t) = m(i, t) ? static_cast<float>(t % 5) : std::numeric_limits<float>::quiet_NaN();
+      }
+    }
+    const auto sum = pl::masked_sum(x, m).eval();
+    const auto mean = pl::masked_mean(x, m).eval();
+    Tok<float> g(B, T);
+    pl::masked_mean(x, m).backward(up, g);
+    for (long i = 0; i < B; ++i) {
+      double s = 0, n = 0;
+      for (long t = 0; t < T; ++t)
+        if (m(i, t) != 0) {
+          s += x(i, t);
+          n += 1;
+        }
+      INFO("T = " << T << ", row " << i << ": " << n << " selected");
+      CHECK(sum(i) == static_cast<float>(s));
+      CHECK(mean(i) == static_cast<float>(n != 0 ? s / n : 0.0));
+      for (long t = 0; t < T; ++t)
+        CHECK(g(i, t) == (m(i, t) != 0 ? static_cast<float>(up(i) / n) : 0.0f));
+    }
+  }
+}

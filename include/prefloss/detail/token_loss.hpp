@@ -276,13 +276,16 @@ inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m
     if (t > 0) partial(0, t);
   }
   int c = 0;
+  // One prefetch per 64 bytes of each stream, counted from where the loop starts (after a
+  // streaming head t is not a multiple of the batch).
+  const auto t0 = static_cast<std::size_t>(t);
   for (; t + W <= n; t += W) {
-    // One prefetch per 64-byte line of each stream.
-    if ((static_cast<std::size_t>(t) * sizeof(S)) % 64 == 0) {
+    const std::size_t done = static_cast<std::size_t>(t) - t0;
+    if ((done * sizeof(S)) % 64 == 0) {
       for (std::size_t j = 0; j < NI; ++j) prefetch_read(src[j] + t);
       if constexpr (Bwd && !Stream) prefetch_write(grad + t);
     }
-    if ((static_cast<std::size_t>(t) * sizeof(M)) % 64 == 0) prefetch_read(m + t);
+    if ((done * sizeof(M)) % 64 == 0) prefetch_read(m + t);
     step(src, t, m + t, Bwd ? grad + t : nullptr, std::bool_constant<Stream>{});
     if (++c == chunk_batches) {
       flush();
