@@ -5,7 +5,8 @@
 //   build-h2/bench/bench_math --prefloss_quick     up to 4Mi elements
 //
 // Rows: "<function>/<f32|f64>/<array|scalar_std>/<elements>". Bytes = n read + n written.
-// Inputs are uniform in [-10, 10] (array_wide: [-40, 40]; log1mexp: [-10, 0]).
+// Inputs are uniform in [-10, 10] (array_wide: [-40, 40]; log1mexp: [-10, 0]). copy/f32/array is
+// y = x through the same array driver: the memory floor of every row at its size.
 #include <prefloss/prefloss.hpp>
 
 #include "bench_common.hpp"
@@ -27,7 +28,7 @@ __attribute__((noinline)) void log_sigmoid_scalar_std(const T* x, T* y, std::siz
   for (std::size_t i = 0; i < n; ++i) y[i] = std::min(x[i], T(0)) - std::log1p(std::exp(-std::fabs(x[i])));
 }
 
-enum class Fn { log_sigmoid, log_sigmoid_wide, sigmoid, softplus, log1mexp, log_sigmoid_scalar_std };
+enum class Fn { copy, log_sigmoid, log_sigmoid_wide, sigmoid, softplus, log1mexp, log_sigmoid_scalar_std };
 
 template <class T, Fn F>
 void BM_unary(benchmark::State& st) {
@@ -46,6 +47,8 @@ void BM_unary(benchmark::State& st) {
   }
   const auto un = static_cast<std::size_t>(n);
   for (auto _ : st) {
+    if constexpr (F == Fn::copy)
+      prefloss::detail::apply_unary(x.data(), y.data(), un, [](const auto& b) { return b; });
     if constexpr (F == Fn::log_sigmoid || F == Fn::log_sigmoid_wide) prefloss::log_sigmoid(x.data(), y.data(), un);
     if constexpr (F == Fn::sigmoid) prefloss::sigmoid(x.data(), y.data(), un);
     if constexpr (F == Fn::softplus) prefloss::softplus(x.data(), y.data(), un);
@@ -62,6 +65,9 @@ void register_type(const char* t) {
   const std::string s(t);
   // float log_sigmoid (array and the scalar baseline) also runs at the DRAM end, 1e8 elements.
   const pb::SizeRange ls = std::is_same_v<T, float> ? pb::kTokenSizes : pb::kMathSizes;
+  // y = x through the array driver the math uses (prefetch, streaming stores past the
+  // threshold): what reading x and writing y costs at each size, the floor of every row here.
+  if constexpr (std::is_same_v<T, float>) pb::add("copy/" + s + "/array", BM_unary<T, Fn::copy>, ls);
   pb::add("log_sigmoid/" + s + "/array", BM_unary<T, Fn::log_sigmoid>, ls);
   pb::add("log_sigmoid/" + s + "/array_wide", BM_unary<T, Fn::log_sigmoid_wide>, pb::kMathSizes);
   pb::add("log_sigmoid/" + s + "/scalar_std", BM_unary<T, Fn::log_sigmoid_scalar_std>, ls);

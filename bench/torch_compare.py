@@ -82,6 +82,12 @@ def _logsigmoid(m, n):
     return lambda: F.logsigmoid(x)
 
 
+@workload(r"copy/(f32|f64)/array")
+def _copy(m, n):
+    x = _uniform(n, -10, 10, _dtype(m[1]), 11)
+    return lambda: x.clone()
+
+
 @workload(r"sigmoid/(f32|f64)/array")
 def _sigmoid(m, n):
     x = _uniform(n, -10, 10, _dtype(m[1]), 11)
