@@ -23,10 +23,11 @@
 #define PREFLOSS_ASSERT(cond) assert(cond)
 #endif
 
-/// Array math whose output reaches this many bytes writes it with non-temporal (streaming)
-/// stores on x86: past the last-level cache an ordinary store first reads the line it
-/// overwrites, a third of the traffic of y = f(x). Below it the output stays in cache for
-/// whatever reads it next. Define before including prefloss to move it (0: always stream).
+/// Outputs of at least this many bytes (array math, masked adjoints, token-loss gradients) are
+/// written with non-temporal (streaming) stores on x86: past the last-level cache an ordinary
+/// store first reads the line it overwrites, a third of the traffic of y = f(x). Below it the
+/// output stays in cache for whatever reads it next. Define before including prefloss to move
+/// it (0: always stream).
 #ifndef PREFLOSS_STREAMING_STORE_BYTES
 #define PREFLOSS_STREAMING_STORE_BYTES (std::size_t{32} << 20)
 #endif
