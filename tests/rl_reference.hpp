@@ -1,9 +1,12 @@
 // Independent long-double reference implementations of verl's token-level RL formulas (policy
 // loss, value loss, KL penalty, agg_loss), written as plain loops straight from the formulas —
-// no prefloss code — plus the random-data helpers shared by test_ppo.cpp and test_value_rl.cpp.
+// no prefloss code — plus the random-data and error-checking helpers shared by test_ppo.cpp and
+// test_value_rl.cpp.
 #pragma once
 
 #include <prefloss/prefloss.hpp>
+
+#include <catch2/catch.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -11,6 +14,7 @@
 #include <limits>
 #include <optional>
 #include <random>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -262,6 +266,20 @@ FdResult token_fd_error(Data& d, const Tok<S>& g, F&& loss_of) {
       max_g = std::max(max_g, std::fabs(fd));
     }
   return {max_g > 0 ? max_err / max_g : max_err, masked_zero};
+}
+
+/// f() must throw a prefloss::error whose message names the function fn and contains needle.
+template <class F>
+void expect_error(F&& f, const std::string& fn, const std::string& needle) {
+  try {
+    f();
+    FAIL("no exception; expected one mentioning " << needle);
+  } catch (const pl::error& e) {
+    const std::string what = e.what();
+    CAPTURE(what);
+    CHECK(what.find(needle) != std::string::npos);
+    CHECK(what.find(fn) != std::string::npos);
+  }
 }
 
 }  // namespace rlref

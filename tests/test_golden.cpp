@@ -255,6 +255,26 @@ void for_types(F&& f) {
   f(double{});
 }
 
+/// A pairwise case's token inputs in type T, and the checks every pairwise result shares: batch
+/// loss, per-example losses and both token gradients.
+template <class T>
+struct PairTokens {
+  Tok<T> xc, xr;
+  Tok<std::uint8_t> mc, mr;
+  explicit PairTokens(const Case& c)
+      : xc(tok<T>(c.at("logp_c"))), xr(tok<T>(c.at("logp_r"))), mc(mask(c.at("mask_c"))), mr(mask(c.at("mask_r"))) {}
+
+  template <class R>
+  void check(const Case& c, const R& r) const {
+    Tok<T> gc(xc.dimension(0), xc.dimension(1)), gr(xr.dimension(0), xr.dimension(1));
+    r.backward(gc, gr);
+    compare(c, "loss", r.loss);
+    compare(c, "losses", r.losses);
+    compare_grad(c, "grad_c", gc);
+    compare_grad(c, "grad_r", gr);
+  }
+};
+
 #if defined(GOLDEN_PPO) || defined(GOLDEN_VALUE)
 pl::Aggregation aggregation(const std::string& s) {
   if (s == "token_mean") return pl::Aggregation::token_mean;
@@ -282,8 +302,7 @@ TEST_CASE("golden: dpo vs TRL dpo_loss", "[golden][dpo]") {
   for (const Case& c : load("dpo")) {
     for_types([&](auto z) {
       using T = decltype(z);
-      const auto xc = tok<T>(c.at("logp_c")), xr = tok<T>(c.at("logp_r"));
-      const auto mc = mask(c.at("mask_c")), mr = mask(c.at("mask_r"));
+      const PairTokens<T> p(c);
       const auto rc = vec<T>(c.at("ref_c")), rr = vec<T>(c.at("ref_r"));
       pl::DpoOptions o;
       o.beta = c.num("beta");
@@ -291,13 +310,8 @@ TEST_CASE("golden: dpo vs TRL dpo_loss", "[golden][dpo]") {
       o.reference_free = c.num("reference_free") != 0;
       const std::string& v = c.str("variant");
       o.variant = v == "sigmoid" ? pl::DpoVariant::sigmoid : v == "robust" ? pl::DpoVariant::robust : pl::DpoVariant::hinge;
-      const auto r = pl::dpo(pl::masked_sum(xc, mc), pl::masked_sum(xr, mr), rc, rr, o);
-      Tok<T> gc(xc.dimension(0), xc.dimension(1)), gr(xr.dimension(0), xr.dimension(1));
-      r.backward(gc, gr);
-      compare(c, "loss", r.loss);
-      compare(c, "losses", r.losses);
-      compare_grad(c, "grad_c", gc);
-      compare_grad(c, "grad_r", gr);
+      const auto r = pl::dpo(pl::masked_sum(p.xc, p.mc), pl::masked_sum(p.xr, p.mr), rc, rr, o);
+      p.check(c, r);
       compare(c, "reward_chosen", r.metrics.reward_chosen);
       compare(c, "reward_rejected", r.metrics.reward_rejected);
       compare(c, "reward_margin", r.metrics.reward_margin);
@@ -311,25 +325,19 @@ TEST_CASE("golden: ipo vs TRL (masked_mean) and OpenRLHF (masked_sum)", "[golden
   for (const Case& c : load("ipo")) {
     for_types([&](auto z) {
       using T = decltype(z);
-      const auto xc = tok<T>(c.at("logp_c")), xr = tok<T>(c.at("logp_r"));
-      const auto mc = mask(c.at("mask_c")), mr = mask(c.at("mask_r"));
+      const PairTokens<T> p(c);
       const auto rc = vec<T>(c.at("ref_c")), rr = vec<T>(c.at("ref_r"));
       pl::IpoOptions o;
       o.beta = c.num("beta");
-      Tok<T> gc(xc.dimension(0), xc.dimension(1)), gr(xr.dimension(0), xr.dimension(1));
       const auto check = [&](const auto& r) {
-        r.backward(gc, gr);
-        compare(c, "loss", r.loss);
-        compare(c, "losses", r.losses);
-        compare_grad(c, "grad_c", gc);
-        compare_grad(c, "grad_r", gr);
+        p.check(c, r);
         compare(c, "reward_chosen", r.metrics.reward_chosen);
         compare(c, "reward_rejected", r.metrics.reward_rejected);
       };
       if (c.str("reduction") == "mean")
-        check(pl::ipo(pl::masked_mean(xc, mc), pl::masked_mean(xr, mr), rc, rr, o));
+        check(pl::ipo(pl::masked_mean(p.xc, p.mc), pl::masked_mean(p.xr, p.mr), rc, rr, o));
       else
-        check(pl::ipo(pl::masked_sum(xc, mc), pl::masked_sum(xr, mr), rc, rr, o));
+        check(pl::ipo(pl::masked_sum(p.xc, p.mc), pl::masked_sum(p.xr, p.mr), rc, rr, o));
     });
   }
 }
@@ -407,19 +415,12 @@ TEST_CASE("golden: simpo vs TRL CPOTrainer loss_type=simpo", "[golden][simpo]") 
   for (const Case& c : load("simpo")) {
     for_types([&](auto z) {
       using T = decltype(z);
-      const auto xc = tok<T>(c.at("logp_c")), xr = tok<T>(c.at("logp_r"));
-      const auto mc = mask(c.at("mask_c")), mr = mask(c.at("mask_r"));
+      const PairTokens<T> p(c);
       pl::SimpoOptions o;
       o.beta = c.num("beta");
       o.gamma = c.num("gamma");
       o.label_smoothing = c.num("label_smoothing");
-      const auto r = pl::simpo(pl::masked_mean(xc, mc), pl::masked_mean(xr, mr), o);
-      Tok<T> gc(xc.dimension(0), xc.dimension(1)), gr(xr.dimension(0), xr.dimension(1));
-      r.backward(gc, gr);
-      compare(c, "loss", r.loss);
-      compare(c, "losses", r.losses);
-      compare_grad(c, "grad_c", gc);
-      compare_grad(c, "grad_r", gr);
+      p.check(c, pl::simpo(pl::masked_mean(p.xc, p.mc), pl::masked_mean(p.xr, p.mr), o));
     });
   }
 }
@@ -430,18 +431,12 @@ TEST_CASE("golden: orpo vs TRL odds_ratio_loss", "[golden][orpo]") {
   for (const Case& c : load("orpo")) {
     for_types([&](auto z) {
       using T = decltype(z);
-      const auto xc = tok<T>(c.at("logp_c")), xr = tok<T>(c.at("logp_r"));
-      const auto mc = mask(c.at("mask_c")), mr = mask(c.at("mask_r"));
+      const PairTokens<T> p(c);
       pl::OrpoOptions o;
       o.beta = c.num("beta");
       o.nll_weight = c.num("nll_weight");
-      const auto r = pl::orpo(pl::masked_mean(xc, mc), pl::masked_mean(xr, mr), o);
-      Tok<T> gc(xc.dimension(0), xc.dimension(1)), gr(xr.dimension(0), xr.dimension(1));
-      r.backward(gc, gr);
-      compare(c, "loss", r.loss);
-      compare(c, "losses", r.losses);
-      compare_grad(c, "grad_c", gc);
-      compare_grad(c, "grad_r", gr);
+      const auto r = pl::orpo(pl::masked_mean(p.xc, p.mc), pl::masked_mean(p.xr, p.mr), o);
+      p.check(c, r);
       compare(c, "log_odds_ratio", r.metrics.log_odds_ratio);
       compare(c, "log_odds_chosen", r.metrics.log_odds_chosen);
     });

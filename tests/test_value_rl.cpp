@@ -24,19 +24,6 @@ namespace {
 const pl::Aggregation all_modes[] = {pl::Aggregation::token_mean, pl::Aggregation::seq_mean_token_sum,
                                      pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm};
 
-template <class F>
-void expect_error(F&& f, const std::string& fn, const std::string& needle) {
-  try {
-    f();
-    FAIL("no exception; expected one mentioning " << needle);
-  } catch (const pl::error& e) {
-    const std::string what = e.what();
-    CAPTURE(what);
-    CHECK(what.find(needle) != std::string::npos);
-    CHECK(what.find(fn) != std::string::npos);
-  }
-}
-
 template <class S>
 bool all_equal(const Tok<S>& t, S v) {
   for (long k = 0; k < t.size(); ++k)
@@ -297,7 +284,7 @@ TEST_CASE("value_loss rejects bad input and writes nothing", "[value]") {
   pl::ValueOptions o;
   const auto fails = [&](auto&& f, const char* needle) {
     CHECK_THROWS_AS(f(), std::invalid_argument);
-    expect_error(f, "value_loss", needle);
+    rlref::expect_error(f, "value_loss", needle);
     CHECK(all_equal(g, -42.0));
   };
   fails([&] { pl::value_loss(c.v, bad, c.ret, c.mask, o, g); }, "'old_values'");
@@ -419,13 +406,13 @@ TEST_CASE("kl_estimate rejects bad input and writes nothing", "[kl]") {
   m.setConstant(true);
   out.setConstant(-42.0);
   bad.setZero();
-  expect_error([&] { pl::kl_estimate(lp, bad, m, pl::KlEstimator::k3, out); }, "kl_estimate", "'ref_logp'");
-  expect_error([&] { pl::kl_estimate(lp, ref, m, pl::KlEstimator::k3, bad); }, "kl_estimate", "'out'");
-  expect_error([&] { pl::kl_estimate(lp, ref, m, static_cast<pl::KlEstimator>(9), out); }, "kl_estimate", "'estimator'");
+  rlref::expect_error([&] { pl::kl_estimate(lp, bad, m, pl::KlEstimator::k3, out); }, "kl_estimate", "'ref_logp'");
+  rlref::expect_error([&] { pl::kl_estimate(lp, ref, m, pl::KlEstimator::k3, bad); }, "kl_estimate", "'out'");
+  rlref::expect_error([&] { pl::kl_estimate(lp, ref, m, static_cast<pl::KlEstimator>(9), out); }, "kl_estimate", "'estimator'");
   pl::KlOptions o;
   o.k3_clamp = 0.0;
-  expect_error([&] { pl::kl_estimate(lp, ref, m, o, out); }, "kl_estimate", "'k3_clamp'");
-  expect_error([&] { pl::kl_estimate(lp, ref, m, pl::KlOptions{}, out, bad); }, "kl_estimate", "'grad_out'");
+  rlref::expect_error([&] { pl::kl_estimate(lp, ref, m, o, out); }, "kl_estimate", "'k3_clamp'");
+  rlref::expect_error([&] { pl::kl_estimate(lp, ref, m, pl::KlOptions{}, out, bad); }, "kl_estimate", "'grad_out'");
   CHECK(all_equal(out, -42.0));
 }
 
@@ -529,18 +516,18 @@ TEST_CASE("gae rejects bad input and writes nothing", "[gae]") {
   a.setConstant(-42.f);
   ret.setConstant(-42.f);
   pl::GaeOptions o;
-  expect_error([&] { pl::gae(r, bad, m, o, a, ret); }, "gae", "'values'");
-  expect_error([&] { pl::gae(r, v, m, o, bad, ret); }, "gae", "'advantages_out'");
-  expect_error([&] { pl::gae(r, v, m, o, a, bad); }, "gae", "'returns_out'");
+  rlref::expect_error([&] { pl::gae(r, bad, m, o, a, ret); }, "gae", "'values'");
+  rlref::expect_error([&] { pl::gae(r, v, m, o, bad, ret); }, "gae", "'advantages_out'");
+  rlref::expect_error([&] { pl::gae(r, v, m, o, a, bad); }, "gae", "'returns_out'");
   pl::GaeOptions b;
   b.gamma = 1.5;
-  expect_error([&] { pl::gae(r, v, m, b, a, ret); }, "gae", "'gamma'");
+  rlref::expect_error([&] { pl::gae(r, v, m, b, a, ret); }, "gae", "'gamma'");
   b = {};
   b.lam = -0.1;
-  expect_error([&] { pl::gae(r, v, m, b, a, ret); }, "gae", "'lam'");
+  rlref::expect_error([&] { pl::gae(r, v, m, b, a, ret); }, "gae", "'lam'");
   b = {};
   b.whiten_advantages = true;
-  expect_error([&] { pl::gae(r, v, m1, b, a, ret); }, "gae", "'mask'");
+  rlref::expect_error([&] { pl::gae(r, v, m1, b, a, ret); }, "gae", "'mask'");
   CHECK(all_equal(a, -42.f));
   CHECK(all_equal(ret, -42.f));
 }
@@ -605,12 +592,12 @@ TEST_CASE("masked_whiten rejects bad input and writes nothing", "[whiten]") {
   one.setZero();
   one(1, 2) = 1.f;
   out.setConstant(-42.0);
-  expect_error([&] { pl::masked_whiten(x, none, out); }, "masked_whiten", "'mask'");
-  expect_error([&] { pl::masked_whiten(x, one, out); }, "masked_whiten", "'mask'");
-  expect_error([&] { pl::masked_whiten(x, m, bad); }, "masked_whiten", "'out'");
+  rlref::expect_error([&] { pl::masked_whiten(x, none, out); }, "masked_whiten", "'mask'");
+  rlref::expect_error([&] { pl::masked_whiten(x, one, out); }, "masked_whiten", "'mask'");
+  rlref::expect_error([&] { pl::masked_whiten(x, m, bad); }, "masked_whiten", "'out'");
   pl::WhitenOptions o;
   o.eps = -1;
-  expect_error([&] { pl::masked_whiten(x, m, out, o); }, "masked_whiten", "'eps'");
+  rlref::expect_error([&] { pl::masked_whiten(x, m, out, o); }, "masked_whiten", "'eps'");
   CHECK(all_equal(out, -42.0));
   // Biased variance accepts a single selected entry (its variance is 0; eps keeps it finite).
   o = {};
@@ -667,12 +654,12 @@ TEST_CASE("group_advantages rejects bad input and writes nothing", "[grpo]") {
   out.setConstant(-42.0);
   Eigen::Tensor<int, 1> ids(5);
   ids.setZero();
-  expect_error([&] { pl::group_advantages(s, 0, pl::GroupOptions{}, out); }, "group_advantages", "'group_size'");
-  expect_error([&] { pl::group_advantages(s, 4, pl::GroupOptions{}, out); }, "group_advantages", "'scores'");
-  expect_error([&] { pl::group_advantages(s, 3, pl::GroupOptions{}, bad); }, "group_advantages", "'out'");
-  expect_error([&] { pl::group_advantages(s, ids, pl::GroupOptions{}, out); }, "group_advantages", "'group_ids'");
+  rlref::expect_error([&] { pl::group_advantages(s, 0, pl::GroupOptions{}, out); }, "group_advantages", "'group_size'");
+  rlref::expect_error([&] { pl::group_advantages(s, 4, pl::GroupOptions{}, out); }, "group_advantages", "'scores'");
+  rlref::expect_error([&] { pl::group_advantages(s, 3, pl::GroupOptions{}, bad); }, "group_advantages", "'out'");
+  rlref::expect_error([&] { pl::group_advantages(s, ids, pl::GroupOptions{}, out); }, "group_advantages", "'group_ids'");
   pl::GroupOptions o;
   o.epsilon = -1e-6;
-  expect_error([&] { pl::group_advantages(s, 3, o, out); }, "group_advantages", "'epsilon'");
+  rlref::expect_error([&] { pl::group_advantages(s, 3, o, out); }, "group_advantages", "'epsilon'");
   for (int k = 0; k < 6; ++k) CHECK(out(k) == -42.0);
 }
