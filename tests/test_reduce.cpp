@@ -183,19 +183,6 @@ TEST_CASE("shape mismatches throw shape_error naming the argument; nothing is wr
   CHECK(base != nullptr);
 }
 
-TEST_CASE("a NaN weight selects its token on every instruction set, as the scalar rule does", "[reduce]") {
-  // 40 tokens: SIMD body and scalar tail both see a NaN weight.
-  Tok<float> x(1, 40);
-  x.setConstant(-1.f);
-  Tok<float> w(1, 40);
-  w.setZero();
-  w(0, 3) = std::numeric_limits<float>::quiet_NaN();
-  CHECK(std::isnan(pl::masked_sum(x, w).eval()(0)));
-  w(0, 3) = 0.f;
-  w(0, 39) = std::numeric_limits<float>::quiet_NaN();
-  CHECK(std::isnan(pl::masked_sum(x, w).eval()(0)));
-}
-
 TEST_CASE("masked reductions: any nonzero mask byte selects with weight 1, rows of every length", "[reduce]") {
   // Rows long enough for the 64- and 32-byte mask-counting steps plus their tails.
   const std::uint8_t bytes[] = {0, 1, 2, 128, 255, 0, 7};

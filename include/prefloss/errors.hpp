@@ -26,4 +26,18 @@ class option_error : public error {
   using error::error;
 };
 
+/// A tensor argument's memory cannot be read or written as it is: its data pointer is not aligned
+/// to its element type, or two outputs overlap (message names the argument and the address).
+class layout_error : public error {
+ public:
+  using error::error;
+};
+
+/// A tensor argument holds values outside its domain, e.g. a negative or NaN mask weight
+/// (message names the argument, the [row, column] position and the value).
+class value_error : public error {
+ public:
+  using error::error;
+};
+
 }  // namespace prefloss

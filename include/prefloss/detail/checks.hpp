@@ -35,6 +35,14 @@ inline void require_beta(const char* fn, double beta) {
   require_option(beta > 0 && beta < HUGE_VAL, fn, "beta", "> 0 and finite", beta);
 }
 
+/// A clamp or threshold the kernels apply in the token type S: > 0 as given and still > 0 once
+/// rounded to S (1e-50 is positive in double and 0 in float, which would clamp everything).
+template <class S>
+void require_positive_in(const char* fn, const char* name, double value) {
+  const bool ok = value > 0 && static_cast<S>(value) > S(0);
+  require_option(ok, fn, name, sizeof(S) == 4 ? "> 0 when set, also in float (the token type)" : "> 0 when set", value);
+}
+
 /// Throws option_error for an enum value outside its declared set.
 inline void require_enum(bool ok, const char* fn, const char* name, int value) {
   if (!ok)

@@ -10,7 +10,12 @@
 #include <cstdint>
 #include <type_traits>
 
+#include <limits>
+#include <string>
+
 #include "../config.hpp"
+#include "../errors.hpp"
+#include "checks.hpp"
 #include "simd.hpp"
 #include "tensor.hpp"
 
@@ -162,6 +167,48 @@ inline RowSums row_sums(const S* x, const M* m, Index n) noexcept {
     }
   }
   return {value, weight};
+}
+
+/// Largest weight a float mask may hold with S tokens: finite in both types.
+template <class S, class M>
+inline constexpr M max_weight = static_cast<M>(sizeof(S) < sizeof(M) ? std::numeric_limits<S>::max()
+                                                                       : std::numeric_limits<M>::max());
+
+/// Index of the first entry of m[0, n) that is not a weight in [0, max_weight<S, M>] (NaN,
+/// negative, infinite, or infinite once converted to S), n if there is none. One branch-free
+/// pass in batches; the scan for the position runs only when something is wrong.
+template <class S, class M>
+inline Index first_bad_weight(const M* m, Index n) noexcept {
+  static_assert(is_real_v<M>, "byte masks hold no weights");
+  const auto ok = [](M w) { return w >= M(0) && w <= max_weight<S, M>; };
+  constexpr Index w = static_cast<Index>(lanes<M>);
+  batch_bool<M> all_ok(true);
+  const batch<M> zero(M(0)), hi(max_weight<S, M>);
+  Index t = 0;
+  for (; t + w <= n; t += w) {
+    const batch<M> v = load_u<M, arch>(m + t);
+    all_ok = all_ok & (v >= zero) & (v <= hi);
+  }
+  bool good = xsimd::all(all_ok);
+  for (Index k = t; k < n; ++k) good = good && ok(m[k]);
+  if (good) return n;
+  for (Index k = 0; k < n; ++k)
+    if (!ok(m[k])) return k;
+  return n;
+}
+
+/// @brief Throws value_error unless every entry of a float/double mask is a finite weight >= 0
+/// (in the mask's type and converted to the token type S); bool/uint8 masks need no check.
+/// -0 counts as 0 (not selected).
+template <class S, class M>
+void require_weights(const Matrix<M>& m, const char* fn, const char* name) {
+  if constexpr (is_real_v<M>) {
+    const Index n = m.rows * m.cols;
+    const Index k = first_bad_weight<S>(m.data, n);
+    if (k != n)
+      throw value_error(std::string(fn) + ": argument '" + name + "' must hold finite weights >= 0, got " +
+                        fmt(static_cast<double>(m.data[k])) + " at " + shape_str(k / m.cols, k % m.cols));
+  }
 }
 
 /// out[t] = selected ? scale * w(t) : 0 for one row; Stream: the batch-aligned body with

@@ -166,8 +166,8 @@ struct PairInputs {
 template <class C, class R>
 auto pair_inputs(const char* fn, const C& chosen, const R& rejected) {
   require_same_scalar<C, R>();
-  auto c = as_sequence(chosen);
-  auto r = as_sequence(rejected);
+  auto c = as_sequence(chosen, fn, "chosen");
+  auto r = as_sequence(rejected, fn, "rejected");
   require_batch(fn, "rejected", r, c.size(), c.shape());
   require_nonempty(fn, "chosen", c.size());
   std::vector<double> uc = values_of(c), ur = values_of(r);
@@ -181,10 +181,10 @@ auto pair_inputs(const char* fn, const C& chosen, const R& rejected, const RC& r
                  bool reference_free) {
   require_same_scalar<C, RC>();
   require_same_scalar<C, RR>();
-  const auto c = as_sequence(chosen);
-  const auto rc = as_sequence(ref_chosen);
-  const auto rr = as_sequence(ref_rejected);
-  require_batch(fn, "rejected", as_sequence(rejected), c.size(), c.shape());
+  const auto c = as_sequence(chosen, fn, "chosen");
+  const auto rc = as_sequence(ref_chosen, fn, "ref_chosen");
+  const auto rr = as_sequence(ref_rejected, fn, "ref_rejected");
+  require_batch(fn, "rejected", as_sequence(rejected, fn, "rejected"), c.size(), c.shape());
   require_batch(fn, "ref_chosen", rc, c.size(), c.shape());
   require_batch(fn, "ref_rejected", rr, c.size(), c.shape());
   auto p = pair_inputs(fn, chosen, rejected);

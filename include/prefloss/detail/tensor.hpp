@@ -87,16 +87,29 @@ constexpr void require_token_tensor() {
                 "prefloss: token tensors must be row-major (Eigen::RowMajor)");
 }
 
+/// @brief Throws layout_error unless p is aligned to its element type. C++ reads a T only at a
+/// multiple of alignof(T); a map into a byte blob at an odd offset is rejected, not read.
 template <class T>
-Matrix<tensor_scalar_t<T>> matrix_view(const T& t) {
+void require_aligned(const T* p, const char* fn, const char* name) {
+  const auto addr = reinterpret_cast<std::uintptr_t>(p);
+  if (addr % alignof(T) != 0)
+    throw layout_error(std::string(fn) + ": argument '" + name + "' has data at address " + std::to_string(addr) +
+                       ", not a multiple of its element size " + std::to_string(alignof(T)) +
+                       "; copy it into an aligned tensor");
+}
+
+template <class T>
+Matrix<tensor_scalar_t<T>> matrix_view(const T& t, const char* fn, const char* name) {
   require_token_tensor<T>();
+  require_aligned(t.data(), fn, name);
   return {t.data(), static_cast<Index>(t.dimension(0)), static_cast<Index>(t.dimension(1))};
 }
 
 template <class T>
-Vector<tensor_scalar_t<T>> vector_view(const T& t) {
+Vector<tensor_scalar_t<T>> vector_view(const T& t, const char* fn, const char* name) {
   static_assert(is_tensor_v<T>, "prefloss: sequence arguments must be rank-1 Eigen tensors or sequence expressions");
   static_assert(tensor_rank_v<T> == 1, "prefloss: sequence tensors are rank 1 [batch]");
+  require_aligned(t.data(), fn, name);
   return {t.data(), static_cast<Index>(t.dimension(0))};
 }
 
@@ -109,6 +122,7 @@ MatrixOut<tensor_scalar_t<T>> matrix_out(T&& t, Index rows, Index cols, const ch
   if (t.dimension(0) != rows || t.dimension(1) != cols)
     throw shape_error(std::string(fn) + ": argument '" + name + "' must have shape " + shape_str(rows, cols) + ", got " +
                       shape_of(t));
+  require_aligned(t.data(), fn, name);
   return {t.data(), rows, cols};
 }
 
@@ -119,6 +133,7 @@ tensor_scalar_t<T>* vector_out(T&& t, Index size, const char* fn, const char* na
   if (t.dimension(0) != size)
     throw shape_error(std::string(fn) + ": argument '" + name + "' must have shape " + shape_str(size) + ", got " +
                       shape_of(t));
+  require_aligned(t.data(), fn, name);
   return t.data();
 }
 

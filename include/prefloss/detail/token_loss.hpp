@@ -200,7 +200,8 @@ struct TokenStats {
   }
 };
 
-/// @brief One pass over a row of n tokens. Fwd: returns the row's TokenStats. Bwd: writes
+/// @brief One pass over a row of n tokens. Fwd: returns the row's TokenStats (all but the
+/// weight, which the caller takes from the mask alone: row_weight). Bwd: writes
 /// grad[t] = gscale * w[t] * d l / d input0 at selected tokens and 0 elsewhere (every t);
 /// Stream: the batch-aligned body of grad with streaming stores (the caller fences).
 template <bool Fwd, bool Bwd, bool Stream = false, class Kernel, class S, class M>
@@ -215,9 +216,9 @@ inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m
   const Kernel k = kernel;
   const S* src[NI > 0 ? NI : 1];
   for (std::size_t j = 0; j < NI; ++j) src[j] = in[j];
-  const B zero(S(0)), one(S(1)), gs(gscale);
+  const B zero(S(0)), gs(gscale);
   const B ninf(-std::numeric_limits<S>::infinity());
-  WideSum<S> loss, weight;
+  WideSum<S> loss;
   std::array<WideSum<S>, NS> sums;
   B mx = ninf;
 
@@ -231,11 +232,9 @@ inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m
     if constexpr (Fwd) {
       if constexpr (sizeof(M) == 1) {
         loss.add_selected(ml.sel, o.loss);
-        weight.add_selected(ml.sel, one);
         for (std::size_t j = 0; j < NS; ++j) sums[j].add_selected(ml.sel, o.sums[j]);
       } else {
         loss.add_selected(ml.sel, ml.weight * o.loss);
-        weight.add_selected(ml.sel, ml.weight);
         for (std::size_t j = 0; j < NS; ++j) sums[j].add_selected(ml.sel, ml.weight * o.sums[j]);
       }
       if constexpr (Kernel::has_max) mx = xsimd::max(mx, xsimd::select(ml.sel, o.max, ninf));
@@ -250,24 +249,26 @@ inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m
   };
   const auto flush = [&] {
     loss.flush();
-    weight.flush();
     for (auto& s : sums) s.flush();
   };
 
-  // r < W tokens from t through the same kernel on zero-padded copies (padding is masked out):
-  // the tail, and with Stream the head before grad's first aligned batch.
+  // r tokens from t through the same kernel on zero-padded copies of at most one batch each
+  // (padding is masked out): the tail, and with Stream the head before grad's first aligned batch.
   const auto partial = [&](Index t, Index r) {
-    alignas(64) S xb[NI > 0 ? NI : 1][lanes<S>] = {};
-    alignas(64) M mb[lanes<S>] = {};
-    alignas(64) S gb[lanes<S>] = {};
-    const S* xp[NI > 0 ? NI : 1];
-    for (std::size_t j = 0; j < NI; ++j) {
-      std::memcpy(xb[j], src[j] + t, static_cast<std::size_t>(r) * sizeof(S));
-      xp[j] = xb[j];
+    for (; r > 0; t += W, r -= W) {
+      const auto len = static_cast<std::size_t>(r < W ? r : W);
+      alignas(64) S xb[NI > 0 ? NI : 1][lanes<S>] = {};
+      alignas(64) M mb[lanes<S>] = {};
+      alignas(64) S gb[lanes<S>] = {};
+      const S* xp[NI > 0 ? NI : 1];
+      for (std::size_t j = 0; j < NI; ++j) {
+        std::memcpy(xb[j], src[j] + t, len * sizeof(S));
+        xp[j] = xb[j];
+      }
+      std::memcpy(mb, m + t, len * sizeof(M));
+      step(xp, 0, mb, gb, std::false_type{});
+      if constexpr (Bwd) std::memcpy(grad + t, gb, len * sizeof(S));
     }
-    std::memcpy(mb, m + t, static_cast<std::size_t>(r) * sizeof(M));
-    step(xp, 0, mb, gb, std::false_type{});
-    if constexpr (Bwd) std::memcpy(grad + t, gb, static_cast<std::size_t>(r) * sizeof(S));
   };
 
   Index t = 0;
@@ -297,7 +298,6 @@ inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m
   TokenStats st;
   if constexpr (Fwd) {
     st.loss = loss.total();
-    st.weight = weight.total();
     for (std::size_t j = 0; j < NS; ++j) st.sums[j] = sums[j].total();
     if constexpr (Kernel::has_max) {
       alignas(64) S a[lanes<S>];
@@ -323,7 +323,7 @@ struct TokenInputs {
   const M* mask_row(Index i) const noexcept { return mask + i * cols; }
 };
 
-/// Sum of the mask weights of one row (the seq_mean_token_mean normaliser).
+/// Sum of the mask weights of one row: W_i of every normaliser and of the token_weight metric.
 template <class S, class M>
 inline double row_weight(const M* m, Index n) noexcept {
   return row_sums<false, true, S>(static_cast<const S*>(nullptr), m, n).weight;
@@ -331,7 +331,8 @@ inline double row_weight(const M* m, Index n) noexcept {
 
 /// @brief Forward (and, when grad is given, the fused backward) of a token loss.
 /// Fills scales[i] = d loss / d S_i (see row_scale), losses[i] = scales[i] * S_i, and returns the
-/// merged stats of the call with `loss` replaced by the aggregated batch loss.
+/// merged stats of the call with `loss` replaced by the aggregated batch loss. Both forms take
+/// every row weight W_i from row_weight() and add them in row order, so they agree to the bit.
 template <class Kernel, class S, class M>
 TokenStats token_forward(const Kernel& k, const TokenInputs<S, M>& in, const AggregationSpec& spec, double* scales,
                          S* losses, const MatrixOut<S>* grad) {
@@ -344,10 +345,12 @@ TokenStats token_forward(const Kernel& k, const TokenInputs<S, M>& in, const Agg
     // row sums and weights wait in scales[] and a [batch] vector.
     std::vector<double> weights(static_cast<std::size_t>(B));
     for (Index i = 0; i < B; ++i) {
+      const double w = row_weight<S>(in.mask_row(i), T);
       in.row_ptrs(i, p);
-      const TokenStats st = token_row<true, false>(k, p, in.mask_row(i), T, S(0), static_cast<S*>(nullptr));
+      TokenStats st = token_row<true, false>(k, p, in.mask_row(i), T, S(0), static_cast<S*>(nullptr));
+      st.weight = w;
       scales[i] = st.loss;
-      weights[static_cast<std::size_t>(i)] = st.weight;
+      weights[static_cast<std::size_t>(i)] = w;
       total.merge(st);
     }
     for (Index i = 0; i < B; ++i) {
@@ -359,18 +362,23 @@ TokenStats token_forward(const Kernel& k, const TokenInputs<S, M>& in, const Agg
     }
   } else {
     // Fused: the gradient scale of a row must be known before the row streams, so token_mean
-    // sums the mask bytes first and seq_mean_token_mean sums each row's mask just before it
-    // (still in cache for the main pass).
+    // sums the masks first (the row weights wait in scales[]) and the other modes sum each row's
+    // mask just before it (still in cache for the main pass).
+    const bool all_first = needs_total_weight(spec);
     double total_weight = 0;
-    if (needs_total_weight(spec))
-      for (Index i = 0; i < B; ++i) total_weight += row_weight<S>(in.mask_row(i), T);
+    if (all_first)
+      for (Index i = 0; i < B; ++i) {
+        scales[i] = row_weight<S>(in.mask_row(i), T);
+        total_weight += scales[i];
+      }
     const auto rows = [&](auto stream) {
       for (Index i = 0; i < B; ++i) {
-        const double w = needs_row_weight(spec) ? row_weight<S>(in.mask_row(i), T) : 0.0;
+        const double w = all_first ? scales[i] : row_weight<S>(in.mask_row(i), T);
         scales[i] = row_scale(spec, w, total_weight);
         in.row_ptrs(i, p);
-        const TokenStats st = token_row<true, true, decltype(stream)::value>(k, p, in.mask_row(i), T,
-                                                                             static_cast<S>(scales[i]), grad->row(i));
+        TokenStats st = token_row<true, true, decltype(stream)::value>(k, p, in.mask_row(i), T,
+                                                                       static_cast<S>(scales[i]), grad->row(i));
+        st.weight = w;
         const double contribution = scales[i] * st.loss;
         losses[i] = static_cast<S>(contribution);
         loss += contribution;

@@ -32,13 +32,13 @@ auto bradley_terry_impl(const C& r_chosen, const R& r_rejected, const M* margin,
   using S = typename sequence_t<C>::Scalar;
   require_option(opt.center_coef >= 0 && std::isfinite(opt.center_coef), fn, "center_coef", ">= 0 and finite",
                  opt.center_coef);
-  auto c = as_sequence(r_chosen);
-  auto r = as_sequence(r_rejected);
+  auto c = as_sequence(r_chosen, fn, "r_chosen");
+  auto r = as_sequence(r_rejected, fn, "r_rejected");
   const Index B = c.size();
   require_batch(fn, "r_rejected", r, B, c.shape());
   std::optional<sequence_t<M>> m;
   if (margin) {
-    m.emplace(as_sequence(*margin));
+    m.emplace(as_sequence(*margin, fn, "margin"));
     require_batch(fn, "margin", *m, B, c.shape());
   }
   require_nonempty(fn, "r_chosen", B);
@@ -48,8 +48,10 @@ auto bradley_terry_impl(const C& r_chosen, const R& r_rejected, const M* margin,
     const std::size_t u = static_cast<std::size_t>(i);
     const double z = vc[u] - vr[u] - (m ? m->value(i) : 0.0);
     const auto ls = log_sigmoid_and_grad(z);
+    // k * center first: with k near DBL_MAX, 2 * k alone overflows and meets center = 0 as inf * 0.
     const double center = vc[u] + vr[u];
-    return PairTerm{-ls.value + k * center * center, -ls.grad + 2 * k * center, ls.grad + 2 * k * center};
+    const double kc = k * center;
+    return PairTerm{-ls.value + kc * center, -ls.grad + 2 * kc, ls.grad + 2 * kc};
   });
   result.metrics = preference_metrics<S>(vc, vr);
   return result;
@@ -101,7 +103,7 @@ auto bradley_terry_ranking(const X& rewards, const BradleyTerryOptions& opt = {}
   using S = detail::tensor_scalar_t<X>;
   detail::require_option(opt.center_coef >= 0 && std::isfinite(opt.center_coef), fn, "center_coef", ">= 0 and finite",
                          opt.center_coef);
-  detail::PlainMatrix<S> in(detail::matrix_view(rewards));
+  detail::PlainMatrix<S> in(detail::matrix_view(rewards, fn, "rewards"));
   const Index B = in.rows(), K = in.cols();
   if (K < 2)
     throw shape_error(std::string(fn) + ": argument 'rewards' must have shape [batch, K] with K >= 2, got " + in.shape());
@@ -124,10 +126,10 @@ auto bradley_terry_ranking(const X& rewards, const BradleyTerryOptions& opt = {}
       for (Index c = a + 1; c < K; ++c) {
         const double rc = in.value(i, c);
         const auto ls = log_sigmoid_and_grad(ra - rc);  // d logsig(z)/dz = sig(-z)
-        const double center = ra + rc;
-        row += -ls.value + k * center * center;
-        d[static_cast<std::size_t>(a)] += -ls.grad + 2 * k * center;
-        d[static_cast<std::size_t>(c)] += ls.grad + 2 * k * center;
+        const double kc = k * (ra + rc);  // as in bradley_terry: no 2 * k overflow
+        row += -ls.value + kc * (ra + rc);
+        d[static_cast<std::size_t>(a)] += -ls.grad + 2 * kc;
+        d[static_cast<std::size_t>(c)] += ls.grad + 2 * kc;
         correct += ra > rc ? 1.0 : 0.0;
         margin += ra - rc;
       }

@@ -23,7 +23,10 @@ enum class DpoVariant {
 /// Options of dpo(). Defaults are TRL's.
 struct DpoOptions {
   double beta = 0.1;             ///< > 0: inverse temperature of the implicit reward
-  double label_smoothing = 0.0;  ///< in [0, 0.5): assumed label-flip probability e
+  /// in [0, 0.5): assumed label-flip probability e. robust divides by 1 - 2e, so its loss and
+  /// gradient grow without bound as e approaches 0.5 (labels that carry no information): that is
+  /// the estimator's value, not a rounding artefact, and prefloss computes it as it is.
+  double label_smoothing = 0.0;
   DpoVariant variant = DpoVariant::sigmoid;
   bool reference_free = false;   ///< true: rho = 0, the reference inputs are ignored
 };

@@ -99,11 +99,11 @@ auto kto(const P& policy, const R& ref, const D& desirable, const KP& kl_policy,
     detail::require_option(std::isfinite(*opt.reference_point), fn, "reference_point", "finite when set",
                            *opt.reference_point);
 
-  auto s = as_sequence(policy);
-  const auto rho = as_sequence(ref);
-  const auto kp = as_sequence(kl_policy);
-  const auto kr = as_sequence(kl_ref);
-  const auto lab = detail::vector_view(desirable);
+  auto s = as_sequence(policy, fn, "policy");
+  const auto rho = as_sequence(ref, fn, "ref");
+  const auto kp = as_sequence(kl_policy, fn, "kl_policy");
+  const auto kr = as_sequence(kl_ref, fn, "kl_ref");
+  const auto lab = detail::vector_view(desirable, fn, "desirable");
   const Index B = s.size();
   detail::require_batch(fn, "ref", rho, B, s.shape());
   if (lab.size != B)

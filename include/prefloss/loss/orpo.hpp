@@ -45,6 +45,12 @@ struct OrpoMetrics : PreferenceMetrics<S> {
 /// So s_c = 0 (a chosen response of probability 1) gives a finite loss and gradient; s_r = 0 is
 /// a true singularity (L = -inf) and gives an infinite loss; s > 0 is outside the domain (NaN).
 ///
+/// Empty pairs: when either response of an example has no selected token (a fully masked row of
+/// a masked_mean/masked_sum expression, or a row of zero tokens), there is no odds ratio to
+/// form. Such an example follows the empty-row policy: loss 0, gradient 0, 0 in every metric
+/// sum, and it still counts in the batch mean (as an empty row does under seq_mean_token_mean).
+/// A plain [batch] tensor has no rows, so its values are taken as they are.
+///
 /// @param chosen, rejected policy values: masked_mean (or masked_sum) expressions or [batch] tensors
 /// @return PairwiseResult with OrpoMetrics; backward(g_chosen, g_rejected) writes d loss / d
 /// policy inputs (the chosen side includes the NLL term).
@@ -58,24 +64,30 @@ auto orpo(const C& chosen, const R& rejected, const OrpoOptions& opt = {}) {
   detail::require_option(opt.nll_weight >= 0 && std::isfinite(opt.nll_weight), fn, "nll_weight", ">= 0 and finite",
                          opt.nll_weight);
   auto in = detail::pair_inputs(fn, chosen, rejected);
+  std::vector<bool> empty(in.uc.size());
+  for (std::size_t k = 0; k < empty.size(); ++k) {
+    const auto i = static_cast<Index>(k);
+    empty[k] = in.chosen.empty(i) || in.rejected.empty(i);
+    if (empty[k]) in.uc[k] = in.ur[k] = 0;  // so the reward metrics see 0 too
+  }
   const auto& sc = in.uc;
   const auto& sr = in.ur;
   const double b = opt.beta, w = opt.nll_weight;
-  double sum_ratio = 0, sum_log_odds = 0;
+  double sum_ratio = 0, sum_log_odds = 0, nll = 0;
   auto result = detail::pairwise_loss<OrpoMetrics<S>>(fn, std::move(in.chosen), std::move(in.rejected), [&](Index i) {
     const std::size_t k = static_cast<std::size_t>(i);
+    if (empty[k]) return detail::PairTerm{0.0, 0.0, 0.0};
     const double xc = sc[k], xr = sr[k];
     const double l1c = log1mexp(xc), l1r = log1mexp(xr);
     const double L = (xc - xr) - (l1c - l1r);
     const double ratio = log_sigmoid_and_grad(L).value;
     sum_ratio += ratio;
     sum_log_odds += L;
+    nll -= xc;
     const double dc = -w - b / (-std::expm1(xc) + std::exp(xc - xr + l1r));
     const double dr = b / (-std::expm1(xr) + std::exp(xc - xr + 2 * l1r - l1c));
     return detail::PairTerm{-w * xc - b * ratio, dc, dr};
   });
-  double nll = 0;
-  for (const double v : sc) nll -= v;
   const double n = static_cast<double>(sc.size());
   static_cast<PreferenceMetrics<S>&>(result.metrics) = detail::preference_metrics<S>(sc, sr, b);
   result.metrics.log_odds_ratio = static_cast<S>(sum_ratio / n);

@@ -26,9 +26,9 @@ namespace prefloss {
 /// kl_penalty), except dual clip, which verl always applies with clip_ratio_c = 3 and which is
 /// off here unless dual_clip > 1.
 struct PpoOptions {
-  double clip_low = 0.2;   ///< >= 0: eps_low, ratios below 1 - eps_low are clipped (verl clip_ratio_low)
+  double clip_low = 0.2;   ///< in [0, 1]: eps_low, ratios below 1 - eps_low are clipped (verl clip_ratio_low); 1: off
   double clip_high = 0.2;  ///< >= 0: eps_high, ratios above 1 + eps_high are clipped (verl clip_ratio_high)
-  double dual_clip = 0.0;  ///< 0 = off; > 1: c, the loss of A < 0 tokens is capped at -A c (verl clip_ratio_c)
+  double dual_clip = 0.0;  ///< 0 = off; > 1 and finite: c, the loss of A < 0 tokens is capped at -A c (verl clip_ratio_c)
   Aggregation aggregation = Aggregation::token_mean;
   double kl_coef = 0.0;  ///< >= 0: weight of the per-token KL penalty (needs ref_logp when > 0)
   KlEstimator kl_estimator = KlEstimator::k3;
@@ -169,15 +169,19 @@ template <class S, class M, class GT>
 PpoResult<S, M> ppo_clip_impl(const Matrix<S>& lp, const Matrix<S>& old, const Matrix<S>& adv, const Matrix<M>& mask,
                               const Matrix<S>* ref, const PpoOptions& opt, GT* grad_out) {
   constexpr const char* fn = "ppo_clip";
-  require_option(opt.clip_low >= 0 && std::isfinite(opt.clip_low), fn, "clip_low", ">= 0 and finite", opt.clip_low);
+  // The ratio is positive, so a lower bound 1 - clip_low below 0 never binds: clip_low = 1 turns
+  // the lower clip off, and anything larger only hides a typo.
+  require_option(opt.clip_low >= 0 && opt.clip_low <= 1, fn, "clip_low", "in [0, 1]", opt.clip_low);
   require_option(opt.clip_high >= 0 && std::isfinite(opt.clip_high), fn, "clip_high", ">= 0 and finite",
                  opt.clip_high);
-  require_option(opt.dual_clip == 0 || opt.dual_clip > 1, fn, "dual_clip", "0 (off) or > 1", opt.dual_clip);
+  require_option(opt.dual_clip == 0 || (opt.dual_clip > 1 && std::isfinite(opt.dual_clip) &&
+                                         static_cast<S>(opt.dual_clip) > S(1)),
+                 fn, "dual_clip", sizeof(S) == 4 ? "0 (off), or > 1 and finite, also in float" : "0 (off), or > 1 and finite",
+                 opt.dual_clip);
   require_option(opt.kl_coef >= 0 && std::isfinite(opt.kl_coef), fn, "kl_coef", ">= 0 and finite", opt.kl_coef);
-  validate_kl(fn, opt.kl_estimator, opt.k3_log_ratio_clamp, opt.k3_clamp, "kl_estimator", "k3_log_ratio_clamp",
+  validate_kl<S>(fn, opt.kl_estimator, opt.k3_log_ratio_clamp, opt.k3_clamp, "kl_estimator", "k3_log_ratio_clamp",
               "k3_clamp");
-  if (opt.log_ratio_clamp)
-    require_option(*opt.log_ratio_clamp > 0, fn, "log_ratio_clamp", "> 0 when set", *opt.log_ratio_clamp);
+  if (opt.log_ratio_clamp) require_positive_in<S>(fn, "log_ratio_clamp", *opt.log_ratio_clamp);
   if (opt.kl_coef > 0 && ref == nullptr)
     throw option_error(std::string(fn) + ": option 'kl_coef' is " + fmt(opt.kl_coef) +
                        " but no 'ref_logp' was given (pass ref_logp or set kl_coef = 0)");
@@ -188,6 +192,7 @@ PpoResult<S, M> ppo_clip_impl(const Matrix<S>& lp, const Matrix<S>& old, const M
   require_same_shape(fn, "advantages", adv, "logp", lp);
   require_same_shape(fn, "mask", mask, "logp", lp);
   if (ref) require_same_shape(fn, "ref_logp", *ref, "logp", lp);
+  require_weights<S>(mask, fn, "mask");
   require_nonempty(fn, "logp", lp.rows);
   MatrixOut<S> g{};
   if constexpr (!std::is_same_v<GT, std::nullptr_t>) g = matrix_out(*grad_out, lp.rows, lp.cols, fn, "grad_out");
@@ -237,6 +242,19 @@ constexpr void ppo_static_checks() {
 template <class T>
 using if_tensor_t = std::enable_if_t<is_tensor_v<T>, int>;
 
+/// Named views of ppo_clip's tensors (ref_logp and grad_out may be null pointers of nullptr_t).
+template <class LP, class OLP, class AD, class MK, class RF, class GT>
+auto ppo_clip_views(const LP& logp, const OLP& old_logp, const AD& advantages, const MK& mask, const RF* ref_logp,
+                    const PpoOptions& opt, GT* grad_out) {
+  constexpr const char* fn = "ppo_clip";
+  constexpr bool has_ref = !std::is_same_v<RF, std::nullptr_t>;
+  Matrix<tensor_scalar_t<LP>> ref{};
+  if constexpr (has_ref) ref = matrix_view(*ref_logp, fn, "ref_logp");
+  return ppo_clip_impl(matrix_view(logp, fn, "logp"), matrix_view(old_logp, fn, "old_logp"),
+                       matrix_view(advantages, fn, "advantages"), matrix_view(mask, fn, "mask"),
+                       has_ref ? &ref : nullptr, opt, grad_out);
+}
+
 }  // namespace detail
 
 /// @brief PPO clipped surrogate loss over row-major [batch, tokens] tensors.
@@ -266,15 +284,17 @@ using if_tensor_t = std::enable_if_t<is_tensor_v<T>, int>;
 /// @param old_logp, advantages constants of the rollout, same shape
 /// @param mask same shape: bool/uint8 (nonzero selects) or float/double (weights)
 /// @return PpoResult; holds views of the inputs until backward() has run.
-/// @throws shape_error naming the argument (shape mismatch, empty batch); option_error for
-/// clip ranges < 0, dual_clip in (0, 1] or < 0, kl_coef < 0 or > 0 without ref_logp, an unknown
-/// enum, or a normaliser/clamp <= 0. Nothing is written on error.
+/// @throws shape_error naming the argument (shape mismatch, empty batch); layout_error for a
+/// tensor whose data is not aligned to its element type; value_error for a float mask weight
+/// that is negative, NaN or infinite; option_error for clip_high < 0, clip_low outside [0, 1],
+/// dual_clip in (0, 1] or < 0 (or 1 once rounded to float), kl_coef < 0 or > 0 without
+/// ref_logp, an unknown enum, or a normaliser/clamp <= 0 (or 0 once rounded to the token type).
+/// Nothing is written on error.
 template <class LP, class OLP, class AD, class MK>
 auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const MK& mask, const PpoOptions& opt = {}) {
   detail::ppo_static_checks<LP, OLP, AD, MK>();
-  return detail::ppo_clip_impl(detail::matrix_view(logp), detail::matrix_view(old_logp), detail::matrix_view(advantages),
-                               detail::matrix_view(mask), static_cast<const detail::Matrix<detail::tensor_scalar_t<LP>>*>(nullptr),
-                               opt, static_cast<std::nullptr_t*>(nullptr));
+  return detail::ppo_clip_views(logp, old_logp, advantages, mask, static_cast<const std::nullptr_t*>(nullptr), opt,
+                                static_cast<std::nullptr_t*>(nullptr));
 }
 
 /// @brief ppo_clip with a reference policy's log-probs for the KL term (kl_metrics too).
@@ -284,9 +304,7 @@ auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const M
   detail::ppo_static_checks<LP, OLP, AD, MK>();
   static_assert(std::is_same_v<detail::tensor_scalar_t<RF>, detail::tensor_scalar_t<LP>>,
                 "prefloss: ref_logp must have logp's scalar type");
-  const auto ref = detail::matrix_view(ref_logp);
-  return detail::ppo_clip_impl(detail::matrix_view(logp), detail::matrix_view(old_logp), detail::matrix_view(advantages),
-                               detail::matrix_view(mask), &ref, opt, static_cast<std::nullptr_t*>(nullptr));
+  return detail::ppo_clip_views(logp, old_logp, advantages, mask, &ref_logp, opt, static_cast<std::nullptr_t*>(nullptr));
 }
 
 /// @brief Fused ppo_clip: forward and d loss / d logp in one streaming pass (grad_out is a
@@ -299,9 +317,8 @@ auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const M
   detail::ppo_static_checks<LP, OLP, AD, MK>();
   static_assert(std::is_same_v<detail::tensor_scalar_t<G>, detail::tensor_scalar_t<LP>>,
                 "prefloss: grad_out must have logp's scalar type");
-  return detail::ppo_clip_impl(detail::matrix_view(logp), detail::matrix_view(old_logp), detail::matrix_view(advantages),
-                               detail::matrix_view(mask), static_cast<const detail::Matrix<detail::tensor_scalar_t<LP>>*>(nullptr),
-                               opt, &grad_out);
+  return detail::ppo_clip_views(logp, old_logp, advantages, mask, static_cast<const std::nullptr_t*>(nullptr), opt,
+                                &grad_out);
 }
 
 /// @brief Fused ppo_clip with a reference policy (see the fused overload above).
@@ -314,9 +331,7 @@ auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const M
                 "prefloss: ref_logp must have logp's scalar type");
   static_assert(std::is_same_v<detail::tensor_scalar_t<G>, detail::tensor_scalar_t<LP>>,
                 "prefloss: grad_out must have logp's scalar type");
-  const auto ref = detail::matrix_view(ref_logp);
-  return detail::ppo_clip_impl(detail::matrix_view(logp), detail::matrix_view(old_logp), detail::matrix_view(advantages),
-                               detail::matrix_view(mask), &ref, opt, &grad_out);
+  return detail::ppo_clip_views(logp, old_logp, advantages, mask, &ref_logp, opt, &grad_out);
 }
 
 }  // namespace prefloss

@@ -47,7 +47,7 @@ auto nll(const X& logp_sequence, const NllOptions& opt = {}) {
   if (opt.normalizer)
     detail::require_option(*opt.normalizer > 0 && std::isfinite(*opt.normalizer), fn, "normalizer", "> 0 and finite",
                            *opt.normalizer);
-  auto s = as_sequence(logp_sequence);
+  auto s = as_sequence(logp_sequence, fn, "logp_sequence");
   const Index B = s.size();
   detail::require_nonempty(fn, "logp_sequence", B);
   const std::vector<double> v = detail::values_of(s);

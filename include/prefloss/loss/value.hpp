@@ -130,6 +130,7 @@ ValueResult<S, M> value_loss_impl(const Matrix<S>& v, const Matrix<S>& old, cons
   require_same_shape(fn, "old_values", old, "values", v);
   require_same_shape(fn, "returns", ret, "values", v);
   require_same_shape(fn, "mask", mask, "values", v);
+  require_weights<S>(mask, fn, "mask");
   require_nonempty(fn, "values", v.rows);
   MatrixOut<S> g{};
   if constexpr (!std::is_same_v<GT, std::nullptr_t>) g = matrix_out(*grad_out, v.rows, v.cols, fn, "grad_out");
@@ -150,6 +151,15 @@ ValueResult<S, M> value_loss_impl(const Matrix<S>& v, const Matrix<S>& old, cons
   result.metrics.value_mean = static_cast<S>(safe_mean(st.sums[1], st.weight));
   result.metrics.token_weight = static_cast<S>(st.weight);
   return result;
+}
+
+/// Named views of value_loss's tensors (grad_out may be a null pointer of nullptr_t).
+template <class V, class O, class R, class MK, class GT>
+auto value_loss_views(const V& values, const O& old_values, const R& returns, const MK& mask, const ValueOptions& opt,
+                      GT* grad_out) {
+  constexpr const char* fn = "value_loss";
+  return value_loss_impl(matrix_view(values, fn, "values"), matrix_view(old_values, fn, "old_values"),
+                         matrix_view(returns, fn, "returns"), matrix_view(mask, fn, "mask"), opt, grad_out);
 }
 
 template <class V, class O, class R, class MK>
@@ -177,9 +187,7 @@ constexpr void value_static_checks() {
 template <class V, class O, class R, class MK>
 auto value_loss(const V& values, const O& old_values, const R& returns, const MK& mask, const ValueOptions& opt = {}) {
   detail::value_static_checks<V, O, R, MK>();
-  return detail::value_loss_impl(detail::matrix_view(values), detail::matrix_view(old_values),
-                                 detail::matrix_view(returns), detail::matrix_view(mask), opt,
-                                 static_cast<std::nullptr_t*>(nullptr));
+  return detail::value_loss_views(values, old_values, returns, mask, opt, static_cast<std::nullptr_t*>(nullptr));
 }
 
 /// @brief Fused value_loss: forward and d loss / d values in one pass into grad_out
@@ -190,8 +198,7 @@ auto value_loss(const V& values, const O& old_values, const R& returns, const MK
   detail::value_static_checks<V, O, R, MK>();
   static_assert(std::is_same_v<detail::tensor_scalar_t<G>, detail::tensor_scalar_t<V>>,
                 "prefloss: grad_out must have values' scalar type");
-  return detail::value_loss_impl(detail::matrix_view(values), detail::matrix_view(old_values),
-                                 detail::matrix_view(returns), detail::matrix_view(mask), opt, &grad_out);
+  return detail::value_loss_views(values, old_values, returns, mask, opt, &grad_out);
 }
 
 }  // namespace prefloss

@@ -53,6 +53,11 @@ class MaskedReduction {
     }
   }
 
+  /// Whether sequence i has no selected token (its mean is 0 by definition, not by value).
+  bool empty(Index i) const noexcept {
+    return detail::row_sums<false, true>(static_cast<const S*>(nullptr), m_.row(i), x_.cols).weight == 0;
+  }
+
   /// Writes all [batch] values to out (no checks; out holds size() elements).
   void eval_to(S* out) const noexcept {
     for (Index i = 0; i < x_.rows; ++i) out[i] = static_cast<S>(value(i));
@@ -91,7 +96,7 @@ class MaskedReduction {
   /// @throws shape_error if either shape is wrong (nothing is written then).
   template <class U, class G>
   void backward(const U& upstream, G&& grad) const {
-    const auto up = detail::vector_view(upstream);
+    const auto up = detail::vector_view(upstream, "backward", "upstream");
     static_assert(std::is_same_v<detail::tensor_scalar_t<U>, S>, "prefloss: upstream must have the token scalar type");
     if (up.size != x_.rows)
       throw shape_error(std::string("backward: argument 'upstream' must have shape ") + detail::shape_str(x_.rows) +
@@ -119,11 +124,12 @@ class MaskedReduction {
 namespace detail {
 template <Reduction R, class X, class Mk>
 auto make_masked(const X& tokens, const Mk& mask, const char* fn) {
-  const auto x = matrix_view(tokens);
-  const auto m = matrix_view(mask);
+  const auto x = matrix_view(tokens, fn, "tokens");
+  const auto m = matrix_view(mask, fn, "mask");
   if (x.rows != m.rows || x.cols != m.cols)
     throw shape_error(std::string(fn) + ": argument 'mask' has shape " + shape_str(m.rows, m.cols) + " but 'tokens' has shape " +
                       shape_str(x.rows, x.cols));
+  require_weights<tensor_scalar_t<X>>(m, fn, "mask");
   return MaskedReduction<tensor_scalar_t<X>, tensor_scalar_t<Mk>, R>(x, m);
 }
 }  // namespace detail

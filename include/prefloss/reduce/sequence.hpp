@@ -28,6 +28,8 @@ class PlainSequence {
   Index size() const noexcept { return v_.size; }
   std::string shape() const { return detail::shape_str(v_.size); }
   double value(Index i) const noexcept { return v_.data[i]; }
+  /// A plain value is never an empty sequence.
+  bool empty(Index) const noexcept { return false; }
   void eval_to(S* out) const noexcept { std::copy(v_.data, v_.data + v_.size, out); }
 
   template <class G>
@@ -52,13 +54,14 @@ struct is_masked_reduction<PlainSequence<S>> : std::true_type {};
 }  // namespace detail
 
 /// @brief Wraps a loss's sequence argument: expressions pass through, rank-1 tensors become
-/// PlainSequence views.
+/// PlainSequence views. fn and name label a rejected tensor (layout_error when its data is not
+/// aligned to its element type).
 template <class T>
-auto as_sequence(const T& x) {
+auto as_sequence(const T& x, const char* fn = "as_sequence", const char* name = "x") {
   if constexpr (detail::is_masked_reduction<detail::remove_cvref_t<T>>::value) {
     return x;
   } else {
-    return PlainSequence<detail::tensor_scalar_t<T>>(detail::vector_view(x));
+    return PlainSequence<detail::tensor_scalar_t<T>>(detail::vector_view(x, fn, name));
   }
 }
 

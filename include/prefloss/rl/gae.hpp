@@ -9,6 +9,7 @@
 
 #include "../config.hpp"
 #include "../detail/checks.hpp"
+#include "../detail/masked_kernels.hpp"
 #include "../detail/tensor.hpp"
 #include "../detail/token_loss.hpp"
 #include "../errors.hpp"
@@ -55,11 +56,12 @@ void gae(const R& rewards, const V& values, const MK& mask, const GaeOptions& op
                 "prefloss: outputs must have rewards' scalar type");
   detail::require_option(opt.gamma >= 0 && opt.gamma <= 1, fn, "gamma", "in [0, 1]", opt.gamma);
   detail::require_option(opt.lam >= 0 && opt.lam <= 1, fn, "lam", "in [0, 1]", opt.lam);
-  const auto r = detail::matrix_view(rewards);
-  const auto v = detail::matrix_view(values);
-  const auto m = detail::matrix_view(mask);
+  const auto r = detail::matrix_view(rewards, fn, "rewards");
+  const auto v = detail::matrix_view(values, fn, "values");
+  const auto m = detail::matrix_view(mask, fn, "mask");
   detail::require_same_shape(fn, "values", v, "rewards", r);
   detail::require_same_shape(fn, "mask", m, "rewards", r);
+  detail::require_weights<S>(m, fn, "mask");
   const auto adv = detail::matrix_out(std::forward<A>(advantages_out), r.rows, r.cols, fn, "advantages_out");
   const auto ret = detail::matrix_out(std::forward<RT>(returns_out), r.rows, r.cols, fn, "returns_out");
   if (opt.whiten_advantages) {

@@ -51,7 +51,7 @@ auto group_prologue(const char* fn, const SC& scores, O& out, const GroupOptions
   static_assert(is_real_v<S>, "prefloss: scores must be float or double");
   static_assert(std::is_same_v<tensor_scalar_t<O>, S>, "prefloss: out must have the scores' scalar type");
   require_option(opt.epsilon >= 0 && std::isfinite(opt.epsilon), fn, "epsilon", ">= 0 and finite", opt.epsilon);
-  const auto s = vector_view(scores);
+  const auto s = vector_view(scores, fn, "scores");
   S* o = vector_out(out, s.size, fn, "out");
   return std::make_pair(s, o);
 }
@@ -65,19 +65,26 @@ auto group_prologue(const char* fn, const SC& scores, O& out, const GroupOptions
 /// sample uses mean 0 and std 1, as verl does (A = s / (1 + epsilon)). Arithmetic in double;
 /// out may be scores itself.
 /// @param scores [batch] float/double (verl: token_level_rewards summed per sequence)
-/// @param group_size samples per prompt, >= 1, dividing the batch
+/// @param group_size samples per prompt, >= 1, dividing the batch (any value >= 1 for an empty
+/// batch, which has no groups)
 /// @param out [batch], same scalar type
 /// @throws shape_error naming the argument (out's shape, a batch not divisible by group_size);
 /// option_error for group_size < 1 or epsilon < 0. Nothing is written then.
 template <class SC, class G, class O, std::enable_if_t<std::is_integral_v<G>, int> = 0>
 void group_advantages(const SC& scores, G group_size, const GroupOptions& opt, O&& out) {
   constexpr const char* fn = "group_advantages";
-  detail::require_option(group_size >= 1, fn, "group_size", ">= 1", static_cast<double>(group_size));
+  if (!(group_size >= 1))
+    throw option_error(std::string(fn) + ": option 'group_size' must be >= 1, got " + std::to_string(group_size));
   const auto [s, o] = detail::group_prologue(fn, scores, out, opt);
-  const Index g = static_cast<Index>(group_size);
-  if (s.size % g != 0)
+  // Compared in the widest unsigned type before any cast: a group_size past Index's range (or
+  // past the batch) must not wrap into a divisor or size an allocation.
+  const auto batch = static_cast<unsigned long long>(s.size);
+  const auto size = static_cast<unsigned long long>(group_size);
+  if (batch % size != 0)
     throw shape_error(std::string(fn) + ": argument 'scores' has shape " + detail::shape_str(s.size) +
-                      ", not a multiple of group_size " + std::to_string(g));
+                      ", not a multiple of group_size " + std::to_string(group_size));
+  if (batch == 0) return;
+  const Index g = static_cast<Index>(size);  // divides batch, so it fits
   std::vector<Index> idx(static_cast<std::size_t>(g));
   for (Index start = 0; start < s.size; start += g) {
     std::iota(idx.begin(), idx.end(), start);
@@ -94,7 +101,7 @@ void group_advantages(const SC& scores, const ID& group_ids, const GroupOptions&
   constexpr const char* fn = "group_advantages";
   static_assert(std::is_integral_v<detail::tensor_scalar_t<ID>>, "prefloss: group_ids must be an integer tensor");
   const auto [s, o] = detail::group_prologue(fn, scores, out, opt);
-  const auto ids = detail::vector_view(group_ids);
+  const auto ids = detail::vector_view(group_ids, fn, "group_ids");
   if (ids.size != s.size)
     detail::require_same(fn, "group_ids", detail::shape_str(ids.size), "scores", detail::shape_str(s.size));
   std::vector<Index> order(static_cast<std::size_t>(s.size));

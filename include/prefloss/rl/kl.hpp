@@ -47,12 +47,12 @@ struct KlParams {
   S value_clamp = std::numeric_limits<S>::infinity();
 };
 
-inline void validate_kl(const char* fn, KlEstimator est, const std::optional<double>& x_clamp,
-                        const std::optional<double>& v_clamp, const char* est_name, const char* x_name,
-                        const char* v_name) {
+template <class S>
+void validate_kl(const char* fn, KlEstimator est, const std::optional<double>& x_clamp,
+                 const std::optional<double>& v_clamp, const char* est_name, const char* x_name, const char* v_name) {
   require_enum(valid_kl_estimator(est), fn, est_name, static_cast<int>(est));
-  if (x_clamp) require_option(*x_clamp > 0, fn, x_name, "> 0 when set", *x_clamp);
-  if (v_clamp) require_option(*v_clamp > 0, fn, v_name, "> 0 when set", *v_clamp);
+  if (x_clamp) require_positive_in<S>(fn, x_name, *x_clamp);
+  if (v_clamp) require_positive_in<S>(fn, v_name, *v_clamp);
 }
 
 template <class S>
@@ -136,12 +136,13 @@ void kl_estimate_impl(const LP& logp, const RF& ref_logp, const MK& mask, const 
   static_assert(std::is_same_v<tensor_scalar_t<RF>, S>, "prefloss: ref_logp must have logp's scalar type");
   static_assert(is_mask_v<tensor_scalar_t<MK>>, "prefloss: masks must be bool, uint8_t, float or double");
   static_assert(std::is_same_v<tensor_scalar_t<O>, S>, "prefloss: out must have logp's scalar type");
-  validate_kl(fn, opt.estimator, opt.k3_log_ratio_clamp, opt.k3_clamp, "estimator", "k3_log_ratio_clamp", "k3_clamp");
-  const auto lp = matrix_view(logp);
-  const auto rf = matrix_view(ref_logp);
-  const auto mk = matrix_view(mask);
+  validate_kl<S>(fn, opt.estimator, opt.k3_log_ratio_clamp, opt.k3_clamp, "estimator", "k3_log_ratio_clamp", "k3_clamp");
+  const auto lp = matrix_view(logp, fn, "logp");
+  const auto rf = matrix_view(ref_logp, fn, "ref_logp");
+  const auto mk = matrix_view(mask, fn, "mask");
   require_same_shape(fn, "ref_logp", rf, "logp", lp);
   require_same_shape(fn, "mask", mk, "logp", lp);
+  require_weights<S>(mk, fn, "mask");
   const auto o = matrix_out(std::forward<O>(out), lp.rows, lp.cols, fn, "out");
   S* g = nullptr;
   if constexpr (!std::is_same_v<G, std::nullptr_t>) {

@@ -9,6 +9,7 @@
 
 #include "../config.hpp"
 #include "../detail/checks.hpp"
+#include "../detail/masked_kernels.hpp"
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
 
@@ -29,16 +30,20 @@ struct Flat {
   const tensor_scalar_t<T>* data;
   Index size;
   std::string shape;
+  /// As [rows, cols] (a rank-1 tensor is one column), for positions in messages.
+  Matrix<tensor_scalar_t<T>> matrix() const noexcept { return {data, cols ? size / cols : 0, cols}; }
+  Index cols;
 };
 
 template <class T>
-Flat<T> flat_view(const T& t) {
+Flat<T> flat_view(const T& t, const char* fn, const char* name) {
   static_assert(is_tensor_v<T>, "prefloss: arguments must be Eigen::Tensor or Eigen::TensorMap");
   static_assert(tensor_rank_v<T> == 1 || tensor_rank_v<T> == 2, "prefloss: masked_whiten takes rank-1 or rank-2 tensors");
   if constexpr (tensor_rank_v<T> == 2)
     static_assert(static_cast<int>(remove_cvref_t<T>::Layout) == static_cast<int>(Eigen::RowMajor),
                   "prefloss: rank-2 tensors must be row-major (Eigen::RowMajor)");
-  return {t.data(), static_cast<Index>(t.size()), shape_of(t)};
+  require_aligned(t.data(), fn, name);
+  return {t.data(), static_cast<Index>(t.size()), shape_of(t), static_cast<Index>(t.dimension(tensor_rank_v<T> - 1))};
 }
 
 }  // namespace detail
@@ -69,12 +74,14 @@ void masked_whiten(const V& values, const MK& mask, O&& out, const WhitenOptions
   static_assert(std::is_same_v<detail::tensor_scalar_t<O>, S>, "prefloss: out must have values' scalar type");
   static_assert(detail::tensor_writable_v<O>, "prefloss: out must be writable");
   detail::require_option(opt.eps >= 0 && std::isfinite(opt.eps), fn, "eps", ">= 0 and finite", opt.eps);
-  const auto x = detail::flat_view(values);
-  const auto m = detail::flat_view(mask);
+  const auto x = detail::flat_view(values, fn, "values");
+  const auto m = detail::flat_view(mask, fn, "mask");
   detail::require_same(fn, "mask", m.shape, "values", x.shape);
+  detail::require_weights<S>(m.matrix(), fn, "mask");
   const std::string out_shape = detail::shape_of(out);
   if (out_shape != x.shape)
     throw shape_error(std::string(fn) + ": argument 'out' must have shape " + x.shape + ", got " + out_shape);
+  detail::require_aligned(out.data(), fn, "out");
 
   const auto weight = [&](Index k) { return static_cast<double>(m.data[k]); };
   double sw = 0, sx = 0;
