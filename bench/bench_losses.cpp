@@ -56,7 +56,7 @@ void BM_ppo(benchmark::State& st, std::int64_t batch) {
   // old_logp near logp so ratios straddle the clip range; advantages of both signs.
   pb::fill_logp(adv.data(), n, 42, -2.0, 2.0);
   pb::fill_logp(old.data(), n, 43, -0.3, 0.3);
-  for (std::int64_t k = 0; k < n; ++k) old[k] += lp.x[k];
+  for (std::size_t k = 0; k < static_cast<std::size_t>(n); ++k) old[k] += lp.x[k];
   const pb::TokenMap<const S> oldm(old.data(), batch, lp.tokens), advm(adv.data(), batch, lp.tokens);
   pb::TokenMap<S> gm(g.data(), batch, lp.tokens);
   prefloss::PpoOptions opt;

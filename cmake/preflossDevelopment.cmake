@@ -4,7 +4,7 @@ target_link_libraries(prefloss_dev INTERFACE prefloss)
 if(PREFLOSS_NATIVE)
   target_link_libraries(prefloss_dev INTERFACE prefloss_native)
 endif()
-target_compile_options(prefloss_dev INTERFACE -Wall -Wextra -Wpedantic $<$<BOOL:${PREFLOSS_WERROR}>:-Werror>)
+target_compile_options(prefloss_dev INTERFACE -Wall -Wextra -Wpedantic -Wshadow -Wsign-conversion $<$<BOOL:${PREFLOSS_WERROR}>:-Werror>)
 if(PREFLOSS_SANITIZE)
   target_compile_options(prefloss_dev INTERFACE -fsanitize=${PREFLOSS_SANITIZE} -fno-omit-frame-pointer
                                                 -fno-sanitize-recover=all)

@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
   // ---- 2. PPO -------------------------------------------------------------------------------
   TabularPolicy policy(t.shape, t.ref_logits);
   const TabularPolicy reference(t.shape, t.ref_logits);
-  std::vector<float> critic(static_cast<std::size_t>(t.shape.X) * t.shape.L, 0.0f);  // V[x, position]
+  std::vector<float> critic(t.shape.rows(), 0.0f);  // V[x, position]
   Adam adam(cfg.lr), critic_adam(cfg.critic_lr);
   Rng rng(0x99000000ULL + args.seed);
   std::vector<float> grad(t.shape.size()), critic_grad(critic.size());
@@ -95,7 +95,7 @@ int main(int argc, char** argv) {
     Tokens v(s.size(), t.shape.L);
     for (Index b = 0; b < s.size(); ++b)
       for (int l = 0; l < t.shape.L; ++l)
-        v(b, l) = s.mask(b, l) ? critic[static_cast<std::size_t>(s.prompt[static_cast<std::size_t>(b)]) * t.shape.L + l]
+        v(b, l) = s.mask(b, l) ? critic[static_cast<std::size_t>(s.prompt[static_cast<std::size_t>(b)] * t.shape.L + l)]
                                : std::numeric_limits<float>::quiet_NaN();
     return v;
   };
@@ -149,7 +149,7 @@ int main(int argc, char** argv) {
         std::fill(critic_grad.begin(), critic_grad.end(), 0.0f);
         for (Index b = 0; b < ms.size(); ++b)
           for (Index l = 0; l < L; ++l)
-            if (ms.mask(b, l)) critic_grad[static_cast<std::size_t>(ms.prompt[static_cast<std::size_t>(b)]) * L + static_cast<std::size_t>(l)] += gv(b, l);
+            if (ms.mask(b, l)) critic_grad[static_cast<std::size_t>(ms.prompt[static_cast<std::size_t>(b)] * L + l)] += gv(b, l);
         critic_adam.step(critic, critic_grad);
 
         clip += r.metrics.clip_fraction;

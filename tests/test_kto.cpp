@@ -131,10 +131,10 @@ TEST_CASE("kto: closed form on [batch] tensors, mixed classes, KL batch of anoth
   const auto r = pl::kto(P, R, D, KP, KR, o);
   CHECK(r.loss == Approx(static_cast<double>(e.loss)).epsilon(1e-14));
   REQUIRE(r.losses.dimension(0) == 5);
-  for (int i = 0; i < 5; ++i) CHECK(r.losses(i) == Approx(static_cast<double>(e.losses[i])).epsilon(1e-14));
+  for (std::size_t i = 0; i < 5; ++i) CHECK(r.losses(static_cast<long>(i)) == Approx(static_cast<double>(e.losses[i])).epsilon(1e-14));
   Vec<double> g(5);
   r.backward(g);
-  for (int i = 0; i < 5; ++i) CHECK(g(i) == Approx(static_cast<double>(e.du[i])).epsilon(1e-13));
+  for (std::size_t i = 0; i < 5; ++i) CHECK(g(static_cast<long>(i)) == Approx(static_cast<double>(e.du[i])).epsilon(1e-13));
 
   // Metrics: TRL's kl, counts, reward sums and means (rewards are beta * u).
   CHECK(r.metrics.reference_point == Approx(1.0 / 3.0).epsilon(1e-15));
@@ -156,7 +156,7 @@ TEST_CASE("kto: closed form on [batch] tensors, mixed classes, KL batch of anoth
   CHECK(rf.loss == Approx(static_cast<double>(e.loss)).epsilon(1e-6));
   Vec<float> gf(5);
   rf.backward(gf);
-  for (int i = 0; i < 5; ++i) CHECK(gf(i) == Approx(static_cast<double>(e.du[i])).epsilon(1e-6));
+  for (std::size_t i = 0; i < 5; ++i) CHECK(gf(static_cast<long>(i)) == Approx(static_cast<double>(e.du[i])).epsilon(1e-6));
 }
 
 TEST_CASE("kto: default options reproduce a hand-computed value", "[kto]") {
@@ -416,10 +416,12 @@ TEST_CASE("kto: bad input throws naming the argument, and writes nothing", "[kto
 
   const auto R2 = vec<double>({-1, -1});
   throws_with([&] { (void)pl::kto(P, R2, D, KP, KR); }, "'ref'");
+  throws_with([&] { (void)pl::kto(P, R2, D, KP, KR); }, "but 'policy' has batch");
   const auto D4 = labels({1, 0, 1, 1});
   throws_with([&] { (void)pl::kto(P, R, D4, KP, KR); }, "'desirable'");
   const auto KR3 = vec<double>({-1, -1, -1});
   throws_with([&] { (void)pl::kto(P, R, D, KP, KR3); }, "'kl_ref'");
+  throws_with([&] { (void)pl::kto(P, R, D, KP, KR3); }, "but 'kl_policy' has batch");
   const Vec<double> none(0);
   throws_with([&] { (void)pl::kto(P, R, D, none, none); }, "'kl_policy'");
   throws_with([&] { (void)pl::kto(P, R, D, none, none); }, "'reference_point'");

@@ -50,8 +50,8 @@ TEST_CASE("mismatched batch sizes name the argument and both shapes", "[pairwise
   CHECK_REJECTS(pl::ipo(c, c, v3, pl::masked_mean(x4, m4)), pl::shape_error, "'ref_rejected'", "[4, 5]");
   CHECK_REJECTS(pl::simpo(pl::masked_mean(x3, m3), pl::masked_mean(x4, m4)), pl::shape_error, "simpo", "'rejected'");
   CHECK_REJECTS(pl::orpo(v3, v4), pl::shape_error, "orpo", "'rejected'", "[4]", "[3]");
-  CHECK_REJECTS(pl::bradley_terry(v3, v4), pl::shape_error, "bradley_terry", "'r_rejected'");
-  CHECK_REJECTS(pl::bradley_terry(v3, v3, v4), pl::shape_error, "'margin'", "[4]");
+  CHECK_REJECTS(pl::bradley_terry(v3, v4), pl::shape_error, "bradley_terry", "'r_rejected'", "but 'r_chosen' has");
+  CHECK_REJECTS(pl::bradley_terry(v3, v3, v4), pl::shape_error, "'margin'", "[4]", "but 'r_chosen' has");
 
   SECTION("empty batches") {
     Vec<float> v0(0);

@@ -343,3 +343,30 @@ TEST_CASE("options that pass a naive check but mean nothing are rejected", "[rob
   Tok<float> out(1, 4);
   expect_throw<pl::option_error>([&] { pl::kl_estimate(x, x, m, k, out); }, "kl_estimate", {"'k3_log_ratio_clamp'"});
 }
+
+TEST_CASE("two outputs that share memory are rejected before either is written", "[robustness]") {
+  const long B = 2, T = 6;
+  const auto x = filled(B, T, -1.f);
+  const auto m = filled<std::uint8_t>(B, T, 1);
+  Vec<float> ref(B);
+  ref.setZero();
+  OffsetMap<float> g(B, T, 0);
+  const auto d = pl::dpo(pl::masked_sum(x, m), pl::masked_sum(x, m), ref, ref);
+  expect_throw<pl::layout_error>([&] { d.backward(g.map, g.map); }, "dpo",
+                                 {"'grad_chosen' and 'grad_rejected' overlap"});
+  // Partial overlap: the rejected gradient starts one row into the chosen one.
+  OffsetMap<float> big(B + 1, T, 0);
+  Eigen::TensorMap<Tok<float>> lower(big.map.data() + T, B, T), upper(big.map.data(), B, T);
+  expect_throw<pl::layout_error>([&] { d.backward(upper, lower); }, "dpo", {"overlap"});
+  OffsetMap<float> g2(B, T, 0);
+  expect_throw<pl::layout_error>([&] { pl::gae(x, x, m, pl::GaeOptions{}, g.map, g.map); }, "gae",
+                                 {"'advantages_out' and 'returns_out'"});
+  expect_throw<pl::layout_error>([&] { pl::kl_estimate(x, x, m, pl::KlOptions{}, g.map, g.map); }, "kl_estimate",
+                                 {"'out' and 'grad_out'"});
+  CHECK(g.untouched());
+  CHECK(big.untouched());
+  // Adjacent but disjoint outputs are fine: d loss / d chosen = -beta/2 / B, rejected +beta/2 / B.
+  d.backward(upper, g2.map);
+  CHECK(upper(1, 5) == Approx(-0.05 / B).epsilon(1e-6));
+  CHECK(g2.map(0, 0) == Approx(0.05 / B).epsilon(1e-6));
+}

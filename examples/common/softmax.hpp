@@ -104,7 +104,7 @@ class TabularPolicy {
   void backward(const Sequences& seq, const Tokens& grad_logp, std::vector<float>& grad_logits) {
     log_softmax_gather_backward(
         lsm_.data(), shape.V, seq.tok, seq.mask, grad_logp,
-        [&](Index b, Index t) { return static_cast<std::size_t>(seq.prompt[static_cast<std::size_t>(b)]) * shape.L + static_cast<std::size_t>(t); },
+        [&](Index b, Index t) { return static_cast<std::size_t>(seq.prompt[static_cast<std::size_t>(b)]) * static_cast<std::size_t>(shape.L) + static_cast<std::size_t>(t); },
         grad_logits.data(), row_g_);
   }
 

@@ -34,9 +34,12 @@ using Seq = Eigen::Tensor<float, 1>;                            ///< [batch] seq
 /// Sizes of a [prompts, positions, vocab] table, stored row-major (one row of V per position).
 struct Shape {
   int X = 0, L = 0, V = 0;
-  std::size_t size() const { return static_cast<std::size_t>(X) * L * V; }
-  std::size_t rows() const { return static_cast<std::size_t>(X) * L; }
-  std::size_t row(int x, int l) const { return (static_cast<std::size_t>(x) * L + l) * V; }
+  std::size_t size() const { return rows() * static_cast<std::size_t>(V); }
+  std::size_t rows() const { return static_cast<std::size_t>(X) * static_cast<std::size_t>(L); }
+  std::size_t row(int x, int l) const {
+    return (static_cast<std::size_t>(x) * static_cast<std::size_t>(L) + static_cast<std::size_t>(l)) *
+           static_cast<std::size_t>(V);
+  }
 };
 
 struct TaskConfig {

@@ -32,6 +32,21 @@
 #define PREFLOSS_STREAMING_STORE_BYTES (std::size_t{32} << 20)
 #endif
 
+/// GCC 12's AVX-512 intrinsics read a self-initialised dummy (`__m512 __Y = __Y;`) and warn
+/// -Wmaybe-uninitialized wherever they are inlined (GCC bug 105593, fixed in 13). GCC honours a
+/// diagnostic pragma at any function of the inlining chain, so the kernel headers wrap their
+/// code in these: the warning is silenced whether or not Eigen included the intrinsics first.
+#if defined(__GNUC__) && !defined(__clang__)
+#define PREFLOSS_KERNELS_BEGIN                                \
+  _Pragma("GCC diagnostic push")                              \
+  _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")       \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define PREFLOSS_KERNELS_END _Pragma("GCC diagnostic pop")
+#else
+#define PREFLOSS_KERNELS_BEGIN
+#define PREFLOSS_KERNELS_END
+#endif
+
 namespace prefloss {
 /// Index type used for tensor extents (Eigen's).
 using Index = long;

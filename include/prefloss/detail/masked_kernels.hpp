@@ -19,6 +19,7 @@
 #include "simd.hpp"
 #include "tensor.hpp"
 
+PREFLOSS_KERNELS_BEGIN
 namespace prefloss::detail {
 
 /// sum of selected w*x and of selected w over one row, in double.
@@ -235,3 +236,4 @@ inline void row_fill(const M* m, Index n, S scale, S* out) noexcept {
 }
 
 }  // namespace prefloss::detail
+PREFLOSS_KERNELS_END

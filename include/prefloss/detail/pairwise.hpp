@@ -49,11 +49,13 @@ class PairwiseResult {
   /// input's leaves: [batch, tokens] for a masked_sum/masked_mean expression (0 at masked-out
   /// tokens), [batch] for a plain sequence tensor. Both shapes are checked before either is
   /// written.
-  /// @throws shape_error naming 'grad_chosen' or 'grad_rejected'.
+  /// @throws shape_error naming 'grad_chosen' or 'grad_rejected'; layout_error when either is
+  /// misaligned or the two overlap in memory.
   template <class GC, class GR>
   void backward(GC&& grad_chosen, GR&& grad_rejected) const {
     const auto gc = c_.grad_view(std::forward<GC>(grad_chosen), fn_, "grad_chosen");
     const auto gr = r_.grad_view(std::forward<GR>(grad_rejected), fn_, "grad_rejected");
+    detail::require_disjoint(fn_, "grad_chosen", grad_chosen, "grad_rejected", grad_rejected);
     c_.backward_to(dc_.data(), gc);
     r_.backward_to(dr_.data(), gr);
   }
@@ -79,12 +81,14 @@ struct PairTerm {
   double loss, d_chosen, d_rejected;
 };
 
-/// Throws unless a sequence argument has the batch size of 'chosen'.
+/// Throws unless a sequence argument has the batch size of the first one (named first).
 template <class Seq>
-void require_batch(const char* fn, const char* name, const Seq& s, Index batch, const std::string& chosen_shape) {
+void require_batch(const char* fn, const char* name, const Seq& s, const char* first, Index batch,
+                   const std::string& first_shape) {
   if (s.size() != batch)
     throw shape_error(std::string(fn) + ": argument '" + name + "' has batch " + std::to_string(s.size()) + " (shape " +
-                      s.shape() + ") but 'chosen' has batch " + std::to_string(batch) + " (shape " + chosen_shape + ")");
+                      s.shape() + ") but '" + first + "' has batch " + std::to_string(batch) + " (shape " +
+                      first_shape + ")");
 }
 
 template <class Seq>
@@ -168,7 +172,7 @@ auto pair_inputs(const char* fn, const C& chosen, const R& rejected) {
   require_same_scalar<C, R>();
   auto c = as_sequence(chosen, fn, "chosen");
   auto r = as_sequence(rejected, fn, "rejected");
-  require_batch(fn, "rejected", r, c.size(), c.shape());
+  require_batch(fn, "rejected", r, "chosen", c.size(), c.shape());
   require_nonempty(fn, "chosen", c.size());
   std::vector<double> uc = values_of(c), ur = values_of(r);
   return PairInputs<sequence_t<C>, sequence_t<R>>{std::move(c), std::move(r), std::move(uc), std::move(ur)};
@@ -184,9 +188,9 @@ auto pair_inputs(const char* fn, const C& chosen, const R& rejected, const RC& r
   const auto c = as_sequence(chosen, fn, "chosen");
   const auto rc = as_sequence(ref_chosen, fn, "ref_chosen");
   const auto rr = as_sequence(ref_rejected, fn, "ref_rejected");
-  require_batch(fn, "rejected", as_sequence(rejected, fn, "rejected"), c.size(), c.shape());
-  require_batch(fn, "ref_chosen", rc, c.size(), c.shape());
-  require_batch(fn, "ref_rejected", rr, c.size(), c.shape());
+  require_batch(fn, "rejected", as_sequence(rejected, fn, "rejected"), "chosen", c.size(), c.shape());
+  require_batch(fn, "ref_chosen", rc, "chosen", c.size(), c.shape());
+  require_batch(fn, "ref_rejected", rr, "chosen", c.size(), c.shape());
   auto p = pair_inputs(fn, chosen, rejected);
   if (!reference_free) {
     for (std::size_t i = 0; i < p.uc.size(); ++i) {

@@ -13,23 +13,15 @@
 #include <limits>
 #include <type_traits>
 
-// GCC 12's AVX-512 intrinsics read a self-initialised dummy (`__m512 __Y = __Y;`) and warn
-// about it wherever they are inlined (GCC bug 105593, fixed in 13). The pragma covers those
-// headers when this is the first to include them.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#include "../config.hpp"
+
+// See PREFLOSS_KERNELS_BEGIN (config.hpp); it also covers xsimd's intrinsics calls when this is
+// the first header to include them.
+PREFLOSS_KERNELS_BEGIN
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 #include <xsimd/xsimd.hpp>
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
-
-#include "../config.hpp"
 
 namespace prefloss::detail {
 
@@ -442,3 +434,4 @@ inline xsimd::batch<T, A> log(const xsimd::batch<T, A>& x) noexcept {
 }
 
 }  // namespace prefloss::detail
+PREFLOSS_KERNELS_END

@@ -8,6 +8,7 @@
 #include "simd.hpp"
 #include "softplus_table.hpp"
 
+PREFLOSS_KERNELS_BEGIN
 namespace prefloss::detail {
 
 /// Where the AVX-512 float table ends (|x| is clamped just below it): past it f < 1.5e-7.
@@ -61,3 +62,4 @@ inline xsimd::batch<T, A> log_sigmoid_batch(const xsimd::batch<T, A>& x) noexcep
 }
 
 }  // namespace prefloss::detail
+PREFLOSS_KERNELS_END

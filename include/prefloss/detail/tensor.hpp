@@ -74,7 +74,12 @@ std::string shape_of(const T& t) {
     return shape_str(t.dimension(0));
   } else {
     std::string s = "[";
-    for (int d = 0; d < tensor_rank_v<T>; ++d) s += (d ? ", " : "") + std::to_string(t.dimension(d));
+    // Range-for: Tensor::dimension takes std::size_t and TensorMap::dimension a signed Index.
+    const char* sep = "";
+    for (const auto extent : t.dimensions()) {
+      s += sep + std::to_string(extent);
+      sep = ", ";
+    }
     return s + "]";
   }
 }
@@ -135,6 +140,18 @@ tensor_scalar_t<T>* vector_out(T&& t, Index size, const char* fn, const char* na
                       shape_of(t));
   require_aligned(t.data(), fn, name);
   return t.data();
+}
+
+/// @brief Throws layout_error if two output tensors share any byte: each output is written in
+/// full, so one would silently overwrite the other. Empty outputs overlap nothing.
+template <class A, class B>
+void require_disjoint(const char* fn, const char* name_a, const A& a, const char* name_b, const B& b) {
+  const auto lo_a = reinterpret_cast<std::uintptr_t>(a.data()), lo_b = reinterpret_cast<std::uintptr_t>(b.data());
+  const auto hi_a = lo_a + static_cast<std::uintptr_t>(a.size()) * sizeof(tensor_scalar_t<A>);
+  const auto hi_b = lo_b + static_cast<std::uintptr_t>(b.size()) * sizeof(tensor_scalar_t<B>);
+  if (lo_a < hi_a && lo_b < hi_b && lo_a < hi_b && lo_b < hi_a)
+    throw layout_error(std::string(fn) + ": outputs '" + name_a + "' and '" + name_b +
+                       "' overlap in memory; pass two separate tensors");
 }
 
 /// Throws unless `what` (an argument's extent) equals `expected`.

@@ -38,6 +38,7 @@
 #define PREFLOSS_DETAIL_ALWAYS_INLINE
 #endif
 
+PREFLOSS_KERNELS_BEGIN
 namespace prefloss::detail {
 
 inline constexpr std::size_t max_sums = 6;
@@ -482,3 +483,4 @@ TokenStats run_token_loss(TokenLossResult<S, M, Params, Metrics>& r, const Aggre
 inline double safe_mean(double sum, double weight) noexcept { return weight != 0 ? sum / weight : 0.0; }
 
 }  // namespace prefloss::detail
+PREFLOSS_KERNELS_END

@@ -35,11 +35,11 @@ auto bradley_terry_impl(const C& r_chosen, const R& r_rejected, const M* margin,
   auto c = as_sequence(r_chosen, fn, "r_chosen");
   auto r = as_sequence(r_rejected, fn, "r_rejected");
   const Index B = c.size();
-  require_batch(fn, "r_rejected", r, B, c.shape());
+  require_batch(fn, "r_rejected", r, "r_chosen", B, c.shape());
   std::optional<sequence_t<M>> m;
   if (margin) {
     m.emplace(as_sequence(*margin, fn, "margin"));
-    require_batch(fn, "margin", *m, B, c.shape());
+    require_batch(fn, "margin", *m, "r_chosen", B, c.shape());
   }
   require_nonempty(fn, "r_chosen", B);
   const std::vector<double> vc = values_of(c), vr = values_of(r);

@@ -29,7 +29,7 @@ struct KtoOptions {
   /// Unset: z0 = max(0, mean(kl_policy - kl_ref)) over this call's KL batch. Set (finite): z0 is
   /// this value as given, not clamped. For data-parallel training pass TRL's value: the mean
   /// over ranks of each rank's metrics.kl_mean, clamped at 0.
-  std::optional<double> reference_point;
+  std::optional<double> reference_point = std::nullopt;
 };
 
 /// @brief Metrics of kto(): TRL's KTOTrainer set ("kl", "count/chosen", "rewards/chosen_sum",
@@ -105,15 +105,12 @@ auto kto(const P& policy, const R& ref, const D& desirable, const KP& kl_policy,
   const auto kr = as_sequence(kl_ref, fn, "kl_ref");
   const auto lab = detail::vector_view(desirable, fn, "desirable");
   const Index B = s.size();
-  detail::require_batch(fn, "ref", rho, B, s.shape());
+  detail::require_batch(fn, "ref", rho, "policy", B, s.shape());
   if (lab.size != B)
     throw shape_error(std::string(fn) + ": argument 'desirable' has batch " + std::to_string(lab.size) + " (shape " +
                       detail::shape_str(lab.size) + ") but 'policy' has batch " + std::to_string(B) + " (shape " +
                       s.shape() + ")");
-  if (kr.size() != kp.size())
-    throw shape_error(std::string(fn) + ": argument 'kl_ref' has batch " + std::to_string(kr.size()) + " (shape " +
-                      kr.shape() + ") but 'kl_policy' has batch " + std::to_string(kp.size()) + " (shape " +
-                      kp.shape() + ")");
+  detail::require_batch(fn, "kl_ref", kr, "kl_policy", kp.size(), kp.shape());
   detail::require_nonempty(fn, "policy", B);
   const Index K = kp.size();
   if (K == 0 && !opt.reference_point)

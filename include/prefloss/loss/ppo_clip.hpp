@@ -35,12 +35,12 @@ struct PpoOptions {
   /// token_mean only: the global normaliser (e.g. the valid-token count summed over data-parallel
   /// ranks and accumulation micro-batches) instead of this call's own mask weight. With it, the
   /// losses and gradients of the parts of a batch add up to those of the whole batch.
-  std::optional<double> token_count;
+  std::optional<double> token_count = std::nullopt;
   /// seq_* modes: the global number of sequences instead of this call's batch (same purpose).
-  std::optional<double> sequence_count;
+  std::optional<double> sequence_count = std::nullopt;
   /// seq_mean_token_sum_norm: the constant C (Dr.GRPO's generation budget); unset = this call's
   /// tokens per row, as verl's loss_agg_mode does.
-  std::optional<double> token_sum_norm;
+  std::optional<double> token_sum_norm = std::nullopt;
   /// verl clamps logp - old_logp to [-c, c] before exp (c = 20); the clamped value also feeds
   /// approx_kl and the gradient is 0 beyond the clamp. std::nullopt: no clamp.
   std::optional<double> log_ratio_clamp = 20.0;
@@ -136,8 +136,8 @@ struct PpoParams {
 
   template <class F>
   void visit(F&& f) const {
-    const auto make = [&](auto has_ref, auto est, auto add_kl) {
-      PpoKernel<S, decltype(has_ref)::value, decltype(est)::value, decltype(add_kl)::value> k;
+    const auto make = [&](auto with_ref, auto est, auto add_kl) {
+      PpoKernel<S, decltype(with_ref)::value, decltype(est)::value, decltype(add_kl)::value> k;
       k.lo = lo;
       k.hi = hi;
       k.c = c;

@@ -19,7 +19,7 @@ struct NllOptions {
   /// per-example losses is divided by this instead, e.g. the global number of valid tokens with
   /// masked_sum inputs, which gives torch's token-mean cross-entropy (TRL's SFT loss) exactly,
   /// also across data-parallel ranks and accumulation steps.
-  std::optional<double> normalizer;
+  std::optional<double> normalizer = std::nullopt;
 };
 
 /// Metrics of nll().

@@ -25,9 +25,9 @@ struct ValueOptions {
   /// config defaults to 0.5. std::nullopt: no clipping, l = (v - R)^2 / 2.
   std::optional<double> clip = 0.2;
   Aggregation aggregation = Aggregation::token_mean;
-  std::optional<double> token_count;     ///< token_mean: global normaliser (see PpoOptions)
-  std::optional<double> sequence_count;  ///< seq_* modes: global number of sequences
-  std::optional<double> token_sum_norm;  ///< seq_mean_token_sum_norm: C (unset = tokens per row)
+  std::optional<double> token_count = std::nullopt;     ///< token_mean: global normaliser (see PpoOptions)
+  std::optional<double> sequence_count = std::nullopt;  ///< seq_* modes: global number of sequences
+  std::optional<double> token_sum_norm = std::nullopt;  ///< seq_mean_token_sum_norm: C (unset = tokens per row)
 };
 
 /// Metrics of value_loss (verl's critic/vf_clipfrac, critic/vpred_mean); masked weighted means.

@@ -31,9 +31,9 @@ struct AggregationSpec {
   Aggregation mode = Aggregation::token_mean;
   Index batch = 0;   ///< rows of this call
   Index tokens = 0;  ///< columns of this call
-  std::optional<double> token_count;     ///< token_mean: global normaliser instead of sum_i W_i
-  std::optional<double> sequence_count;  ///< seq_* modes: global number of sequences instead of B
-  std::optional<double> token_sum_norm;  ///< seq_mean_token_sum_norm: C instead of `tokens`
+  std::optional<double> token_count = std::nullopt;     ///< token_mean: global normaliser instead of sum_i W_i
+  std::optional<double> sequence_count = std::nullopt;  ///< seq_* modes: global number of sequences instead of B
+  std::optional<double> token_sum_norm = std::nullopt;  ///< seq_mean_token_sum_norm: C instead of `tokens`
 };
 
 inline bool valid_aggregation(Aggregation a) noexcept {

@@ -64,6 +64,7 @@ void gae(const R& rewards, const V& values, const MK& mask, const GaeOptions& op
   detail::require_weights<S>(m, fn, "mask");
   const auto adv = detail::matrix_out(std::forward<A>(advantages_out), r.rows, r.cols, fn, "advantages_out");
   const auto ret = detail::matrix_out(std::forward<RT>(returns_out), r.rows, r.cols, fn, "returns_out");
+  detail::require_disjoint(fn, "advantages_out", advantages_out, "returns_out", returns_out);
   if (opt.whiten_advantages) {
     double w = 0;
     for (Index k = 0; k < m.rows * m.cols; ++k)

@@ -148,6 +148,7 @@ void kl_estimate_impl(const LP& logp, const RF& ref_logp, const MK& mask, const 
   if constexpr (!std::is_same_v<G, std::nullptr_t>) {
     static_assert(std::is_same_v<tensor_scalar_t<G>, S>, "prefloss: grad_out must have logp's scalar type");
     g = matrix_out(*grad, lp.rows, lp.cols, fn, "grad_out").data;
+    require_disjoint(fn, "out", out, "grad_out", *grad);
   }
   const auto p = kl_params<S>(opt.k3_log_ratio_clamp, opt.k3_clamp);
   with_kl_estimator(opt.estimator, [&](auto k) {
