@@ -137,17 +137,32 @@ auto make_masked(const X& tokens, const Mk& mask, const char* fn) {
 /// @brief Per-sequence masked sum: value_i = sum_t w[i,t] x[i,t] over w[i,t] != 0.
 /// @param tokens row-major [batch, tokens] float/double Eigen::Tensor or TensorMap.
 /// @param mask same shape; bool/uint8 (nonzero selects) or float/double (weights).
-/// @throws shape_error if the shapes differ.
+/// The expression views both: they must outlive it and every result built from it. Passing a
+/// temporary Eigen::Tensor (which would die at the end of the statement) does not compile; a
+/// temporary TensorMap is fine, as it only points at storage that lives on (which is also why
+/// [[clang::lifetimebound]] is not used: it would warn about every such map).
+/// @throws shape_error if the shapes differ; layout_error for misaligned data; value_error for
+/// a negative, NaN or infinite float mask weight.
 template <class X, class Mk>
 auto masked_sum(const X& tokens, const Mk& mask) {
   return detail::make_masked<Reduction::sum>(tokens, mask, "masked_sum");
 }
 
 /// @brief Per-sequence masked mean: sum_t w x / sum_t w over selected tokens; 0 for empty rows.
-/// @throws shape_error if the shapes differ.
+/// Same arguments, lifetime rule and errors as masked_sum.
 template <class X, class Mk>
 auto masked_mean(const X& tokens, const Mk& mask) {
   return detail::make_masked<Reduction::mean>(tokens, mask, "masked_mean");
 }
+
+// An expression over a temporary owning tensor would dangle by the end of the statement.
+template <class S, int O, class I, class Mk>
+void masked_sum(Eigen::Tensor<S, 2, O, I>&& tokens, const Mk& mask) = delete;
+template <class X, class S, int O, class I>
+void masked_sum(const X& tokens, Eigen::Tensor<S, 2, O, I>&& mask) = delete;
+template <class S, int O, class I, class Mk>
+void masked_mean(Eigen::Tensor<S, 2, O, I>&& tokens, const Mk& mask) = delete;
+template <class X, class S, int O, class I>
+void masked_mean(const X& tokens, Eigen::Tensor<S, 2, O, I>&& mask) = delete;
 
 }  // namespace prefloss
