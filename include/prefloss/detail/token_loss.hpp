@@ -330,68 +330,77 @@ inline double row_weight(const M* m, Index n) noexcept {
   return row_sums<false, true, S>(static_cast<const S*>(nullptr), m, n).weight;
 }
 
-/// @brief Forward (and, when grad is given, the fused backward) of a token loss.
-/// Fills scales[i] = d loss / d S_i (see row_scale), losses[i] = scales[i] * S_i, and returns the
-/// merged stats of the call with `loss` replaced by the aggregated batch loss. Both forms take
-/// every row weight W_i from row_weight() and add them in row order, so they agree to the bit.
+/// @brief Forward of a token loss: fills scales[i] = d loss / d S_i (see row_scale) and
+/// losses[i] = scales[i] * S_i, and returns the merged stats of the call with `loss` replaced by
+/// the aggregated batch loss. Every row weight W_i comes from row_weight() and they are added in
+/// row order, here and in token_forward_fused, so the two forms agree to the bit.
 template <class Kernel, class S, class M>
 TokenStats token_forward(const Kernel& k, const TokenInputs<S, M>& in, const AggregationSpec& spec, double* scales,
-                         S* losses, const MatrixOut<S>* grad) {
+                         S* losses) {
+  const Index B = in.rows, T = in.cols;
+  TokenStats total;
+  const S* p[4];
+  // Row sums first, the normalisers afterwards. losses[] holds nothing yet, so the row sums and
+  // weights wait in scales[] and a [batch] vector.
+  std::vector<double> weights(static_cast<std::size_t>(B));
+  for (Index i = 0; i < B; ++i) {
+    const double w = row_weight<S>(in.mask_row(i), T);
+    in.row_ptrs(i, p);
+    TokenStats st = token_row<true, false>(k, p, in.mask_row(i), T, S(0), static_cast<S*>(nullptr));
+    st.weight = w;
+    scales[i] = st.loss;
+    weights[static_cast<std::size_t>(i)] = w;
+    total.merge(st);
+  }
+  double loss = 0;
+  for (Index i = 0; i < B; ++i) {
+    const double row_loss = scales[i];
+    scales[i] = row_scale(spec, weights[static_cast<std::size_t>(i)], total.weight);
+    const double contribution = scales[i] * row_loss;
+    losses[i] = static_cast<S>(contribution);
+    loss += contribution;
+  }
+  total.loss = loss;
+  return total;
+}
+
+/// @brief token_forward and the token gradient in one pass over the inputs (grad fully
+/// overwritten). A row's gradient scale must be known before the row streams, so token_mean
+/// sums the masks first (the row weights wait in scales[]) and the other modes sum each row's
+/// mask just before it (still in cache for the main pass).
+template <class Kernel, class S, class M>
+TokenStats token_forward_fused(const Kernel& k, const TokenInputs<S, M>& in, const AggregationSpec& spec,
+                               double* scales, S* losses, const MatrixOut<S>& grad) {
   const Index B = in.rows, T = in.cols;
   TokenStats total;
   double loss = 0;
   const S* p[4];
-  if (grad == nullptr) {
-    // One pass: row sums first, the normalisers afterwards. losses[] holds nothing yet, so the
-    // row sums and weights wait in scales[] and a [batch] vector.
-    std::vector<double> weights(static_cast<std::size_t>(B));
+  const bool all_first = needs_total_weight(spec);
+  double total_weight = 0;
+  if (all_first)
     for (Index i = 0; i < B; ++i) {
-      const double w = row_weight<S>(in.mask_row(i), T);
-      in.row_ptrs(i, p);
-      TokenStats st = token_row<true, false>(k, p, in.mask_row(i), T, S(0), static_cast<S*>(nullptr));
-      st.weight = w;
-      scales[i] = st.loss;
-      weights[static_cast<std::size_t>(i)] = w;
-      total.merge(st);
+      scales[i] = row_weight<S>(in.mask_row(i), T);
+      total_weight += scales[i];
     }
+  const auto rows = [&](auto stream) {
     for (Index i = 0; i < B; ++i) {
-      const double row_loss = scales[i];
-      scales[i] = row_scale(spec, weights[static_cast<std::size_t>(i)], total.weight);
-      const double contribution = scales[i] * row_loss;
+      const double w = all_first ? scales[i] : row_weight<S>(in.mask_row(i), T);
+      scales[i] = row_scale(spec, w, total_weight);
+      in.row_ptrs(i, p);
+      TokenStats st = token_row<true, true, decltype(stream)::value>(k, p, in.mask_row(i), T,
+                                                                     static_cast<S>(scales[i]), grad.row(i));
+      st.weight = w;
+      const double contribution = scales[i] * st.loss;
       losses[i] = static_cast<S>(contribution);
       loss += contribution;
+      total.merge(st);
     }
+  };
+  if (use_stream_store<S>(static_cast<std::size_t>(B) * static_cast<std::size_t>(T))) {
+    rows(std::true_type{});
+    stream_fence();
   } else {
-    // Fused: the gradient scale of a row must be known before the row streams, so token_mean
-    // sums the masks first (the row weights wait in scales[]) and the other modes sum each row's
-    // mask just before it (still in cache for the main pass).
-    const bool all_first = needs_total_weight(spec);
-    double total_weight = 0;
-    if (all_first)
-      for (Index i = 0; i < B; ++i) {
-        scales[i] = row_weight<S>(in.mask_row(i), T);
-        total_weight += scales[i];
-      }
-    const auto rows = [&](auto stream) {
-      for (Index i = 0; i < B; ++i) {
-        const double w = all_first ? scales[i] : row_weight<S>(in.mask_row(i), T);
-        scales[i] = row_scale(spec, w, total_weight);
-        in.row_ptrs(i, p);
-        TokenStats st = token_row<true, true, decltype(stream)::value>(k, p, in.mask_row(i), T,
-                                                                       static_cast<S>(scales[i]), grad->row(i));
-        st.weight = w;
-        const double contribution = scales[i] * st.loss;
-        losses[i] = static_cast<S>(contribution);
-        loss += contribution;
-        total.merge(st);
-      }
-    };
-    if (use_stream_store<S>(static_cast<std::size_t>(B) * static_cast<std::size_t>(T))) {
-      rows(std::true_type{});
-      stream_fence();
-    } else {
-      rows(std::false_type{});
-    }
+    rows(std::false_type{});
   }
   total.loss = loss;
   return total;
@@ -427,8 +436,12 @@ void require_same_shape(const char* fn, const char* name, const Matrix<A>& a, co
 /// @brief Result of a token-level loss: batch loss, per-sequence contributions, metrics, and a
 /// backward() that streams the token gradient from the caller's inputs.
 ///
-/// Holds views of the inputs (keep them alive until backward() has run) and the per-row
-/// aggregation factors ([batch] doubles). Params::visit(f) calls f with the concrete kernel.
+/// Holds views of the inputs, not copies: the caller's tensors must outlive the result until
+/// backward() has run (a result returned from a helper whose tensors were locals reads freed
+/// memory). Also holds the per-row aggregation factors ([batch] doubles). Params::visit<Sel>(f)
+/// calls f with the concrete kernel; Sel is the entry point's compile-time choice (e.g. whether
+/// there is a reference policy), fixed in the constructor, so backward() instantiates only the
+/// kernels that entry point can run.
 template <class S, class M, class Params, class Metrics>
 class TokenLossResult {
  public:
@@ -437,47 +450,74 @@ class TokenLossResult {
   Eigen::Tensor<Scalar, 1> losses;  ///< per-sequence contributions [batch]; loss = sum(losses)
   Metrics metrics;
 
-  TokenLossResult(const char* fn, const TokenInputs<S, M>& in, const Params& params, const char* grad_name)
-      : losses(in.rows), fn_(fn), grad_name_(grad_name), in_(in), params_(params), scales_(static_cast<std::size_t>(in.rows)) {}
+  template <class Sel>
+  TokenLossResult(const char* fn, const TokenInputs<S, M>& in, const Params& params, const char* grad_name, Sel)
+      : losses(in.rows),
+        fn_(fn),
+        grad_name_(grad_name),
+        in_(in),
+        params_(params),
+        scales_(static_cast<std::size_t>(in.rows)),
+        backward_(&backward_of<Sel>) {}
 
   /// @brief Writes d loss / d (first token input) into grad ([batch, tokens] row-major tensor or
   /// map of the token scalar type): every element is overwritten, masked-out tokens get 0.
-  /// @throws shape_error naming the gradient argument (nothing is written then).
+  /// @throws shape_error naming the gradient argument, layout_error when it is not aligned to
+  /// its element type (nothing is written then).
   template <class G>
   void backward(G&& grad) const {
     static_assert(std::is_same_v<tensor_scalar_t<G>, S>, "prefloss: gradient tensor must have the token scalar type");
     const MatrixOut<S> g = matrix_out(std::forward<G>(grad), in_.rows, in_.cols, fn_, grad_name_);
-    params_.visit([&](const auto& kernel) { token_backward(kernel, in_, scales_.data(), g); });
+    backward_(params_, in_, scales_.data(), g);
   }
 
   /// d loss / d S_i per row, where S_i is row i's weighted token-loss sum (the aggregation
   /// factor: 1/token_count, 1/B, 1/(B W_i) or 1/(B C)).
   const std::vector<double>& row_scales() const noexcept { return scales_; }
 
-  // Filled by the loss's entry point.
-  std::vector<double>& scales_storage() noexcept { return scales_; }
-  const TokenInputs<S, M>& inputs() const noexcept { return in_; }
-  const Params& params() const noexcept { return params_; }
+  // Called once by the loss's entry point: the forward alone, or fused with the gradient.
+  template <class Sel>
+  TokenStats forward(const AggregationSpec& spec) {
+    TokenStats st;
+    params_.template visit<Sel>(
+        [&](const auto& kernel) { st = token_forward(kernel, in_, spec, scales_.data(), losses.data()); });
+    loss = static_cast<S>(st.loss);
+    return st;
+  }
+  template <class Sel>
+  TokenStats forward_fused(const AggregationSpec& spec, const MatrixOut<S>& grad) {
+    TokenStats st;
+    params_.template visit<Sel>(
+        [&](const auto& kernel) { st = token_forward_fused(kernel, in_, spec, scales_.data(), losses.data(), grad); });
+    loss = static_cast<S>(st.loss);
+    return st;
+  }
 
  private:
+  using BackwardFn = void (*)(const Params&, const TokenInputs<S, M>&, const double*, const MatrixOut<S>&);
+  template <class Sel>
+  static void backward_of(const Params& p, const TokenInputs<S, M>& in, const double* scales, const MatrixOut<S>& g) {
+    p.template visit<Sel>([&](const auto& kernel) { token_backward(kernel, in, scales, g); });
+  }
+
   const char* fn_;
   const char* grad_name_;
   TokenInputs<S, M> in_;
   Params params_;
   std::vector<double> scales_;
+  BackwardFn backward_;
 };
 
-/// Runs forward (fused with backward when grad != nullptr) and returns the stats of the call.
-template <class S, class M, class Params, class Metrics>
-TokenStats run_token_loss(TokenLossResult<S, M, Params, Metrics>& r, const AggregationSpec& spec,
-                          const MatrixOut<S>* grad) {
-  TokenStats st;
-  r.params().visit([&](const auto& kernel) {
-    st = token_forward(kernel, r.inputs(), spec, r.scales_storage().data(), r.losses.data(), grad);
-  });
-  r.loss = static_cast<S>(st.loss);
-  return st;
-}
+/// Tags an entry point passes for an absent reference policy / gradient output: compile-time, so
+/// a call without them instantiates none of the code that needs them.
+struct NoRef {};
+struct NoGrad {};
+inline constexpr NoRef no_ref{};
+inline constexpr NoGrad no_grad{};
+/// Sel of a Params whose visit has no compile-time choice to make.
+struct AllKernels {};
+template <class G>
+inline constexpr bool is_no_grad_v = std::is_same_v<std::remove_const_t<G>, NoGrad>;
 
 /// Weighted mean of a metric sum: 0 when nothing is selected.
 inline double safe_mean(double sum, double weight) noexcept { return weight != 0 ? sum / weight : 0.0; }

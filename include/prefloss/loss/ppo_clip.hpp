@@ -130,11 +130,13 @@ struct PpoKernel {
 template <class S>
 struct PpoParams {
   S lo, hi, c, clamp, kl_coef;
-  bool dual, has_ref;
+  bool dual;
   KlEstimator estimator;
   KlParams<S> kl;
 
-  template <class F>
+  /// HasRef (std::bool_constant): whether the call has ref_logp. Without it only the one kernel
+  /// with no KL term is instantiated.
+  template <class HasRef, class F>
   void visit(F&& f) const {
     const auto make = [&](auto with_ref, auto est, auto add_kl) {
       PpoKernel<S, decltype(with_ref)::value, decltype(est)::value, decltype(add_kl)::value> k;
@@ -147,7 +149,7 @@ struct PpoParams {
       k.kl = kl;
       f(k);
     };
-    if (!has_ref) {
+    if constexpr (!HasRef::value) {
       make(std::false_type{}, std::integral_constant<KlEstimator, KlEstimator::k3>{}, std::false_type{});
     } else if (kl_coef != 0) {
       with_kl_estimator(estimator, [&](auto est) { make(std::true_type{}, est, std::true_type{}); });
@@ -165,9 +167,11 @@ using PpoResult = detail::TokenLossResult<S, M, detail::PpoParams<S>, PpoMetrics
 
 namespace detail {
 
-template <class S, class M, class GT>
+/// Validates every argument, then runs the forward, fused with the gradient into *grad_out when
+/// it is given (checked before anything is computed).
+template <bool HasRef, class S, class M, class G>
 PpoResult<S, M> ppo_clip_impl(const Matrix<S>& lp, const Matrix<S>& old, const Matrix<S>& adv, const Matrix<M>& mask,
-                              const Matrix<S>* ref, const PpoOptions& opt, GT* grad_out) {
+                              const Matrix<S>* ref, const PpoOptions& opt, G* grad_out) {
   constexpr const char* fn = "ppo_clip";
   // The ratio is positive, so a lower bound 1 - clip_low below 0 never binds: clip_low = 1 turns
   // the lower clip off, and anything larger only hides a typo.
@@ -194,8 +198,6 @@ PpoResult<S, M> ppo_clip_impl(const Matrix<S>& lp, const Matrix<S>& old, const M
   if (ref) require_same_shape(fn, "ref_logp", *ref, "logp", lp);
   require_weights<S>(mask, fn, "mask");
   require_nonempty(fn, "logp", lp.rows);
-  MatrixOut<S> g{};
-  if constexpr (!std::is_same_v<GT, std::nullptr_t>) g = matrix_out(*grad_out, lp.rows, lp.cols, fn, "grad_out");
 
   PpoParams<S> p;
   p.lo = static_cast<S>(1.0 - opt.clip_low);
@@ -204,7 +206,6 @@ PpoResult<S, M> ppo_clip_impl(const Matrix<S>& lp, const Matrix<S>& old, const M
   p.c = static_cast<S>(p.dual ? opt.dual_clip : 0.0);
   p.clamp = opt.log_ratio_clamp ? static_cast<S>(*opt.log_ratio_clamp) : std::numeric_limits<S>::infinity();
   p.kl_coef = static_cast<S>(opt.kl_coef);
-  p.has_ref = ref != nullptr;
   p.estimator = opt.kl_estimator;
   p.kl = kl_params<S>(opt.k3_log_ratio_clamp, opt.k3_clamp);
 
@@ -217,8 +218,14 @@ PpoResult<S, M> ppo_clip_impl(const Matrix<S>& lp, const Matrix<S>& old, const M
   in.rows = lp.rows;
   in.cols = lp.cols;
 
-  PpoResult<S, M> result(fn, in, p, "grad");
-  const TokenStats st = run_token_loss(result, spec, std::is_same_v<GT, std::nullptr_t> ? nullptr : &g);
+  using Sel = std::bool_constant<HasRef>;
+  PpoResult<S, M> result(fn, in, p, "grad", Sel{});
+  TokenStats st;
+  if constexpr (is_no_grad_v<G>) {
+    st = result.template forward<Sel>(spec);
+  } else {
+    st = result.template forward_fused<Sel>(spec, matrix_out(*grad_out, lp.rows, lp.cols, fn, "grad_out"));
+  }
   PpoMetrics<S>& mt = result.metrics;
   mt.clip_fraction = static_cast<S>(safe_mean(st.sums[0], st.weight));
   mt.clip_fraction_low = static_cast<S>(safe_mean(st.sums[1], st.weight));
@@ -242,17 +249,18 @@ constexpr void ppo_static_checks() {
 template <class T>
 using if_tensor_t = std::enable_if_t<is_tensor_v<T>, int>;
 
-/// Named views of ppo_clip's tensors (ref_logp and grad_out may be null pointers of nullptr_t).
-template <class LP, class OLP, class AD, class MK, class RF, class GT>
+/// Named views of ppo_clip's tensors. RF = NoRef: no reference policy; G = NoGrad: the two-pass
+/// form (no gradient output), otherwise the fused one.
+template <class LP, class OLP, class AD, class MK, class RF, class G>
 auto ppo_clip_views(const LP& logp, const OLP& old_logp, const AD& advantages, const MK& mask, const RF* ref_logp,
-                    const PpoOptions& opt, GT* grad_out) {
+                    const PpoOptions& opt, G* grad_out) {
   constexpr const char* fn = "ppo_clip";
-  constexpr bool has_ref = !std::is_same_v<RF, std::nullptr_t>;
+  constexpr bool has_ref = !std::is_same_v<RF, NoRef>;  // RF is const-qualified away by RF*
   Matrix<tensor_scalar_t<LP>> ref{};
   if constexpr (has_ref) ref = matrix_view(*ref_logp, fn, "ref_logp");
-  return ppo_clip_impl(matrix_view(logp, fn, "logp"), matrix_view(old_logp, fn, "old_logp"),
-                       matrix_view(advantages, fn, "advantages"), matrix_view(mask, fn, "mask"),
-                       has_ref ? &ref : nullptr, opt, grad_out);
+  return ppo_clip_impl<has_ref>(matrix_view(logp, fn, "logp"), matrix_view(old_logp, fn, "old_logp"),
+                                matrix_view(advantages, fn, "advantages"), matrix_view(mask, fn, "mask"),
+                                has_ref ? &ref : nullptr, opt, grad_out);
 }
 
 }  // namespace detail
@@ -293,8 +301,7 @@ auto ppo_clip_views(const LP& logp, const OLP& old_logp, const AD& advantages, c
 template <class LP, class OLP, class AD, class MK>
 auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const MK& mask, const PpoOptions& opt = {}) {
   detail::ppo_static_checks<LP, OLP, AD, MK>();
-  return detail::ppo_clip_views(logp, old_logp, advantages, mask, static_cast<const std::nullptr_t*>(nullptr), opt,
-                                static_cast<std::nullptr_t*>(nullptr));
+  return detail::ppo_clip_views(logp, old_logp, advantages, mask, &detail::no_ref, opt, &detail::no_grad);
 }
 
 /// @brief ppo_clip with a reference policy's log-probs for the KL term (kl_metrics too).
@@ -304,7 +311,7 @@ auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const M
   detail::ppo_static_checks<LP, OLP, AD, MK>();
   static_assert(std::is_same_v<detail::tensor_scalar_t<RF>, detail::tensor_scalar_t<LP>>,
                 "prefloss: ref_logp must have logp's scalar type");
-  return detail::ppo_clip_views(logp, old_logp, advantages, mask, &ref_logp, opt, static_cast<std::nullptr_t*>(nullptr));
+  return detail::ppo_clip_views(logp, old_logp, advantages, mask, &ref_logp, opt, &detail::no_grad);
 }
 
 /// @brief Fused ppo_clip: forward and d loss / d logp in one streaming pass (grad_out is a
@@ -317,8 +324,7 @@ auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const M
   detail::ppo_static_checks<LP, OLP, AD, MK>();
   static_assert(std::is_same_v<detail::tensor_scalar_t<G>, detail::tensor_scalar_t<LP>>,
                 "prefloss: grad_out must have logp's scalar type");
-  return detail::ppo_clip_views(logp, old_logp, advantages, mask, static_cast<const std::nullptr_t*>(nullptr), opt,
-                                &grad_out);
+  return detail::ppo_clip_views(logp, old_logp, advantages, mask, &detail::no_ref, opt, &grad_out);
 }
 
 /// @brief Fused ppo_clip with a reference policy (see the fused overload above).

@@ -98,7 +98,8 @@ template <class S>
 struct ValueParams {
   S eps;
   bool clipped;
-  template <class F>
+  /// Both kernels are cheap; Sel is unused.
+  template <class Sel, class F>
   void visit(F&& f) const {
     if (clipped) {
       ValueKernel<S, true> k;
@@ -120,9 +121,11 @@ using ValueResult = detail::TokenLossResult<S, M, detail::ValueParams<S>, ValueM
 
 namespace detail {
 
-template <class S, class M, class GT>
+/// Validates every argument, then runs the forward, fused with the gradient into *grad_out
+/// unless G is NoGrad (checked before anything is computed).
+template <class S, class M, class G>
 ValueResult<S, M> value_loss_impl(const Matrix<S>& v, const Matrix<S>& old, const Matrix<S>& ret, const Matrix<M>& mask,
-                                  const ValueOptions& opt, GT* grad_out) {
+                                  const ValueOptions& opt, G* grad_out) {
   constexpr const char* fn = "value_loss";
   if (opt.clip) require_option(*opt.clip >= 0 && std::isfinite(*opt.clip), fn, "clip", ">= 0 and finite", *opt.clip);
   const AggregationSpec spec = aggregation_spec(opt, v.rows, v.cols);
@@ -132,8 +135,6 @@ ValueResult<S, M> value_loss_impl(const Matrix<S>& v, const Matrix<S>& old, cons
   require_same_shape(fn, "mask", mask, "values", v);
   require_weights<S>(mask, fn, "mask");
   require_nonempty(fn, "values", v.rows);
-  MatrixOut<S> g{};
-  if constexpr (!std::is_same_v<GT, std::nullptr_t>) g = matrix_out(*grad_out, v.rows, v.cols, fn, "grad_out");
 
   ValueParams<S> p;
   p.clipped = opt.clip.has_value();
@@ -145,18 +146,23 @@ ValueResult<S, M> value_loss_impl(const Matrix<S>& v, const Matrix<S>& old, cons
   in.mask = mask.data;
   in.rows = v.rows;
   in.cols = v.cols;
-  ValueResult<S, M> result(fn, in, p, "grad");
-  const TokenStats st = run_token_loss(result, spec, std::is_same_v<GT, std::nullptr_t> ? nullptr : &g);
+  ValueResult<S, M> result(fn, in, p, "grad", AllKernels{});
+  TokenStats st;
+  if constexpr (is_no_grad_v<G>) {
+    st = result.template forward<AllKernels>(spec);
+  } else {
+    st = result.template forward_fused<AllKernels>(spec, matrix_out(*grad_out, v.rows, v.cols, fn, "grad_out"));
+  }
   result.metrics.clip_fraction = static_cast<S>(safe_mean(st.sums[0], st.weight));
   result.metrics.value_mean = static_cast<S>(safe_mean(st.sums[1], st.weight));
   result.metrics.token_weight = static_cast<S>(st.weight);
   return result;
 }
 
-/// Named views of value_loss's tensors (grad_out may be a null pointer of nullptr_t).
-template <class V, class O, class R, class MK, class GT>
+/// Named views of value_loss's tensors (G = NoGrad: the two-pass form).
+template <class V, class O, class R, class MK, class G>
 auto value_loss_views(const V& values, const O& old_values, const R& returns, const MK& mask, const ValueOptions& opt,
-                      GT* grad_out) {
+                      G* grad_out) {
   constexpr const char* fn = "value_loss";
   return value_loss_impl(matrix_view(values, fn, "values"), matrix_view(old_values, fn, "old_values"),
                          matrix_view(returns, fn, "returns"), matrix_view(mask, fn, "mask"), opt, grad_out);
@@ -187,7 +193,7 @@ constexpr void value_static_checks() {
 template <class V, class O, class R, class MK>
 auto value_loss(const V& values, const O& old_values, const R& returns, const MK& mask, const ValueOptions& opt = {}) {
   detail::value_static_checks<V, O, R, MK>();
-  return detail::value_loss_views(values, old_values, returns, mask, opt, static_cast<std::nullptr_t*>(nullptr));
+  return detail::value_loss_views(values, old_values, returns, mask, opt, &detail::no_grad);
 }
 
 /// @brief Fused value_loss: forward and d loss / d values in one pass into grad_out

@@ -145,7 +145,7 @@ void kl_estimate_impl(const LP& logp, const RF& ref_logp, const MK& mask, const 
   require_weights<S>(mk, fn, "mask");
   const auto o = matrix_out(std::forward<O>(out), lp.rows, lp.cols, fn, "out");
   S* g = nullptr;
-  if constexpr (!std::is_same_v<G, std::nullptr_t>) {
+  if constexpr (!is_no_grad_v<G>) {
     static_assert(std::is_same_v<tensor_scalar_t<G>, S>, "prefloss: grad_out must have logp's scalar type");
     g = matrix_out(*grad, lp.rows, lp.cols, fn, "grad_out").data;
     require_disjoint(fn, "out", out, "grad_out", *grad);
@@ -172,7 +172,7 @@ void kl_estimate_impl(const LP& logp, const RF& ref_logp, const MK& mask, const 
 /// <= 0. Nothing is written then.
 template <class LP, class RF, class MK, class O>
 void kl_estimate(const LP& logp, const RF& ref_logp, const MK& mask, const KlOptions& opt, O&& out) {
-  detail::kl_estimate_impl(logp, ref_logp, mask, opt, std::forward<O>(out), static_cast<std::nullptr_t*>(nullptr));
+  detail::kl_estimate_impl(logp, ref_logp, mask, opt, std::forward<O>(out), &detail::no_grad);
 }
 
 /// @brief kl_estimate with verl's default clamps for the given estimator.
@@ -180,7 +180,7 @@ template <class LP, class RF, class MK, class O>
 void kl_estimate(const LP& logp, const RF& ref_logp, const MK& mask, KlEstimator estimator, O&& out) {
   KlOptions opt;
   opt.estimator = estimator;
-  detail::kl_estimate_impl(logp, ref_logp, mask, opt, std::forward<O>(out), static_cast<std::nullptr_t*>(nullptr));
+  detail::kl_estimate_impl(logp, ref_logp, mask, opt, std::forward<O>(out), &detail::no_grad);
 }
 
 /// @brief kl_estimate that also writes grad_out[i,t] = d k / d logp[i,t] (torch autograd of
