@@ -12,6 +12,7 @@
 
 #include "../config.hpp"
 #include "../detail/checks.hpp"
+#include "../detail/elementwise.hpp"
 #include "../detail/simd.hpp"
 #include "../detail/tensor.hpp"
 #include "../detail/token_loss.hpp"
