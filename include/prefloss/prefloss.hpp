@@ -2,14 +2,14 @@
 /// Umbrella header: everything public in prefloss.
 #pragma once
 
-// detail/simd.hpp (via math/) comes first so its GCC 12 AVX-512 warning workaround covers
-// the intrinsics headers before Eigen includes them.
+// Grouped by layer (math <- reduce <- loss, rl), sorted within each; the order does not matter.
 #include "config.hpp"
 #include "errors.hpp"
 #include "math/log1mexp.hpp"
 #include "math/log_sigmoid.hpp"
 #include "math/sigmoid.hpp"
 #include "math/softplus.hpp"
+#include "math/value_grad.hpp"
 #include "reduce/aggregation.hpp"
 #include "reduce/masked.hpp"
 #include "reduce/sequence.hpp"
@@ -18,9 +18,12 @@
 #include "loss/ipo.hpp"
 #include "loss/kto.hpp"
 #include "loss/orpo.hpp"
+#include "loss/pairwise.hpp"
 #include "loss/ppo_clip.hpp"
+#include "loss/sequence_loss.hpp"
 #include "loss/sft.hpp"
 #include "loss/simpo.hpp"
+#include "loss/token_loss.hpp"
 #include "loss/value.hpp"
 #include "rl/gae.hpp"
 #include "rl/group_advantages.hpp"

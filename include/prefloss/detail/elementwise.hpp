@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <type_traits>
 
+#include "../math/value_grad.hpp"
 #include "simd.hpp"
 
 namespace prefloss::detail {
@@ -50,12 +51,5 @@ inline void apply_unary(const T* x, T* y, std::size_t n, F&& f) noexcept {
     run(0, std::false_type{});
   }
 }
-
-/// A value and its derivative, as the fused math forms return them.
-template <class T>
-struct ValueGrad {
-  T value;
-  T grad;
-};
 
 }  // namespace prefloss::detail

@@ -154,6 +154,14 @@ void require_disjoint(const char* fn, const char* name_a, const A& a, const char
                        "' overlap in memory; pass two separate tensors");
 }
 
+/// Throws shape_error unless a token argument has the shape of the first one.
+template <class A, class R>
+void require_same_shape(const char* fn, const char* name, const Matrix<A>& a, const char* ref_name, const Matrix<R>& ref) {
+  if (a.rows != ref.rows || a.cols != ref.cols)
+    throw shape_error(std::string(fn) + ": argument '" + name + "' has shape " + shape_str(a.rows, a.cols) + " but '" +
+                      ref_name + "' has shape " + shape_str(ref.rows, ref.cols));
+}
+
 /// Throws unless `what` (an argument's extent) equals `expected`.
 inline void require_same(const char* fn, const char* a, const std::string& shape_a, const char* b,
                          const std::string& shape_b) {

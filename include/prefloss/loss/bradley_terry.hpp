@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
-#include "../detail/pairwise.hpp"
-#include "../detail/single.hpp"
+#include "pairwise.hpp"
+#include "sequence_loss.hpp"
 #include "../detail/tensor.hpp"
 #include "../math/log_sigmoid.hpp"
 #include "../reduce/sequence.hpp"

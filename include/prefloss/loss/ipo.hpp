@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
-#include "../detail/pairwise.hpp"
+#include "pairwise.hpp"
 #include "../reduce/sequence.hpp"
 
 namespace prefloss {

@@ -12,8 +12,8 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
-#include "../detail/pairwise.hpp"
-#include "../detail/single.hpp"
+#include "pairwise.hpp"
+#include "sequence_loss.hpp"
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
 #include "../math/sigmoid.hpp"

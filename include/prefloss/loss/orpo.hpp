@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
-#include "../detail/pairwise.hpp"
+#include "pairwise.hpp"
 #include "../math/log1mexp.hpp"
 #include "../math/log_sigmoid.hpp"
 #include "../reduce/sequence.hpp"

@@ -15,7 +15,7 @@
 #include "../detail/checks.hpp"
 #include "../detail/simd.hpp"
 #include "../detail/tensor.hpp"
-#include "../detail/token_loss.hpp"
+#include "token_loss.hpp"
 #include "../errors.hpp"
 #include "../reduce/aggregation.hpp"
 #include "../rl/kl.hpp"
@@ -163,7 +163,7 @@ struct PpoParams {
 
 /// Result of ppo_clip: .loss, .losses, .metrics, .backward(grad).
 template <class S, class M>
-using PpoResult = detail::TokenLossResult<S, M, detail::PpoParams<S>, PpoMetrics<S>>;
+using PpoResult = TokenLossResult<S, M, detail::PpoParams<S>, PpoMetrics<S>>;
 
 namespace detail {
 

@@ -7,8 +7,8 @@
 #include <optional>
 
 #include "../detail/checks.hpp"
-#include "../detail/pairwise.hpp"
-#include "../detail/single.hpp"
+#include "pairwise.hpp"
+#include "sequence_loss.hpp"
 #include "../reduce/sequence.hpp"
 
 namespace prefloss {

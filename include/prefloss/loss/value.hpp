@@ -12,7 +12,7 @@
 #include "../detail/checks.hpp"
 #include "../detail/simd.hpp"
 #include "../detail/tensor.hpp"
-#include "../detail/token_loss.hpp"
+#include "token_loss.hpp"
 #include "../errors.hpp"
 #include "../reduce/aggregation.hpp"
 
@@ -117,7 +117,7 @@ struct ValueParams {
 
 /// Result of value_loss: .loss, .losses, .metrics, .backward(grad) (d loss / d values).
 template <class S, class M>
-using ValueResult = detail::TokenLossResult<S, M, detail::ValueParams<S>, ValueMetrics<S>>;
+using ValueResult = TokenLossResult<S, M, detail::ValueParams<S>, ValueMetrics<S>>;
 
 namespace detail {
 

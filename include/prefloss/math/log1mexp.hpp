@@ -81,7 +81,7 @@ inline void log1mexp(const T* x, T* y, std::size_t n) noexcept {
 /// above it as -1 / expm1(0 - x), whose 0 - x turns x = -0 into +0 so the gradient at 0 is
 /// -inf from either zero. x > 0 (outside the domain) gives NaN for both, as does NaN.
 template <class T, class = std::enable_if_t<std::is_floating_point_v<T>>>
-inline detail::ValueGrad<T> log1mexp_and_grad(T x) noexcept {
+inline ValueGrad<T> log1mexp_and_grad(T x) noexcept {
   const double xd = x;
   double g;
   if (xd > 0) {

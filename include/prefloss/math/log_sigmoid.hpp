@@ -37,7 +37,7 @@ inline void log_sigmoid(const T* x, T* y, std::size_t n) noexcept {
 
 /// @brief log_sigmoid(x) (bit-identical to the batch form) and its derivative sigmoid(-x).
 template <class T, class A>
-inline detail::ValueGrad<xsimd::batch<T, A>> log_sigmoid_and_grad(const xsimd::batch<T, A>& x) noexcept {
+inline ValueGrad<xsimd::batch<T, A>> log_sigmoid_and_grad(const xsimd::batch<T, A>& x) noexcept {
   using B = xsimd::batch<T, A>;
   const B e = detail::exp(-xsimd::abs(x));
   const B r = B(T(1)) / (B(T(1)) + e);
@@ -46,7 +46,7 @@ inline detail::ValueGrad<xsimd::batch<T, A>> log_sigmoid_and_grad(const xsimd::b
 
 /// @brief Scalar log_sigmoid(x) and sigmoid(-x) from one exp.
 template <class T, class = std::enable_if_t<std::is_floating_point_v<T>>>
-inline detail::ValueGrad<T> log_sigmoid_and_grad(T x) noexcept {
+inline ValueGrad<T> log_sigmoid_and_grad(T x) noexcept {
   const double xd = x;
   const double e = std::exp(-std::fabs(xd));
   const double r = 1.0 / (1.0 + e);

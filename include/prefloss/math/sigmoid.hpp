@@ -73,7 +73,7 @@ inline void sigmoid(const T* x, T* y, std::size_t n) noexcept {
 
 /// @brief sigmoid(x) and its derivative sigmoid(x) * sigmoid(-x), sharing one exp.
 template <class T, class = std::enable_if_t<std::is_floating_point_v<T>>>
-inline detail::ValueGrad<T> sigmoid_and_grad(T x) noexcept {
+inline ValueGrad<T> sigmoid_and_grad(T x) noexcept {
   const double xd = x;
   const double e = std::exp(-std::fabs(xd));
   const double big = detail::div_one_plus(1.0, e), small = detail::div_one_plus(e, e);  // sig(|x|), sig(-|x|)

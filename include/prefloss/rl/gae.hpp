@@ -11,7 +11,7 @@
 #include "../detail/checks.hpp"
 #include "../detail/masked_kernels.hpp"
 #include "../detail/tensor.hpp"
-#include "../detail/token_loss.hpp"
+#include "../detail/token_kernels.hpp"
 #include "../errors.hpp"
 #include "whiten.hpp"
 

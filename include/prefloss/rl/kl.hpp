@@ -15,7 +15,7 @@
 #include "../detail/elementwise.hpp"
 #include "../detail/simd.hpp"
 #include "../detail/tensor.hpp"
-#include "../detail/token_loss.hpp"
+#include "../detail/token_kernels.hpp"
 #include "../errors.hpp"
 
 namespace prefloss {

@@ -1,6 +1,6 @@
-/// @file detail/single.hpp
+/// @file loss/sequence_loss.hpp
 /// The machinery of losses with ONE differentiable input (nll, bradley_terry_ranking): the
-/// single-input counterpart of detail/pairwise.hpp. Evaluate the input once, apply a
+/// single-input counterpart of loss/pairwise.hpp. Evaluate the input once, apply a
 /// per-example function, normalize the sum, and keep d loss / d input value so backward() is one
 /// streaming write.
 #pragma once
@@ -14,7 +14,7 @@
 
 #include "../config.hpp"
 #include "../errors.hpp"
-#include "tensor.hpp"
+#include "../detail/tensor.hpp"
 
 namespace prefloss {
 

@@ -1,5 +1,5 @@
-/// @file detail/token_loss.hpp
-/// The streaming machinery behind token-level losses (ppo_clip, value_loss): one pass over a
+/// @file detail/token_kernels.hpp
+/// The streaming kernels behind token-level losses (ppo_clip, value_loss): one pass over a
 /// row's inputs in xsimd batches that evaluates a per-token kernel, selects with the mask (so
 /// masked-out inf/NaN never reach a sum or the gradient), accumulates the row's weighted loss,
 /// weight and metric sums, and optionally writes the scaled token gradient in the same pass.
@@ -424,89 +424,6 @@ void token_backward(const Kernel& k, const TokenInputs<S, M>& in, const double* 
     rows(std::false_type{});
   }
 }
-
-/// Throws shape_error unless a token argument has the shape of the first one.
-template <class A, class R>
-void require_same_shape(const char* fn, const char* name, const Matrix<A>& a, const char* ref_name, const Matrix<R>& ref) {
-  if (a.rows != ref.rows || a.cols != ref.cols)
-    throw shape_error(std::string(fn) + ": argument '" + name + "' has shape " + shape_str(a.rows, a.cols) + " but '" +
-                      ref_name + "' has shape " + shape_str(ref.rows, ref.cols));
-}
-
-/// @brief Result of a token-level loss: batch loss, per-sequence contributions, metrics, and a
-/// backward() that streams the token gradient from the caller's inputs.
-///
-/// Holds views of the inputs, not copies: the caller's tensors must outlive the result until
-/// backward() has run (a result returned from a helper whose tensors were locals reads freed
-/// memory). Also holds the per-row aggregation factors ([batch] doubles). Params::visit<Sel>(f)
-/// calls f with the concrete kernel; Sel is the entry point's compile-time choice (e.g. whether
-/// there is a reference policy), fixed in the constructor, so backward() instantiates only the
-/// kernels that entry point can run.
-template <class S, class M, class Params, class Metrics>
-class TokenLossResult {
- public:
-  using Scalar = S;
-  Scalar loss = 0;                  ///< the batch loss
-  Eigen::Tensor<Scalar, 1> losses;  ///< per-sequence contributions [batch]; loss = sum(losses)
-  Metrics metrics;
-
-  template <class Sel>
-  TokenLossResult(const char* fn, const TokenInputs<S, M>& in, const Params& params, const char* grad_name, Sel)
-      : losses(in.rows),
-        fn_(fn),
-        grad_name_(grad_name),
-        in_(in),
-        params_(params),
-        scales_(static_cast<std::size_t>(in.rows)),
-        backward_(&backward_of<Sel>) {}
-
-  /// @brief Writes d loss / d (first token input) into grad ([batch, tokens] row-major tensor or
-  /// map of the token scalar type): every element is overwritten, masked-out tokens get 0.
-  /// @throws shape_error naming the gradient argument, layout_error when it is not aligned to
-  /// its element type (nothing is written then).
-  template <class G>
-  void backward(G&& grad) const {
-    static_assert(std::is_same_v<tensor_scalar_t<G>, S>, "prefloss: gradient tensor must have the token scalar type");
-    const MatrixOut<S> g = matrix_out(std::forward<G>(grad), in_.rows, in_.cols, fn_, grad_name_);
-    backward_(params_, in_, scales_.data(), g);
-  }
-
-  /// d loss / d S_i per row, where S_i is row i's weighted token-loss sum (the aggregation
-  /// factor: 1/token_count, 1/B, 1/(B W_i) or 1/(B C)).
-  const std::vector<double>& row_scales() const noexcept { return scales_; }
-
-  // Called once by the loss's entry point: the forward alone, or fused with the gradient.
-  template <class Sel>
-  TokenStats forward(const AggregationSpec& spec) {
-    TokenStats st;
-    params_.template visit<Sel>(
-        [&](const auto& kernel) { st = token_forward(kernel, in_, spec, scales_.data(), losses.data()); });
-    loss = static_cast<S>(st.loss);
-    return st;
-  }
-  template <class Sel>
-  TokenStats forward_fused(const AggregationSpec& spec, const MatrixOut<S>& grad) {
-    TokenStats st;
-    params_.template visit<Sel>(
-        [&](const auto& kernel) { st = token_forward_fused(kernel, in_, spec, scales_.data(), losses.data(), grad); });
-    loss = static_cast<S>(st.loss);
-    return st;
-  }
-
- private:
-  using BackwardFn = void (*)(const Params&, const TokenInputs<S, M>&, const double*, const MatrixOut<S>&);
-  template <class Sel>
-  static void backward_of(const Params& p, const TokenInputs<S, M>& in, const double* scales, const MatrixOut<S>& g) {
-    p.template visit<Sel>([&](const auto& kernel) { token_backward(kernel, in, scales, g); });
-  }
-
-  const char* fn_;
-  const char* grad_name_;
-  TokenInputs<S, M> in_;
-  Params params_;
-  std::vector<double> scales_;
-  BackwardFn backward_;
-};
 
 /// Tags an entry point passes for an absent reference policy / gradient output: compile-time, so
 /// a call without them instantiates none of the code that needs them.

@@ -1,4 +1,4 @@
-/// @file detail/pairwise.hpp
+/// @file loss/pairwise.hpp
 /// The machinery shared by every loss of a chosen and a rejected sequence (Bradley-Terry, the
 /// DPO family, IPO, SimPO, ORPO): evaluate both sequence inputs once, apply a per-example
 /// function that returns the loss and its partial derivatives, average over the batch, and keep
@@ -16,8 +16,8 @@
 #include "../errors.hpp"
 #include "../reduce/sequence.hpp"
 #include "../math/log_sigmoid.hpp"
-#include "checks.hpp"
-#include "tensor.hpp"
+#include "../detail/checks.hpp"
+#include "../detail/tensor.hpp"
 
 namespace prefloss {
 

@@ -1,0 +1,99 @@
+/// @file loss/token_loss.hpp
+/// The result type and driver of every token-level loss (ppo_clip, value_loss): a forward pass
+/// over the caller's token tensors through a per-token kernel (detail/token_kernels.hpp), fused
+/// with the gradient when the caller gives an output, and a backward() that streams it later.
+#pragma once
+
+#include <cstddef>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <unsupported/Eigen/CXX11/Tensor>
+
+#include "../config.hpp"
+#include "../detail/tensor.hpp"
+#include "../detail/token_kernels.hpp"
+#include "../reduce/aggregation.hpp"
+
+namespace prefloss {
+
+/// @brief Result of a token-level loss: batch loss, per-sequence contributions, metrics, and a
+/// backward() that streams the token gradient from the caller's inputs.
+///
+/// Holds views of the inputs, not copies: the caller's tensors must outlive the result until
+/// backward() has run (a result returned from a helper whose tensors were locals reads freed
+/// memory). Also holds the per-row aggregation factors ([batch] doubles). Params::visit<Sel>(f)
+/// calls f with the concrete kernel; Sel is the entry point's compile-time choice (e.g. whether
+/// there is a reference policy), fixed in the constructor, so backward() instantiates only the
+/// kernels that entry point can run.
+template <class S, class M, class Params, class Metrics>
+class TokenLossResult {
+  using TokenInputs = detail::TokenInputs<S, M>;
+  using TokenStats = detail::TokenStats;
+  using AggregationSpec = detail::AggregationSpec;
+ public:
+  using Scalar = S;
+  Scalar loss = 0;                  ///< the batch loss
+  Eigen::Tensor<Scalar, 1> losses;  ///< per-sequence contributions [batch]; loss = sum(losses)
+  Metrics metrics;
+
+  template <class Sel>
+  TokenLossResult(const char* fn, const TokenInputs& in, const Params& params, const char* grad_name, Sel)
+      : losses(in.rows),
+        fn_(fn),
+        grad_name_(grad_name),
+        in_(in),
+        params_(params),
+        scales_(static_cast<std::size_t>(in.rows)),
+        backward_(&backward_of<Sel>) {}
+
+  /// @brief Writes d loss / d (first token input) into grad ([batch, tokens] row-major tensor or
+  /// map of the token scalar type): every element is overwritten, masked-out tokens get 0.
+  /// @throws shape_error naming the gradient argument, layout_error when it is not aligned to
+  /// its element type (nothing is written then).
+  template <class G>
+  void backward(G&& grad) const {
+    static_assert(std::is_same_v<detail::tensor_scalar_t<G>, S>, "prefloss: gradient tensor must have the token scalar type");
+    const detail::MatrixOut<S> g = detail::matrix_out(std::forward<G>(grad), in_.rows, in_.cols, fn_, grad_name_);
+    backward_(params_, in_, scales_.data(), g);
+  }
+
+  /// d loss / d S_i per row, where S_i is row i's weighted token-loss sum (the aggregation
+  /// factor: 1/token_count, 1/B, 1/(B W_i) or 1/(B C)).
+  const std::vector<double>& row_scales() const noexcept { return scales_; }
+
+  // Called once by the loss's entry point: the forward alone, or fused with the gradient.
+  template <class Sel>
+  TokenStats forward(const AggregationSpec& spec) {
+    TokenStats st;
+    params_.template visit<Sel>(
+        [&](const auto& kernel) { st = detail::token_forward(kernel, in_, spec, scales_.data(), losses.data()); });
+    loss = static_cast<S>(st.loss);
+    return st;
+  }
+  template <class Sel>
+  TokenStats forward_fused(const AggregationSpec& spec, const detail::MatrixOut<S>& grad) {
+    TokenStats st;
+    params_.template visit<Sel>(
+        [&](const auto& kernel) { st = detail::token_forward_fused(kernel, in_, spec, scales_.data(), losses.data(), grad); });
+    loss = static_cast<S>(st.loss);
+    return st;
+  }
+
+ private:
+  using BackwardFn = void (*)(const Params&, const TokenInputs&, const double*, const detail::MatrixOut<S>&);
+  template <class Sel>
+  static void backward_of(const Params& p, const TokenInputs& in, const double* scales, const detail::MatrixOut<S>& g) {
+    p.template visit<Sel>([&](const auto& kernel) { detail::token_backward(kernel, in, scales, g); });
+  }
+
+  const char* fn_;
+  const char* grad_name_;
+  TokenInputs in_;
+  Params params_;
+  std::vector<double> scales_;
+  BackwardFn backward_;
+};
+
+}  // namespace prefloss
