@@ -7,7 +7,7 @@
 //   build/bench/bench_losses --prefloss_quick     up to 4Mi tokens
 //   build/bench/bench_losses --benchmark_filter='B256/2097152'   the 256 x 8192 shape
 //
-// Bytes counted are DESIGN's floor, what must move at least once: DPO reads log-probs (4) and
+// Bytes counted are the floor (README, Performance), what must move at least once: DPO reads log-probs (4) and
 // mask (1) and writes the gradient (4) per token and side = 9; PPO reads logp, old_logp,
 // advantages (4 each) and the mask (1) and writes the gradient (4) = 17. The two-pass PPO and
 // DPO's backward re-read the mask (and PPO its inputs), so their true traffic is higher; the

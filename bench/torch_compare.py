@@ -3,7 +3,7 @@
 
 Runs the C++ benchmark binaries (build/bench/bench_*) with --benchmark_format=json, times the
 same workloads in PyTorch eager on the CPU (1 thread, then all threads; best of N), joins the
-two on (kernel, size) and prints one table plus the goal checks from DESIGN.md.
+two on (kernel, size) and prints one table plus the project's performance goals (README, Performance).
 
     /usr/bin/python3 bench/torch_compare.py --build build-h2             # full: up to 1e8 elements
     /usr/bin/python3 bench/torch_compare.py --build build-h2 --quick     # up to 4Mi elements
@@ -279,7 +279,7 @@ def fmt_x(r):
 
 
 def goal_checks(rows, stream):
-    """The DESIGN.md / issue goals that this table can answer, as lines of text."""
+    """The performance goals that this table can answer, as lines of text."""
     out = []
 
     def t(kernel, n):

@@ -1,5 +1,5 @@
 // Shared by the pairwise-family tests (DPO, Bradley-Terry, ranking, IPO, SimPO, ORPO, NLL):
-// long-double closed forms written straight from DESIGN.md's math table (no prefloss code),
+// long-double closed forms written straight from the formulas in the loss headers' Doxygen and the README (no prefloss code),
 // random token data, and a central finite-difference checker.
 #pragma once
 

@@ -61,7 +61,7 @@ Data to_data(const Tok<S>& a, const Tok<S>& b, const Tok<S>& c, const Tok<M>& m,
   return r;
 }
 
-/// verl's agg_loss over weighted token losses, with the DESIGN's definitions: empty rows give 0
+/// verl's agg_loss over weighted token losses, with prefloss's documented definitions (reduce/aggregation.hpp): empty rows give 0
 /// and still count; seq_mean_token_sum_norm divides by B * C. Returns the loss and fills the
 /// per-row contributions.
 inline ld aggregate(const Data& d, const std::vector<ld>& l, pl::Aggregation mode, std::optional<double> token_count,

@@ -1,4 +1,4 @@
-// kto(): values against closed forms written from DESIGN.md / TRL's kto_loss in long double
+// kto(): values against closed forms written from loss/kto.hpp's Doxygen / TRL's kto_loss in long double
 // (no prefloss code on the expected side), token gradients against central finite differences
 // in double, the reference point (estimated, clamped, given), NaN padding, and bad input.
 #include <prefloss/prefloss.hpp>

@@ -1,5 +1,5 @@
 // Values, per-example losses, metrics and token gradients of the pairwise family against the
-// closed forms of DESIGN.md evaluated in long double (pairwise_reference.hpp), in float and
+// closed forms of the loss headers' Doxygen evaluated in long double (pairwise_reference.hpp), in float and
 // double; masked_sum and masked_mean inputs with byte and weight masks; batch of 1, one token.
 //
 // The token data are dyadic (multiples of 1/64, weights multiples of 1/4), so every masked sum

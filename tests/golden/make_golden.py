@@ -16,13 +16,13 @@ produce d loss / d (policy token log-probs):
 - Bradley-Terry: TRL `RewardTrainer.compute_loss`
   (-logsigmoid(r_c - r_r - margin).mean() + center_rewards_coefficient * mean((r_c + r_r)^2))
   and InstructGPT's K-way ranking loss.
-- SimPO / ORPO / NLL: prefloss's DESIGN.md table, which follows TRL's CPOTrainer (simpo) and
+- SimPO / ORPO / NLL: the formulas documented in prefloss's loss headers, which follow TRL's CPOTrainer (simpo) and
   ORPOTrainer (odds_ratio_loss) with per-sequence average log-probs.
 - PPO: verl `core_algos.compute_policy_loss` (log-ratio clamp +-20, asymmetric clip, dual clip
   clip_ratio_c), `agg_loss` (token-mean, seq-mean-token-sum, seq-mean-token-mean,
   seq-mean-token-sum-norm), `kl_penalty` (k1 / k2 / k3 = low_var_kl with its clamps), the actor's
   `pg_loss + kl_coef * agg_loss(kl)`, and `compute_value_loss` with `clip_by_value`.
-  Two departures follow DESIGN.md, not verl: seq-mean-token-sum-norm divides by batch * C
+  Two departures follow prefloss's documented definitions (ppo_clip.hpp), not verl: seq-mean-token-sum-norm divides by batch * C
   (Dr.GRPO; verl omits the batch), and an empty row contributes 0 to seq-mean-token-mean
   (verl: 0/0). Dual clip is applied only where the case says so.
 - GAE / whitening / GRPO advantages: verl `compute_gae_advantage_return` (its mask-skipping
@@ -393,7 +393,7 @@ def gen_bradley_terry():
     w.write()
 
 
-# ---- SimPO, ORPO, NLL (DESIGN.md; TRL CPOTrainer simpo, ORPOTrainer) ---------------------------
+# ---- SimPO, ORPO, NLL (loss/simpo.hpp, loss/orpo.hpp; TRL CPOTrainer simpo, ORPOTrainer) ---------------------------
 
 def gen_simpo():
     F = torch.nn.functional
@@ -470,7 +470,7 @@ def gen_nll():
 # ---- verl: compute_policy_loss, agg_loss, kl_penalty, compute_value_loss ---------------------
 
 def verl_agg_loss(loss_mat, mask, mode, C=None):
-    """verl agg_loss with DESIGN.md's two departures (see the module doc). Returns (loss, per-row
+    """verl agg_loss with prefloss's two documented departures (see the module doc). Returns (loss, per-row
     contribution) with sum(per-row) == loss."""
     l = sel(loss_mat, mask)
     m = mask.to(loss_mat.dtype)
