@@ -48,6 +48,7 @@
 #endif
 
 namespace prefloss {
-/// Index type used for tensor extents (Eigen's).
-using Index = long;
+/// Index type of tensor extents: Eigen's (std::ptrdiff_t unless EIGEN_DEFAULT_DENSE_INDEX_TYPE
+/// says otherwise; detail/tensor.hpp checks that they agree).
+using Index = std::ptrdiff_t;
 }  // namespace prefloss

@@ -14,6 +14,9 @@
 
 namespace prefloss::detail {
 
+static_assert(std::is_same_v<Index, Eigen::Index>,
+              "prefloss: Index must be Eigen's index type (EIGEN_DEFAULT_DENSE_INDEX_TYPE changed?)");
+
 template <class T>
 using remove_cvref_t = std::remove_cv_t<std::remove_reference_t<T>>;
 
