@@ -204,10 +204,19 @@ struct TokenStats {
 /// @brief One pass over a row of n tokens. Fwd: returns the row's TokenStats (all but the
 /// weight, which the caller takes from the mask alone: row_weight). Bwd: writes
 /// grad[t] = gscale * w[t] * d l / d input0 at selected tokens and 0 elsewhere (every t);
-/// Stream: the batch-aligned body of grad with streaming stores (the caller fences).
+/// Stream: the batch-aligned body of grad with streaming stores (the caller fences). The sums
+/// are the same bits whatever Bwd and Stream are.
 template <bool Fwd, bool Bwd, bool Stream = false, class Kernel, class S, class M>
 inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m, Index n, S gscale,
                             S* grad) noexcept {
+  // The row's sums must not depend on where grad happens to start: a streaming head would shift
+  // every batch (and the float chunk boundaries) by up to a batch, changing the rounding of the
+  // loss against the forward-only pass. A fused row that is not batch-aligned is written with
+  // ordinary stores instead; a backward-only row has no sums and streams after its head.
+  if constexpr (Fwd && Bwd && Stream) {
+    if (stream_head(grad, static_cast<std::size_t>(n)) != 0)
+      return token_row<Fwd, Bwd, false>(kernel, in, m, n, gscale, grad);
+  }
   constexpr std::size_t NI = Kernel::n_in, NS = Kernel::n_sums;
   static_assert(NS <= max_sums, "token kernel reports too many sums");
   constexpr Index W = static_cast<Index>(lanes<S>);
