@@ -220,12 +220,7 @@ PpoResult<S, M> ppo_clip_impl(const Matrix<S>& lp, const Matrix<S>& old, const M
 
   using Sel = std::bool_constant<HasRef>;
   PpoResult<S, M> result(fn, in, p, "grad", Sel{});
-  TokenStats st;
-  if constexpr (is_no_grad_v<G>) {
-    st = result.template forward<Sel>(spec);
-  } else {
-    st = result.template forward_fused<Sel>(spec, matrix_out(*grad_out, lp.rows, lp.cols, fn, "grad_out"));
-  }
+  const TokenStats st = result.template run<Sel>(spec, grad_out);
   PpoMetrics<S>& mt = result.metrics;
   mt.clip_fraction = static_cast<S>(safe_mean(st.sums[0], st.weight));
   mt.clip_fraction_low = static_cast<S>(safe_mean(st.sums[1], st.weight));

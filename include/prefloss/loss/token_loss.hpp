@@ -63,7 +63,18 @@ class TokenLossResult {
   /// factor: 1/token_count, 1/B, 1/(B W_i) or 1/(B C)).
   const std::vector<double>& row_scales() const noexcept { return scales_; }
 
-  // Called once by the loss's entry point: the forward alone, or fused with the gradient.
+  // Called once by the loss's entry point: the forward alone (G = NoGrad), or fused with the
+  // gradient into *grad_out, whose shape and alignment are checked before anything is computed.
+  template <class Sel, class G>
+  TokenStats run(const AggregationSpec& spec, G* grad_out) {
+    if constexpr (detail::is_no_grad_v<G>) {
+      return forward<Sel>(spec);
+    } else {
+      return forward_fused<Sel>(spec, detail::matrix_out(*grad_out, in_.rows, in_.cols, fn_, "grad_out"));
+    }
+  }
+
+ private:
   template <class Sel>
   TokenStats forward(const AggregationSpec& spec) {
     TokenStats st;
@@ -81,7 +92,6 @@ class TokenLossResult {
     return st;
   }
 
- private:
   using BackwardFn = void (*)(const Params&, const TokenInputs&, const double*, const detail::MatrixOut<S>&);
   template <class Sel>
   static void backward_of(const Params& p, const TokenInputs& in, const double* scales, const detail::MatrixOut<S>& g) {

@@ -147,12 +147,7 @@ ValueResult<S, M> value_loss_impl(const Matrix<S>& v, const Matrix<S>& old, cons
   in.rows = v.rows;
   in.cols = v.cols;
   ValueResult<S, M> result(fn, in, p, "grad", AllKernels{});
-  TokenStats st;
-  if constexpr (is_no_grad_v<G>) {
-    st = result.template forward<AllKernels>(spec);
-  } else {
-    st = result.template forward_fused<AllKernels>(spec, matrix_out(*grad_out, v.rows, v.cols, fn, "grad_out"));
-  }
+  const TokenStats st = result.template run<AllKernels>(spec, grad_out);
   result.metrics.clip_fraction = static_cast<S>(safe_mean(st.sums[0], st.weight));
   result.metrics.value_mean = static_cast<S>(safe_mean(st.sums[1], st.weight));
   result.metrics.token_weight = static_cast<S>(st.weight);
