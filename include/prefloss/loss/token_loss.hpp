@@ -6,10 +6,9 @@
 
 #include <cstddef>
 #include <type_traits>
+#include <unsupported/Eigen/CXX11/Tensor>
 #include <utility>
 #include <vector>
-
-#include <unsupported/Eigen/CXX11/Tensor>
 
 #include "../config.hpp"
 #include "../detail/tensor.hpp"
@@ -32,6 +31,7 @@ class TokenLossResult {
   using TokenInputs = detail::TokenInputs<S, M>;
   using TokenStats = detail::TokenStats;
   using AggregationSpec = detail::AggregationSpec;
+
  public:
   using Scalar = S;
   Scalar loss = 0;                  ///< the batch loss
@@ -54,7 +54,8 @@ class TokenLossResult {
   /// its element type (nothing is written then).
   template <class G>
   void backward(G&& grad) const {
-    static_assert(std::is_same_v<detail::tensor_scalar_t<G>, S>, "prefloss: gradient tensor must have the token scalar type");
+    static_assert(std::is_same_v<detail::tensor_scalar_t<G>, S>,
+                  "prefloss: gradient tensor must have the token scalar type");
     const detail::MatrixOut<S> g = detail::matrix_out(std::forward<G>(grad), in_.rows, in_.cols, fn_, grad_name_);
     backward_(params_, in_, scales_.data(), g);
   }
@@ -86,8 +87,9 @@ class TokenLossResult {
   template <class Sel>
   TokenStats forward_fused(const AggregationSpec& spec, const detail::MatrixOut<S>& grad) {
     TokenStats st;
-    params_.template visit<Sel>(
-        [&](const auto& kernel) { st = detail::token_forward_fused(kernel, in_, spec, scales_.data(), losses.data(), grad); });
+    params_.template visit<Sel>([&](const auto& kernel) {
+      st = detail::token_forward_fused(kernel, in_, spec, scales_.data(), losses.data(), grad);
+    });
     loss = static_cast<S>(st.loss);
     return st;
   }
