@@ -61,9 +61,9 @@ Data to_data(const Tok<S>& a, const Tok<S>& b, const Tok<S>& c, const Tok<M>& m,
   return r;
 }
 
-/// verl's agg_loss over weighted token losses, with prefloss's documented definitions (reduce/aggregation.hpp): empty rows give 0
-/// and still count; seq_mean_token_sum_norm divides by B * C. Returns the loss and fills the
-/// per-row contributions.
+/// verl's agg_loss over weighted token losses, with prefloss's documented definitions (reduce/aggregation.hpp): empty
+/// rows give 0 and still count; seq_mean_token_sum_norm divides by B * C. Returns the loss and fills the per-row
+/// contributions.
 inline ld aggregate(const Data& d, const std::vector<ld>& l, pl::Aggregation mode, std::optional<double> token_count,
                     std::optional<double> sequence_count, std::optional<double> norm, std::vector<ld>* rows = nullptr) {
   std::vector<ld> S(static_cast<std::size_t>(d.B), 0), W(static_cast<std::size_t>(d.B), 0);
@@ -266,20 +266,6 @@ FdResult token_fd_error(Data& d, const Tok<S>& g, F&& loss_of) {
       max_g = std::max(max_g, std::fabs(fd));
     }
   return {max_g > 0 ? max_err / max_g : max_err, masked_zero};
-}
-
-/// f() must throw a prefloss::error whose message names the function fn and contains needle.
-template <class F>
-void expect_error(F&& f, const std::string& fn, const std::string& needle) {
-  try {
-    f();
-    FAIL("no exception; expected one mentioning " << needle);
-  } catch (const pl::error& e) {
-    const std::string what = e.what();
-    CAPTURE(what);
-    CHECK(what.find(needle) != std::string::npos);
-    CHECK(what.find(fn) != std::string::npos);
-  }
 }
 
 }  // namespace rlref

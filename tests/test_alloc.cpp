@@ -1,110 +1,12 @@
-// With caller-provided outputs, dpo and kto (forward + backward) allocate only [batch]-sized
-// bookkeeping: the heap traffic at T = 64 and T = 65536 tokens per row must be identical.
-//
-// Global operator new/delete are replaced to count calls and bytes. Eigen::Tensor storage comes
-// from std::malloc, not operator new, so on glibc malloc and friends are interposed as well
-// (forwarding to glibc's __libc_* entry points). AddressSanitizer owns operator new and malloc
-// itself and its replacements cannot be stacked with ours, so under ASan this test is compiled
-// out (the default and UBSan builds run it).
+// With caller-provided outputs, every loss allocates only [batch]-sized bookkeeping: the heap
+// traffic (calls and bytes, std::malloc included, where Eigen::Tensor storage comes from) at T = 64
+// and T = 65536 tokens per row must be identical. The counting harness is tests/alloc_count.hpp.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdint>
 #include <prefloss/prefloss.hpp>
 
-#include <catch2/catch.hpp>
-
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define PREFLOSS_ALLOC_TEST_ASAN 1
-#endif
-#endif
-#if defined(__SANITIZE_ADDRESS__)
-#define PREFLOSS_ALLOC_TEST_ASAN 1
-#endif
-
-#if defined(PREFLOSS_ALLOC_TEST_ASAN)
-
-TEST_CASE("alloc: skipped under AddressSanitizer (it replaces operator new and malloc)", "[alloc]") {
-  WARN("test_alloc is compiled out under ASan: ASan's allocator replaces the counting hooks");
-  SUCCEED();
-}
-
-#else
-
-#include <atomic>
-#include <cmath>
-#include <cstddef>
-#include <cstdint>
-#include <cstdlib>
-#include <new>
-
-namespace {
-
-struct Counter {
-  std::atomic<long> calls{0}, bytes{0};
-  void add(std::size_t n) {
-    calls.fetch_add(1, std::memory_order_relaxed);
-    bytes.fetch_add(static_cast<long>(n), std::memory_order_relaxed);
-  }
-};
-Counter g_new, g_malloc;
-std::atomic<bool> g_on{false};
-
-inline void note(Counter& c, std::size_t n) {
-  if (g_on.load(std::memory_order_relaxed)) c.add(n);
-}
-
-}  // namespace
-
-#if defined(__GLIBC__)
-#define PREFLOSS_ALLOC_TEST_MALLOC 1
-extern "C" {
-void* __libc_malloc(std::size_t);
-void* __libc_calloc(std::size_t, std::size_t);
-void* __libc_realloc(void*, std::size_t);
-void* __libc_memalign(std::size_t, std::size_t);
-
-void* malloc(std::size_t n) {
-  note(g_malloc, n);
-  return __libc_malloc(n);
-}
-void* calloc(std::size_t k, std::size_t n) {
-  note(g_malloc, k * n);
-  return __libc_calloc(k, n);
-}
-void* realloc(void* p, std::size_t n) {
-  note(g_malloc, n);
-  return __libc_realloc(p, n);
-}
-void* aligned_alloc(std::size_t a, std::size_t n) {
-  note(g_malloc, n);
-  return __libc_memalign(a, n);
-}
-int posix_memalign(void** out, std::size_t a, std::size_t n) {
-  note(g_malloc, n);
-  void* p = __libc_memalign(a, n);
-  if (!p) return 12;  // ENOMEM
-  *out = p;
-  return 0;
-}
-}
-#endif
-
-// operator new counts on its own (it also reaches malloc, which counts separately).
-void* operator new(std::size_t n) {
-  note(g_new, n);
-  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t n) { return operator new(n); }
-void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
-  note(g_new, n);
-  return std::malloc(n == 0 ? 1 : n);
-}
-void* operator new[](std::size_t n, const std::nothrow_t& t) noexcept { return operator new(n, t); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+#include "alloc_count.hpp"
 
 namespace {
 
@@ -113,21 +15,8 @@ template <class T>
 using Tok = Eigen::Tensor<T, 2, Eigen::RowMajor>;
 template <class T>
 using Vec = Eigen::Tensor<T, 1>;
-
-struct Traffic {
-  long new_calls = 0, new_bytes = 0, malloc_calls = 0, malloc_bytes = 0;
-};
-
-/// Runs f with the counters on and returns what it allocated.
-template <class F>
-Traffic measure(F&& f) {
-  g_new.calls = g_new.bytes = 0;
-  g_malloc.calls = g_malloc.bytes = 0;
-  g_on = true;
-  f();
-  g_on = false;
-  return {g_new.calls, g_new.bytes, g_malloc.calls, g_malloc.bytes};
-}
+using alloc_count::measure;
+using alloc_count::Traffic;
 
 /// Inputs of one dpo / kto call with T tokens per row (allocated before counting starts).
 template <class S>
@@ -139,8 +28,19 @@ struct Inputs {
   Vec<S> rc, rr, klr;
   Vec<std::uint8_t> d;
   explicit Inputs(long t)
-      : T(t), c(B, t), r(B, t), gc(B, t), gr(B, t), kl(B / 2, t), mc(B, t), mr(B, t), mk(B / 2, t), rc(B), rr(B),
-        klr(B / 2), d(B) {
+      : T(t),
+        c(B, t),
+        r(B, t),
+        gc(B, t),
+        gr(B, t),
+        kl(B / 2, t),
+        mc(B, t),
+        mr(B, t),
+        mk(B / 2, t),
+        rc(B),
+        rr(B),
+        klr(B / 2),
+        d(B) {
     c.setConstant(S(-1.0));
     r.setConstant(S(-1.25));
     kl.setConstant(S(-0.5));
@@ -186,17 +86,39 @@ Traffic kto_traffic(long T, bool given) {
 }
 
 void same_traffic(const Traffic& small, const Traffic& large) {
-  INFO("T=64: new " << small.new_calls << " calls / " << small.new_bytes << " B, malloc " << small.malloc_calls
-                    << " calls / " << small.malloc_bytes << " B;  T=65536: new " << large.new_calls << " / "
-                    << large.new_bytes << " B, malloc " << large.malloc_calls << " / " << large.malloc_bytes << " B");
-  CHECK(small.new_calls == large.new_calls);
-  CHECK(small.new_bytes == large.new_bytes);
-  CHECK(small.malloc_calls == large.malloc_calls);
-  CHECK(small.malloc_bytes == large.malloc_bytes);
+  INFO("T=64: " << small.calls << " calls / " << small.bytes << " B;  T=65536: " << large.calls << " / " << large.bytes
+                << " B");
+  CHECK(small.calls == large.calls);
+  CHECK(small.bytes == large.bytes);
   // The hooks are live: the result's [batch] bookkeeping is seen.
-  CHECK(small.new_calls + small.malloc_calls > 0);
+  CHECK(small.calls > 0);
   // And that bookkeeping is small: far below one [batch, 64] token tensor's worth per input.
-  CHECK(small.new_bytes < 8 * 64 * 8);
+  CHECK(small.bytes < 8 * 64 * 8);
+}
+
+struct Counts {
+  long forward_backward, fused, value, bytes;
+};
+
+Counts count_for(long T) {
+  const long B = 4;
+  Tok<float> lp(B, T), old(B, T), adv(B, T), ref(B, T), g(B, T);
+  Tok<std::uint8_t> m(B, T);
+  lp.setConstant(-1.f);
+  old.setConstant(-1.1f);
+  adv.setConstant(0.5f);
+  ref.setConstant(-0.9f);
+  m.setConstant(1);
+  pl::PpoOptions o;
+  o.kl_coef = 0.1;
+  o.dual_clip = 3;
+  const Traffic fb = measure([&] {
+    const auto r = pl::ppo_clip(lp, old, adv, m, ref, o);
+    r.backward(g);
+  });
+  const Traffic fused = measure([&] { pl::ppo_clip(lp, old, adv, m, ref, o, g); });
+  const Traffic value = measure([&] { pl::value_loss(lp, old, adv, m, pl::ValueOptions{}, g); });
+  return {fb.calls, fused.calls, value.calls, fb.bytes + fused.bytes + value.bytes};
 }
 
 }  // namespace
@@ -219,12 +141,20 @@ TEST_CASE("alloc: the counters see a token-sized allocation", "[alloc]") {
     Tok<float> x(8, 4096);
     x.setZero();
   });
-#if defined(PREFLOSS_ALLOC_TEST_MALLOC)
-  CHECK(t.malloc_bytes >= 8 * 4096 * static_cast<long>(sizeof(float)));
-#else
-  WARN("malloc is not interposed on this platform: only operator new is counted");
-  (void)t;
-#endif
+  if (alloc_count::counts_malloc) {
+    CHECK(t.bytes >= 8 * 4096 * static_cast<long>(sizeof(float)));
+  } else {
+    WARN("malloc is not counted on this platform: only operator new is");
+  }
 }
 
-#endif  // PREFLOSS_ALLOC_TEST_ASAN
+TEST_CASE("ppo_clip and value_loss allocate independently of the token count", "[ppo][alloc]") {
+  const Counts small = count_for(64);
+  const Counts large = count_for(65536);
+  CHECK(small.forward_backward == large.forward_backward);
+  CHECK(small.fused == large.fused);
+  CHECK(small.value == large.value);
+  CHECK(small.bytes == large.bytes);
+  // Something is counted at all (the [batch] bookkeeping), so the hook is live.
+  CHECK(small.forward_backward > 0);
+}

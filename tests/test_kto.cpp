@@ -1,17 +1,17 @@
 // kto(): values against closed forms written from loss/kto.hpp's Doxygen / TRL's kto_loss in long double
 // (no prefloss code on the expected side), token gradients against central finite differences
 // in double, the reference point (estimated, clamped, given), NaN padding, and bad input.
-#include <prefloss/prefloss.hpp>
-
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <prefloss/prefloss.hpp>
 #include <random>
 #include <string>
 #include <vector>
+
+#include "throws.hpp"
 
 namespace {
 
@@ -91,7 +91,8 @@ TokenSet tokens(long B, long T, unsigned seed, long empty_row = -1) {
     for (long t = 0; t < T; ++t) {
       const bool on = t < L;
       s.m(i, t) = on ? 1 : 0;
-      s.x(i, t) = on ? val(rng) : ((t & 1) ? std::numeric_limits<double>::quiet_NaN() : -std::numeric_limits<double>::infinity());
+      s.x(i, t) = on ? val(rng)
+                     : ((t & 1) ? std::numeric_limits<double>::quiet_NaN() : -std::numeric_limits<double>::infinity());
     }
   }
   return s;
@@ -131,10 +132,12 @@ TEST_CASE("kto: closed form on [batch] tensors, mixed classes, KL batch of anoth
   const auto r = pl::kto(P, R, D, KP, KR, o);
   CHECK(r.loss == Approx(static_cast<double>(e.loss)).epsilon(1e-14));
   REQUIRE(r.losses.dimension(0) == 5);
-  for (std::size_t i = 0; i < 5; ++i) CHECK(r.losses(static_cast<long>(i)) == Approx(static_cast<double>(e.losses[i])).epsilon(1e-14));
+  for (std::size_t i = 0; i < 5; ++i)
+    CHECK(r.losses(static_cast<long>(i)) == Approx(static_cast<double>(e.losses[i])).epsilon(1e-14));
   Vec<double> g(5);
   r.backward(g);
-  for (std::size_t i = 0; i < 5; ++i) CHECK(g(static_cast<long>(i)) == Approx(static_cast<double>(e.du[i])).epsilon(1e-13));
+  for (std::size_t i = 0; i < 5; ++i)
+    CHECK(g(static_cast<long>(i)) == Approx(static_cast<double>(e.du[i])).epsilon(1e-13));
 
   // Metrics: TRL's kl, counts, reward sums and means (rewards are beta * u).
   CHECK(r.metrics.reference_point == Approx(1.0 / 3.0).epsilon(1e-15));
@@ -156,7 +159,8 @@ TEST_CASE("kto: closed form on [batch] tensors, mixed classes, KL batch of anoth
   CHECK(rf.loss == Approx(static_cast<double>(e.loss)).epsilon(1e-6));
   Vec<float> gf(5);
   rf.backward(gf);
-  for (std::size_t i = 0; i < 5; ++i) CHECK(gf(static_cast<long>(i)) == Approx(static_cast<double>(e.du[i])).epsilon(1e-6));
+  for (std::size_t i = 0; i < 5; ++i)
+    CHECK(gf(static_cast<long>(i)) == Approx(static_cast<double>(e.du[i])).epsilon(1e-6));
 }
 
 TEST_CASE("kto: default options reproduce a hand-computed value", "[kto]") {
@@ -203,7 +207,8 @@ TEST_CASE("kto: all-desirable and all-undesirable batches", "[kto]") {
     }
     Vec<double> g(3);
     r.backward(g);
-    for (int i = 0; i < 3; ++i) CHECK(g(i) == Approx(static_cast<double>(e.du[static_cast<std::size_t>(i)])).epsilon(1e-13));
+    for (int i = 0; i < 3; ++i)
+      CHECK(g(i) == Approx(static_cast<double>(e.du[static_cast<std::size_t>(i)])).epsilon(1e-13));
   }
 }
 
@@ -232,7 +237,8 @@ TEST_CASE("kto: z0 is clamped at 0, and a given reference point replaces the est
   CHECK(q.loss == Approx(static_cast<double>(e1.loss)).epsilon(1e-14));
   Vec<double> g(3);
   q.backward(g);
-  for (int i = 0; i < 3; ++i) CHECK(g(i) == Approx(static_cast<double>(e1.du[static_cast<std::size_t>(i)])).epsilon(1e-13));
+  for (int i = 0; i < 3; ++i)
+    CHECK(g(i) == Approx(static_cast<double>(e1.du[static_cast<std::size_t>(i)])).epsilon(1e-13));
 
   // Given == estimated gives bit-identical results; an empty KL batch is fine with a given z0.
   const std::vector<double> klp2 = {-1.0, -2.0}, klr2 = {-1.5, -2.3};  // mean 0.4
@@ -263,8 +269,10 @@ TEST_CASE("kto: token-level gradients match central finite differences (double)"
   Tok<double> refx = ref.x;
   for (long i = 0; i < B; ++i)
     for (long t = 0; t < T; ++t)
-      if (!pol.m(i, t)) refx(i, t) = std::numeric_limits<double>::quiet_NaN();
-      else if (std::isnan(refx(i, t)) || std::isinf(refx(i, t))) refx(i, t) = -1.25;
+      if (!pol.m(i, t))
+        refx(i, t) = std::numeric_limits<double>::quiet_NaN();
+      else if (std::isnan(refx(i, t)) || std::isinf(refx(i, t)))
+        refx(i, t) = -1.25;
   klr.m = klp.m;
   for (long i = 0; i < BK; ++i)
     for (long t = 0; t < TK; ++t)
@@ -387,46 +395,39 @@ TEST_CASE("kto: bad input throws naming the argument, and writes nothing", "[kto
   const auto P = vec<double>({-1, -2, -3}), R = vec<double>({-1, -1, -1}), KP = vec<double>({-1, -2}),
              KR = vec<double>({-1.5, -2});
   const auto D = labels({1, 0, 1});
-  const auto throws_with = [](auto&& f, const std::string& what) {
-    try {
-      f();
-    } catch (const std::invalid_argument& e) {
-      INFO("message: " << e.what());
-      CHECK(std::string(e.what()).find(what) != std::string::npos);
-      return;
-    }
-    FAIL("no exception; expected one naming " << what);
-  };
   const auto with = [&](auto set) {
     pl::KtoOptions o;
     set(o);
     return [o, &P, &R, &D, &KP, &KR] { (void)pl::kto(P, R, D, KP, KR, o); };
   };
-  throws_with(with([](pl::KtoOptions& o) { o.beta = 0; }), "'beta'");
-  throws_with(with([](pl::KtoOptions& o) { o.beta = -0.1; }), "'beta'");
-  throws_with(with([](pl::KtoOptions& o) { o.beta = std::nan(""); }), "'beta'");
-  throws_with(with([](pl::KtoOptions& o) { o.desirable_weight = -1; }), "'desirable_weight'");
-  throws_with(with([](pl::KtoOptions& o) { o.undesirable_weight = -0.5; }), "'undesirable_weight'");
-  throws_with(with([](pl::KtoOptions& o) { o.undesirable_weight = std::numeric_limits<double>::infinity(); }),
-              "'undesirable_weight'");
-  throws_with(with([](pl::KtoOptions& o) { o.reference_point = std::numeric_limits<double>::infinity(); }),
-              "'reference_point'");
-  throws_with(with([](pl::KtoOptions& o) { o.reference_point = std::nan(""); }), "'reference_point'");
-  CHECK_THROWS_AS(with([](pl::KtoOptions& o) { o.beta = 0; })(), pl::option_error);
+  expect_throw<pl::option_error>(with([](pl::KtoOptions& o) { o.beta = 0; }), "kto", {"'beta'"});
+  expect_throw<pl::option_error>(with([](pl::KtoOptions& o) { o.beta = -0.1; }), "kto", {"'beta'"});
+  expect_throw<pl::option_error>(with([](pl::KtoOptions& o) { o.beta = std::nan(""); }), "kto", {"'beta'"});
+  expect_throw<pl::option_error>(with([](pl::KtoOptions& o) { o.desirable_weight = -1; }), "kto",
+                                 {"'desirable_weight'"});
+  expect_throw<pl::option_error>(with([](pl::KtoOptions& o) { o.undesirable_weight = -0.5; }), "kto",
+                                 {"'undesirable_weight'"});
+  expect_throw<pl::option_error>(
+      with([](pl::KtoOptions& o) { o.undesirable_weight = std::numeric_limits<double>::infinity(); }), "kto",
+      {"'undesirable_weight'"});
+  expect_throw<pl::option_error>(
+      with([](pl::KtoOptions& o) { o.reference_point = std::numeric_limits<double>::infinity(); }), "kto",
+      {"'reference_point'"});
+  expect_throw<pl::option_error>(with([](pl::KtoOptions& o) { o.reference_point = std::nan(""); }), "kto",
+                                 {"'reference_point'"});
 
   const auto R2 = vec<double>({-1, -1});
-  throws_with([&] { (void)pl::kto(P, R2, D, KP, KR); }, "'ref'");
-  throws_with([&] { (void)pl::kto(P, R2, D, KP, KR); }, "but 'policy' has batch");
+  expect_throw<pl::shape_error>([&] { (void)pl::kto(P, R2, D, KP, KR); }, "kto", {"'ref'"});
+  expect_throw<pl::shape_error>([&] { (void)pl::kto(P, R2, D, KP, KR); }, "kto", {"but 'policy' has batch"});
   const auto D4 = labels({1, 0, 1, 1});
-  throws_with([&] { (void)pl::kto(P, R, D4, KP, KR); }, "'desirable'");
+  expect_throw<pl::shape_error>([&] { (void)pl::kto(P, R, D4, KP, KR); }, "kto", {"'desirable'"});
   const auto KR3 = vec<double>({-1, -1, -1});
-  throws_with([&] { (void)pl::kto(P, R, D, KP, KR3); }, "'kl_ref'");
-  throws_with([&] { (void)pl::kto(P, R, D, KP, KR3); }, "but 'kl_policy' has batch");
+  expect_throw<pl::shape_error>([&] { (void)pl::kto(P, R, D, KP, KR3); }, "kto", {"'kl_ref'"});
+  expect_throw<pl::shape_error>([&] { (void)pl::kto(P, R, D, KP, KR3); }, "kto", {"but 'kl_policy' has batch"});
   const Vec<double> none(0);
-  throws_with([&] { (void)pl::kto(P, R, D, none, none); }, "'kl_policy'");
-  throws_with([&] { (void)pl::kto(P, R, D, none, none); }, "'reference_point'");
-  throws_with([&] { (void)pl::kto(none, none, labels({}), KP, KR); }, "'policy'");
-  CHECK_THROWS_AS(pl::kto(P, R2, D, KP, KR), pl::shape_error);
+  expect_throw<pl::shape_error>([&] { (void)pl::kto(P, R, D, none, none); }, "kto", {"'kl_policy'"});
+  expect_throw<pl::shape_error>([&] { (void)pl::kto(P, R, D, none, none); }, "kto", {"'reference_point'"});
+  expect_throw<pl::shape_error>([&] { (void)pl::kto(none, none, labels({}), KP, KR); }, "kto", {"'policy'"});
 
   // A token-level result refuses a gradient of the wrong shape and leaves it untouched.
   Tok<double> x(3, 4);
@@ -436,12 +437,12 @@ TEST_CASE("kto: bad input throws naming the argument, and writes nothing", "[kto
   const auto r = pl::kto(pl::masked_sum(x, m), R, D, KP, KR);
   Tok<double> wrong(3, 5);
   wrong.setConstant(7.0);
-  throws_with([&] { r.backward(wrong); }, "'grad_policy'");
+  expect_throw<pl::shape_error>([&] { r.backward(wrong); }, "kto", {"'grad_policy'"});
   for (long k = 0; k < wrong.size(); ++k) CHECK(wrong.data()[k] == 7.0);
   const auto rp = pl::kto(P, R, D, KP, KR);
   Vec<double> w2(2);
   w2.setConstant(7.0);
-  throws_with([&] { rp.backward(w2); }, "'grad_policy'");
+  expect_throw<pl::shape_error>([&] { rp.backward(w2); }, "kto", {"'grad_policy'"});
   CHECK(w2(0) == 7.0);
   CHECK(w2(1) == 7.0);
 }

@@ -1,12 +1,12 @@
 // masked_sum / masked_mean: values, adjoints, NaN padding, weights, empty rows, shape errors.
-#include <prefloss/prefloss.hpp>
-
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <prefloss/prefloss.hpp>
 #include <random>
+
+#include "throws.hpp"
 
 namespace pl = prefloss;
 template <class T>
@@ -42,7 +42,8 @@ void check_against_reference(long B, long T, unsigned seed) {
         m(i, t) = static_cast<M>(k);
       }
       // Padding holds the values that poison a multiply-by-mask implementation.
-      x(i, t) = k ? static_cast<S>(val(rng)) : (t % 2 ? std::numeric_limits<S>::quiet_NaN() : -std::numeric_limits<S>::infinity());
+      x(i, t) = k ? static_cast<S>(val(rng))
+                  : (t % 2 ? std::numeric_limits<S>::quiet_NaN() : -std::numeric_limits<S>::infinity());
     }
   const auto sum = pl::masked_sum(x, m).eval();
   const auto mean = pl::masked_mean(x, m).eval();
@@ -157,9 +158,8 @@ TEST_CASE("shape mismatches throw shape_error naming the argument; nothing is wr
   x.setZero();
   Tok<std::uint8_t> m(2, 6);
   m.setZero();
-  REQUIRE_THROWS_AS(pl::masked_sum(x, m), pl::shape_error);
-  REQUIRE_THROWS_WITH(pl::masked_mean(x, m), Catch::Contains("'mask'") && Catch::Contains("[2, 6]") &&
-                                                 Catch::Contains("[2, 5]"));
+  expect_throw<pl::shape_error>([&] { (void)pl::masked_sum(x, m); }, "masked_sum", {"'mask'", "[2, 6]", "[2, 5]"});
+  expect_throw<pl::shape_error>([&] { (void)pl::masked_mean(x, m); }, "masked_mean", {"'mask'", "[2, 6]", "[2, 5]"});
   Tok<std::uint8_t> ok(2, 5);
   ok.setConstant(1);
   Eigen::Tensor<float, 1> g(2), bad_g(3);
@@ -167,20 +167,12 @@ TEST_CASE("shape mismatches throw shape_error naming the argument; nothing is wr
   bad_g.setConstant(1.f);
   Tok<float> out(2, 4);
   out.setConstant(9.f);
-  REQUIRE_THROWS_WITH(pl::masked_sum(x, ok).backward(g, out), Catch::Contains("'grad'") && Catch::Contains("[2, 4]"));
+  expect_throw<pl::shape_error>([&] { pl::masked_sum(x, ok).backward(g, out); }, "backward", {"'grad'", "[2, 4]"});
   Tok<float> out2(2, 5);
   out2.setConstant(9.f);
-  REQUIRE_THROWS_WITH(pl::masked_sum(x, ok).backward(bad_g, out2), Catch::Contains("'upstream'"));
+  expect_throw<pl::shape_error>([&] { pl::masked_sum(x, ok).backward(bad_g, out2); }, "backward", {"'upstream'"});
   for (long i = 0; i < 2; ++i)
     for (long t = 0; t < 5; ++t) CHECK(out2(i, t) == 9.f);
-  const std::invalid_argument* base = nullptr;
-  try {
-    pl::masked_sum(x, m);
-  } catch (const std::invalid_argument& e) {
-    base = &e;
-    CHECK(std::string(e.what()).find("masked_sum") != std::string::npos);
-  }
-  CHECK(base != nullptr);
 }
 
 TEST_CASE("masked reductions: any nonzero mask byte selects with weight 1, rows of every length", "[reduce]") {
@@ -212,8 +204,7 @@ TEST_CASE("masked reductions: any nonzero mask byte selects with weight 1, rows 
       INFO("T = " << T << ", row " << i << ": " << n << " selected");
       CHECK(sum(i) == static_cast<float>(s));
       CHECK(mean(i) == static_cast<float>(n != 0 ? s / n : 0.0));
-      for (long t = 0; t < T; ++t)
-        CHECK(g(i, t) == (m(i, t) != 0 ? static_cast<float>(up(i) / n) : 0.0f));
+      for (long t = 0; t < T; ++t) CHECK(g(i, t) == (m(i, t) != 0 ? static_cast<float>(up(i) / n) : 0.0f));
     }
   }
 }

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "pairwise_reference.hpp"
+#include "throws.hpp"
 
 namespace pl = prefloss;
 using pref::ld;
@@ -24,20 +25,6 @@ using Vec = Eigen::Tensor<T, 1>;
 using U8 = Tok<std::uint8_t>;
 
 namespace {
-
-/// Runs f, which must throw E with a message holding fn and every needle.
-template <class E, class F>
-void expect_throw(F&& f, const std::string& fn, std::initializer_list<const char*> needles) {
-  try {
-    f();
-    FAIL("no exception; expected " << fn);
-  } catch (const E& e) {
-    const std::string what = e.what();
-    CAPTURE(what);
-    CHECK(what.find(fn + ":") == 0);
-    for (const char* n : needles) CHECK(what.find(n) != std::string::npos);
-  }
-}
 
 /// A [rows, cols] map of T whose data starts `offset` bytes into a byte buffer filled with a
 /// sentinel, so a test can see whether anything was written.
