@@ -1,9 +1,11 @@
 // Accuracy of the math core (log_sigmoid, sigmoid, softplus, log1mexp): scalar, xsimd batch and
-// array forms in float and double against a higher-precision reference (long double for float,
-// __float128 for double), over the whole range; exact asymptotics; NaN/inf; array lengths and
-// alignments; the fused value+gradient forms. Prints a table of the measured maxima to stdout.
+// array forms in float and double against a higher-precision reference (long double for float;
+// __float128, or an extended long double, for double), over the whole range; exact asymptotics;
+// NaN/inf; array lengths and alignments; the fused value+gradient forms. Prints a table of the
+// measured maxima to stdout.
 #include <algorithm>
 #include <catch2/catch.hpp>
+#include <cfloat>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -17,8 +19,14 @@
 #include <type_traits>
 #include <vector>
 
-// libquadmath's header lives in GCC's private include directory, which clang does not search;
-// the handful of functions used here are then declared by hand (same ABI, same library).
+// The double reference is __float128 (libquadmath) where CMake found it (PREFLOSS_HAVE_QUADMATH),
+// else the x87/IEEE-quad long double where it has at least 64 bits; nothing weaker is accepted.
+// libquadmath's header lives in GCC's private include directory, which clang does not search; the
+// handful of functions used here are then declared by hand (same ABI, same library).
+#if !defined(PREFLOSS_HAVE_QUADMATH)
+#define PREFLOSS_HAVE_QUADMATH 0
+#endif
+#if PREFLOSS_HAVE_QUADMATH
 #if __has_include(<quadmath.h>)
 #include <quadmath.h>
 #else
@@ -32,14 +40,23 @@ __extension__ __float128 frexpq(__float128, int*) noexcept;
 __extension__ __float128 ldexpq(__float128, int) noexcept;
 }
 #endif
+#elif LDBL_MANT_DIG < 64
+#error "test_math needs __float128 (libquadmath) or a long double of >= 64 bits as its double reference"
+#endif
 
 namespace pl = prefloss;
 
 namespace {
 
-__extension__ typedef __float128 quad;
+// ---- reference arithmetic: long double for float, __float128 (or long double) for double ------
 
-// ---- reference arithmetic: long double for float, __float128 for double --------------------
+#if PREFLOSS_HAVE_QUADMATH
+__extension__ typedef __float128 quad;
+constexpr const char* double_reference = "__float128";
+#else
+using quad = long double;
+constexpr const char* double_reference = "long double";
+#endif
 
 template <class T>
 using Ref = std::conditional_t<std::is_same_v<T, float>, long double, quad>;
@@ -51,6 +68,7 @@ inline long double r_log1p(long double x) { return std::log1p(x); }
 inline long double r_fabs(long double x) { return std::fabs(x); }
 inline long double r_frexp(long double x, int* e) { return std::frexp(x, e); }
 inline long double r_ldexp(long double x, int e) { return std::ldexp(x, e); }
+#if PREFLOSS_HAVE_QUADMATH
 inline quad r_exp(quad x) { return expq(x); }
 inline quad r_expm1(quad x) { return expm1q(x); }
 inline quad r_log(quad x) { return logq(x); }
@@ -58,6 +76,7 @@ inline quad r_log1p(quad x) { return log1pq(x); }
 inline quad r_fabs(quad x) { return fabsq(x); }
 inline quad r_frexp(quad x, int* e) { return frexpq(x, e); }
 inline quad r_ldexp(quad x, int e) { return ldexpq(x, e); }
+#endif
 
 template <class R>
 bool r_isnan(R x) {
@@ -479,7 +498,8 @@ void measure_grads(const std::vector<T>& x) {
 
 void print_tables(const char* type, std::size_t inputs) {
   std::printf("\nprefloss math accuracy, %s: max error in ULP of the output type vs %s, %zu inputs, batch arch %s\n",
-              type, std::strcmp(type, "float") == 0 ? "long double" : "__float128", inputs, pl::detail::arch::name());
+              type, std::strcmp(type, "float") == 0 ? "long double" : double_reference, inputs,
+              pl::detail::arch::name());
   std::printf("%-12s %-7s %8s %8s %8s   worst inputs (scalar | batch | array)\n", "function", "type", "scalar", "batch",
               "array");
   for (const Row& r : table())
@@ -738,8 +758,8 @@ TEST_CASE("math: float log_sigmoid over every float, softplus as its mirror", "[
   run(total / 2, total, &b);
   t.join();
   const Stat& w = a.st.max >= b.st.max ? a.st : b.st;
-  std::printf("log_sigmoid<float> array, all 2^32 inputs: max %.4f ULP at x=%.9g (y=%.9g, ref=%.9g)\n", w.max, w.x,
-              w.y, w.ref);
+  std::printf("log_sigmoid<float> array, all 2^32 inputs: max %.4f ULP at x=%.9g (y=%.9g, ref=%.9g)\n", w.max, w.x, w.y,
+              w.ref);
   INFO("worst x=" << w.x << " y=" << w.y << " ref=" << w.ref);
   CHECK(w.max <= 2);
   CHECK(a.mirror_differs + b.mirror_differs == 0);
