@@ -32,3 +32,18 @@ TEST_CASE("every options struct takes a designated initializer that skips its op
   CHECK(pl::WhitenOptions{.eps = 1e-6}.unbiased);
   CHECK(pl::GroupOptions{.scale_by_std = false}.epsilon == 1e-6);
 }
+
+TEST_CASE("the shared normalizer and k3-clamp fields are designated like any other field", "[options]") {
+  // PREFLOSS_AGGREGATION_NORMALIZERS and PREFLOSS_K3_CLAMPS expand to direct members, in order.
+  const auto ppo = pl::PpoOptions{.clip_high = 0.28, .kl_coef = 0.1, .token_count = 4096.0, .k3_clamp = std::nullopt};
+  CHECK(ppo.token_count == 4096.0);
+  CHECK(!ppo.sequence_count);
+  CHECK(ppo.k3_log_ratio_clamp == 20.0);
+  CHECK(!ppo.k3_clamp);
+  const auto value = pl::ValueOptions{.aggregation = pl::Aggregation::seq_mean_token_sum, .sequence_count = 8.0};
+  CHECK(value.sequence_count == 8.0);
+  CHECK(!value.token_sum_norm);
+  const auto kl = pl::KlOptions{.estimator = pl::KlEstimator::k3, .k3_log_ratio_clamp = 5.0};
+  CHECK(kl.k3_log_ratio_clamp == 5.0);
+  CHECK(kl.k3_clamp == 10.0);
+}

@@ -15,10 +15,10 @@
 #include "../detail/checks.hpp"
 #include "../detail/simd.hpp"
 #include "../detail/tensor.hpp"
-#include "token_loss.hpp"
 #include "../errors.hpp"
 #include "../reduce/aggregation.hpp"
 #include "../rl/kl.hpp"
+#include "token_loss.hpp"
 
 namespace prefloss {
 
@@ -28,24 +28,19 @@ namespace prefloss {
 struct PpoOptions {
   double clip_low = 0.2;   ///< in [0, 1]: eps_low, ratios below 1 - eps_low are clipped (verl clip_ratio_low); 1: off
   double clip_high = 0.2;  ///< >= 0: eps_high, ratios above 1 + eps_high are clipped (verl clip_ratio_high)
-  double dual_clip = 0.0;  ///< 0 = off; > 1 and finite: c, the loss of A < 0 tokens is capped at -A c (verl clip_ratio_c)
+  /// 0 = off; > 1 and finite: c, the loss of A < 0 tokens is capped at -A c (verl clip_ratio_c)
+  double dual_clip = 0.0;
   Aggregation aggregation = Aggregation::token_mean;
   double kl_coef = 0.0;  ///< >= 0: weight of the per-token KL penalty (needs ref_logp when > 0)
   KlEstimator kl_estimator = KlEstimator::k3;
-  /// token_mean only: the global normaliser (e.g. the valid-token count summed over data-parallel
-  /// ranks and accumulation micro-batches) instead of this call's own mask weight. With it, the
-  /// losses and gradients of the parts of a batch add up to those of the whole batch.
-  std::optional<double> token_count = std::nullopt;
-  /// seq_* modes: the global number of sequences instead of this call's batch (same purpose).
-  std::optional<double> sequence_count = std::nullopt;
-  /// seq_mean_token_sum_norm: the constant C (Dr.GRPO's generation budget); unset = this call's
-  /// tokens per row, as verl's loss_agg_mode does.
-  std::optional<double> token_sum_norm = std::nullopt;
+  /// token_count, sequence_count, token_sum_norm: the global normalizers (see
+  /// PREFLOSS_AGGREGATION_NORMALIZERS; token_count is the valid-token count summed over ranks).
+  PREFLOSS_AGGREGATION_NORMALIZERS;
   /// verl clamps logp - old_logp to [-c, c] before exp (c = 20); the clamped value also feeds
   /// approx_kl and the gradient is 0 beyond the clamp. std::nullopt: no clamp.
   std::optional<double> log_ratio_clamp = 20.0;
-  std::optional<double> k3_log_ratio_clamp = 20.0;  ///< KL term, k3 only: see KlOptions (verl: 20)
-  std::optional<double> k3_clamp = 10.0;            ///< KL term, k3 only: see KlOptions (verl: 10)
+  /// k3_log_ratio_clamp, k3_clamp: the KL term's guards (see PREFLOSS_K3_CLAMPS; verl: 20, 10).
+  PREFLOSS_K3_CLAMPS;
 };
 
 /// @brief Metrics of ppo_clip (verl's actor/pg_clipfrac, pg_clipfrac_lower, ppo_kl, ...). All
@@ -71,14 +66,14 @@ namespace detail {
 /// whose mask is the bool's byte (lane 0 only), so no runtime bool guards lane math here.
 template <class S, bool HasRef, KlEstimator K, bool AddKl>
 struct PpoKernel {
-  static constexpr std::size_t n_in = HasRef ? 4 : 3;  // logp, old_logp, advantages[, ref_logp]
+  static constexpr std::size_t n_in = HasRef ? 4 : 3;    // logp, old_logp, advantages[, ref_logp]
   static constexpr std::size_t n_sums = HasRef ? 5 : 4;  // clipped, dual-clipped, old - logp, ratio[, kl]
   static constexpr bool has_max = true;                  // ratio
 
-  S lo, hi;         // 1 - eps_low, 1 + eps_high
-  S c;              // dual clip constant (unused when !dual)
-  S clamp;          // log-ratio clamp (+inf: off)
-  S dual_below;     // 0 with dual clip, -inf without
+  S lo, hi;      // 1 - eps_low, 1 + eps_high
+  S c;           // dual clip constant (unused when !dual)
+  S clamp;       // log-ratio clamp (+inf: off)
+  S dual_below;  // 0 with dual clip, -inf without
   S kl_coef;
   KlParams<S> kl;
 
@@ -91,13 +86,13 @@ struct PpoKernel {
     const B dc = xsimd::min(xsimd::max(d, B(-clamp)), B(clamp));
     const B r = exp_ratio(dc);
     const B na = -A;
-    const B l1 = na * r;                                          // -A r
+    const B l1 = na * r;  // -A r
     const B rc = xsimd::min(xsimd::max(r, B(lo)), B(hi));
-    const B l2 = na * rc;                                         // -A clip(r, lo, hi)
+    const B l2 = na * rc;  // -A clip(r, lo, hi)
     const B m = xsimd::max(l1, l2);
     // A < 0 with dual clip on; dual_below = -inf when off (no lane is below it, NaN included).
     const auto neg = A < B(dual_below);
-    const B l3 = na * B(c);                                       // -A c
+    const B l3 = na * B(c);  // -A c
     B loss = xsimd::select(neg, xsimd::min(l3, m), m);
     B grad = zero;
     if constexpr (Bwd) {
@@ -176,15 +171,13 @@ PpoResult<S, M> ppo_clip_impl(const Matrix<S>& lp, const Matrix<S>& old, const M
   // The ratio is positive, so a lower bound 1 - clip_low below 0 never binds: clip_low = 1 turns
   // the lower clip off, and anything larger only hides a typo.
   require_option(opt.clip_low >= 0 && opt.clip_low <= 1, fn, "clip_low", "in [0, 1]", opt.clip_low);
-  require_option(opt.clip_high >= 0 && std::isfinite(opt.clip_high), fn, "clip_high", ">= 0 and finite",
-                 opt.clip_high);
-  require_option(opt.dual_clip == 0 || (opt.dual_clip > 1 && std::isfinite(opt.dual_clip) &&
-                                         static_cast<S>(opt.dual_clip) > S(1)),
-                 fn, "dual_clip", sizeof(S) == 4 ? "0 (off), or > 1 and finite, also in float" : "0 (off), or > 1 and finite",
-                 opt.dual_clip);
+  require_option(opt.clip_high >= 0 && std::isfinite(opt.clip_high), fn, "clip_high", ">= 0 and finite", opt.clip_high);
+  require_option(
+      opt.dual_clip == 0 || (opt.dual_clip > 1 && std::isfinite(opt.dual_clip) && static_cast<S>(opt.dual_clip) > S(1)),
+      fn, "dual_clip", sizeof(S) == 4 ? "0 (off), or > 1 and finite, also in float" : "0 (off), or > 1 and finite",
+      opt.dual_clip);
   require_option(opt.kl_coef >= 0 && std::isfinite(opt.kl_coef), fn, "kl_coef", ">= 0 and finite", opt.kl_coef);
-  validate_kl<S>(fn, opt.kl_estimator, opt.k3_log_ratio_clamp, opt.k3_clamp, "kl_estimator", "k3_log_ratio_clamp",
-              "k3_clamp");
+  validate_kl<S>(fn, opt.kl_estimator, opt, "kl_estimator");
   if (opt.log_ratio_clamp) require_positive_in<S>(fn, "log_ratio_clamp", *opt.log_ratio_clamp);
   if (opt.kl_coef > 0 && ref == nullptr)
     throw option_error(std::string(fn) + ": option 'kl_coef' is " + fmt(opt.kl_coef) +
@@ -207,7 +200,7 @@ PpoResult<S, M> ppo_clip_impl(const Matrix<S>& lp, const Matrix<S>& old, const M
   p.clamp = opt.log_ratio_clamp ? static_cast<S>(*opt.log_ratio_clamp) : std::numeric_limits<S>::infinity();
   p.kl_coef = static_cast<S>(opt.kl_coef);
   p.estimator = opt.kl_estimator;
-  p.kl = kl_params<S>(opt.k3_log_ratio_clamp, opt.k3_clamp);
+  p.kl = kl_params<S>(opt);
 
   TokenInputs<S, M> in;
   in.in[0] = lp.data;

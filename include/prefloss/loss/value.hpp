@@ -12,22 +12,22 @@
 #include "../detail/checks.hpp"
 #include "../detail/simd.hpp"
 #include "../detail/tensor.hpp"
-#include "token_loss.hpp"
 #include "../errors.hpp"
 #include "../reduce/aggregation.hpp"
+#include "token_loss.hpp"
 
 namespace prefloss {
 
-/// Options of value_loss(). Aggregation fields as in PpoOptions.
+/// Options of value_loss(). Aggregation as in PpoOptions.
 struct ValueOptions {
   /// >= 0: eps, the prediction is clipped to [old_values - eps, old_values + eps] (verl's
   /// cliprange_value, OpenRLHF's value_clip). The default 0.2 is OpenRLHF's; verl's critic
   /// config defaults to 0.5. std::nullopt: no clipping, l = (v - R)^2 / 2.
   std::optional<double> clip = 0.2;
   Aggregation aggregation = Aggregation::token_mean;
-  std::optional<double> token_count = std::nullopt;     ///< token_mean: global normaliser (see PpoOptions)
-  std::optional<double> sequence_count = std::nullopt;  ///< seq_* modes: global number of sequences
-  std::optional<double> token_sum_norm = std::nullopt;  ///< seq_mean_token_sum_norm: C (unset = tokens per row)
+  /// token_count, sequence_count, token_sum_norm: the global normalizers (see
+  /// PREFLOSS_AGGREGATION_NORMALIZERS).
+  PREFLOSS_AGGREGATION_NORMALIZERS;
 };
 
 /// Metrics of value_loss (verl's critic/vf_clipfrac, critic/vpred_mean); masked weighted means.
@@ -70,8 +70,8 @@ struct ValueKernel {
   }
 
   template <bool Fwd, bool Bwd>
-  void clipped_eval(const batch<S>* x, TokenOut<S, n_sums>& o, const batch<S>& v, const batch<S>& R,
-                    const batch<S>& e1, const batch<S>& l1) const noexcept {
+  void clipped_eval(const batch<S>* x, TokenOut<S, n_sums>& o, const batch<S>& v, const batch<S>& R, const batch<S>& e1,
+                    const batch<S>& l1) const noexcept {
     using B = batch<S>;
     const B zero(S(0)), one(S(1)), half(S(0.5)), two(S(2));
     const B lo = x[1] - B(eps), hi = x[1] + B(eps);

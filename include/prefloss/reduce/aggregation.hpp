@@ -8,6 +8,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "../config.hpp"
 #include "../detail/checks.hpp"
@@ -24,13 +25,37 @@ enum class Aggregation {
   seq_mean_token_sum_norm,  ///< (1/B) sum_i S_i / C, C = token_sum_norm (default: tokens per row), Dr.GRPO
 };
 
+/// @def PREFLOSS_AGGREGATION_NORMALIZERS
+/// @brief The global normalizers of a token loss's options (PpoOptions, ValueOptions), declared
+/// once here and expanded inside each options struct:
+///
+/// - `std::optional<double> token_count`: token_mean only: the global normaliser (e.g. the
+///   valid-token count summed over data-parallel ranks and accumulation micro-batches) instead of
+///   this call's own mask weight. With it, the losses and gradients of the parts of a batch add up
+///   to those of the whole batch.
+/// - `std::optional<double> sequence_count`: seq_* modes: the global number of sequences instead
+///   of this call's batch (same purpose).
+/// - `std::optional<double> token_sum_norm`: seq_mean_token_sum_norm: the constant C (Dr.GRPO's
+///   generation budget); unset = this call's tokens per row, as verl's loss_agg_mode does.
+///
+/// Each must be > 0 and finite when set (option_error otherwise). They are direct members, not a
+/// base class or a member struct, so that C++20 designated initializers can name every field of
+/// the options (`pl::PpoOptions{.clip_high = 0.28, .token_count = 4096}`): a base class's members
+/// cannot be designated, and g++ -Wextra warns for a skipped base. The marker member lets
+/// detail::aggregation_spec accept exactly the structs that expand this macro.
+#define PREFLOSS_AGGREGATION_NORMALIZERS               \
+  std::optional<double> token_count = std::nullopt;    \
+  std::optional<double> sequence_count = std::nullopt; \
+  std::optional<double> token_sum_norm = std::nullopt; \
+  static constexpr bool prefloss_aggregation_normalizers = true
+
 namespace detail {
 
 /// The aggregation settings a loss's options carry, with the batch extents.
 struct AggregationSpec {
   Aggregation mode = Aggregation::token_mean;
-  Index batch = 0;   ///< rows of this call
-  Index tokens = 0;  ///< columns of this call
+  Index batch = 0;                                      ///< rows of this call
+  Index tokens = 0;                                     ///< columns of this call
   std::optional<double> token_count = std::nullopt;     ///< token_mean: global normaliser instead of sum_i W_i
   std::optional<double> sequence_count = std::nullopt;  ///< seq_* modes: global number of sequences instead of B
   std::optional<double> token_sum_norm = std::nullopt;  ///< seq_mean_token_sum_norm: C instead of `tokens`
@@ -85,9 +110,12 @@ inline double row_scale(const AggregationSpec& s, double row_weight, double tota
   return 0.0;
 }
 
-/// Copies the aggregation fields every options struct with aggregation carries.
+/// The aggregation of a token loss call: the options' `aggregation` mode and the normalizers they
+/// declare with PREFLOSS_AGGREGATION_NORMALIZERS, with this call's extents.
 template <class Opt>
 AggregationSpec aggregation_spec(const Opt& opt, Index batch, Index tokens) {
+  static_assert(Opt::prefloss_aggregation_normalizers, "options must declare PREFLOSS_AGGREGATION_NORMALIZERS");
+  static_assert(std::is_same_v<decltype(Opt::aggregation), Aggregation>, "options need an Aggregation mode");
   AggregationSpec s;
   s.mode = opt.aggregation;
   s.batch = batch;

@@ -27,12 +27,26 @@ enum class KlEstimator {
   k3,  ///< exp(x) - x - 1 ("k3", "low_var_kl"); derivative 1 - exp(x), clamps below
 };
 
-/// Options of kl_estimate(). The clamps are verl's low_var_kl guards (k3 only; k1 and k2 are
-/// never clamped, as in verl); std::nullopt turns a clamp off for the exact estimator.
+/// @def PREFLOSS_K3_CLAMPS
+/// @brief verl's low_var_kl guards of the k3 estimator, declared once here and expanded in every
+/// options struct with a KL term (KlOptions, PpoOptions); k1 and k2 are never clamped, as in verl.
+///
+/// - `std::optional<double> k3_log_ratio_clamp = 20`: x = ref_logp - logp is clamped to [-c, c]
+///   before exp (the gradient is 0 beyond it).
+/// - `std::optional<double> k3_clamp = 10`: the estimate is clamped to [-c, c].
+///
+/// std::nullopt turns a clamp off for the exact estimator; when set, each must be > 0 (and finite
+/// in the token type). Direct members for C++20 designated initializers (see
+/// PREFLOSS_AGGREGATION_NORMALIZERS); the marker lets detail::kl_params accept exactly these structs.
+#define PREFLOSS_K3_CLAMPS                         \
+  std::optional<double> k3_log_ratio_clamp = 20.0; \
+  std::optional<double> k3_clamp = 10.0;           \
+  static constexpr bool prefloss_k3_clamps = true
+
+/// Options of kl_estimate().
 struct KlOptions {
   KlEstimator estimator = KlEstimator::k3;
-  std::optional<double> k3_log_ratio_clamp = 20.0;  ///< k3: x is clamped to [-c, c] before exp (verl: 20)
-  std::optional<double> k3_clamp = 10.0;            ///< k3: the estimate is clamped to [-c, c] (verl: 10)
+  PREFLOSS_K3_CLAMPS;  ///< k3_log_ratio_clamp, k3_clamp (see PREFLOSS_K3_CLAMPS)
 };
 
 namespace detail {
@@ -48,19 +62,22 @@ struct KlParams {
   S value_clamp = std::numeric_limits<S>::infinity();
 };
 
-template <class S>
-void validate_kl(const char* fn, KlEstimator est, const std::optional<double>& x_clamp,
-                 const std::optional<double>& v_clamp, const char* est_name, const char* x_name, const char* v_name) {
+/// Checks a KL term's estimator and the clamps its options declare with PREFLOSS_K3_CLAMPS.
+template <class S, class Opt>
+void validate_kl(const char* fn, KlEstimator est, const Opt& opt, const char* est_name) {
+  static_assert(Opt::prefloss_k3_clamps, "options must declare PREFLOSS_K3_CLAMPS");
   require_enum(valid_kl_estimator(est), fn, est_name, static_cast<int>(est));
-  if (x_clamp) require_positive_in<S>(fn, x_name, *x_clamp);
-  if (v_clamp) require_positive_in<S>(fn, v_name, *v_clamp);
+  if (opt.k3_log_ratio_clamp) require_positive_in<S>(fn, "k3_log_ratio_clamp", *opt.k3_log_ratio_clamp);
+  if (opt.k3_clamp) require_positive_in<S>(fn, "k3_clamp", *opt.k3_clamp);
 }
 
-template <class S>
-KlParams<S> kl_params(const std::optional<double>& x_clamp, const std::optional<double>& v_clamp) {
+/// The clamps of options that declare PREFLOSS_K3_CLAMPS, as lane constants.
+template <class S, class Opt>
+KlParams<S> kl_params(const Opt& opt) {
+  static_assert(Opt::prefloss_k3_clamps, "options must declare PREFLOSS_K3_CLAMPS");
   KlParams<S> p;
-  if (x_clamp) p.x_clamp = static_cast<S>(*x_clamp);
-  if (v_clamp) p.value_clamp = static_cast<S>(*v_clamp);
+  if (opt.k3_log_ratio_clamp) p.x_clamp = static_cast<S>(*opt.k3_log_ratio_clamp);
+  if (opt.k3_clamp) p.value_clamp = static_cast<S>(*opt.k3_clamp);
   return p;
 }
 
@@ -80,8 +97,8 @@ inline ValueGrad<batch<S>> kl_token(const batch<S>& logp, const batch<S>& ref, c
     const B e = exp_ratio(xc);
     const B kld = (e - xc) - B(S(1));
     const B value = xsimd::min(xsimd::max(kld, B(-p.value_clamp)), B(p.value_clamp));
-    const auto pass = (x >= B(-p.x_clamp)) & (x <= B(p.x_clamp)) & (kld >= B(-p.value_clamp)) &
-                      (kld <= B(p.value_clamp));
+    const auto pass =
+        (x >= B(-p.x_clamp)) & (x <= B(p.x_clamp)) & (kld >= B(-p.value_clamp)) & (kld <= B(p.value_clamp));
     return {value, xsimd::select(pass, B(S(1)) - e, B(S(0)))};
   }
 }
@@ -137,7 +154,7 @@ void kl_estimate_impl(const LP& logp, const RF& ref_logp, const MK& mask, const 
   static_assert(std::is_same_v<tensor_scalar_t<RF>, S>, "prefloss: ref_logp must have logp's scalar type");
   static_assert(is_mask_v<tensor_scalar_t<MK>>, "prefloss: masks must be bool, uint8_t, float or double");
   static_assert(std::is_same_v<tensor_scalar_t<O>, S>, "prefloss: out must have logp's scalar type");
-  validate_kl<S>(fn, opt.estimator, opt.k3_log_ratio_clamp, opt.k3_clamp, "estimator", "k3_log_ratio_clamp", "k3_clamp");
+  validate_kl<S>(fn, opt.estimator, opt, "estimator");
   const auto lp = matrix_view(logp, fn, "logp");
   const auto rf = matrix_view(ref_logp, fn, "ref_logp");
   const auto mk = matrix_view(mask, fn, "mask");
@@ -151,7 +168,7 @@ void kl_estimate_impl(const LP& logp, const RF& ref_logp, const MK& mask, const 
     g = matrix_out(*grad, lp.rows, lp.cols, fn, "grad_out").data;
     require_disjoint(fn, "out", out, "grad_out", *grad);
   }
-  const auto p = kl_params<S>(opt.k3_log_ratio_clamp, opt.k3_clamp);
+  const auto p = kl_params<S>(opt);
   with_kl_estimator(opt.estimator, [&](auto k) {
     if (g)
       kl_rows<decltype(k)::value, true>(lp, rf, mk, p, o.data, g);
