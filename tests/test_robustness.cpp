@@ -357,3 +357,45 @@ TEST_CASE("two outputs that share memory are rejected before either is written",
   CHECK(upper(1, 5) == Approx(-0.05 / B).epsilon(1e-6));
   CHECK(g2.map(0, 0) == Approx(0.05 / B).epsilon(1e-6));
 }
+
+TEST_CASE("a normalizer whose reciprocal overflows the token type is rejected", "[robustness]") {
+  // Found by the fuzzer's tame-call check: nll with normalizer = DBL_TRUE_MIN gave a NaN loss for
+  // a batch whose values sum to 0 (0 * (1 / DBL_TRUE_MIN) = 0 * inf). In float the gradient scale
+  // 1/n is a float, so n below 1/FLT_MAX overflows it the same way.
+  const auto check = [](auto zero, std::initializer_list<double> bad, double smallest_ok) {
+    using S = decltype(zero);
+    const long B = 2, T = 8;
+    const auto lp = filled(B, T, S(-0.5)), old = filled(B, T, S(-0.5)), adv = filled(B, T, S(0));
+    const auto m = filled<std::uint8_t>(B, T, 1);
+    Tok<S> g(B, T);
+    Vec<S> v(B);
+    v.setZero();
+    for (const double n : bad) {
+      CAPTURE(n);
+      g.setConstant(S(7));
+      pl::NllOptions no;
+      no.normalizer = n;
+      expect_throw<pl::option_error>([&] { (void)pl::nll(v, no); }, "nll", {"'normalizer'", "reciprocal"});
+      pl::PpoOptions p;
+      p.token_count = n;
+      expect_throw<pl::option_error>([&] { pl::ppo_clip(lp, old, adv, m, p, g); }, "ppo_clip", {"'token_count'"});
+      pl::ValueOptions vo;
+      vo.aggregation = pl::Aggregation::seq_mean_token_sum;
+      vo.sequence_count = n;
+      expect_throw<pl::option_error>([&] { pl::value_loss(lp, old, adv, m, vo, g); }, "value_loss",
+                                     {"'sequence_count'"});
+      for (long k = 0; k < g.size(); ++k) CHECK(g.data()[k] == S(7));
+    }
+    // The smallest accepted normalizer: zero sums stay 0, zero derivatives stay 0 (no inf * 0).
+    pl::NllOptions no;
+    no.normalizer = smallest_ok;
+    CHECK(pl::nll(v, no).loss == S(0));
+    pl::PpoOptions p;
+    p.token_count = smallest_ok;
+    const auto r = pl::ppo_clip(lp, old, adv, m, p, g);  // A = 0: every token derivative is 0
+    CHECK(r.loss == S(0));
+    for (long k = 0; k < g.size(); ++k) CHECK(g.data()[k] == S(0));
+  };
+  check(0.0, {DBL_TRUE_MIN, DBL_MIN / 8, 0.0, -1.0, HUGE_VAL}, 1.0 / DBL_MAX * 1.0000001);
+  check(0.0f, {DBL_TRUE_MIN, 1e-40, 0.0, HUGE_VAL}, 1.0 / FLT_MAX * 1.0000001);
+}

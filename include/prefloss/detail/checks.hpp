@@ -3,6 +3,7 @@
 /// argument or option, the rule and the value seen.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -28,6 +29,19 @@ inline std::string fmt(double v) {
 /// Throws option_error("<fn>: option '<name>' must be <rule>, got <value>") unless ok.
 inline void require_option(bool ok, const char* fn, const char* name, const char* rule, double value) {
   if (!ok) throw option_error(std::string(fn) + ": option '" + name + "' must be " + rule + ", got " + fmt(value));
+}
+
+/// A global normalizer (a token or sequence count the loss divides by): positive, finite, and
+/// with a reciprocal finite in the scalar type S that carries the gradient scale (>= 2.9e-39 for
+/// float, >= 5.6e-309 for double). Smaller ones are rejected: the scale 1/n would be inf, and inf
+/// times a zero token derivative is NaN.
+template <class S>
+void require_normalizer(const char* fn, const char* name, double value) {
+  const bool ok = value > 0 && value < HUGE_VAL && std::isfinite(static_cast<S>(1.0 / value));
+  require_option(ok, fn, name,
+                 sizeof(S) == 4 ? "finite and >= 2.9e-39 (a reciprocal finite in float, the token type)"
+                                : "finite and >= 5.6e-309 (a finite reciprocal)",
+                 value);
 }
 
 /// Every loss's beta (inverse temperature): positive and finite.

@@ -183,7 +183,7 @@ PpoResult<S, M> ppo_clip_impl(const Matrix<S>& lp, const Matrix<S>& old, const M
     throw option_error(std::string(fn) + ": option 'kl_coef' is " + fmt(opt.kl_coef) +
                        " but no 'ref_logp' was given (pass ref_logp or set kl_coef = 0)");
   const AggregationSpec spec = aggregation_spec(opt, lp.rows, lp.cols);
-  validate_aggregation(fn, spec);
+  validate_aggregation<S>(fn, spec);
 
   require_same_shape(fn, "old_logp", old, "logp", lp);
   require_same_shape(fn, "advantages", adv, "logp", lp);

@@ -15,7 +15,7 @@ namespace prefloss {
 
 /// Options of nll().
 struct NllOptions {
-  /// Unset: the batch loss is the mean over examples. Set (> 0, finite): the sum of the
+  /// Unset: the batch loss is the mean over examples. Set (finite, > 0, with a reciprocal finite in the value type): the sum of the
   /// per-example losses is divided by this instead, e.g. the global number of valid tokens with
   /// masked_sum inputs, which gives torch's token-mean cross-entropy (TRL's SFT loss) exactly,
   /// also across data-parallel ranks and accumulation steps.
@@ -38,15 +38,13 @@ struct NllMetrics {
 /// @return SequenceResult; backward(grad) writes d loss / d input (token level for
 /// expressions: -1/N times the token weight, divided by the row weight for a mean; 0 at
 /// masked-out tokens).
-/// @throws shape_error on an empty batch; option_error for a normalizer <= 0 or not finite.
+/// @throws shape_error on an empty batch; option_error for a normalizer that is not finite and > 0 or whose reciprocal overflows.
 /// Nothing is written on error.
 template <class X>
 auto nll(const X& logp_sequence, const NllOptions& opt = {}) {
   constexpr const char* fn = "nll";
   using S = typename sequence_t<X>::Scalar;
-  if (opt.normalizer)
-    detail::require_option(*opt.normalizer > 0 && std::isfinite(*opt.normalizer), fn, "normalizer", "> 0 and finite",
-                           *opt.normalizer);
+  if (opt.normalizer) detail::require_normalizer<S>(fn, "normalizer", *opt.normalizer);
   auto s = as_sequence(logp_sequence, fn, "logp_sequence");
   const Index B = s.size();
   detail::require_nonempty(fn, "logp_sequence", B);

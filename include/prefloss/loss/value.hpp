@@ -129,7 +129,7 @@ ValueResult<S, M> value_loss_impl(const Matrix<S>& v, const Matrix<S>& old, cons
   constexpr const char* fn = "value_loss";
   if (opt.clip) require_option(*opt.clip >= 0 && std::isfinite(*opt.clip), fn, "clip", ">= 0 and finite", *opt.clip);
   const AggregationSpec spec = aggregation_spec(opt, v.rows, v.cols);
-  validate_aggregation(fn, spec);
+  validate_aggregation<S>(fn, spec);
   require_same_shape(fn, "old_values", old, "values", v);
   require_same_shape(fn, "returns", ret, "values", v);
   require_same_shape(fn, "mask", mask, "values", v);

@@ -38,7 +38,8 @@ enum class Aggregation {
 /// - `std::optional<double> token_sum_norm`: seq_mean_token_sum_norm: the constant C (Dr.GRPO's
 ///   generation budget); unset = this call's tokens per row, as verl's loss_agg_mode does.
 ///
-/// Each must be > 0 and finite when set (option_error otherwise). They are direct members, not a
+/// Each must be finite and > 0 when set, with a reciprocal finite in the token type
+/// (option_error otherwise: the gradient scale would overflow). They are direct members, not a
 /// base class or a member struct, so that C++20 designated initializers can name every field of
 /// the options (`pl::PpoOptions{.clip_high = 0.28, .token_count = 4096}`): a base class's members
 /// cannot be designated, and g++ -Wextra warns for a skipped base. The marker member lets
@@ -66,11 +67,13 @@ inline bool valid_aggregation(Aggregation a) noexcept {
          a == Aggregation::seq_mean_token_mean || a == Aggregation::seq_mean_token_sum_norm;
 }
 
-/// Throws option_error for an unknown mode or a normaliser that is not positive and finite.
-inline void validate_aggregation(const char* fn, const AggregationSpec& s) {
+/// Throws option_error for an unknown mode or a normaliser that is not finite and > 0 with a
+/// reciprocal finite in S (the token type).
+template <class S>
+void validate_aggregation(const char* fn, const AggregationSpec& s) {
   require_enum(valid_aggregation(s.mode), fn, "aggregation", static_cast<int>(s.mode));
   const auto positive = [&](const std::optional<double>& v, const char* name) {
-    if (v) require_option(*v > 0 && std::isfinite(*v), fn, name, "> 0 and finite when set", *v);
+    if (v) require_normalizer<S>(fn, name, *v);
   };
   positive(s.token_count, "token_count");
   positive(s.sequence_count, "sequence_count");
