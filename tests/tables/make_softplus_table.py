@@ -94,6 +94,8 @@ def main():
         "",
         "namespace prefloss::detail {",
         "",
+        "// The layout is the generator's.",
+        "// clang-format off",
         f"/// Rows {', '.join(names)}; column k is the segment around a = k/2.",
         f"alignas(64) inline constexpr float softplus_table[{DEGREE + 2}][{SEGMENTS}] = {{",
     ]
@@ -103,7 +105,7 @@ def main():
         for i in range(0, SEGMENTS, 4):
             out.append("        " + ", ".join(vals[i:i + 4]) + ",")
         out.append("    },")
-    out += ["};", "", "}  // namespace prefloss::detail", ""]
+    out += ["};", "// clang-format on", "", "}  // namespace prefloss::detail", ""]
     sys.stdout.write("\n".join(out))
     sys.stderr.write(f"simulated worst error of f: {simulate(rows):.3f} ULP\n")
 

@@ -4,6 +4,8 @@
 
 namespace prefloss::detail {
 
+// The layout is the generator's.
+// clang-format off
 /// Rows c0_hi, c0_lo, c1, c2, c3, c4, c5; column k is the segment around a = k/2.
 alignas(64) inline constexpr float softplus_table[7][32] = {
     {  // c0_hi
@@ -77,5 +79,6 @@ alignas(64) inline constexpr float softplus_table[7][32] = {
         -0x1.daa2600000000p-33f, -0x1.1fe6700000000p-33f, -0x1.5ce4360000000p-34f, -0x1.a7bffa0000000p-35f,
     },
 };
+// clang-format on
 
 }  // namespace prefloss::detail
