@@ -4,7 +4,6 @@
 
 #include <string>
 #include <type_traits>
-
 #include <unsupported/Eigen/CXX11/Tensor>
 
 #include "../config.hpp"
@@ -82,13 +81,45 @@ class MaskedReduction {
   /// grad[i, t] = upstream[i] * d value_i / d x[i, t]: upstream times the weight (divided by
   /// the row's total weight for a mean), 0 where the mask is 0. Overwrites every element.
   void backward_to(const S* upstream, detail::MatrixOut<S> grad) const noexcept {
-    if (detail::use_stream_store<S>(static_cast<std::size_t>(x_.rows) * static_cast<std::size_t>(x_.cols))) {
+    if (streams()) {
       backward_rows<true>(upstream, grad);
       detail::stream_fence();
     } else {
       backward_rows<false>(upstream, grad);
     }
   }
+
+  /// @brief Scale of row i's gradient for an upstream u = d loss / d value_i: u for a sum,
+  /// u / (row weight) for a mean (0 for an empty row). backward_to and the fused losses both take
+  /// it from here, so their gradients are the same bits.
+  double grad_scale(Index i, double upstream) const noexcept {
+    if constexpr (R == Reduction::mean) {
+      const double total = detail::row_sums<false, true>(static_cast<const S*>(nullptr), m_.row(i), x_.cols).weight;
+      return total != 0 ? upstream / total : 0.0;
+    } else {
+      return upstream;
+    }
+  }
+
+  /// @brief One row of the adjoint, for losses that write each row right after reading it
+  /// (the row's mask is then still in cache): grad.row(i) = upstream * d value_i / d x[i, :].
+  /// Stream: the batch-aligned body with streaming stores (the caller fences; choose it with
+  /// streams()). The bits do not depend on Stream.
+  template <bool Stream>
+  void backward_row(Index i, S upstream, detail::MatrixOut<S> grad) const noexcept {
+    detail::row_fill<Stream, S>(m_.row(i), x_.cols, static_cast<S>(grad_scale(i, upstream)), grad.row(i));
+  }
+
+  /// Whether this expression's adjoint ([batch, tokens]) is large enough for streaming stores
+  /// (PREFLOSS_STREAMING_STORE_BYTES); backward_to decides the same way.
+  bool streams() const noexcept {
+    return detail::use_stream_store<S>(static_cast<std::size_t>(x_.rows) * static_cast<std::size_t>(x_.cols));
+  }
+
+  /// The token leaf this expression views (for the fused losses' aliasing checks).
+  const detail::Matrix<S>& tokens_view() const noexcept { return x_; }
+  /// The mask leaf this expression views.
+  const detail::Matrix<M>& mask_view() const noexcept { return m_; }
 
   /// @brief Adjoint: writes d(sum_i upstream[i] * value_i) / d tokens into grad.
   /// @param upstream [batch] tensor of d loss / d value.
@@ -107,14 +138,7 @@ class MaskedReduction {
  private:
   template <bool Stream>
   void backward_rows(const S* upstream, detail::MatrixOut<S> grad) const noexcept {
-    for (Index i = 0; i < x_.rows; ++i) {
-      double scale = upstream[i];
-      if constexpr (R == Reduction::mean) {
-        const double total = detail::row_sums<false, true>(static_cast<const S*>(nullptr), m_.row(i), x_.cols).weight;
-        scale = total != 0 ? upstream[i] / total : 0.0;
-      }
-      detail::row_fill<Stream, S>(m_.row(i), x_.cols, static_cast<S>(scale), grad.row(i));
-    }
+    for (Index i = 0; i < x_.rows; ++i) backward_row<Stream>(i, upstream[i], grad);
   }
 
   detail::Matrix<S> x_;
@@ -127,8 +151,8 @@ auto make_masked(const X& tokens, const Mk& mask, const char* fn) {
   const auto x = matrix_view(tokens, fn, "tokens");
   const auto m = matrix_view(mask, fn, "mask");
   if (x.rows != m.rows || x.cols != m.cols)
-    throw shape_error(std::string(fn) + ": argument 'mask' has shape " + shape_str(m.rows, m.cols) + " but 'tokens' has shape " +
-                      shape_str(x.rows, x.cols));
+    throw shape_error(std::string(fn) + ": argument 'mask' has shape " + shape_str(m.rows, m.cols) +
+                      " but 'tokens' has shape " + shape_str(x.rows, x.cols));
   require_weights<tensor_scalar_t<X>>(m, fn, "mask");
   return MaskedReduction<tensor_scalar_t<X>, tensor_scalar_t<Mk>, R>(x, m);
 }

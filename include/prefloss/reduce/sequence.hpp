@@ -39,6 +39,8 @@ class PlainSequence {
     return detail::vector_out(std::forward<G>(grad), v_.size, fn, name);
   }
   void backward_to(const S* upstream, S* grad) const noexcept { std::copy(upstream, upstream + v_.size, grad); }
+  /// The [batch] values this sequence views (for the fused losses' aliasing checks).
+  const detail::Vector<S>& view() const noexcept { return v_; }
 
  private:
   detail::Vector<S> v_;
