@@ -7,9 +7,9 @@
 #include <cmath>
 
 #include "../detail/checks.hpp"
-#include "pairwise.hpp"
 #include "../math/log_sigmoid.hpp"
 #include "../reduce/sequence.hpp"
+#include "pairwise.hpp"
 
 namespace prefloss {
 
@@ -22,14 +22,55 @@ enum class DpoVariant {
 
 /// Options of dpo(). Defaults are TRL's.
 struct DpoOptions {
-  double beta = 0.1;             ///< > 0: inverse temperature of the implicit reward
+  double beta = 0.1;  ///< > 0: inverse temperature of the implicit reward
   /// in [0, 0.5): assumed label-flip probability e. robust divides by 1 - 2e, so its loss and
   /// gradient grow without bound as e approaches 0.5 (labels that carry no information): that is
   /// the estimator's value, not a rounding artefact, and prefloss computes it as it is.
   double label_smoothing = 0.0;
   DpoVariant variant = DpoVariant::sigmoid;
-  bool reference_free = false;   ///< true: rho = 0, the reference inputs are ignored
+  bool reference_free = false;  ///< true: rho = 0, the reference inputs are ignored
 };
+
+namespace detail {
+/// dpo() and its fused form: G is NoGradOut or the unchecked gradient outputs.
+template <class C, class R, class RC, class RR, class G>
+auto dpo_impl(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const DpoOptions& opt,
+              const G& grads) {
+  constexpr const char* fn = "dpo";
+  using S = typename sequence_t<C>::Scalar;
+  require_beta(fn, opt.beta);
+  require_option(opt.label_smoothing >= 0 && opt.label_smoothing < 0.5, fn, "label_smoothing", "in [0, 0.5)",
+                 opt.label_smoothing);
+  require_enum(
+      opt.variant == DpoVariant::sigmoid || opt.variant == DpoVariant::robust || opt.variant == DpoVariant::hinge, fn,
+      "variant", static_cast<int>(opt.variant));
+  auto in = pair_inputs(fn, chosen, rejected, ref_chosen, ref_rejected, opt.reference_free);
+  const auto gv = pair_grads(fn, in, grads);
+  const double b = opt.beta, e = opt.label_smoothing;
+  auto result = pairwise_loss<PreferenceMetrics<S>>(
+      fn, in.chosen, in.rejected,
+      [&](Index i) {
+        in.load(i);
+        const double z = b * (in.uc[static_cast<std::size_t>(i)] - in.ur[static_cast<std::size_t>(i)]);
+        ValueSlope l{};  // slope = d loss / d z
+        if (opt.variant == DpoVariant::hinge) {
+          l = {std::max(0.0, 1.0 - z), 1.0 - z > 0 ? -1.0 : 0.0};
+        } else if (opt.variant == DpoVariant::sigmoid) {
+          l = smoothed_logistic(z, e);
+        } else {
+          // robust: (-(1-e) logsig(z) + e logsig(-z)) / (1-2e); d logsig(-z)/dz = -sig(z).
+          const auto pos = log_sigmoid_and_grad(z);
+          const auto neg = log_sigmoid_and_grad(-z);
+          l = {(-(1 - e) * pos.value + e * neg.value) / (1 - 2 * e),
+               (-(1 - e) * pos.grad - e * neg.grad) / (1 - 2 * e)};
+        }
+        return PairTerm{l.value, b * l.slope, -b * l.slope};
+      },
+      gv);
+  result.metrics = preference_metrics<S>(in.uc, in.ur, b);
+  return result;
+}
+}  // namespace detail
 
 /// @brief DPO loss of policy sequence values against reference values.
 ///
@@ -46,35 +87,28 @@ struct DpoOptions {
 /// label_smoothing outside [0, 0.5) or an unknown variant. Nothing is written on error.
 template <class C, class R, class RC, class RR>
 auto dpo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const DpoOptions& opt = {}) {
-  constexpr const char* fn = "dpo";
-  using S = typename sequence_t<C>::Scalar;
-  detail::require_beta(fn, opt.beta);
-  detail::require_option(opt.label_smoothing >= 0 && opt.label_smoothing < 0.5, fn, "label_smoothing", "in [0, 0.5)",
-                         opt.label_smoothing);
-  detail::require_enum(opt.variant == DpoVariant::sigmoid || opt.variant == DpoVariant::robust ||
-                           opt.variant == DpoVariant::hinge,
-                       fn, "variant", static_cast<int>(opt.variant));
-  auto in = detail::pair_inputs(fn, chosen, rejected, ref_chosen, ref_rejected, opt.reference_free);
-  const double b = opt.beta, e = opt.label_smoothing;
-  const auto& uc = in.uc;
-  const auto& ur = in.ur;
-  auto result = detail::pairwise_loss<PreferenceMetrics<S>>(fn, std::move(in.chosen), std::move(in.rejected), [&](Index i) {
-    const double z = b * (uc[static_cast<std::size_t>(i)] - ur[static_cast<std::size_t>(i)]);
-    detail::ValueSlope l{};  // slope = d loss / d z
-    if (opt.variant == DpoVariant::hinge) {
-      l = {std::max(0.0, 1.0 - z), 1.0 - z > 0 ? -1.0 : 0.0};
-    } else if (opt.variant == DpoVariant::sigmoid) {
-      l = detail::smoothed_logistic(z, e);
-    } else {
-      // robust: (-(1-e) logsig(z) + e logsig(-z)) / (1-2e); d logsig(-z)/dz = -sig(z).
-      const auto pos = log_sigmoid_and_grad(z);
-      const auto neg = log_sigmoid_and_grad(-z);
-      l = {(-(1 - e) * pos.value + e * neg.value) / (1 - 2 * e), (-(1 - e) * pos.grad - e * neg.grad) / (1 - 2 * e)};
-    }
-    return detail::PairTerm{l.value, b * l.slope, -b * l.slope};
-  });
-  result.metrics = detail::preference_metrics<S>(uc, ur, b);
-  return result;
+  return detail::dpo_impl(chosen, rejected, ref_chosen, ref_rejected, opt, detail::NoGradOut{});
+}
+
+/// @brief dpo() fused with its backward: the same result, and d loss / d chosen and d loss /
+/// d rejected written into grad_chosen and grad_rejected in the same pass over the tokens.
+///
+/// Each example's rows are read once for its sequence values and its gradient rows are written
+/// right after (from the mask, still in cache; streaming stores for outputs of
+/// PREFLOSS_STREAMING_STORE_BYTES or more). The loss, losses, metrics and both gradients are
+/// bit-identical to `auto r = dpo(...); r.backward(grad_chosen, grad_rejected);`, and the
+/// returned result's backward() still works.
+///
+/// @param grad_chosen, grad_rejected outputs shaped like the leaves of chosen / rejected
+/// ([batch, tokens] for an expression, [batch] for a plain tensor), fully overwritten.
+/// @throws as dpo(); shape_error naming 'grad_chosen' or 'grad_rejected'; layout_error when an
+/// output is misaligned, the two overlap, or either overlaps any input tensor (tokens, masks and
+/// references). Every check runs before anything is written.
+template <class C, class R, class RC, class RR, class GC, class GR>
+auto dpo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const DpoOptions& opt,
+         GC&& grad_chosen, GR&& grad_rejected) {
+  return detail::dpo_impl(chosen, rejected, ref_chosen, ref_rejected, opt,
+                          detail::pair_grad_args(grad_chosen, grad_rejected));
 }
 
 }  // namespace prefloss

@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
-#include "pairwise.hpp"
 #include "../reduce/sequence.hpp"
+#include "pairwise.hpp"
 
 namespace prefloss {
 
@@ -17,6 +17,30 @@ struct IpoOptions {
   double beta = 0.1;            ///< > 0 and finite: the regularization tau; the target margin is 1/(2 beta)
   bool reference_free = false;  ///< true: rho = 0, the reference inputs are ignored
 };
+
+namespace detail {
+/// ipo() and its fused form: G is NoGradOut or the unchecked gradient outputs.
+template <class C, class R, class RC, class RR, class G>
+auto ipo_impl(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const IpoOptions& opt,
+              const G& grads) {
+  constexpr const char* fn = "ipo";
+  using S = typename sequence_t<C>::Scalar;
+  require_beta(fn, opt.beta);
+  auto in = pair_inputs(fn, chosen, rejected, ref_chosen, ref_rejected, opt.reference_free);
+  const auto gv = pair_grads(fn, in, grads);
+  const double target = 1.0 / (2.0 * opt.beta);
+  auto result = pairwise_loss<PreferenceMetrics<S>>(
+      fn, in.chosen, in.rejected,
+      [&](Index i) {
+        in.load(i);
+        const double h = in.uc[static_cast<std::size_t>(i)] - in.ur[static_cast<std::size_t>(i)] - target;
+        return PairTerm{h * h, 2 * h, -2 * h};
+      },
+      gv);
+  result.metrics = preference_metrics<S>(in.uc, in.ur, opt.beta);
+  return result;
+}
+}  // namespace detail
 
 /// @brief IPO loss of policy sequence values against reference values.
 ///
@@ -37,19 +61,23 @@ struct IpoOptions {
 /// finite. Nothing is written on error.
 template <class C, class R, class RC, class RR>
 auto ipo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const IpoOptions& opt = {}) {
-  constexpr const char* fn = "ipo";
-  using S = typename sequence_t<C>::Scalar;
-  detail::require_beta(fn, opt.beta);
-  auto in = detail::pair_inputs(fn, chosen, rejected, ref_chosen, ref_rejected, opt.reference_free);
-  const double target = 1.0 / (2.0 * opt.beta);
-  const auto& uc = in.uc;
-  const auto& ur = in.ur;
-  auto result = detail::pairwise_loss<PreferenceMetrics<S>>(fn, std::move(in.chosen), std::move(in.rejected), [&](Index i) {
-    const double h = uc[static_cast<std::size_t>(i)] - ur[static_cast<std::size_t>(i)] - target;
-    return detail::PairTerm{h * h, 2 * h, -2 * h};
-  });
-  result.metrics = detail::preference_metrics<S>(uc, ur, opt.beta);
-  return result;
+  return detail::ipo_impl(chosen, rejected, ref_chosen, ref_rejected, opt, detail::NoGradOut{});
+}
+
+/// @brief ipo() fused with its backward: the same result, and d loss / d chosen and d loss /
+/// d rejected written into grad_chosen and grad_rejected in the same pass over the tokens
+/// (bit-identical to `auto r = ipo(...); r.backward(grad_chosen, grad_rejected);`; the result's
+/// backward() still works). See the fused dpo() for how the pass runs.
+/// @param grad_chosen, grad_rejected outputs shaped like the leaves of chosen / rejected,
+/// fully overwritten.
+/// @throws as ipo(); shape_error naming 'grad_chosen' or 'grad_rejected'; layout_error when
+/// an output is misaligned, the two overlap, or either overlaps any input tensor (tokens, masks and references).
+/// Every check runs before anything is written.
+template <class C, class R, class RC, class RR, class GC, class GR>
+auto ipo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const IpoOptions& opt,
+         GC&& grad_chosen, GR&& grad_rejected) {
+  return detail::ipo_impl(chosen, rejected, ref_chosen, ref_rejected, opt,
+                          detail::pair_grad_args(grad_chosen, grad_rejected));
 }
 
 }  // namespace prefloss

@@ -12,12 +12,12 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
-#include "pairwise.hpp"
-#include "sequence_loss.hpp"
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
 #include "../math/sigmoid.hpp"
 #include "../reduce/sequence.hpp"
+#include "pairwise.hpp"
+#include "sequence_loss.hpp"
 
 namespace prefloss {
 
@@ -38,47 +38,24 @@ struct KtoOptions {
 /// sum / count (0 for a class without examples).
 template <class S>
 struct KtoMetrics {
-  S reference_point = 0;          ///< z0 used (TRL "kl")
-  S kl_mean = 0;                  ///< mean(kl_policy - kl_ref) of this call, unclamped; 0 for an empty KL batch
-  Index count_desirable = 0;      ///< examples labelled desirable (TRL "count/chosen")
-  Index count_undesirable = 0;    ///< examples labelled undesirable (TRL "count/rejected")
-  S reward_desirable_sum = 0;     ///< sum of b u over desirable examples (TRL "rewards/chosen_sum")
-  S reward_undesirable_sum = 0;   ///< sum of b u over undesirable examples (TRL "rewards/rejected_sum")
-  S reward_desirable = 0;         ///< mean of b u over desirable examples (TRL "rewards/chosen")
-  S reward_undesirable = 0;       ///< mean of b u over undesirable examples (TRL "rewards/rejected")
-  S reward_margin = 0;            ///< reward_desirable - reward_undesirable (TRL "rewards/margins")
-  S logps_desirable_sum = 0;      ///< sum of the policy values s over desirable examples (TRL "logps/chosen_sum")
-  S logps_undesirable_sum = 0;    ///< sum of s over undesirable examples (TRL "logps/rejected_sum")
+  S reference_point = 0;         ///< z0 used (TRL "kl")
+  S kl_mean = 0;                 ///< mean(kl_policy - kl_ref) of this call, unclamped; 0 for an empty KL batch
+  Index count_desirable = 0;     ///< examples labelled desirable (TRL "count/chosen")
+  Index count_undesirable = 0;   ///< examples labelled undesirable (TRL "count/rejected")
+  S reward_desirable_sum = 0;    ///< sum of b u over desirable examples (TRL "rewards/chosen_sum")
+  S reward_undesirable_sum = 0;  ///< sum of b u over undesirable examples (TRL "rewards/rejected_sum")
+  S reward_desirable = 0;        ///< mean of b u over desirable examples (TRL "rewards/chosen")
+  S reward_undesirable = 0;      ///< mean of b u over undesirable examples (TRL "rewards/rejected")
+  S reward_margin = 0;           ///< reward_desirable - reward_undesirable (TRL "rewards/margins")
+  S logps_desirable_sum = 0;     ///< sum of the policy values s over desirable examples (TRL "logps/chosen_sum")
+  S logps_undesirable_sum = 0;   ///< sum of s over undesirable examples (TRL "logps/rejected_sum")
 };
 
-/// @brief KTO loss of unpaired policy sequence values against reference values.
-///
-/// With u = s - rho per example and z0 the reference point:
-/// desirable `wd (1 - sig(b (u - z0)))`, undesirable `wu (1 - sig(b (z0 - u)))`; the batch loss
-/// is the mean over all examples of both classes. This is TRL's kto_loss (loss_type="kto"),
-/// which concatenates the weighted desirable and undesirable losses and takes their mean, with
-/// sequence log-probs summed over completion tokens (pass masked_sum expressions).
-///
-/// z0 = max(0, mean_j(kl_policy_j - kl_ref_j)) over the KL batch (TRL: completions paired with
-/// mismatched prompts), or opt.reference_point when set. z0 is DETACHED, as in TRL: it is a
-/// constant of the loss, so no gradient flows to kl_policy and the result has no backward for
-/// it. A NaN in the KL values gives a NaN z0 (as torch's clamp), hence NaN losses.
-///
-/// @param policy policy values: a masked_sum/masked_mean expression or a [batch] tensor
-/// @param ref reference values (constants), same forms, same batch
-/// @param desirable [batch] rank-1 tensor of bool or uint8_t; nonzero = desirable
-/// @param kl_policy, kl_ref policy and reference values of the KL completions (constants), same
-/// forms; their own batch size, which may differ from policy's, and may be 0 only when
-/// opt.reference_point is set (they are ignored for z0 then, and only feed metrics.kl_mean)
-/// @return SequenceResult with KtoMetrics; backward(grad_policy) writes d loss / d policy,
-/// shaped like policy's leaves ([batch, tokens] for an expression, 0 at masked-out tokens;
-/// [batch] for a plain tensor).
-/// @throws shape_error naming the argument for a batch mismatch, an empty batch, or an empty KL
-/// batch without reference_point; option_error for beta <= 0, a negative weight, a non-finite
-/// option or a non-finite reference_point. Nothing is written on error.
-template <class P, class R, class D, class KP, class KR>
-auto kto(const P& policy, const R& ref, const D& desirable, const KP& kl_policy, const KR& kl_ref,
-         const KtoOptions& opt = {}) {
+namespace detail {
+/// kto() and its fused form: G is NoGradOut or the unchecked gradient output.
+template <class P, class R, class D, class KP, class KR, class G>
+auto kto_impl(const P& policy, const R& ref, const D& desirable, const KP& kl_policy, const KR& kl_ref,
+              const KtoOptions& opt, const G& grad) {
   constexpr const char* fn = "kto";
   detail::require_same_scalar<P, R>();
   detail::require_same_scalar<P, KP>();
@@ -93,13 +70,13 @@ auto kto(const P& policy, const R& ref, const D& desirable, const KP& kl_policy,
   detail::require_beta(fn, opt.beta);
   detail::require_option(opt.desirable_weight >= 0 && std::isfinite(opt.desirable_weight), fn, "desirable_weight",
                          ">= 0 and finite", opt.desirable_weight);
-  detail::require_option(opt.undesirable_weight >= 0 && std::isfinite(opt.undesirable_weight), fn,
-                         "undesirable_weight", ">= 0 and finite", opt.undesirable_weight);
+  detail::require_option(opt.undesirable_weight >= 0 && std::isfinite(opt.undesirable_weight), fn, "undesirable_weight",
+                         ">= 0 and finite", opt.undesirable_weight);
   if (opt.reference_point)
     detail::require_option(std::isfinite(*opt.reference_point), fn, "reference_point", "finite when set",
                            *opt.reference_point);
 
-  auto s = as_sequence(policy, fn, "policy");
+  const auto s = as_sequence(policy, fn, "policy");
   const auto rho = as_sequence(ref, fn, "ref");
   const auto kp = as_sequence(kl_policy, fn, "kl_policy");
   const auto kr = as_sequence(kl_ref, fn, "kl_ref");
@@ -117,28 +94,42 @@ auto kto(const P& policy, const R& ref, const D& desirable, const KP& kl_policy,
     throw shape_error(std::string(fn) + ": argument 'kl_policy' has an empty batch (shape " + kp.shape() +
                       ") and option 'reference_point' is not set: z0 needs KL examples or a given reference point");
 
+  const auto gv = detail::single_grad_view(fn, "grad_policy", s, grad, [&](auto&& f) {
+    f("policy", s);
+    f("ref", rho);
+    f("desirable", desirable);
+    f("kl_policy", kp);
+    f("kl_ref", kr);
+  });
+
   // The reference point: the KL batch's mean log-ratio (double accumulation), clamped at 0.
   double kl_sum = 0;
   for (Index j = 0; j < K; ++j) kl_sum += kp.value(j) - kr.value(j);
   const double kl_mean = K > 0 ? kl_sum / static_cast<double>(K) : 0.0;
-  const double z0 = opt.reference_point ? *opt.reference_point : (std::isnan(kl_mean) ? kl_mean : std::fmax(0.0, kl_mean));
+  const double z0 =
+      opt.reference_point ? *opt.reference_point : (std::isnan(kl_mean) ? kl_mean : std::fmax(0.0, kl_mean));
 
-  std::vector<double> u = detail::values_of(s);
-  const std::vector<double> sv = u;
-  for (Index i = 0; i < B; ++i) u[static_cast<std::size_t>(i)] -= rho.value(i);
-
+  // Example i's values are read by its term, just before its gradient row is written.
+  std::vector<double> u(static_cast<std::size_t>(B)), sv(static_cast<std::size_t>(B));
   const double b = opt.beta, wd = opt.desirable_weight, wu = opt.undesirable_weight;
-  auto result = detail::single_loss<KtoMetrics<S>>(fn, "grad_policy", std::move(s), static_cast<double>(B), [&](Index i) {
-    const double ui = u[static_cast<std::size_t>(i)];
-    if (lab.data[i] != DS(0)) {
-      // wd (1 - sig(x)) = wd sig(-x), x = b (u - z0); d/du = -wd b sig(x) sig(-x).
-      const auto t = sigmoid_and_grad(-b * (ui - z0));
-      return detail::SingleTerm{wd * t.value, -wd * b * t.grad};
-    }
-    // wu (1 - sig(y)) = wu sig(-y), y = b (z0 - u); d/du = wu b sig(y) sig(-y).
-    const auto t = sigmoid_and_grad(-b * (z0 - ui));
-    return detail::SingleTerm{wu * t.value, wu * b * t.grad};
-  });
+  auto result = detail::single_loss<KtoMetrics<S>>(
+      fn, "grad_policy", s, static_cast<double>(B),
+      [&](Index i) {
+        const std::size_t k = static_cast<std::size_t>(i);
+        sv[k] = s.value(i);
+        u[k] = sv[k];
+        u[k] -= rho.value(i);
+        const double ui = u[k];
+        if (lab.data[i] != DS(0)) {
+          // wd (1 - sig(x)) = wd sig(-x), x = b (u - z0); d/du = -wd b sig(x) sig(-x).
+          const auto t = sigmoid_and_grad(-b * (ui - z0));
+          return detail::SingleTerm{wd * t.value, -wd * b * t.grad};
+        }
+        // wu (1 - sig(y)) = wu sig(-y), y = b (z0 - u); d/du = wu b sig(y) sig(-y).
+        const auto t = sigmoid_and_grad(-b * (z0 - ui));
+        return detail::SingleTerm{wu * t.value, wu * b * t.grad};
+      },
+      gv);
 
   KtoMetrics<S>& m = result.metrics;
   double rd = 0, ru = 0, ld = 0, lu = 0;
@@ -168,6 +159,54 @@ auto kto(const P& policy, const R& ref, const D& desirable, const KP& kl_policy,
   m.logps_desirable_sum = static_cast<S>(ld);
   m.logps_undesirable_sum = static_cast<S>(lu);
   return result;
+}
+
+}  // namespace detail
+
+/// @brief KTO loss of unpaired policy sequence values against reference values.
+///
+/// With u = s - rho per example and z0 the reference point:
+/// desirable `wd (1 - sig(b (u - z0)))`, undesirable `wu (1 - sig(b (z0 - u)))`; the batch loss
+/// is the mean over all examples of both classes. This is TRL's kto_loss (loss_type="kto"),
+/// which concatenates the weighted desirable and undesirable losses and takes their mean, with
+/// sequence log-probs summed over completion tokens (pass masked_sum expressions).
+///
+/// z0 = max(0, mean_j(kl_policy_j - kl_ref_j)) over the KL batch (TRL: completions paired with
+/// mismatched prompts), or opt.reference_point when set. z0 is DETACHED, as in TRL: it is a
+/// constant of the loss, so no gradient flows to kl_policy and the result has no backward for
+/// it. A NaN in the KL values gives a NaN z0 (as torch's clamp), hence NaN losses.
+///
+/// @param policy policy values: a masked_sum/masked_mean expression or a [batch] tensor
+/// @param ref reference values (constants), same forms, same batch
+/// @param desirable [batch] rank-1 tensor of bool or uint8_t; nonzero = desirable
+/// @param kl_policy, kl_ref policy and reference values of the KL completions (constants), same
+/// forms; their own batch size, which may differ from policy's, and may be 0 only when
+/// opt.reference_point is set (they are ignored for z0 then, and only feed metrics.kl_mean)
+/// @return SequenceResult with KtoMetrics; backward(grad_policy) writes d loss / d policy,
+/// shaped like policy's leaves ([batch, tokens] for an expression, 0 at masked-out tokens;
+/// [batch] for a plain tensor).
+/// @throws shape_error naming the argument for a batch mismatch, an empty batch, or an empty KL
+/// batch without reference_point; option_error for beta <= 0, a negative weight, a non-finite
+/// option or a non-finite reference_point. Nothing is written on error.
+template <class P, class R, class D, class KP, class KR>
+auto kto(const P& policy, const R& ref, const D& desirable, const KP& kl_policy, const KR& kl_ref,
+         const KtoOptions& opt = {}) {
+  return detail::kto_impl(policy, ref, desirable, kl_policy, kl_ref, opt, detail::NoGradOut{});
+}
+
+/// @brief kto() fused with its backward: the same result, and d loss / d policy written into
+/// grad_policy in the same pass over the policy tokens (z0 is read from the KL batch first; each
+/// policy row's gradient is written right after the row is read). Bit-identical to
+/// `auto r = kto(...); r.backward(grad_policy);`, whose backward() still works.
+/// @param grad_policy output shaped like policy's leaves, fully overwritten.
+/// @throws as kto(); shape_error naming 'grad_policy'; layout_error when grad_policy is
+/// misaligned or overlaps any input tensor (policy, ref, desirable, kl_policy, kl_ref). Every
+/// check runs before anything is written.
+template <class P, class R, class D, class KP, class KR, class G>
+auto kto(const P& policy, const R& ref, const D& desirable, const KP& kl_policy, const KR& kl_ref,
+         const KtoOptions& opt, G&& grad_policy) {
+  return detail::kto_impl(policy, ref, desirable, kl_policy, kl_ref, opt,
+                          detail::GradArg<std::remove_reference_t<G>>{grad_policy});
 }
 
 }  // namespace prefloss

@@ -7,10 +7,10 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
-#include "pairwise.hpp"
 #include "../math/log1mexp.hpp"
 #include "../math/log_sigmoid.hpp"
 #include "../reduce/sequence.hpp"
+#include "pairwise.hpp"
 
 namespace prefloss {
 
@@ -27,6 +27,49 @@ struct OrpoMetrics : PreferenceMetrics<S> {
   S log_odds_chosen = 0;  ///< batch mean of the log odds ratio L (TRL "log_odds_chosen")
   S nll_loss = 0;         ///< batch mean of -s_c (TRL "nll_loss")
 };
+
+namespace detail {
+/// orpo() and its fused form: G is NoGradOut or the unchecked gradient outputs.
+template <class C, class R, class G>
+auto orpo_impl(const C& chosen, const R& rejected, const OrpoOptions& opt, const G& grads) {
+  constexpr const char* fn = "orpo";
+  using S = typename sequence_t<C>::Scalar;
+  require_beta(fn, opt.beta);
+  require_option(opt.nll_weight >= 0 && std::isfinite(opt.nll_weight), fn, "nll_weight", ">= 0 and finite",
+                 opt.nll_weight);
+  auto in = pair_inputs(fn, chosen, rejected);
+  const auto gv = pair_grads(fn, in, grads);
+  const double b = opt.beta, w = opt.nll_weight;
+  double sum_ratio = 0, sum_log_odds = 0, nll = 0;
+  auto result = pairwise_loss<OrpoMetrics<S>>(
+      fn, in.chosen, in.rejected,
+      [&](Index i) {
+        const std::size_t k = static_cast<std::size_t>(i);
+        in.load(i);
+        if (in.chosen.empty(i) || in.rejected.empty(i)) {
+          in.uc[k] = in.ur[k] = 0;  // so the reward metrics see 0 too
+          return PairTerm{0.0, 0.0, 0.0};
+        }
+        const double xc = in.uc[k], xr = in.ur[k];
+        const double l1c = log1mexp(xc), l1r = log1mexp(xr);
+        const double L = (xc - xr) - (l1c - l1r);
+        const double ratio = log_sigmoid_and_grad(L).value;
+        sum_ratio += ratio;
+        sum_log_odds += L;
+        nll -= xc;
+        const double dc = -w - b / (-std::expm1(xc) + std::exp(xc - xr + l1r));
+        const double dr = b / (-std::expm1(xr) + std::exp(xc - xr + 2 * l1r - l1c));
+        return PairTerm{-w * xc - b * ratio, dc, dr};
+      },
+      gv);
+  const double n = static_cast<double>(in.uc.size());
+  static_cast<PreferenceMetrics<S>&>(result.metrics) = preference_metrics<S>(in.uc, in.ur, b);
+  result.metrics.log_odds_ratio = static_cast<S>(sum_ratio / n);
+  result.metrics.log_odds_chosen = static_cast<S>(sum_log_odds / n);
+  result.metrics.nll_loss = static_cast<S>(nll / n);
+  return result;
+}
+}  // namespace detail
 
 /// @brief ORPO loss of policy sequence values; no reference model.
 ///
@@ -58,42 +101,21 @@ struct OrpoMetrics : PreferenceMetrics<S> {
 /// nll_weight < 0 or a non-finite option. Nothing is written on error.
 template <class C, class R>
 auto orpo(const C& chosen, const R& rejected, const OrpoOptions& opt = {}) {
-  constexpr const char* fn = "orpo";
-  using S = typename sequence_t<C>::Scalar;
-  detail::require_beta(fn, opt.beta);
-  detail::require_option(opt.nll_weight >= 0 && std::isfinite(opt.nll_weight), fn, "nll_weight", ">= 0 and finite",
-                         opt.nll_weight);
-  auto in = detail::pair_inputs(fn, chosen, rejected);
-  std::vector<bool> empty(in.uc.size());
-  for (std::size_t k = 0; k < empty.size(); ++k) {
-    const auto i = static_cast<Index>(k);
-    empty[k] = in.chosen.empty(i) || in.rejected.empty(i);
-    if (empty[k]) in.uc[k] = in.ur[k] = 0;  // so the reward metrics see 0 too
-  }
-  const auto& sc = in.uc;
-  const auto& sr = in.ur;
-  const double b = opt.beta, w = opt.nll_weight;
-  double sum_ratio = 0, sum_log_odds = 0, nll = 0;
-  auto result = detail::pairwise_loss<OrpoMetrics<S>>(fn, std::move(in.chosen), std::move(in.rejected), [&](Index i) {
-    const std::size_t k = static_cast<std::size_t>(i);
-    if (empty[k]) return detail::PairTerm{0.0, 0.0, 0.0};
-    const double xc = sc[k], xr = sr[k];
-    const double l1c = log1mexp(xc), l1r = log1mexp(xr);
-    const double L = (xc - xr) - (l1c - l1r);
-    const double ratio = log_sigmoid_and_grad(L).value;
-    sum_ratio += ratio;
-    sum_log_odds += L;
-    nll -= xc;
-    const double dc = -w - b / (-std::expm1(xc) + std::exp(xc - xr + l1r));
-    const double dr = b / (-std::expm1(xr) + std::exp(xc - xr + 2 * l1r - l1c));
-    return detail::PairTerm{-w * xc - b * ratio, dc, dr};
-  });
-  const double n = static_cast<double>(sc.size());
-  static_cast<PreferenceMetrics<S>&>(result.metrics) = detail::preference_metrics<S>(sc, sr, b);
-  result.metrics.log_odds_ratio = static_cast<S>(sum_ratio / n);
-  result.metrics.log_odds_chosen = static_cast<S>(sum_log_odds / n);
-  result.metrics.nll_loss = static_cast<S>(nll / n);
-  return result;
+  return detail::orpo_impl(chosen, rejected, opt, detail::NoGradOut{});
+}
+
+/// @brief orpo() fused with its backward: the same result, and d loss / d chosen and d loss /
+/// d rejected written into grad_chosen and grad_rejected in the same pass over the tokens
+/// (bit-identical to `auto r = orpo(...); r.backward(grad_chosen, grad_rejected);`; the result's
+/// backward() still works). See the fused dpo() for how the pass runs.
+/// @param grad_chosen, grad_rejected outputs shaped like the leaves of chosen / rejected,
+/// fully overwritten.
+/// @throws as orpo(); shape_error naming 'grad_chosen' or 'grad_rejected'; layout_error when
+/// an output is misaligned, the two overlap, or either overlaps any input tensor (tokens and masks).
+/// Every check runs before anything is written.
+template <class C, class R, class GC, class GR>
+auto orpo(const C& chosen, const R& rejected, const OrpoOptions& opt, GC&& grad_chosen, GR&& grad_rejected) {
+  return detail::orpo_impl(chosen, rejected, opt, detail::pair_grad_args(grad_chosen, grad_rejected));
 }
 
 }  // namespace prefloss

@@ -7,17 +7,17 @@
 
 #include <string>
 #include <type_traits>
+#include <unsupported/Eigen/CXX11/Tensor>
 #include <utility>
 #include <vector>
 
-#include <unsupported/Eigen/CXX11/Tensor>
-
 #include "../config.hpp"
-#include "../errors.hpp"
-#include "../reduce/sequence.hpp"
-#include "../math/log_sigmoid.hpp"
 #include "../detail/checks.hpp"
 #include "../detail/tensor.hpp"
+#include "../errors.hpp"
+#include "../math/log_sigmoid.hpp"
+#include "../reduce/sequence.hpp"
+#include "sequence_loss.hpp"
 
 namespace prefloss {
 
@@ -39,7 +39,7 @@ template <class Metrics, class SeqC, class SeqR>
 class PairwiseResult {
  public:
   using Scalar = typename SeqC::Scalar;
-  Scalar loss = 0;                ///< batch loss (mean of losses unless the loss says otherwise)
+  Scalar loss = 0;                  ///< batch loss (mean of losses unless the loss says otherwise)
   Eigen::Tensor<Scalar, 1> losses;  ///< per-example losses [batch]
   Metrics metrics;
 
@@ -98,25 +98,64 @@ std::vector<double> values_of(const Seq& s) {
   return v;
 }
 
-/// Runs a pairwise loss over the batch. term(i) gives example i's PairTerm; the batch loss is
-/// the mean, so the stored value gradients are d term / d value divided by the batch size.
-template <class Metrics, class SeqC, class SeqR, class Term>
-PairwiseResult<Metrics, SeqC, SeqR> pairwise_loss(const char* fn, SeqC c, SeqR r, Term&& term) {
+/// A fused call's two gradient outputs, checked: write views of the chosen and rejected leaves.
+template <class GC, class GR>
+struct PairGradViews {
+  GC chosen;
+  GR rejected;
+};
+
+/// @brief Checks a fused call's gradient outputs before anything is computed or written: each
+/// shaped like its input's leaves and aligned, the two disjoint, and neither over any tensor an
+/// input reads (`inputs` calls its argument with (name, input) for every input of the loss,
+/// references included). Returns their write views.
+template <class SeqC, class SeqR, class GC, class GR, class Inputs>
+auto pair_grad_views(const char* fn, const SeqC& c, const SeqR& r, const GradArg<GC>& gc, const GradArg<GR>& gr,
+                     Inputs&& inputs) {
+  auto vc = c.grad_view(gc.tensor, fn, "grad_chosen");
+  auto vr = r.grad_view(gr.tensor, fn, "grad_rejected");
+  require_disjoint(fn, "grad_chosen", gc.tensor, "grad_rejected", gr.tensor);
+  inputs([&](const char* name, const auto& in) {
+    require_not_input(fn, "grad_chosen", gc.tensor, name, in);
+    require_not_input(fn, "grad_rejected", gr.tensor, name, in);
+  });
+  return PairGradViews<decltype(vc), decltype(vr)>{vc, vr};
+}
+/// @brief Runs a pairwise loss over the batch. term(i) gives example i's PairTerm, and reads
+/// example i's values then (not before); the batch loss is the mean, so the stored value
+/// gradients are d term / d value divided by the batch size. Each is known as soon as its
+/// example is, so with gradient views (the fused form) example i's two gradient rows are written
+/// right after term(i): one pass over the tokens, the masks re-read from cache, the rows written
+/// by the kernel and with the scale backward() uses (the same bits).
+template <class Metrics, class SeqC, class SeqR, class Term, class GV = NoGradOut>
+PairwiseResult<Metrics, SeqC, SeqR> pairwise_loss(const char* fn, const SeqC& c, const SeqR& r, Term&& term,
+                                                  const GV& grads = {}) {
   using S = typename SeqC::Scalar;
   const Index B = c.size();
-  PairwiseResult<Metrics, SeqC, SeqR> out(fn, std::move(c), std::move(r));
+  PairwiseResult<Metrics, SeqC, SeqR> out(fn, c, r);
   out.losses = Eigen::Tensor<S, 1>(B);
   out.dc_ = Eigen::Tensor<S, 1>(B);
   out.dr_ = Eigen::Tensor<S, 1>(B);
   double total = 0;
   const double inv_b = 1.0 / static_cast<double>(B);
+  bool stream_c = false, stream_r = false;
+  if constexpr (!is_no_grad_out_v<GV>) {
+    stream_c = grad_streams(c);
+    stream_r = grad_streams(r);
+  }
   for (Index i = 0; i < B; ++i) {
     const PairTerm t = term(i);
     out.losses(i) = static_cast<S>(t.loss);
     out.dc_(i) = static_cast<S>(t.d_chosen * inv_b);
     out.dr_(i) = static_cast<S>(t.d_rejected * inv_b);
     total += t.loss;
+    if constexpr (!is_no_grad_out_v<GV>) {
+      // Rejected first: its mask is the one read last.
+      write_grad_row(r, stream_r, i, out.dr_(i), grads.rejected);
+      write_grad_row(c, stream_c, i, out.dc_(i), grads.chosen);
+    }
   }
+  if (stream_c || stream_r) stream_fence();
   out.loss = static_cast<S>(total * inv_b);
   return out;
 }
@@ -158,13 +197,45 @@ constexpr void require_same_scalar() {
                 "prefloss: all sequence inputs of a loss must share one scalar type (float or double)");
 }
 
-/// The two policy sequence inputs of a pairwise loss, checked (one scalar type, one batch, not
-/// empty), and their values in double.
-template <class SeqC, class SeqR>
+/// The reference input of a loss without one: contributes nothing, reads nothing.
+struct NoReference {
+  double value(Index) const noexcept { return 0.0; }
+};
+template <class F>
+void for_each_leaf(const NoReference&, F&&) {}
+
+/// @brief The sequence inputs of a pairwise loss, checked (one scalar type, one batch, not
+/// empty), and their values in double, read one example at a time by load(i):
+/// uc = s_c - rho_c, ur = s_r - rho_r (no rho without references or when reference_free).
+template <class SeqC, class SeqR, class RefC = NoReference, class RefR = NoReference>
 struct PairInputs {
   SeqC chosen;
   SeqR rejected;
-  std::vector<double> uc, ur;  ///< policy values, minus the reference values when there are any
+  RefC ref_chosen;
+  RefR ref_rejected;
+  bool subtract_ref;
+  std::vector<double> uc, ur;  ///< filled by load(i)
+
+  /// Reads example i's values into uc[i], ur[i].
+  void load(Index i) noexcept {
+    const auto k = static_cast<std::size_t>(i);
+    uc[k] = chosen.value(i);
+    ur[k] = rejected.value(i);
+    if (subtract_ref) {
+      uc[k] -= ref_chosen.value(i);
+      ur[k] -= ref_rejected.value(i);
+    }
+  }
+
+  /// Calls f(name, input) for every input, the references too (a fused call's outputs may
+  /// overlap none of them).
+  template <class F>
+  void for_each_input(F&& f) const {
+    f("chosen", chosen);
+    f("rejected", rejected);
+    f("ref_chosen", ref_chosen);
+    f("ref_rejected", ref_rejected);
+  }
 };
 
 template <class C, class R>
@@ -174,31 +245,49 @@ auto pair_inputs(const char* fn, const C& chosen, const R& rejected) {
   auto r = as_sequence(rejected, fn, "rejected");
   require_batch(fn, "rejected", r, "chosen", c.size(), c.shape());
   require_nonempty(fn, "chosen", c.size());
-  std::vector<double> uc = values_of(c), ur = values_of(r);
-  return PairInputs<sequence_t<C>, sequence_t<R>>{std::move(c), std::move(r), std::move(uc), std::move(ur)};
+  const auto n = static_cast<std::size_t>(c.size());
+  return PairInputs<sequence_t<C>, sequence_t<R>>{std::move(c),           std::move(r),          {}, {}, false,
+                                                  std::vector<double>(n), std::vector<double>(n)};
 }
 
-/// The same with reference values: uc = s_c - rho_c, ur = s_r - rho_r (rho = 0 when
-/// reference_free; the references are still checked). All checks run before any value is read.
+/// The same with reference values (rho = 0 when reference_free; the references are still
+/// checked). All checks run before any value is read.
 template <class C, class R, class RC, class RR>
 auto pair_inputs(const char* fn, const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected,
                  bool reference_free) {
   require_same_scalar<C, RC>();
   require_same_scalar<C, RR>();
-  const auto c = as_sequence(chosen, fn, "chosen");
-  const auto rc = as_sequence(ref_chosen, fn, "ref_chosen");
-  const auto rr = as_sequence(ref_rejected, fn, "ref_rejected");
+  auto c = as_sequence(chosen, fn, "chosen");
+  auto rc = as_sequence(ref_chosen, fn, "ref_chosen");
+  auto rr = as_sequence(ref_rejected, fn, "ref_rejected");
   require_batch(fn, "rejected", as_sequence(rejected, fn, "rejected"), "chosen", c.size(), c.shape());
   require_batch(fn, "ref_chosen", rc, "chosen", c.size(), c.shape());
   require_batch(fn, "ref_rejected", rr, "chosen", c.size(), c.shape());
   auto p = pair_inputs(fn, chosen, rejected);
-  if (!reference_free) {
-    for (std::size_t i = 0; i < p.uc.size(); ++i) {
-      p.uc[i] -= rc.value(static_cast<Index>(i));
-      p.ur[i] -= rr.value(static_cast<Index>(i));
-    }
+  return PairInputs<sequence_t<C>, sequence_t<R>, sequence_t<RC>, sequence_t<RR>>{
+      std::move(p.chosen), std::move(p.rejected), std::move(rc),  std::move(rr),
+      !reference_free,     std::move(p.uc),       std::move(p.ur)};
+}
+
+/// pair_grad_views for a loss's PairInputs.
+template <class In, class G>
+auto pair_grads(const char* fn, const In& in, const G& g) {
+  if constexpr (is_no_grad_out_v<G>) {
+    return NoGradOut{};
+  } else {
+    return pair_grad_views(fn, in.chosen, in.rejected, g.first, g.second, [&](auto&& f) { in.for_each_input(f); });
   }
-  return p;
+}
+
+/// A fused call's two gradient outputs, unchecked.
+template <class GC, class GR>
+struct PairGradArgs {
+  GradArg<GC> first;
+  GradArg<GR> second;
+};
+template <class GC, class GR>
+PairGradArgs<GC, GR> pair_grad_args(GC& gc, GR& gr) noexcept {
+  return {{gc}, {gr}};
 }
 
 }  // namespace detail

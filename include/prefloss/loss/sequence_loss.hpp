@@ -6,15 +6,19 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
+#include <cstdint>
 #include <string>
 #include <type_traits>
+#include <unsupported/Eigen/CXX11/Tensor>
 #include <utility>
 
-#include <unsupported/Eigen/CXX11/Tensor>
-
 #include "../config.hpp"
-#include "../errors.hpp"
+#include "../detail/simd.hpp"
 #include "../detail/tensor.hpp"
+#include "../errors.hpp"
+#include "../reduce/masked.hpp"
+#include "../reduce/sequence.hpp"
 
 namespace prefloss {
 
@@ -91,24 +95,121 @@ class PlainMatrix {
   Matrix<S> m_;
 };
 
-/// Runs a one-input sequence loss over the batch: term(i) gives example i's SingleTerm; the
-/// batch loss is the sum of the per-example losses divided by `normalizer` (the batch size for
-/// a mean), and the stored value gradients are d term / d value divided by it too.
-template <class Metrics, class Seq, class Term>
-SequenceResult<Metrics, Seq> single_loss(const char* fn, const char* grad_name, Seq s, double normalizer, Term&& term) {
+// ---- fused forward + backward ----------------------------------------------------------------
+//
+// A fused call (a loss given its gradient outputs) writes each example's gradient rows right
+// after it has read that example's rows, so its outputs must be checked in full first, and must
+// not share memory with anything it has yet to read.
+
+/// The gradient outputs of a two-pass call: none.
+struct NoGradOut {};
+
+template <class G>
+inline constexpr bool is_no_grad_out_v = std::is_same_v<remove_cvref_t<G>, NoGradOut>;
+
+/// A fused call's gradient output for one sequence input, as the caller passed it (unchecked).
+template <class G>
+struct GradArg {
+  G& tensor;
+};
+
+/// Calls f(data, bytes, leaf) for every caller tensor a sequence input reads.
+template <class S, class M, Reduction R, class F>
+void for_each_leaf(const MaskedReduction<S, M, R>& s, F&& f) {
+  const auto& x = s.tokens_view();
+  const auto& m = s.mask_view();
+  f(static_cast<const void*>(x.data), static_cast<std::size_t>(x.rows * x.cols) * sizeof(S), "tokens");
+  f(static_cast<const void*>(m.data), static_cast<std::size_t>(m.rows * m.cols) * sizeof(M), "mask");
+}
+template <class S, class F>
+void for_each_leaf(const PlainSequence<S>& s, F&& f) {
+  f(static_cast<const void*>(s.view().data), static_cast<std::size_t>(s.view().size) * sizeof(S), "values");
+}
+template <class T, class F, class = std::enable_if_t<is_tensor_v<T>>>
+void for_each_leaf(const T& t, F&& f) {
+  f(static_cast<const void*>(t.data()), static_cast<std::size_t>(t.size()) * sizeof(tensor_scalar_t<T>), "values");
+}
+
+/// @brief Throws layout_error if output `out` shares a byte with a tensor that input `in`
+/// reads. The two-pass backward writes after the forward has read everything; a fused call does
+/// not, so a gradient over (say) the mask of a later row would change what it reads.
+template <class G, class In>
+void require_not_input(const char* fn, const char* out_name, const G& out, const char* in_name, const In& in) {
+  const auto lo = reinterpret_cast<std::uintptr_t>(out.data());
+  const auto hi = lo + static_cast<std::uintptr_t>(out.size()) * sizeof(tensor_scalar_t<G>);
+  for_each_leaf(in, [&](const void* p, std::size_t bytes, const char* leaf) {
+    const auto a = reinterpret_cast<std::uintptr_t>(p), b = a + bytes;
+    if (lo < hi && a < b && lo < b && a < hi)
+      throw layout_error(std::string(fn) + ": output '" + out_name + "' overlaps input '" + in_name + "' (its " + leaf +
+                         ") in memory; a call with gradient outputs reads its inputs while it writes them: pass a "
+                         "separate output tensor");
+  });
+}
+
+/// Whether a sequence input's gradient goes through streaming stores (as its backward_to decides).
+template <class S, class M, Reduction R>
+bool grad_streams(const MaskedReduction<S, M, R>& s) noexcept {
+  return s.streams();
+}
+template <class S>
+bool grad_streams(const PlainSequence<S>&) noexcept {
+  return false;
+}
+
+/// Writes example i's gradient for a sequence input: the row a backward_to would write, with the
+/// same scale and the same kernel (so the same bits).
+template <class S, class M, Reduction R>
+void write_grad_row(const MaskedReduction<S, M, R>& s, bool stream, Index i, S upstream,
+                    const MatrixOut<S>& grad) noexcept {
+  if (stream) {
+    s.template backward_row<true>(i, upstream, grad);
+  } else {
+    s.template backward_row<false>(i, upstream, grad);
+  }
+}
+template <class S>
+void write_grad_row(const PlainSequence<S>&, bool, Index i, S upstream, S* grad) noexcept {
+  grad[i] = upstream;
+}
+
+/// Checks a fused call's gradient output for a one-input loss (shape, alignment, not over any
+/// input: `inputs` calls its argument with (name, input) for each) and returns its write view.
+template <class Seq, class G, class Inputs>
+auto single_grad_view(const char* fn, const char* name, const Seq& s, const GradArg<G>& g, Inputs&& inputs) {
+  auto view = s.grad_view(g.tensor, fn, name);
+  inputs([&](const char* in_name, const auto& in) { require_not_input(fn, name, g.tensor, in_name, in); });
+  return view;
+}
+template <class Seq, class Inputs>
+NoGradOut single_grad_view(const char*, const char*, const Seq&, NoGradOut, Inputs&&) {
+  return {};
+}
+
+/// Runs a one-input sequence loss over the batch: term(i) gives example i's SingleTerm (and
+/// reads example i's value then, not before); the batch loss is the sum of the per-example
+/// losses divided by `normalizer` (the batch size for a mean), and the stored value gradients
+/// are d term / d value divided by it too. With a gradient view (fused), example i's gradient
+/// row is written right after term(i), while its mask is still in cache.
+template <class Metrics, class Seq, class Term, class GV = NoGradOut>
+SequenceResult<Metrics, Seq> single_loss(const char* fn, const char* grad_name, const Seq& s, double normalizer,
+                                         Term&& term, const GV& grad = {}) {
   using S = typename Seq::Scalar;
   const Index B = s.size();
-  SequenceResult<Metrics, Seq> out(fn, grad_name, std::move(s));
+  SequenceResult<Metrics, Seq> out(fn, grad_name, s);
   out.losses = Eigen::Tensor<S, 1>(B);
   out.d_ = Eigen::Tensor<S, 1>(B);
   const double inv = 1.0 / normalizer;
   double total = 0;
+  bool stream = false;
+  if constexpr (!is_no_grad_out_v<GV>) stream = grad_streams(s);
   for (Index i = 0; i < B; ++i) {
     const SingleTerm t = term(i);
     out.losses(i) = static_cast<S>(t.loss);
     out.d_(i) = static_cast<S>(t.d * inv);
     total += t.loss;
+    if constexpr (!is_no_grad_out_v<GV>) write_grad_row(s, stream, i, out.d_(i), grad);
   }
+  if (stream) stream_fence();
   out.loss = static_cast<S>(total * inv);
   return out;
 }

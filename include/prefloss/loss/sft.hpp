@@ -5,11 +5,13 @@
 
 #include <cmath>
 #include <optional>
+#include <type_traits>
+#include <vector>
 
 #include "../detail/checks.hpp"
+#include "../reduce/sequence.hpp"
 #include "pairwise.hpp"
 #include "sequence_loss.hpp"
-#include "../reduce/sequence.hpp"
 
 namespace prefloss {
 
@@ -28,6 +30,33 @@ struct NllMetrics {
   S mean_logp = 0;  ///< batch mean of the sequence values s (TRL "logps/chosen" for the chosen side)
 };
 
+namespace detail {
+/// nll() and its fused form: G is NoGradOut or the unchecked gradient output.
+template <class X, class G>
+auto nll_impl(const X& logp_sequence, const NllOptions& opt, const G& grad) {
+  constexpr const char* fn = "nll";
+  using S = typename sequence_t<X>::Scalar;
+  if (opt.normalizer) require_normalizer<S>(fn, "normalizer", *opt.normalizer);
+  const auto s = as_sequence(logp_sequence, fn, "logp_sequence");
+  const Index B = s.size();
+  require_nonempty(fn, "logp_sequence", B);
+  const auto gv = single_grad_view(fn, "grad", s, grad, [&](auto&& f) { f("logp_sequence", s); });
+  std::vector<double> v(static_cast<std::size_t>(B));
+  const double norm = opt.normalizer ? *opt.normalizer : static_cast<double>(B);
+  auto result = single_loss<NllMetrics<S>>(
+      fn, "grad", s, norm,
+      [&](Index i) {
+        v[static_cast<std::size_t>(i)] = s.value(i);
+        return SingleTerm{-v[static_cast<std::size_t>(i)], -1.0};
+      },
+      gv);
+  double sum = 0;
+  for (double x : v) sum += x;
+  result.metrics.mean_logp = static_cast<S>(sum / static_cast<double>(B));
+  return result;
+}
+}  // namespace detail
+
 /// @brief Negative log-likelihood: per example `-s`; the batch loss is their mean (or their sum
 /// divided by NllOptions::normalizer).
 ///
@@ -42,21 +71,18 @@ struct NllMetrics {
 /// Nothing is written on error.
 template <class X>
 auto nll(const X& logp_sequence, const NllOptions& opt = {}) {
-  constexpr const char* fn = "nll";
-  using S = typename sequence_t<X>::Scalar;
-  if (opt.normalizer) detail::require_normalizer<S>(fn, "normalizer", *opt.normalizer);
-  auto s = as_sequence(logp_sequence, fn, "logp_sequence");
-  const Index B = s.size();
-  detail::require_nonempty(fn, "logp_sequence", B);
-  const std::vector<double> v = detail::values_of(s);
-  const double norm = opt.normalizer ? *opt.normalizer : static_cast<double>(B);
-  auto result = detail::single_loss<NllMetrics<S>>(fn, "grad", std::move(s), norm, [&](Index i) {
-    return detail::SingleTerm{-v[static_cast<std::size_t>(i)], -1.0};
-  });
-  double sum = 0;
-  for (double x : v) sum += x;
-  result.metrics.mean_logp = static_cast<S>(sum / static_cast<double>(B));
-  return result;
+  return detail::nll_impl(logp_sequence, opt, detail::NoGradOut{});
+}
+
+/// @brief nll() fused with its backward: the same result, and d loss / d input written into
+/// grad in the same pass over the tokens (each row's gradient right after the row is read;
+/// bit-identical to `auto r = nll(...); r.backward(grad);`, whose backward() still works).
+/// @param grad output shaped like the input's leaves, fully overwritten.
+/// @throws as nll(); shape_error naming 'grad'; layout_error when grad is misaligned or
+/// overlaps the input's tokens or mask. Every check runs before anything is written.
+template <class X, class G>
+auto nll(const X& logp_sequence, const NllOptions& opt, G&& grad) {
+  return detail::nll_impl(logp_sequence, opt, detail::GradArg<std::remove_reference_t<G>>{grad});
 }
 
 }  // namespace prefloss

@@ -7,9 +7,9 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
-#include "pairwise.hpp"
 #include "../math/log_sigmoid.hpp"
 #include "../reduce/sequence.hpp"
+#include "pairwise.hpp"
 
 namespace prefloss {
 
@@ -20,6 +20,33 @@ struct SimpoOptions {
                                  ///< the SimPO repo's gamma_beta_ratio is gamma / beta)
   double label_smoothing = 0.0;  ///< in [0, 0.5): e, as TRL's CPO applies it to loss_type="simpo"
 };
+
+namespace detail {
+/// simpo() and its fused form: G is NoGradOut or the unchecked gradient outputs.
+template <class C, class R, class G>
+auto simpo_impl(const C& chosen, const R& rejected, const SimpoOptions& opt, const G& grads) {
+  constexpr const char* fn = "simpo";
+  using S = typename sequence_t<C>::Scalar;
+  require_beta(fn, opt.beta);
+  require_option(opt.gamma >= 0 && std::isfinite(opt.gamma), fn, "gamma", ">= 0 and finite", opt.gamma);
+  require_option(opt.label_smoothing >= 0 && opt.label_smoothing < 0.5, fn, "label_smoothing", "in [0, 0.5)",
+                 opt.label_smoothing);
+  auto in = pair_inputs(fn, chosen, rejected);
+  const auto gv = pair_grads(fn, in, grads);
+  const double b = opt.beta, g = opt.gamma, e = opt.label_smoothing;
+  auto result = pairwise_loss<PreferenceMetrics<S>>(
+      fn, in.chosen, in.rejected,
+      [&](Index i) {
+        in.load(i);
+        const std::size_t k = static_cast<std::size_t>(i);
+        const auto l = smoothed_logistic(b * (in.uc[k] - in.ur[k]) - g, e);
+        return PairTerm{l.value, b * l.slope, -b * l.slope};
+      },
+      gv);
+  result.metrics = preference_metrics<S>(in.uc, in.ur, b);
+  return result;
+}
+}  // namespace detail
 
 /// @brief SimPO loss of policy sequence values; no reference model.
 ///
@@ -36,23 +63,21 @@ struct SimpoOptions {
 /// a non-finite option or label_smoothing outside [0, 0.5). Nothing is written on error.
 template <class C, class R>
 auto simpo(const C& chosen, const R& rejected, const SimpoOptions& opt = {}) {
-  constexpr const char* fn = "simpo";
-  using S = typename sequence_t<C>::Scalar;
-  detail::require_beta(fn, opt.beta);
-  detail::require_option(opt.gamma >= 0 && std::isfinite(opt.gamma), fn, "gamma", ">= 0 and finite", opt.gamma);
-  detail::require_option(opt.label_smoothing >= 0 && opt.label_smoothing < 0.5, fn, "label_smoothing", "in [0, 0.5)",
-                         opt.label_smoothing);
-  auto in = detail::pair_inputs(fn, chosen, rejected);
-  const double b = opt.beta, g = opt.gamma, e = opt.label_smoothing;
-  const auto& sc = in.uc;
-  const auto& sr = in.ur;
-  auto result = detail::pairwise_loss<PreferenceMetrics<S>>(fn, std::move(in.chosen), std::move(in.rejected), [&](Index i) {
-    const std::size_t k = static_cast<std::size_t>(i);
-    const auto l = detail::smoothed_logistic(b * (sc[k] - sr[k]) - g, e);
-    return detail::PairTerm{l.value, b * l.slope, -b * l.slope};
-  });
-  result.metrics = detail::preference_metrics<S>(sc, sr, b);
-  return result;
+  return detail::simpo_impl(chosen, rejected, opt, detail::NoGradOut{});
+}
+
+/// @brief simpo() fused with its backward: the same result, and d loss / d chosen and d loss /
+/// d rejected written into grad_chosen and grad_rejected in the same pass over the tokens
+/// (bit-identical to `auto r = simpo(...); r.backward(grad_chosen, grad_rejected);`; the result's
+/// backward() still works). See the fused dpo() for how the pass runs.
+/// @param grad_chosen, grad_rejected outputs shaped like the leaves of chosen / rejected,
+/// fully overwritten.
+/// @throws as simpo(); shape_error naming 'grad_chosen' or 'grad_rejected'; layout_error when
+/// an output is misaligned, the two overlap, or either overlaps any input tensor (tokens and masks).
+/// Every check runs before anything is written.
+template <class C, class R, class GC, class GR>
+auto simpo(const C& chosen, const R& rejected, const SimpoOptions& opt, GC&& grad_chosen, GR&& grad_rejected) {
+  return detail::simpo_impl(chosen, rejected, opt, detail::pair_grad_args(grad_chosen, grad_rejected));
 }
 
 }  // namespace prefloss
