@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "../detail/checks.hpp"
 #include "../math/log_sigmoid.hpp"
@@ -32,23 +33,27 @@ struct DpoOptions {
 };
 
 namespace detail {
-/// dpo() and its fused form: G is NoGradOut or the unchecked gradient outputs.
-template <class C, class R, class RC, class RR, class G>
-auto dpo_impl(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const DpoOptions& opt,
-              const G& grads) {
+/// dpo's checks (options, then inputs); nothing is read.
+template <class C, class R, class RC, class RR>
+auto dpo_inputs(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected,
+                const DpoOptions& opt) {
   constexpr const char* fn = "dpo";
-  using S = typename sequence_t<C>::Scalar;
   require_beta(fn, opt.beta);
   require_option(opt.label_smoothing >= 0 && opt.label_smoothing < 0.5, fn, "label_smoothing", "in [0, 0.5)",
                  opt.label_smoothing);
   require_enum(
       opt.variant == DpoVariant::sigmoid || opt.variant == DpoVariant::robust || opt.variant == DpoVariant::hinge, fn,
       "variant", static_cast<int>(opt.variant));
-  auto in = pair_inputs(fn, chosen, rejected, ref_chosen, ref_rejected, opt.reference_free);
-  const auto gv = pair_grads(fn, in, grads);
+  return pair_inputs(fn, chosen, rejected, ref_chosen, ref_rejected, opt.reference_free);
+}
+
+/// dpo's arithmetic, one body for both forms; grads is null for the two-pass form.
+template <class In>
+PREFLOSS_DETAIL_ONE_BODY auto dpo_run(In in, const DpoOptions& opt, const typename In::Grads* grads) {
+  using S = typename decltype(in.chosen)::Scalar;
   const double b = opt.beta, e = opt.label_smoothing;
   auto result = pairwise_loss<PreferenceMetrics<S>>(
-      fn, in.chosen, in.rejected,
+      "dpo", in.chosen, in.rejected,
       [&](Index i) {
         in.load(i);
         const double z = b * (in.uc[static_cast<std::size_t>(i)] - in.ur[static_cast<std::size_t>(i)]);
@@ -66,7 +71,7 @@ auto dpo_impl(const C& chosen, const R& rejected, const RC& ref_chosen, const RR
         }
         return PairTerm{l.value, b * l.slope, -b * l.slope};
       },
-      gv);
+      grads);
   result.metrics = preference_metrics<S>(in.uc, in.ur, b);
   return result;
 }
@@ -87,7 +92,7 @@ auto dpo_impl(const C& chosen, const R& rejected, const RC& ref_chosen, const RR
 /// label_smoothing outside [0, 0.5) or an unknown variant. Nothing is written on error.
 template <class C, class R, class RC, class RR>
 auto dpo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const DpoOptions& opt = {}) {
-  return detail::dpo_impl(chosen, rejected, ref_chosen, ref_rejected, opt, detail::NoGradOut{});
+  return detail::dpo_run(detail::dpo_inputs(chosen, rejected, ref_chosen, ref_rejected, opt), opt, nullptr);
 }
 
 /// @brief dpo() fused with its backward: the same result, and d loss / d chosen and d loss /
@@ -107,8 +112,9 @@ auto dpo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref
 template <class C, class R, class RC, class RR, class GC, class GR>
 auto dpo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const DpoOptions& opt,
          GC&& grad_chosen, GR&& grad_rejected) {
-  return detail::dpo_impl(chosen, rejected, ref_chosen, ref_rejected, opt,
-                          detail::pair_grad_args(grad_chosen, grad_rejected));
+  auto in = detail::dpo_inputs(chosen, rejected, ref_chosen, ref_rejected, opt);
+  const auto grads = detail::pair_grads("dpo", in, grad_chosen, grad_rejected);
+  return detail::dpo_run(std::move(in), opt, &grads);
 }
 
 }  // namespace prefloss

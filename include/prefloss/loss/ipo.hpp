@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "../detail/checks.hpp"
@@ -19,24 +20,19 @@ struct IpoOptions {
 };
 
 namespace detail {
-/// ipo() and its fused form: G is NoGradOut or the unchecked gradient outputs.
-template <class C, class R, class RC, class RR, class G>
-auto ipo_impl(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const IpoOptions& opt,
-              const G& grads) {
-  constexpr const char* fn = "ipo";
-  using S = typename sequence_t<C>::Scalar;
-  require_beta(fn, opt.beta);
-  auto in = pair_inputs(fn, chosen, rejected, ref_chosen, ref_rejected, opt.reference_free);
-  const auto gv = pair_grads(fn, in, grads);
+/// ipo's arithmetic, one body for both forms; grads is null for the two-pass form.
+template <class In>
+PREFLOSS_DETAIL_ONE_BODY auto ipo_run(In in, const IpoOptions& opt, const typename In::Grads* grads) {
+  using S = typename decltype(in.chosen)::Scalar;
   const double target = 1.0 / (2.0 * opt.beta);
   auto result = pairwise_loss<PreferenceMetrics<S>>(
-      fn, in.chosen, in.rejected,
+      "ipo", in.chosen, in.rejected,
       [&](Index i) {
         in.load(i);
         const double h = in.uc[static_cast<std::size_t>(i)] - in.ur[static_cast<std::size_t>(i)] - target;
         return PairTerm{h * h, 2 * h, -2 * h};
       },
-      gv);
+      grads);
   result.metrics = preference_metrics<S>(in.uc, in.ur, opt.beta);
   return result;
 }
@@ -61,7 +57,9 @@ auto ipo_impl(const C& chosen, const R& rejected, const RC& ref_chosen, const RR
 /// finite. Nothing is written on error.
 template <class C, class R, class RC, class RR>
 auto ipo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const IpoOptions& opt = {}) {
-  return detail::ipo_impl(chosen, rejected, ref_chosen, ref_rejected, opt, detail::NoGradOut{});
+  detail::require_beta("ipo", opt.beta);
+  return detail::ipo_run(detail::pair_inputs("ipo", chosen, rejected, ref_chosen, ref_rejected, opt.reference_free),
+                         opt, nullptr);
 }
 
 /// @brief ipo() fused with its backward: the same result, and d loss / d chosen and d loss /
@@ -76,8 +74,10 @@ auto ipo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref
 template <class C, class R, class RC, class RR, class GC, class GR>
 auto ipo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const IpoOptions& opt,
          GC&& grad_chosen, GR&& grad_rejected) {
-  return detail::ipo_impl(chosen, rejected, ref_chosen, ref_rejected, opt,
-                          detail::pair_grad_args(grad_chosen, grad_rejected));
+  detail::require_beta("ipo", opt.beta);
+  auto in = detail::pair_inputs("ipo", chosen, rejected, ref_chosen, ref_rejected, opt.reference_free);
+  const auto grads = detail::pair_grads("ipo", in, grad_chosen, grad_rejected);
+  return detail::ipo_run(std::move(in), opt, &grads);
 }
 
 }  // namespace prefloss

@@ -52,10 +52,30 @@ struct KtoMetrics {
 };
 
 namespace detail {
-/// kto() and its fused form: G is NoGradOut or the unchecked gradient output.
-template <class P, class R, class D, class KP, class KR, class G>
-auto kto_impl(const P& policy, const R& ref, const D& desirable, const KP& kl_policy, const KR& kl_ref,
-              const KtoOptions& opt, const G& grad) {
+/// kto's checked inputs: sequences and the label view; nothing has been read.
+template <class Seq, class Ref, class KP, class KR, class DS>
+struct KtoInputs {
+  Seq policy;
+  Ref ref;
+  KP kl_policy;
+  KR kl_ref;
+  Vector<DS> desirable;
+
+  /// Calls f(name, input) for every input (a fused call's output may overlap none of them).
+  template <class F>
+  void for_each_input(F&& f) const {
+    f("policy", policy);
+    f("ref", ref);
+    f("desirable", desirable);
+    f("kl_policy", kl_policy);
+    f("kl_ref", kl_ref);
+  }
+};
+
+/// kto's checks (options, then inputs); nothing is read.
+template <class P, class R, class D, class KP, class KR>
+auto kto_inputs(const P& policy, const R& ref, const D& desirable, const KP& kl_policy, const KR& kl_ref,
+                const KtoOptions& opt) {
   constexpr const char* fn = "kto";
   detail::require_same_scalar<P, R>();
   detail::require_same_scalar<P, KP>();
@@ -65,7 +85,6 @@ auto kto_impl(const P& policy, const R& ref, const D& desirable, const KP& kl_po
   using DS = detail::tensor_scalar_t<D>;
   static_assert(std::is_same_v<DS, bool> || std::is_same_v<DS, std::uint8_t>,
                 "prefloss: kto's 'desirable' must hold bool or uint8_t");
-  using S = typename sequence_t<P>::Scalar;
 
   detail::require_beta(fn, opt.beta);
   detail::require_option(opt.desirable_weight >= 0 && std::isfinite(opt.desirable_weight), fn, "desirable_weight",
@@ -94,14 +113,23 @@ auto kto_impl(const P& policy, const R& ref, const D& desirable, const KP& kl_po
     throw shape_error(std::string(fn) + ": argument 'kl_policy' has an empty batch (shape " + kp.shape() +
                       ") and option 'reference_point' is not set: z0 needs KL examples or a given reference point");
 
-  const auto gv = detail::single_grad_view(fn, "grad_policy", s, grad, [&](auto&& f) {
-    f("policy", s);
-    f("ref", rho);
-    f("desirable", desirable);
-    f("kl_policy", kp);
-    f("kl_ref", kr);
-  });
+  return KtoInputs<remove_cvref_t<decltype(s)>, remove_cvref_t<decltype(rho)>, remove_cvref_t<decltype(kp)>,
+                   remove_cvref_t<decltype(kr)>, DS>{s, rho, kp, kr, lab};
+}
 
+/// kto's arithmetic, one body for both forms; grad is null for the two-pass form.
+template <class In>
+PREFLOSS_DETAIL_ONE_BODY auto kto_run(const In& in, const KtoOptions& opt,
+                                      const grad_out_t<decltype(In::policy)>* grad) {
+  constexpr const char* fn = "kto";
+  using S = typename decltype(In::policy)::Scalar;
+  using DS = std::remove_const_t<std::remove_pointer_t<decltype(in.desirable.data)>>;
+  const auto& s = in.policy;
+  const auto& rho = in.ref;
+  const auto& kp = in.kl_policy;
+  const auto& kr = in.kl_ref;
+  const auto& lab = in.desirable;
+  const Index B = s.size(), K = kp.size();
   // The reference point: the KL batch's mean log-ratio (double accumulation), clamped at 0.
   double kl_sum = 0;
   for (Index j = 0; j < K; ++j) kl_sum += kp.value(j) - kr.value(j);
@@ -129,7 +157,7 @@ auto kto_impl(const P& policy, const R& ref, const D& desirable, const KP& kl_po
         const auto t = sigmoid_and_grad(-b * (z0 - ui));
         return detail::SingleTerm{wu * t.value, wu * b * t.grad};
       },
-      gv);
+      grad);
 
   KtoMetrics<S>& m = result.metrics;
   double rd = 0, ru = 0, ld = 0, lu = 0;
@@ -191,7 +219,7 @@ auto kto_impl(const P& policy, const R& ref, const D& desirable, const KP& kl_po
 template <class P, class R, class D, class KP, class KR>
 auto kto(const P& policy, const R& ref, const D& desirable, const KP& kl_policy, const KR& kl_ref,
          const KtoOptions& opt = {}) {
-  return detail::kto_impl(policy, ref, desirable, kl_policy, kl_ref, opt, detail::NoGradOut{});
+  return detail::kto_run(detail::kto_inputs(policy, ref, desirable, kl_policy, kl_ref, opt), opt, nullptr);
 }
 
 /// @brief kto() fused with its backward: the same result, and d loss / d policy written into
@@ -205,8 +233,10 @@ auto kto(const P& policy, const R& ref, const D& desirable, const KP& kl_policy,
 template <class P, class R, class D, class KP, class KR, class G>
 auto kto(const P& policy, const R& ref, const D& desirable, const KP& kl_policy, const KR& kl_ref,
          const KtoOptions& opt, G&& grad_policy) {
-  return detail::kto_impl(policy, ref, desirable, kl_policy, kl_ref, opt,
-                          detail::GradArg<std::remove_reference_t<G>>{grad_policy});
+  const auto in = detail::kto_inputs(policy, ref, desirable, kl_policy, kl_ref, opt);
+  const auto view =
+      detail::single_grad_view("kto", "grad_policy", in.policy, grad_policy, [&](auto&& f) { in.for_each_input(f); });
+  return detail::kto_run(in, opt, &view);
 }
 
 }  // namespace prefloss

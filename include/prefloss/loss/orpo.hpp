@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "../detail/checks.hpp"
@@ -29,16 +30,21 @@ struct OrpoMetrics : PreferenceMetrics<S> {
 };
 
 namespace detail {
-/// orpo() and its fused form: G is NoGradOut or the unchecked gradient outputs.
-template <class C, class R, class G>
-auto orpo_impl(const C& chosen, const R& rejected, const OrpoOptions& opt, const G& grads) {
+/// orpo's checks (options, then inputs); nothing is read.
+template <class C, class R>
+auto orpo_inputs(const C& chosen, const R& rejected, const OrpoOptions& opt) {
   constexpr const char* fn = "orpo";
-  using S = typename sequence_t<C>::Scalar;
   require_beta(fn, opt.beta);
   require_option(opt.nll_weight >= 0 && std::isfinite(opt.nll_weight), fn, "nll_weight", ">= 0 and finite",
                  opt.nll_weight);
-  auto in = pair_inputs(fn, chosen, rejected);
-  const auto gv = pair_grads(fn, in, grads);
+  return pair_inputs(fn, chosen, rejected);
+}
+
+/// orpo's arithmetic, one body for both forms; grads is null for the two-pass form.
+template <class In>
+PREFLOSS_DETAIL_ONE_BODY auto orpo_run(In in, const OrpoOptions& opt, const typename In::Grads* grads) {
+  constexpr const char* fn = "orpo";
+  using S = typename decltype(in.chosen)::Scalar;
   const double b = opt.beta, w = opt.nll_weight;
   double sum_ratio = 0, sum_log_odds = 0, nll = 0;
   auto result = pairwise_loss<OrpoMetrics<S>>(
@@ -61,7 +67,7 @@ auto orpo_impl(const C& chosen, const R& rejected, const OrpoOptions& opt, const
         const double dr = b / (-std::expm1(xr) + std::exp(xc - xr + 2 * l1r - l1c));
         return PairTerm{-w * xc - b * ratio, dc, dr};
       },
-      gv);
+      grads);
   const double n = static_cast<double>(in.uc.size());
   static_cast<PreferenceMetrics<S>&>(result.metrics) = preference_metrics<S>(in.uc, in.ur, b);
   result.metrics.log_odds_ratio = static_cast<S>(sum_ratio / n);
@@ -101,7 +107,7 @@ auto orpo_impl(const C& chosen, const R& rejected, const OrpoOptions& opt, const
 /// nll_weight < 0 or a non-finite option. Nothing is written on error.
 template <class C, class R>
 auto orpo(const C& chosen, const R& rejected, const OrpoOptions& opt = {}) {
-  return detail::orpo_impl(chosen, rejected, opt, detail::NoGradOut{});
+  return detail::orpo_run(detail::orpo_inputs(chosen, rejected, opt), opt, nullptr);
 }
 
 /// @brief orpo() fused with its backward: the same result, and d loss / d chosen and d loss /
@@ -115,7 +121,9 @@ auto orpo(const C& chosen, const R& rejected, const OrpoOptions& opt = {}) {
 /// Every check runs before anything is written.
 template <class C, class R, class GC, class GR>
 auto orpo(const C& chosen, const R& rejected, const OrpoOptions& opt, GC&& grad_chosen, GR&& grad_rejected) {
-  return detail::orpo_impl(chosen, rejected, opt, detail::pair_grad_args(grad_chosen, grad_rejected));
+  auto in = detail::orpo_inputs(chosen, rejected, opt);
+  const auto grads = detail::pair_grads("orpo", in, grad_chosen, grad_rejected);
+  return detail::orpo_run(std::move(in), opt, &grads);
 }
 
 }  // namespace prefloss

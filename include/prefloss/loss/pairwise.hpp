@@ -99,37 +99,21 @@ std::vector<double> values_of(const Seq& s) {
 }
 
 /// A fused call's two gradient outputs, checked: write views of the chosen and rejected leaves.
-template <class GC, class GR>
+template <class SeqC, class SeqR>
 struct PairGradViews {
-  GC chosen;
-  GR rejected;
+  grad_out_t<SeqC> chosen;
+  grad_out_t<SeqR> rejected;
 };
 
-/// @brief Checks a fused call's gradient outputs before anything is computed or written: each
-/// shaped like its input's leaves and aligned, the two disjoint, and neither over any tensor an
-/// input reads (`inputs` calls its argument with (name, input) for every input of the loss,
-/// references included). Returns their write views.
-template <class SeqC, class SeqR, class GC, class GR, class Inputs>
-auto pair_grad_views(const char* fn, const SeqC& c, const SeqR& r, const GradArg<GC>& gc, const GradArg<GR>& gr,
-                     Inputs&& inputs) {
-  auto vc = c.grad_view(gc.tensor, fn, "grad_chosen");
-  auto vr = r.grad_view(gr.tensor, fn, "grad_rejected");
-  require_disjoint(fn, "grad_chosen", gc.tensor, "grad_rejected", gr.tensor);
-  inputs([&](const char* name, const auto& in) {
-    require_not_input(fn, "grad_chosen", gc.tensor, name, in);
-    require_not_input(fn, "grad_rejected", gr.tensor, name, in);
-  });
-  return PairGradViews<decltype(vc), decltype(vr)>{vc, vr};
-}
 /// @brief Runs a pairwise loss over the batch. term(i) gives example i's PairTerm, and reads
 /// example i's values then (not before); the batch loss is the mean, so the stored value
 /// gradients are d term / d value divided by the batch size. Each is known as soon as its
 /// example is, so with gradient views (the fused form) example i's two gradient rows are written
 /// right after term(i): one pass over the tokens, the masks re-read from cache, the rows written
 /// by the kernel and with the scale backward() uses (the same bits).
-template <class Metrics, class SeqC, class SeqR, class Term, class GV = NoGradOut>
+template <class Metrics, class SeqC, class SeqR, class Term>
 PairwiseResult<Metrics, SeqC, SeqR> pairwise_loss(const char* fn, const SeqC& c, const SeqR& r, Term&& term,
-                                                  const GV& grads = {}) {
+                                                  const PairGradViews<SeqC, SeqR>* grads) {
   using S = typename SeqC::Scalar;
   const Index B = c.size();
   PairwiseResult<Metrics, SeqC, SeqR> out(fn, c, r);
@@ -138,21 +122,17 @@ PairwiseResult<Metrics, SeqC, SeqR> pairwise_loss(const char* fn, const SeqC& c,
   out.dr_ = Eigen::Tensor<S, 1>(B);
   double total = 0;
   const double inv_b = 1.0 / static_cast<double>(B);
-  bool stream_c = false, stream_r = false;
-  if constexpr (!is_no_grad_out_v<GV>) {
-    stream_c = grad_streams(c);
-    stream_r = grad_streams(r);
-  }
+  const bool stream_c = grads && grad_streams(c), stream_r = grads && grad_streams(r);
   for (Index i = 0; i < B; ++i) {
     const PairTerm t = term(i);
     out.losses(i) = static_cast<S>(t.loss);
     out.dc_(i) = static_cast<S>(t.d_chosen * inv_b);
     out.dr_(i) = static_cast<S>(t.d_rejected * inv_b);
     total += t.loss;
-    if constexpr (!is_no_grad_out_v<GV>) {
+    if (grads) {
       // Rejected first: its mask is the one read last.
-      write_grad_row(r, stream_r, i, out.dr_(i), grads.rejected);
-      write_grad_row(c, stream_c, i, out.dc_(i), grads.chosen);
+      write_grad_row(r, stream_r, i, out.dr_(i), grads->rejected);
+      write_grad_row(c, stream_c, i, out.dc_(i), grads->chosen);
     }
   }
   if (stream_c || stream_r) stream_fence();
@@ -209,6 +189,7 @@ void for_each_leaf(const NoReference&, F&&) {}
 /// uc = s_c - rho_c, ur = s_r - rho_r (no rho without references or when reference_free).
 template <class SeqC, class SeqR, class RefC = NoReference, class RefR = NoReference>
 struct PairInputs {
+  using Grads = PairGradViews<SeqC, SeqR>;  ///< a fused call's checked outputs
   SeqC chosen;
   SeqR rejected;
   RefC ref_chosen;
@@ -269,25 +250,18 @@ auto pair_inputs(const char* fn, const C& chosen, const R& rejected, const RC& r
       !reference_free,     std::move(p.uc),       std::move(p.ur)};
 }
 
-/// pair_grad_views for a loss's PairInputs.
-template <class In, class G>
-auto pair_grads(const char* fn, const In& in, const G& g) {
-  if constexpr (is_no_grad_out_v<G>) {
-    return NoGradOut{};
-  } else {
-    return pair_grad_views(fn, in.chosen, in.rejected, g.first, g.second, [&](auto&& f) { in.for_each_input(f); });
-  }
-}
-
-/// A fused call's two gradient outputs, unchecked.
-template <class GC, class GR>
-struct PairGradArgs {
-  GradArg<GC> first;
-  GradArg<GR> second;
-};
-template <class GC, class GR>
-PairGradArgs<GC, GR> pair_grad_args(GC& gc, GR& gr) noexcept {
-  return {{gc}, {gr}};
+/// @brief Checks a fused call's gradient outputs before anything is computed or written: each
+/// shaped like its input's leaves and aligned, the two disjoint, and neither over any tensor the
+/// loss reads (every input of `in`, references included). Returns their write views.
+template <class In, class GC, class GR>
+auto pair_grads(const char* fn, const In& in, GC& gc, GR& gr) {
+  typename In::Grads v{in.chosen.grad_view(gc, fn, "grad_chosen"), in.rejected.grad_view(gr, fn, "grad_rejected")};
+  require_disjoint(fn, "grad_chosen", gc, "grad_rejected", gr);
+  in.for_each_input([&](const char* name, const auto& input) {
+    require_not_input(fn, "grad_chosen", gc, name, input);
+    require_not_input(fn, "grad_rejected", gr, name, input);
+  });
+  return v;
 }
 
 }  // namespace detail

@@ -101,17 +101,34 @@ class PlainMatrix {
 // after it has read that example's rows, so its outputs must be checked in full first, and must
 // not share memory with anything it has yet to read.
 
-/// The gradient outputs of a two-pass call: none.
-struct NoGradOut {};
+/// @brief Marks the function that does all of a loss's arithmetic. The two-pass and the fused
+/// form call this one compiled body (the fused form with non-null gradient views), so their
+/// results are the same bits: two inlined copies may be optimized differently (which products
+/// are fused into an FMA, which constants are folded) and round differently in the last place.
+#if defined(__clang__)
+#define PREFLOSS_DETAIL_ONE_BODY __attribute__((noinline))
+#elif defined(__GNUC__)
+#define PREFLOSS_DETAIL_ONE_BODY __attribute__((noipa))
+#elif defined(_MSC_VER)
+#define PREFLOSS_DETAIL_ONE_BODY __declspec(noinline)
+#else
+#define PREFLOSS_DETAIL_ONE_BODY
+#endif
 
-template <class G>
-inline constexpr bool is_no_grad_out_v = std::is_same_v<remove_cvref_t<G>, NoGradOut>;
-
-/// A fused call's gradient output for one sequence input, as the caller passed it (unchecked).
-template <class G>
-struct GradArg {
-  G& tensor;
+/// Write view of a sequence input's gradient: [batch, tokens] for an expression, [batch] for a
+/// plain tensor.
+template <class Seq>
+struct grad_out;
+template <class S, class M, Reduction R>
+struct grad_out<MaskedReduction<S, M, R>> {
+  using type = MatrixOut<S>;
 };
+template <class S>
+struct grad_out<PlainSequence<S>> {
+  using type = S*;
+};
+template <class Seq>
+using grad_out_t = typename grad_out<Seq>::type;
 
 /// Calls f(data, bytes, leaf) for every caller tensor a sequence input reads.
 template <class S, class M, Reduction R, class F>
@@ -124,6 +141,10 @@ void for_each_leaf(const MaskedReduction<S, M, R>& s, F&& f) {
 template <class S, class F>
 void for_each_leaf(const PlainSequence<S>& s, F&& f) {
   f(static_cast<const void*>(s.view().data), static_cast<std::size_t>(s.view().size) * sizeof(S), "values");
+}
+template <class T, class F>
+void for_each_leaf(const Vector<T>& v, F&& f) {
+  f(static_cast<const void*>(v.data), static_cast<std::size_t>(v.size) * sizeof(T), "values");
 }
 template <class T, class F, class = std::enable_if_t<is_tensor_v<T>>>
 void for_each_leaf(const T& t, F&& f) {
@@ -175,24 +196,21 @@ void write_grad_row(const PlainSequence<S>&, bool, Index i, S upstream, S* grad)
 /// Checks a fused call's gradient output for a one-input loss (shape, alignment, not over any
 /// input: `inputs` calls its argument with (name, input) for each) and returns its write view.
 template <class Seq, class G, class Inputs>
-auto single_grad_view(const char* fn, const char* name, const Seq& s, const GradArg<G>& g, Inputs&& inputs) {
-  auto view = s.grad_view(g.tensor, fn, name);
-  inputs([&](const char* in_name, const auto& in) { require_not_input(fn, name, g.tensor, in_name, in); });
+grad_out_t<Seq> single_grad_view(const char* fn, const char* name, const Seq& s, G& g, Inputs&& inputs) {
+  auto view = s.grad_view(g, fn, name);
+  inputs([&](const char* in_name, const auto& in) { require_not_input(fn, name, g, in_name, in); });
   return view;
-}
-template <class Seq, class Inputs>
-NoGradOut single_grad_view(const char*, const char*, const Seq&, NoGradOut, Inputs&&) {
-  return {};
 }
 
 /// Runs a one-input sequence loss over the batch: term(i) gives example i's SingleTerm (and
 /// reads example i's value then, not before); the batch loss is the sum of the per-example
 /// losses divided by `normalizer` (the batch size for a mean), and the stored value gradients
-/// are d term / d value divided by it too. With a gradient view (fused), example i's gradient
-/// row is written right after term(i), while its mask is still in cache.
-template <class Metrics, class Seq, class Term, class GV = NoGradOut>
+/// are d term / d value divided by it too. With a gradient view (the fused form), example i's
+/// gradient row is written right after term(i), while its mask is still in cache, by the
+/// kernel and with the scale backward() uses.
+template <class Metrics, class Seq, class Term>
 SequenceResult<Metrics, Seq> single_loss(const char* fn, const char* grad_name, const Seq& s, double normalizer,
-                                         Term&& term, const GV& grad = {}) {
+                                         Term&& term, const grad_out_t<Seq>* grad) {
   using S = typename Seq::Scalar;
   const Index B = s.size();
   SequenceResult<Metrics, Seq> out(fn, grad_name, s);
@@ -200,14 +218,13 @@ SequenceResult<Metrics, Seq> single_loss(const char* fn, const char* grad_name, 
   out.d_ = Eigen::Tensor<S, 1>(B);
   const double inv = 1.0 / normalizer;
   double total = 0;
-  bool stream = false;
-  if constexpr (!is_no_grad_out_v<GV>) stream = grad_streams(s);
+  const bool stream = grad && grad_streams(s);
   for (Index i = 0; i < B; ++i) {
     const SingleTerm t = term(i);
     out.losses(i) = static_cast<S>(t.loss);
     out.d_(i) = static_cast<S>(t.d * inv);
     total += t.loss;
-    if constexpr (!is_no_grad_out_v<GV>) write_grad_row(s, stream, i, out.d_(i), grad);
+    if (grad) write_grad_row(s, stream, i, out.d_(i), *grad);
   }
   if (stream) stream_fence();
   out.loss = static_cast<S>(total * inv);

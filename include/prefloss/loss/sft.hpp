@@ -31,25 +31,31 @@ struct NllMetrics {
 };
 
 namespace detail {
-/// nll() and its fused form: G is NoGradOut or the unchecked gradient output.
-template <class X, class G>
-auto nll_impl(const X& logp_sequence, const NllOptions& opt, const G& grad) {
+/// nll's checks (options, then the input); nothing is read.
+template <class X>
+auto nll_input(const X& logp_sequence, const NllOptions& opt) {
   constexpr const char* fn = "nll";
   using S = typename sequence_t<X>::Scalar;
   if (opt.normalizer) require_normalizer<S>(fn, "normalizer", *opt.normalizer);
-  const auto s = as_sequence(logp_sequence, fn, "logp_sequence");
+  auto s = as_sequence(logp_sequence, fn, "logp_sequence");
+  require_nonempty(fn, "logp_sequence", s.size());
+  return s;
+}
+
+/// nll's arithmetic, one body for both forms; grad is null for the two-pass form.
+template <class Seq>
+PREFLOSS_DETAIL_ONE_BODY auto nll_run(const Seq& s, const NllOptions& opt, const grad_out_t<Seq>* grad) {
+  using S = typename Seq::Scalar;
   const Index B = s.size();
-  require_nonempty(fn, "logp_sequence", B);
-  const auto gv = single_grad_view(fn, "grad", s, grad, [&](auto&& f) { f("logp_sequence", s); });
   std::vector<double> v(static_cast<std::size_t>(B));
   const double norm = opt.normalizer ? *opt.normalizer : static_cast<double>(B);
   auto result = single_loss<NllMetrics<S>>(
-      fn, "grad", s, norm,
+      "nll", "grad", s, norm,
       [&](Index i) {
         v[static_cast<std::size_t>(i)] = s.value(i);
         return SingleTerm{-v[static_cast<std::size_t>(i)], -1.0};
       },
-      gv);
+      grad);
   double sum = 0;
   for (double x : v) sum += x;
   result.metrics.mean_logp = static_cast<S>(sum / static_cast<double>(B));
@@ -71,7 +77,7 @@ auto nll_impl(const X& logp_sequence, const NllOptions& opt, const G& grad) {
 /// Nothing is written on error.
 template <class X>
 auto nll(const X& logp_sequence, const NllOptions& opt = {}) {
-  return detail::nll_impl(logp_sequence, opt, detail::NoGradOut{});
+  return detail::nll_run(detail::nll_input(logp_sequence, opt), opt, nullptr);
 }
 
 /// @brief nll() fused with its backward: the same result, and d loss / d input written into
@@ -82,7 +88,9 @@ auto nll(const X& logp_sequence, const NllOptions& opt = {}) {
 /// overlaps the input's tokens or mask. Every check runs before anything is written.
 template <class X, class G>
 auto nll(const X& logp_sequence, const NllOptions& opt, G&& grad) {
-  return detail::nll_impl(logp_sequence, opt, detail::GradArg<std::remove_reference_t<G>>{grad});
+  const auto s = detail::nll_input(logp_sequence, opt);
+  const auto view = detail::single_grad_view("nll", "grad", s, grad, [&](auto&& f) { f("logp_sequence", s); });
+  return detail::nll_run(s, opt, &view);
 }
 
 }  // namespace prefloss

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "../detail/checks.hpp"
@@ -22,27 +23,31 @@ struct SimpoOptions {
 };
 
 namespace detail {
-/// simpo() and its fused form: G is NoGradOut or the unchecked gradient outputs.
-template <class C, class R, class G>
-auto simpo_impl(const C& chosen, const R& rejected, const SimpoOptions& opt, const G& grads) {
+/// simpo's checks (options, then inputs); nothing is read.
+template <class C, class R>
+auto simpo_inputs(const C& chosen, const R& rejected, const SimpoOptions& opt) {
   constexpr const char* fn = "simpo";
-  using S = typename sequence_t<C>::Scalar;
   require_beta(fn, opt.beta);
   require_option(opt.gamma >= 0 && std::isfinite(opt.gamma), fn, "gamma", ">= 0 and finite", opt.gamma);
   require_option(opt.label_smoothing >= 0 && opt.label_smoothing < 0.5, fn, "label_smoothing", "in [0, 0.5)",
                  opt.label_smoothing);
-  auto in = pair_inputs(fn, chosen, rejected);
-  const auto gv = pair_grads(fn, in, grads);
+  return pair_inputs(fn, chosen, rejected);
+}
+
+/// simpo's arithmetic, one body for both forms; grads is null for the two-pass form.
+template <class In>
+PREFLOSS_DETAIL_ONE_BODY auto simpo_run(In in, const SimpoOptions& opt, const typename In::Grads* grads) {
+  using S = typename decltype(in.chosen)::Scalar;
   const double b = opt.beta, g = opt.gamma, e = opt.label_smoothing;
   auto result = pairwise_loss<PreferenceMetrics<S>>(
-      fn, in.chosen, in.rejected,
+      "simpo", in.chosen, in.rejected,
       [&](Index i) {
         in.load(i);
         const std::size_t k = static_cast<std::size_t>(i);
         const auto l = smoothed_logistic(b * (in.uc[k] - in.ur[k]) - g, e);
         return PairTerm{l.value, b * l.slope, -b * l.slope};
       },
-      gv);
+      grads);
   result.metrics = preference_metrics<S>(in.uc, in.ur, b);
   return result;
 }
@@ -63,7 +68,7 @@ auto simpo_impl(const C& chosen, const R& rejected, const SimpoOptions& opt, con
 /// a non-finite option or label_smoothing outside [0, 0.5). Nothing is written on error.
 template <class C, class R>
 auto simpo(const C& chosen, const R& rejected, const SimpoOptions& opt = {}) {
-  return detail::simpo_impl(chosen, rejected, opt, detail::NoGradOut{});
+  return detail::simpo_run(detail::simpo_inputs(chosen, rejected, opt), opt, nullptr);
 }
 
 /// @brief simpo() fused with its backward: the same result, and d loss / d chosen and d loss /
@@ -77,7 +82,9 @@ auto simpo(const C& chosen, const R& rejected, const SimpoOptions& opt = {}) {
 /// Every check runs before anything is written.
 template <class C, class R, class GC, class GR>
 auto simpo(const C& chosen, const R& rejected, const SimpoOptions& opt, GC&& grad_chosen, GR&& grad_rejected) {
-  return detail::simpo_impl(chosen, rejected, opt, detail::pair_grad_args(grad_chosen, grad_rejected));
+  auto in = detail::simpo_inputs(chosen, rejected, opt);
+  const auto grads = detail::pair_grads("simpo", in, grad_chosen, grad_rejected);
+  return detail::simpo_run(std::move(in), opt, &grads);
 }
 
 }  // namespace prefloss
