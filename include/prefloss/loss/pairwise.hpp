@@ -113,7 +113,7 @@ struct PairGradViews {
 /// by the kernel and with the scale backward() uses (the same bits).
 template <class Metrics, class SeqC, class SeqR, class Term>
 PairwiseResult<Metrics, SeqC, SeqR> pairwise_loss(const char* fn, const SeqC& c, const SeqR& r, Term&& term,
-                                                  const PairGradViews<SeqC, SeqR>* grads) {
+                                                  const PairGradViews<SeqC, SeqR>* grads = nullptr) {
   using S = typename SeqC::Scalar;
   const Index B = c.size();
   PairwiseResult<Metrics, SeqC, SeqR> out(fn, c, r);
@@ -236,18 +236,23 @@ auto pair_inputs(const char* fn, const C& chosen, const R& rejected) {
 template <class C, class R, class RC, class RR>
 auto pair_inputs(const char* fn, const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected,
                  bool reference_free) {
+  require_same_scalar<C, R>();
   require_same_scalar<C, RC>();
   require_same_scalar<C, RR>();
   auto c = as_sequence(chosen, fn, "chosen");
   auto rc = as_sequence(ref_chosen, fn, "ref_chosen");
   auto rr = as_sequence(ref_rejected, fn, "ref_rejected");
-  require_batch(fn, "rejected", as_sequence(rejected, fn, "rejected"), "chosen", c.size(), c.shape());
+  auto r = as_sequence(rejected, fn, "rejected");
+  require_batch(fn, "rejected", r, "chosen", c.size(), c.shape());
   require_batch(fn, "ref_chosen", rc, "chosen", c.size(), c.shape());
   require_batch(fn, "ref_rejected", rr, "chosen", c.size(), c.shape());
-  auto p = pair_inputs(fn, chosen, rejected);
+  require_nonempty(fn, "chosen", c.size());
+  const auto n = static_cast<std::size_t>(c.size());
+  // The vectors are built in place (no moved-from temporaries: GCC 12 then reports a false
+  // -Wmismatched-new-delete where operator new is replaced).
   return PairInputs<sequence_t<C>, sequence_t<R>, sequence_t<RC>, sequence_t<RR>>{
-      std::move(p.chosen), std::move(p.rejected), std::move(rc),  std::move(rr),
-      !reference_free,     std::move(p.uc),       std::move(p.ur)};
+      std::move(c),    std::move(r),           std::move(rc),         std::move(rr),
+      !reference_free, std::vector<double>(n), std::vector<double>(n)};
 }
 
 /// @brief Checks a fused call's gradient outputs before anything is computed or written: each
