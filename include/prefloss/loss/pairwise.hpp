@@ -110,7 +110,8 @@ struct PairGradViews {
 /// gradients are d term / d value divided by the batch size. Each is known as soon as its
 /// example is, so with gradient views (the fused form) example i's two gradient rows are written
 /// right after term(i): one pass over the tokens, the masks re-read from cache, the rows written
-/// by the kernel and with the scale backward() uses (the same bits).
+/// by the kernel and with the scale backward() uses (the same bits). grads null: the two-pass
+/// form (backward() writes later).
 template <class Metrics, class SeqC, class SeqR, class Term>
 PairwiseResult<Metrics, SeqC, SeqR> pairwise_loss(const char* fn, const SeqC& c, const SeqR& r, Term&& term,
                                                   const PairGradViews<SeqC, SeqR>* grads = nullptr) {

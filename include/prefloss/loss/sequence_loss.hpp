@@ -10,8 +10,9 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
-#include <unsupported/Eigen/CXX11/Tensor>
 #include <utility>
+
+#include <unsupported/Eigen/CXX11/Tensor>
 
 #include "../config.hpp"
 #include "../detail/simd.hpp"

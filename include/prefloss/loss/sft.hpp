@@ -17,8 +17,8 @@ namespace prefloss {
 
 /// Options of nll().
 struct NllOptions {
-  /// Unset: the batch loss is the mean over examples. Set (finite, > 0, with a reciprocal finite in the value type): the sum of the
-  /// per-example losses is divided by this instead, e.g. the global number of valid tokens with
+  /// Unset: the batch loss is the mean over examples. Set (finite, > 0, with a reciprocal finite in the value type):
+  /// the sum of the per-example losses is divided by this instead, e.g. the global number of valid tokens with
   /// masked_sum inputs, which gives torch's token-mean cross-entropy (TRL's SFT loss) exactly,
   /// also across data-parallel ranks and accumulation steps.
   std::optional<double> normalizer = std::nullopt;
@@ -73,8 +73,8 @@ PREFLOSS_DETAIL_ONE_BODY auto nll_run(const Seq& s, const NllOptions& opt, const
 /// @return SequenceResult; backward(grad) writes d loss / d input (token level for
 /// expressions: -1/N times the token weight, divided by the row weight for a mean; 0 at
 /// masked-out tokens).
-/// @throws shape_error on an empty batch; option_error for a normalizer that is not finite and > 0 or whose reciprocal overflows.
-/// Nothing is written on error.
+/// @throws shape_error on an empty batch; option_error for a normalizer that is not finite and > 0 or whose reciprocal
+/// overflows. Nothing is written on error.
 template <class X>
 auto nll(const X& logp_sequence, const NllOptions& opt = {}) {
   return detail::nll_run(detail::nll_input(logp_sequence, opt), opt, nullptr);
