@@ -1,6 +1,7 @@
 // libFuzzer harness: the pairwise losses (bradley_terry with and without margin, dpo, ipo,
 // simpo, orpo), the sequence losses (nll, kto, bradley_terry_ranking) and the masked reductions,
-// over float and double tokens, every mask type and every form of sequence argument.
+// over float and double tokens, every mask type and every form of sequence argument; every loss
+// with a fused form (gradient outputs passed to the call) must agree with its two-pass form.
 #include "fuzz_common.hpp"
 
 namespace fuzz {
@@ -64,35 +65,68 @@ template <class T, class M, class F>
 void pairwise(Decoder& d, Index B, Index N) {
   Sequence<T, M> c(d, F::plain, B, N), r(d, F::plain, B, N), rc(d, F::plain, B, N), rr(d, F::plain, B, N);
   const Input<T> margin(d, B);
-  const auto run = [&](const char* what, const auto& loss) {
-    check(d, what, {&c.x, &r.x, &rc.x, &rr.x}, {&c.grad, &r.grad}, [&](Record& rec) {
-      const auto res = loss();
+  // loss() then .backward, and where the loss has one, loss(grad_c, grad_r) fused: both checked,
+  // and they must agree to the bit.
+  const auto run = [&](const char* what, const auto& loss, auto fused_too) {
+    const auto add = [](Record& rec, const auto& res) {
       rec.add(res);
       rec.add(res.grad_chosen_value());
       rec.add(res.grad_rejected_value());
+    };
+    const Record two_pass = check(d, what, {&c.x, &r.x, &rc.x, &rr.x}, {&c.grad, &r.grad}, [&](Record& rec) {
+      const auto res = loss();
+      add(rec, res);
       res.backward(F::grad(c), F::grad(r));
     });
+    if constexpr (decltype(fused_too)::value) {
+      const Record fused = check(d, what, {&c.x, &r.x, &rc.x, &rr.x}, {&c.grad, &r.grad},
+                                 [&](Record& rec) { add(rec, loss(F::grad(c), F::grad(r))); });
+      expect_same(what, "the fused form differs from the two-pass form", two_pass, fused);
+    }
   };
+  const std::true_type fused;
+  const std::false_type two_pass_only;
   switch (d.below(6)) {
     case 0:
-      return run("dpo", [&, o = options<pl::DpoOptions>(d)] {
-        return pl::dpo(F::arg(c), F::arg(r), F::arg(rc), F::arg(rr), o);
-      });
+      return run(
+          "dpo",
+          [&, o = options<pl::DpoOptions>(d)](auto&&... g) {
+            return pl::dpo(F::arg(c), F::arg(r), F::arg(rc), F::arg(rr), o, std::forward<decltype(g)>(g)...);
+          },
+          fused);
     case 1:
-      return run("ipo", [&, o = options<pl::IpoOptions>(d)] {
-        return pl::ipo(F::arg(c), F::arg(r), F::arg(rc), F::arg(rr), o);
-      });
+      return run(
+          "ipo",
+          [&, o = options<pl::IpoOptions>(d)](auto&&... g) {
+            return pl::ipo(F::arg(c), F::arg(r), F::arg(rc), F::arg(rr), o, std::forward<decltype(g)>(g)...);
+          },
+          fused);
     case 2:
-      return run("simpo", [&, o = options<pl::SimpoOptions>(d)] { return pl::simpo(F::arg(c), F::arg(r), o); });
+      return run(
+          "simpo",
+          [&, o = options<pl::SimpoOptions>(d)](auto&&... g) {
+            return pl::simpo(F::arg(c), F::arg(r), o, std::forward<decltype(g)>(g)...);
+          },
+          fused);
     case 3:
-      return run("orpo", [&, o = options<pl::OrpoOptions>(d)] { return pl::orpo(F::arg(c), F::arg(r), o); });
+      return run(
+          "orpo",
+          [&, o = options<pl::OrpoOptions>(d)](auto&&... g) {
+            return pl::orpo(F::arg(c), F::arg(r), o, std::forward<decltype(g)>(g)...);
+          },
+          fused);
     case 4:
-      return run("bradley_terry",
-                 [&, o = options<pl::BradleyTerryOptions>(d)] { return pl::bradley_terry(F::arg(c), F::arg(r), o); });
+      return run(
+          "bradley_terry",
+          [&, o = options<pl::BradleyTerryOptions>(d)] { return pl::bradley_terry(F::arg(c), F::arg(r), o); },
+          two_pass_only);
     default:
-      return run("bradley_terry with margin", [&, o = options<pl::BradleyTerryOptions>(d)] {
-        return pl::bradley_terry(F::arg(c), F::arg(r), margin.vec(), o);
-      });
+      return run(
+          "bradley_terry with margin",
+          [&, o = options<pl::BradleyTerryOptions>(d)] {
+            return pl::bradley_terry(F::arg(c), F::arg(r), margin.vec(), o);
+          },
+          two_pass_only);
   }
 }
 
@@ -103,16 +137,26 @@ void single(Decoder& d, Index B, Index N) {
   Sequence<T, M> kl_policy(d, F::plain, K, N), kl_ref(d, F::plain, K, N);
   const Mask<std::conditional_t<std::is_same_v<M, bool>, bool, std::uint8_t>> desirable(d, B);
   const auto run = [&](const char* what, const auto& loss) {
-    check(d, what, {&s.x, &ref.x, &kl_policy.x, &kl_ref.x}, {&s.grad}, [&](Record& rec) {
-      const auto res = loss();
+    const auto add = [](Record& rec, const auto& res) {
       rec.add(res);
       rec.add(res.grad_value());
+    };
+    const Record two_pass = check(d, what, {&s.x, &ref.x, &kl_policy.x, &kl_ref.x}, {&s.grad}, [&](Record& rec) {
+      const auto res = loss();
+      add(rec, res);
       res.backward(F::grad(s));
     });
+    const Record fused = check(d, what, {&s.x, &ref.x, &kl_policy.x, &kl_ref.x}, {&s.grad},
+                               [&](Record& rec) { add(rec, loss(F::grad(s))); });
+    expect_same(what, "the fused form differs from the two-pass form", two_pass, fused);
   };
-  if (d.flag()) return run("nll", [&, o = options<pl::NllOptions>(d)] { return pl::nll(F::arg(s), o); });
-  run("kto", [&, o = options<pl::KtoOptions>(d)] {
-    return pl::kto(F::arg(s), F::arg(ref), desirable.vec(), F::arg(kl_policy), F::arg(kl_ref), o);
+  if (d.flag())
+    return run("nll", [&, o = options<pl::NllOptions>(d)](auto&&... g) {
+      return pl::nll(F::arg(s), o, std::forward<decltype(g)>(g)...);
+    });
+  run("kto", [&, o = options<pl::KtoOptions>(d)](auto&&... g) {
+    return pl::kto(F::arg(s), F::arg(ref), desirable.vec(), F::arg(kl_policy), F::arg(kl_ref), o,
+                   std::forward<decltype(g)>(g)...);
   });
 }
 
