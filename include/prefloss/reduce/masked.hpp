@@ -7,6 +7,7 @@
 #include <unsupported/Eigen/CXX11/Tensor>
 
 #include "../config.hpp"
+#include "../detail/lowp.hpp"
 #include "../detail/masked_kernels.hpp"
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
@@ -23,13 +24,20 @@ enum class Reduction { sum, mean };
 /// zero are skipped, never multiplied, so they may hold inf or NaN. A float/double mask acts as
 /// a per-token weight w: sum = sum_t w_t x_t and mean = sum_t w_t x_t / sum_t w_t over w_t != 0;
 /// the mean of a row with no selected token is 0 with gradient 0.
+///
+/// S is the tokens' storage type: float, double, Eigen::bfloat16 or Eigen::half. 16-bit tokens
+/// are computed as float (Scalar is float: the sequence values and the upstream gradient), and
+/// their gradient is stored as S, each float gradient rounded once to nearest even.
 template <class S, class M, Reduction R>
 class MaskedReduction {
-  static_assert(detail::is_real_v<S>, "prefloss: tokens must be float or double");
+  static_assert(detail::is_token_scalar_v<S>, "prefloss: tokens must be float, double, Eigen::bfloat16 or Eigen::half");
   static_assert(detail::is_mask_v<M>, "prefloss: masks must be bool, uint8_t, float or double");
 
  public:
-  using Scalar = S;
+  /// The type values are computed and returned in (float for 16-bit tokens).
+  using Scalar = detail::compute_t<S>;
+  /// The tokens' (and the token gradient's) storage type.
+  using Storage = S;
   using MaskScalar = M;
   static constexpr Reduction reduction = R;
 
@@ -45,42 +53,42 @@ class MaskedReduction {
   /// Value of sequence i (double accumulation).
   double value(Index i) const noexcept {
     if constexpr (R == Reduction::sum) {
-      return detail::row_sums<true, false>(x_.row(i), m_.row(i), x_.cols).value;
+      return detail::masked_row_sums<true, false>(x_.row(i), m_.row(i), x_.cols).value;
     } else {
-      const auto r = detail::row_sums<true, true>(x_.row(i), m_.row(i), x_.cols);
+      const auto r = detail::masked_row_sums<true, true>(x_.row(i), m_.row(i), x_.cols);
       return r.weight != 0 ? r.value / r.weight : 0.0;
     }
   }
 
   /// Whether sequence i has no selected token (its mean is 0 by definition, not by value).
   bool empty(Index i) const noexcept {
-    return detail::row_sums<false, true>(static_cast<const S*>(nullptr), m_.row(i), x_.cols).weight == 0;
+    return detail::masked_row_sums<false, true>(static_cast<const S*>(nullptr), m_.row(i), x_.cols).weight == 0;
   }
 
   /// Writes all [batch] values to out (no checks; out holds size() elements).
-  void eval_to(S* out) const noexcept {
-    for (Index i = 0; i < x_.rows; ++i) out[i] = static_cast<S>(value(i));
+  void eval_to(Scalar* out) const noexcept {
+    for (Index i = 0; i < x_.rows; ++i) out[i] = static_cast<Scalar>(value(i));
   }
 
-  /// The [batch] values as a new tensor.
-  Eigen::Tensor<S, 1> eval() const {
-    Eigen::Tensor<S, 1> out(x_.rows);
+  /// The [batch] values as a new tensor (float for 16-bit tokens).
+  Eigen::Tensor<Scalar, 1> eval() const {
+    Eigen::Tensor<Scalar, 1> out(x_.rows);
     eval_to(out.data());
     return out;
   }
 
   /// Checks that `grad` can receive this expression's gradient (a [batch, tokens] row-major
-  /// tensor or map) and returns a write view of it.
+  /// tensor or map of the tokens' storage type) and returns a write view of it.
   template <class G>
   detail::MatrixOut<S> grad_view(G&& grad, const char* fn, const char* name) const {
     static_assert(std::is_same_v<detail::tensor_scalar_t<G>, S>,
-                  "prefloss: gradient tensor must have the token tensor's scalar type");
+                  "prefloss: gradient tensor must have the token tensor's scalar type (bf16 tokens: bf16 gradient)");
     return detail::matrix_out(std::forward<G>(grad), x_.rows, x_.cols, fn, name);
   }
 
   /// grad[i, t] = upstream[i] * d value_i / d x[i, t]: upstream times the weight (divided by
   /// the row's total weight for a mean), 0 where the mask is 0. Overwrites every element.
-  void backward_to(const S* upstream, detail::MatrixOut<S> grad) const noexcept {
+  void backward_to(const Scalar* upstream, detail::MatrixOut<S> grad) const noexcept {
     if (streams()) {
       backward_rows<true>(upstream, grad);
       detail::stream_fence();
@@ -94,7 +102,8 @@ class MaskedReduction {
   /// it from here, so their gradients are the same bits.
   double grad_scale(Index i, double upstream) const noexcept {
     if constexpr (R == Reduction::mean) {
-      const double total = detail::row_sums<false, true>(static_cast<const S*>(nullptr), m_.row(i), x_.cols).weight;
+      const double total =
+          detail::masked_row_sums<false, true>(static_cast<const S*>(nullptr), m_.row(i), x_.cols).weight;
       return total != 0 ? upstream / total : 0.0;
     } else {
       return upstream;
@@ -106,8 +115,8 @@ class MaskedReduction {
   /// Stream: the batch-aligned body with streaming stores (the caller fences; choose it with
   /// streams()). The bits do not depend on Stream.
   template <bool Stream>
-  void backward_row(Index i, S upstream, detail::MatrixOut<S> grad) const noexcept {
-    detail::row_fill<Stream, S>(m_.row(i), x_.cols, static_cast<S>(grad_scale(i, upstream)), grad.row(i));
+  void backward_row(Index i, Scalar upstream, detail::MatrixOut<S> grad) const noexcept {
+    detail::masked_row_fill<Stream, S>(m_.row(i), x_.cols, static_cast<Scalar>(grad_scale(i, upstream)), grad.row(i));
   }
 
   /// Whether this expression's adjoint ([batch, tokens]) is large enough for streaming stores
@@ -122,13 +131,15 @@ class MaskedReduction {
   const detail::Matrix<M>& mask_view() const noexcept { return m_; }
 
   /// @brief Adjoint: writes d(sum_i upstream[i] * value_i) / d tokens into grad.
-  /// @param upstream [batch] tensor of d loss / d value.
-  /// @param grad [batch, tokens] row-major tensor or map, fully overwritten.
+  /// @param upstream [batch] tensor of d loss / d value, of type Scalar (float for 16-bit tokens).
+  /// @param grad [batch, tokens] row-major tensor or map of the tokens' storage type, fully
+  /// overwritten (16-bit: the float gradient rounded once to nearest even).
   /// @throws shape_error if either shape is wrong (nothing is written then).
   template <class U, class G>
   void backward(const U& upstream, G&& grad) const {
     const auto up = detail::vector_view(upstream, "backward", "upstream");
-    static_assert(std::is_same_v<detail::tensor_scalar_t<U>, S>, "prefloss: upstream must have the token scalar type");
+    static_assert(std::is_same_v<detail::tensor_scalar_t<U>, Scalar>,
+                  "prefloss: upstream must have the sequence scalar type (float for bf16/half tokens)");
     if (up.size != x_.rows)
       throw shape_error(std::string("backward: argument 'upstream' must have shape ") + detail::shape_str(x_.rows) +
                         ", got " + detail::shape_str(up.size));
@@ -137,7 +148,7 @@ class MaskedReduction {
 
  private:
   template <bool Stream>
-  void backward_rows(const S* upstream, detail::MatrixOut<S> grad) const noexcept {
+  void backward_rows(const Scalar* upstream, detail::MatrixOut<S> grad) const noexcept {
     for (Index i = 0; i < x_.rows; ++i) backward_row<Stream>(i, upstream[i], grad);
   }
 
@@ -153,13 +164,16 @@ auto make_masked(const X& tokens, const Mk& mask, const char* fn) {
   if (x.rows != m.rows || x.cols != m.cols)
     throw shape_error(std::string(fn) + ": argument 'mask' has shape " + shape_str(m.rows, m.cols) +
                       " but 'tokens' has shape " + shape_str(x.rows, x.cols));
-  require_weights<tensor_scalar_t<X>>(m, fn, "mask");
+  require_weights<compute_t<tensor_scalar_t<X>>>(m, fn, "mask");
   return MaskedReduction<tensor_scalar_t<X>, tensor_scalar_t<Mk>, R>(x, m);
 }
 }  // namespace detail
 
 /// @brief Per-sequence masked sum: value_i = sum_t w[i,t] x[i,t] over w[i,t] != 0.
-/// @param tokens row-major [batch, tokens] float/double Eigen::Tensor or TensorMap.
+/// @param tokens row-major [batch, tokens] Eigen::Tensor or TensorMap of float, double,
+/// Eigen::bfloat16 or Eigen::half. 16-bit tokens are summed as their exact float values, in
+/// double exactly as float tokens are; the values are float and the adjoint writes a gradient of
+/// the tokens' storage type.
 /// @param mask same shape; bool/uint8 (nonzero selects) or float/double (weights).
 /// The expression views both: they must outlive it and every result built from it. Passing a
 /// temporary Eigen::Tensor (which would die at the end of the statement) does not compile; a
