@@ -320,8 +320,12 @@ inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m
 }
 
 /// Views of a token loss's inputs: up to four [rows, cols] row-major token tensors and the mask.
+/// The drivers below see inputs only through compute_type, grad_type, rows, cols, mask_row and
+/// row(), so 16-bit storage (detail/lowp_tokens.hpp) plugs in another inputs type.
 template <class S, class M>
 struct TokenInputs {
+  using compute_type = S;  ///< the kernels' lane type
+  using grad_type = S;     ///< the gradient's storage type
   const S* in[4] = {};
   const M* mask = nullptr;
   Index rows = 0, cols = 0;
@@ -331,6 +335,14 @@ struct TokenInputs {
     for (std::size_t j = 0; j < N; ++j) p[j] = in[j] ? in[j] + i * cols : nullptr;
   }
   const M* mask_row(Index i) const noexcept { return mask + i * cols; }
+
+  /// token_row over row i.
+  template <bool Fwd, bool Bwd, bool Stream, class Kernel>
+  TokenStats row(const Kernel& k, Index i, S gscale, S* grad) const noexcept {
+    const S* p[4];
+    row_ptrs(i, p);
+    return token_row<Fwd, Bwd, Stream>(k, p, mask_row(i), cols, gscale, grad);
+  }
 };
 
 /// Sum of the mask weights of one row: W_i of every normaliser and of the token_weight metric.
@@ -343,19 +355,16 @@ inline double row_weight(const M* m, Index n) noexcept {
 /// losses[i] = scales[i] * S_i, and returns the merged stats of the call with `loss` replaced by
 /// the aggregated batch loss. Every row weight W_i comes from row_weight() and they are added in
 /// row order, here and in token_forward_fused, so the two forms agree to the bit.
-template <class Kernel, class S, class M>
-TokenStats token_forward(const Kernel& k, const TokenInputs<S, M>& in, const AggregationSpec& spec, double* scales,
-                         S* losses) {
+template <class Kernel, class In, class S = typename In::compute_type>
+TokenStats token_forward(const Kernel& k, const In& in, const AggregationSpec& spec, double* scales, S* losses) {
   const Index B = in.rows, T = in.cols;
   TokenStats total;
-  const S* p[4];
   // Row sums first, the normalisers afterwards. losses[] holds nothing yet, so the row sums and
   // weights wait in scales[] and a [batch] vector.
   std::vector<double> weights(static_cast<std::size_t>(B));
   for (Index i = 0; i < B; ++i) {
     const double w = row_weight<S>(in.mask_row(i), T);
-    in.row_ptrs(i, p);
-    TokenStats st = token_row<true, false>(k, p, in.mask_row(i), T, S(0), static_cast<S*>(nullptr));
+    TokenStats st = in.template row<true, false, false>(k, i, S(0), static_cast<typename In::grad_type*>(nullptr));
     st.weight = w;
     scales[i] = st.loss;
     weights[static_cast<std::size_t>(i)] = w;
@@ -377,13 +386,12 @@ TokenStats token_forward(const Kernel& k, const TokenInputs<S, M>& in, const Agg
 /// overwritten). A row's gradient scale must be known before the row streams, so token_mean
 /// sums the masks first (the row weights wait in scales[]) and the other modes sum each row's
 /// mask just before it (still in cache for the main pass).
-template <class Kernel, class S, class M>
-TokenStats token_forward_fused(const Kernel& k, const TokenInputs<S, M>& in, const AggregationSpec& spec,
-                               double* scales, S* losses, const MatrixOut<S>& grad) {
+template <class Kernel, class In, class S = typename In::compute_type>
+TokenStats token_forward_fused(const Kernel& k, const In& in, const AggregationSpec& spec, double* scales, S* losses,
+                               const MatrixOut<typename In::grad_type>& grad) {
   const Index B = in.rows, T = in.cols;
   TokenStats total;
   double loss = 0;
-  const S* p[4];
   const bool all_first = needs_total_weight(spec);
   double total_weight = 0;
   if (all_first)
@@ -395,9 +403,8 @@ TokenStats token_forward_fused(const Kernel& k, const TokenInputs<S, M>& in, con
     for (Index i = 0; i < B; ++i) {
       const double w = all_first ? scales[i] : row_weight<S>(in.mask_row(i), T);
       scales[i] = row_scale(spec, w, total_weight);
-      in.row_ptrs(i, p);
-      TokenStats st = token_row<true, true, decltype(stream)::value>(k, p, in.mask_row(i), T,
-                                                                     static_cast<S>(scales[i]), grad.row(i));
+      TokenStats st =
+          in.template row<true, true, decltype(stream)::value>(k, i, static_cast<S>(scales[i]), grad.row(i));
       st.weight = w;
       const double contribution = scales[i] * st.loss;
       losses[i] = static_cast<S>(contribution);
@@ -405,7 +412,7 @@ TokenStats token_forward_fused(const Kernel& k, const TokenInputs<S, M>& in, con
       total.merge(st);
     }
   };
-  if (use_stream_store<S>(static_cast<std::size_t>(B) * static_cast<std::size_t>(T))) {
+  if (use_stream_store<typename In::grad_type>(static_cast<std::size_t>(B) * static_cast<std::size_t>(T))) {
     rows(std::true_type{});
     stream_fence();
   } else {
@@ -416,17 +423,15 @@ TokenStats token_forward_fused(const Kernel& k, const TokenInputs<S, M>& in, con
 }
 
 /// Writes the token gradient of a finished forward: grad[i, t] = scales[i] * w * d l / d input0.
-template <class Kernel, class S, class M>
-void token_backward(const Kernel& k, const TokenInputs<S, M>& in, const double* scales, const MatrixOut<S>& grad) noexcept {
-  const S* p[4];
+template <class Kernel, class In>
+void token_backward(const Kernel& k, const In& in, const double* scales,
+                    const MatrixOut<typename In::grad_type>& grad) noexcept {
+  using S = typename In::compute_type;
   const auto rows = [&](auto stream) {
-    for (Index i = 0; i < in.rows; ++i) {
-      in.row_ptrs(i, p);
-      token_row<false, true, decltype(stream)::value>(k, p, in.mask_row(i), in.cols, static_cast<S>(scales[i]),
-                                                      grad.row(i));
-    }
+    for (Index i = 0; i < in.rows; ++i)
+      in.template row<false, true, decltype(stream)::value>(k, i, static_cast<S>(scales[i]), grad.row(i));
   };
-  if (use_stream_store<S>(static_cast<std::size_t>(in.rows) * static_cast<std::size_t>(in.cols))) {
+  if (use_stream_store<typename In::grad_type>(static_cast<std::size_t>(in.rows) * static_cast<std::size_t>(in.cols))) {
     rows(std::true_type{});
     stream_fence();
   } else {

@@ -156,17 +156,20 @@ struct PpoParams {
 
 }  // namespace detail
 
-/// Result of ppo_clip: .loss, .losses, .metrics, .backward(grad).
-template <class S, class M>
-using PpoResult = TokenLossResult<S, M, detail::PpoParams<S>, PpoMetrics<S>>;
+/// Result of ppo_clip: .loss, .losses, .metrics, .backward(grad). S is the compute type (float
+/// for bf16/half inputs); In the inputs type (see TokenLossResult).
+template <class S, class M, class In = detail::TokenInputs<S, M>>
+using PpoResult = TokenLossResult<S, M, detail::PpoParams<S>, PpoMetrics<S>, In>;
 
 namespace detail {
 
 /// Validates every argument, then runs the forward, fused with the gradient into *grad_out when
 /// it is given (checked before anything is computed).
-template <bool HasRef, class S, class M, class G>
-PpoResult<S, M> ppo_clip_impl(const Matrix<S>& lp, const Matrix<S>& old, const Matrix<S>& adv, const Matrix<M>& mask,
-                              const Matrix<S>* ref, const PpoOptions& opt, G* grad_out) {
+template <bool HasRef, class In, class LT, class OT, class AT, class RT, class M, class G>
+PpoResult<typename In::compute_type, M, In> ppo_clip_impl(const Matrix<LT>& lp, const Matrix<OT>& old,
+                                                          const Matrix<AT>& adv, const Matrix<M>& mask,
+                                                          const Matrix<RT>* ref, const PpoOptions& opt, G* grad_out) {
+  using S = typename In::compute_type;
   constexpr const char* fn = "ppo_clip";
   // The ratio is positive, so a lower bound 1 - clip_low below 0 never binds: clip_low = 1 turns
   // the lower clip off, and anything larger only hides a typo.
@@ -202,17 +205,17 @@ PpoResult<S, M> ppo_clip_impl(const Matrix<S>& lp, const Matrix<S>& old, const M
   p.estimator = opt.kl_estimator;
   p.kl = kl_params<S>(opt);
 
-  TokenInputs<S, M> in;
-  in.in[0] = lp.data;
-  in.in[1] = old.data;
-  in.in[2] = adv.data;
-  in.in[3] = ref ? ref->data : nullptr;
+  In in;
+  set_input(in, 0, lp.data);
+  set_input(in, 1, old.data);
+  set_input(in, 2, adv.data);
+  if (ref) set_input(in, 3, ref->data);
   in.mask = mask.data;
   in.rows = lp.rows;
   in.cols = lp.cols;
 
   using Sel = std::bool_constant<HasRef>;
-  PpoResult<S, M> result(fn, in, p, "grad", Sel{});
+  PpoResult<S, M, In> result(fn, in, p, "grad", Sel{});
   const TokenStats st = result.template run<Sel>(spec, grad_out);
   PpoMetrics<S>& mt = result.metrics;
   mt.clip_fraction = static_cast<S>(safe_mean(st.sums[0], st.weight));
@@ -225,12 +228,25 @@ PpoResult<S, M> ppo_clip_impl(const Matrix<S>& lp, const Matrix<S>& old, const M
   return result;
 }
 
-template <class LP, class OLP, class AD, class MK>
+/// The scalar type of ppo_clip's ref_logp, or logp's when there is none.
+template <class RF, class LP>
+struct ref_scalar {
+  using type = tensor_scalar_t<RF>;
+};
+template <class LP>
+struct ref_scalar<NoRef, LP> {
+  using type = tensor_scalar_t<LP>;
+};
+
+template <class LP, class OLP, class AD, class MK, class RF = NoRef>
 constexpr void ppo_static_checks() {
   using S = tensor_scalar_t<LP>;
-  static_assert(is_real_v<S>, "prefloss: log-probs must be float or double");
-  static_assert(std::is_same_v<tensor_scalar_t<OLP>, S>, "prefloss: old_logp must have logp's scalar type");
-  static_assert(std::is_same_v<tensor_scalar_t<AD>, S>, "prefloss: advantages must have logp's scalar type");
+  using R = typename ref_scalar<RF, LP>::type;
+  static_assert(is_token_scalar_v<S> && is_token_scalar_v<tensor_scalar_t<OLP>> &&
+                    is_token_scalar_v<tensor_scalar_t<AD>> && is_token_scalar_v<R>,
+                "prefloss: log-probs and advantages must be float, double, Eigen::bfloat16 or Eigen::half");
+  static_assert(!std::is_void_v<typename common_token<S, tensor_scalar_t<OLP>, tensor_scalar_t<AD>, R>::type>,
+                PREFLOSS_DETAIL_MIX_MESSAGE);
   static_assert(is_mask_v<tensor_scalar_t<MK>>, "prefloss: masks must be bool, uint8_t, float or double");
 }
 
@@ -244,11 +260,14 @@ auto ppo_clip_views(const LP& logp, const OLP& old_logp, const AD& advantages, c
                     const PpoOptions& opt, G* grad_out) {
   constexpr const char* fn = "ppo_clip";
   constexpr bool has_ref = !std::is_same_v<RF, NoRef>;  // RF is const-qualified away by RF*
-  Matrix<tensor_scalar_t<LP>> ref{};
+  using R = typename ref_scalar<RF, LP>::type;
+  using In = token_inputs_t<tensor_scalar_t<MK>, tensor_scalar_t<LP>, tensor_scalar_t<LP>, tensor_scalar_t<OLP>,
+                            tensor_scalar_t<AD>, R>;
+  Matrix<R> ref{};
   if constexpr (has_ref) ref = matrix_view(*ref_logp, fn, "ref_logp");
-  return ppo_clip_impl<has_ref>(matrix_view(logp, fn, "logp"), matrix_view(old_logp, fn, "old_logp"),
-                                matrix_view(advantages, fn, "advantages"), matrix_view(mask, fn, "mask"),
-                                has_ref ? &ref : nullptr, opt, grad_out);
+  return ppo_clip_impl<has_ref, In>(matrix_view(logp, fn, "logp"), matrix_view(old_logp, fn, "old_logp"),
+                                    matrix_view(advantages, fn, "advantages"), matrix_view(mask, fn, "mask"),
+                                    has_ref ? &ref : nullptr, opt, grad_out);
 }
 
 }  // namespace detail
@@ -276,6 +295,13 @@ auto ppo_clip_views(const LP& logp, const OLP& old_logp, const AD& advantages, c
 /// (torch.clamp is inclusive), where the two branches tie the gradient is split equally
 /// (torch.maximum/minimum), and beyond the log-ratio clamp it is 0.
 ///
+/// Token inputs (logp, old_logp, advantages, ref_logp) are float, double, Eigen::bfloat16 or
+/// Eigen::half. All of one type, or any mix of float, bf16 and half (e.g. bf16 log-probs with
+/// float advantages), which is computed in float: 16-bit values are converted exactly, sums
+/// are in double as for float, and loss, losses and metrics are float. The gradient has logp's
+/// storage type (bf16 logp: bf16 gradient, the float gradient rounded once to nearest even).
+/// double does not mix with other types (a compile error).
+///
 /// @param logp policy token log-probs (the differentiated input)
 /// @param old_logp, advantages constants of the rollout, same shape
 /// @param mask same shape: bool/uint8 (nonzero selects) or float/double (weights)
@@ -296,9 +322,7 @@ auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const M
 template <class LP, class OLP, class AD, class MK, class RF, detail::if_tensor_t<RF> = 0>
 auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const MK& mask, const RF& ref_logp,
               const PpoOptions& opt = {}) {
-  detail::ppo_static_checks<LP, OLP, AD, MK>();
-  static_assert(std::is_same_v<detail::tensor_scalar_t<RF>, detail::tensor_scalar_t<LP>>,
-                "prefloss: ref_logp must have logp's scalar type");
+  detail::ppo_static_checks<LP, OLP, AD, MK, RF>();
   return detail::ppo_clip_views(logp, old_logp, advantages, mask, &ref_logp, opt, &detail::no_grad);
 }
 
@@ -320,9 +344,7 @@ template <class LP, class OLP, class AD, class MK, class RF, class G, detail::if
           detail::if_tensor_t<G> = 0>
 auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const MK& mask, const RF& ref_logp,
               const PpoOptions& opt, G&& grad_out) {
-  detail::ppo_static_checks<LP, OLP, AD, MK>();
-  static_assert(std::is_same_v<detail::tensor_scalar_t<RF>, detail::tensor_scalar_t<LP>>,
-                "prefloss: ref_logp must have logp's scalar type");
+  detail::ppo_static_checks<LP, OLP, AD, MK, RF>();
   static_assert(std::is_same_v<detail::tensor_scalar_t<G>, detail::tensor_scalar_t<LP>>,
                 "prefloss: grad_out must have logp's scalar type");
   return detail::ppo_clip_views(logp, old_logp, advantages, mask, &ref_logp, opt, &grad_out);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../config.hpp"
+#include "../detail/lowp_tokens.hpp"
 #include "../detail/tensor.hpp"
 #include "../detail/token_kernels.hpp"
 #include "../reduce/aggregation.hpp"
@@ -26,9 +27,15 @@ namespace prefloss {
 /// calls f with the concrete kernel; Sel is the entry point's compile-time choice (e.g. whether
 /// there is a reference policy), fixed in the constructor, so backward() instantiates only the
 /// kernels that entry point can run.
-template <class S, class M, class Params, class Metrics>
+///
+/// S is the compute type (float for 16-bit inputs): loss, losses and metrics have it. In is the
+/// inputs type (detail::TokenInputs for one float/double storage type, detail::LowpTokenInputs
+/// when an input is bf16/half); the gradient has In::grad_type, the differentiated input's
+/// storage type.
+template <class S, class M, class Params, class Metrics, class In = detail::TokenInputs<S, M>>
 class TokenLossResult {
-  using TokenInputs = detail::TokenInputs<S, M>;
+  using TokenInputs = In;
+  using Grad = typename In::grad_type;
   using TokenStats = detail::TokenStats;
   using AggregationSpec = detail::AggregationSpec;
 
@@ -49,14 +56,15 @@ class TokenLossResult {
         backward_(&backward_of<Sel>) {}
 
   /// @brief Writes d loss / d (first token input) into grad ([batch, tokens] row-major tensor or
-  /// map of the token scalar type): every element is overwritten, masked-out tokens get 0.
+  /// map of that input's storage type; bf16/half: the float gradient rounded once to nearest
+  /// even): every element is overwritten, masked-out tokens get 0.
   /// @throws shape_error naming the gradient argument, layout_error when it is not aligned to
   /// its element type (nothing is written then).
   template <class G>
   void backward(G&& grad) const {
-    static_assert(std::is_same_v<detail::tensor_scalar_t<G>, S>,
-                  "prefloss: gradient tensor must have the token scalar type");
-    const detail::MatrixOut<S> g = detail::matrix_out(std::forward<G>(grad), in_.rows, in_.cols, fn_, grad_name_);
+    static_assert(std::is_same_v<detail::tensor_scalar_t<G>, Grad>,
+                  "prefloss: gradient tensor must have the differentiated input's scalar type (bf16 in: bf16 out)");
+    const detail::MatrixOut<Grad> g = detail::matrix_out(std::forward<G>(grad), in_.rows, in_.cols, fn_, grad_name_);
     backward_(params_, in_, scales_.data(), g);
   }
 
@@ -85,7 +93,7 @@ class TokenLossResult {
     return st;
   }
   template <class Sel>
-  TokenStats forward_fused(const AggregationSpec& spec, const detail::MatrixOut<S>& grad) {
+  TokenStats forward_fused(const AggregationSpec& spec, const detail::MatrixOut<Grad>& grad) {
     TokenStats st;
     params_.template visit<Sel>([&](const auto& kernel) {
       st = detail::token_forward_fused(kernel, in_, spec, scales_.data(), losses.data(), grad);
@@ -94,9 +102,10 @@ class TokenLossResult {
     return st;
   }
 
-  using BackwardFn = void (*)(const Params&, const TokenInputs&, const double*, const detail::MatrixOut<S>&);
+  using BackwardFn = void (*)(const Params&, const TokenInputs&, const double*, const detail::MatrixOut<Grad>&);
   template <class Sel>
-  static void backward_of(const Params& p, const TokenInputs& in, const double* scales, const detail::MatrixOut<S>& g) {
+  static void backward_of(const Params& p, const TokenInputs& in, const double* scales,
+                          const detail::MatrixOut<Grad>& g) {
     p.template visit<Sel>([&](const auto& kernel) { detail::token_backward(kernel, in, scales, g); });
   }
 

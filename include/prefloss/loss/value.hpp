@@ -116,16 +116,19 @@ struct ValueParams {
 }  // namespace detail
 
 /// Result of value_loss: .loss, .losses, .metrics, .backward(grad) (d loss / d values).
-template <class S, class M>
-using ValueResult = TokenLossResult<S, M, detail::ValueParams<S>, ValueMetrics<S>>;
+/// S is the compute type (float for bf16/half inputs); In the inputs type (see TokenLossResult).
+template <class S, class M, class In = detail::TokenInputs<S, M>>
+using ValueResult = TokenLossResult<S, M, detail::ValueParams<S>, ValueMetrics<S>, In>;
 
 namespace detail {
 
 /// Validates every argument, then runs the forward, fused with the gradient into *grad_out
 /// unless G is NoGrad (checked before anything is computed).
-template <class S, class M, class G>
-ValueResult<S, M> value_loss_impl(const Matrix<S>& v, const Matrix<S>& old, const Matrix<S>& ret, const Matrix<M>& mask,
-                                  const ValueOptions& opt, G* grad_out) {
+template <class In, class VT, class OT, class RT, class M, class G>
+ValueResult<typename In::compute_type, M, In> value_loss_impl(const Matrix<VT>& v, const Matrix<OT>& old,
+                                                              const Matrix<RT>& ret, const Matrix<M>& mask,
+                                                              const ValueOptions& opt, G* grad_out) {
+  using S = typename In::compute_type;
   constexpr const char* fn = "value_loss";
   if (opt.clip) require_option(*opt.clip >= 0 && std::isfinite(*opt.clip), fn, "clip", ">= 0 and finite", *opt.clip);
   const AggregationSpec spec = aggregation_spec(opt, v.rows, v.cols);
@@ -139,14 +142,14 @@ ValueResult<S, M> value_loss_impl(const Matrix<S>& v, const Matrix<S>& old, cons
   ValueParams<S> p;
   p.clipped = opt.clip.has_value();
   p.eps = static_cast<S>(opt.clip ? *opt.clip : 0.0);
-  TokenInputs<S, M> in;
-  in.in[0] = v.data;
-  in.in[1] = old.data;
-  in.in[2] = ret.data;
+  In in;
+  set_input(in, 0, v.data);
+  set_input(in, 1, old.data);
+  set_input(in, 2, ret.data);
   in.mask = mask.data;
   in.rows = v.rows;
   in.cols = v.cols;
-  ValueResult<S, M> result(fn, in, p, "grad", AllKernels{});
+  ValueResult<S, M, In> result(fn, in, p, "grad", AllKernels{});
   const TokenStats st = result.template run<AllKernels>(spec, grad_out);
   result.metrics.clip_fraction = static_cast<S>(safe_mean(st.sums[0], st.weight));
   result.metrics.value_mean = static_cast<S>(safe_mean(st.sums[1], st.weight));
@@ -159,16 +162,19 @@ template <class V, class O, class R, class MK, class G>
 auto value_loss_views(const V& values, const O& old_values, const R& returns, const MK& mask, const ValueOptions& opt,
                       G* grad_out) {
   constexpr const char* fn = "value_loss";
-  return value_loss_impl(matrix_view(values, fn, "values"), matrix_view(old_values, fn, "old_values"),
-                         matrix_view(returns, fn, "returns"), matrix_view(mask, fn, "mask"), opt, grad_out);
+  using In = token_inputs_t<tensor_scalar_t<MK>, tensor_scalar_t<V>, tensor_scalar_t<V>, tensor_scalar_t<O>,
+                            tensor_scalar_t<R>>;
+  return value_loss_impl<In>(matrix_view(values, fn, "values"), matrix_view(old_values, fn, "old_values"),
+                             matrix_view(returns, fn, "returns"), matrix_view(mask, fn, "mask"), opt, grad_out);
 }
 
 template <class V, class O, class R, class MK>
 constexpr void value_static_checks() {
   using S = tensor_scalar_t<V>;
-  static_assert(is_real_v<S>, "prefloss: values must be float or double");
-  static_assert(std::is_same_v<tensor_scalar_t<O>, S>, "prefloss: old_values must have values' scalar type");
-  static_assert(std::is_same_v<tensor_scalar_t<R>, S>, "prefloss: returns must have values' scalar type");
+  static_assert(is_token_scalar_v<S> && is_token_scalar_v<tensor_scalar_t<O>> && is_token_scalar_v<tensor_scalar_t<R>>,
+                "prefloss: values and returns must be float, double, Eigen::bfloat16 or Eigen::half");
+  static_assert(!std::is_void_v<typename common_token<S, tensor_scalar_t<O>, tensor_scalar_t<R>>::type>,
+                PREFLOSS_DETAIL_MIX_MESSAGE);
   static_assert(is_mask_v<tensor_scalar_t<MK>>, "prefloss: masks must be bool, uint8_t, float or double");
 }
 
@@ -181,6 +187,9 @@ constexpr void value_static_checks() {
 /// `.backward(grad)` writes d loss / d values with torch autograd's conventions for verl's
 /// clip_by_value (max(min(v, hi), lo)): ties split the gradient equally, so at v == v_old + eps
 /// exactly the clipped branch passes half of it.
+/// Token inputs are float, double, Eigen::bfloat16 or Eigen::half, all of one type or a mix of
+/// float, bf16 and half computed in float (as for ppo_clip); the gradient has values' storage
+/// type, the float gradient rounded once to nearest even for bf16/half.
 /// @param values predictions [batch, tokens] (the differentiated input)
 /// @param old_values, returns constants, same shape; @param mask same shape (weights if float)
 /// @throws shape_error naming the argument; option_error for clip < 0, an unknown aggregation
