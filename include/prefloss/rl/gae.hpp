@@ -9,6 +9,7 @@
 
 #include "../config.hpp"
 #include "../detail/checks.hpp"
+#include "../detail/lowp.hpp"
 #include "../detail/masked_kernels.hpp"
 #include "../detail/tensor.hpp"
 #include "../detail/token_kernels.hpp"
@@ -38,8 +39,12 @@ struct GaeOptions {
 /// tokens both outputs are 0 (verl carries A_next there; it is never used) and the inputs there
 /// are never read into anything, so they may hold inf/NaN. Arithmetic in double.
 /// Outputs may alias the inputs (advantages_out = rewards, returns_out = values).
-/// @param rewards, values row-major [batch, tokens] float/double; @param mask same shape
-/// @param advantages_out, returns_out [batch, tokens] of the same scalar type, fully overwritten
+/// @param rewards, values row-major [batch, tokens] float, double, Eigen::bfloat16 or Eigen::half:
+/// one type, or a mix of float, bf16 and half (read exactly; the recursion is in double either
+/// way); @param mask same shape
+/// @param advantages_out, returns_out [batch, tokens] of rewards' scalar type (or float when an
+/// input is bf16/half: recommended, a 16-bit advantage keeps 8 or 11 bits), fully overwritten; a
+/// 16-bit output holds the double result rounded to float, then once to nearest even
 /// @throws shape_error naming the argument; option_error for gamma or lam outside [0, 1];
 /// with whiten_advantages, prefloss::error when the mask's weight sum is <= 1. Nothing is
 /// written on error.
@@ -47,13 +52,19 @@ template <class R, class V, class MK, class A, class RT>
 void gae(const R& rewards, const V& values, const MK& mask, const GaeOptions& opt, A&& advantages_out,
          RT&& returns_out) {
   constexpr const char* fn = "gae";
-  using S = detail::tensor_scalar_t<R>;
+  using RS = detail::tensor_scalar_t<R>;
+  using VS = detail::tensor_scalar_t<V>;
   using M = detail::tensor_scalar_t<MK>;
-  static_assert(detail::is_real_v<S>, "prefloss: rewards must be float or double");
-  static_assert(std::is_same_v<detail::tensor_scalar_t<V>, S>, "prefloss: values must have rewards' scalar type");
+  using Mix = detail::common_token<RS, VS>;
+  // The outputs' type: rewards' storage type, or float when an input is bf16/half.
+  using S = detail::tensor_scalar_t<A>;
+  static_assert(detail::is_token_scalar_v<RS> && detail::is_token_scalar_v<VS>,
+                "prefloss: rewards and values must be float, double, Eigen::bfloat16 or Eigen::half");
+  static_assert(!std::is_void_v<typename Mix::type>, PREFLOSS_DETAIL_MIX_MESSAGE);
   static_assert(detail::is_mask_v<M>, "prefloss: masks must be bool, uint8_t, float or double");
-  static_assert(std::is_same_v<detail::tensor_scalar_t<A>, S> && std::is_same_v<detail::tensor_scalar_t<RT>, S>,
-                "prefloss: outputs must have rewards' scalar type");
+  static_assert(std::is_same_v<detail::tensor_scalar_t<RT>, S> &&
+                    (std::is_same_v<S, RS> || (Mix::lowp && std::is_same_v<S, float>)),
+                "prefloss: both outputs must have rewards' scalar type (or float when an input is bf16/half)");
   detail::require_option(opt.gamma >= 0 && opt.gamma <= 1, fn, "gamma", "in [0, 1]", opt.gamma);
   detail::require_option(opt.lam >= 0 && opt.lam <= 1, fn, "lam", "in [0, 1]", opt.lam);
   const auto r = detail::matrix_view(rewards, fn, "rewards");
@@ -61,7 +72,7 @@ void gae(const R& rewards, const V& values, const MK& mask, const GaeOptions& op
   const auto m = detail::matrix_view(mask, fn, "mask");
   detail::require_same_shape(fn, "values", v, "rewards", r);
   detail::require_same_shape(fn, "mask", m, "rewards", r);
-  detail::require_weights<S>(m, fn, "mask");
+  detail::require_weights<typename Mix::type>(m, fn, "mask");
   const auto adv = detail::matrix_out(std::forward<A>(advantages_out), r.rows, r.cols, fn, "advantages_out");
   const auto ret = detail::matrix_out(std::forward<RT>(returns_out), r.rows, r.cols, fn, "returns_out");
   detail::require_disjoint(fn, "advantages_out", advantages_out, "returns_out", returns_out);
@@ -76,8 +87,8 @@ void gae(const R& rewards, const V& values, const MK& mask, const GaeOptions& op
 
   const double gl = opt.gamma * opt.lam;
   for (Index i = 0; i < r.rows; ++i) {
-    const S* ri = r.row(i);
-    const S* vi = v.row(i);
+    const RS* ri = r.row(i);
+    const VS* vi = v.row(i);
     const M* mi = m.row(i);
     S* ai = adv.row(i);
     S* gi = ret.row(i);
@@ -88,8 +99,8 @@ void gae(const R& rewards, const V& values, const MK& mask, const GaeOptions& op
         const double delta = static_cast<double>(ri[t]) + opt.gamma * next_value - vt;
         next_adv = delta + gl * next_adv;
         next_value = vt;
-        ai[t] = static_cast<S>(next_adv);
-        gi[t] = static_cast<S>(next_adv + vt);
+        ai[t] = detail::round_to<S>(next_adv);
+        gi[t] = detail::round_to<S>(next_adv + vt);
       } else {
         ai[t] = S(0);
         gi[t] = S(0);

@@ -13,6 +13,7 @@
 #include "../config.hpp"
 #include "../detail/checks.hpp"
 #include "../detail/elementwise.hpp"
+#include "../detail/lowp.hpp"
 #include "../detail/simd.hpp"
 #include "../detail/tensor.hpp"
 #include "../detail/token_kernels.hpp"
@@ -146,14 +147,38 @@ void kl_rows(const Matrix<S>& lp, const Matrix<S>& ref, const Matrix<M>& mask, c
   }
 }
 
+/// @brief kl_rows over 16-bit (or mixed float/16-bit) inputs: chunks of lowp_chunk tokens
+/// converted to float, run through the float kernel, and the estimates (OT) and derivatives
+/// (GT, logp's storage type) stored back, each rounded once from float when 16-bit.
+template <KlEstimator K, bool Grad, class LT, class RT, class M, class OT, class GT>
+void kl_rows_lowp(const Matrix<LT>& lp, const Matrix<RT>& ref, const Matrix<M>& mask, const KlParams<float>& p, OT* out,
+                  GT* grad) noexcept {
+  alignas(64) float xb[lowp_chunk], rb[lowp_chunk], ob[lowp_chunk], gb[Grad ? lowp_chunk : 1];
+  const Index n = lp.rows * lp.cols;
+  for (Index t = 0; t < n; t += lowp_chunk) {
+    const Index len = n - t < lowp_chunk ? n - t : lowp_chunk;
+    const Matrix<float> x{as_float(lp.data + t, len, xb), 1, len}, r{as_float(ref.data + t, len, rb), 1, len};
+    const Matrix<M> m{mask.data + t, 1, len};
+    kl_rows<K, Grad>(x, r, m, p, ob, Grad ? gb : nullptr);
+    from_float(ob, out + t, len);
+    if constexpr (Grad) from_float(gb, grad + t, len);
+  }
+}
+
 template <class LP, class RF, class MK, class O, class G>
 void kl_estimate_impl(const LP& logp, const RF& ref_logp, const MK& mask, const KlOptions& opt, O&& out, G* grad) {
   constexpr const char* fn = "kl_estimate";
-  using S = tensor_scalar_t<LP>;
-  static_assert(is_real_v<S>, "prefloss: log-probs must be float or double");
-  static_assert(std::is_same_v<tensor_scalar_t<RF>, S>, "prefloss: ref_logp must have logp's scalar type");
+  using LT = tensor_scalar_t<LP>;
+  using RT = tensor_scalar_t<RF>;
+  using OT = tensor_scalar_t<O>;
+  using Mix = common_token<LT, RT>;
+  using S = typename Mix::type;
+  static_assert(is_token_scalar_v<LT> && is_token_scalar_v<RT>,
+                "prefloss: log-probs must be float, double, Eigen::bfloat16 or Eigen::half");
+  static_assert(!std::is_void_v<S>, PREFLOSS_DETAIL_MIX_MESSAGE);
   static_assert(is_mask_v<tensor_scalar_t<MK>>, "prefloss: masks must be bool, uint8_t, float or double");
-  static_assert(std::is_same_v<tensor_scalar_t<O>, S>, "prefloss: out must have logp's scalar type");
+  static_assert(std::is_same_v<OT, LT> || (Mix::lowp && std::is_same_v<OT, float>),
+                "prefloss: out must have logp's scalar type (or float when an input is bf16/half)");
   validate_kl<S>(fn, opt.estimator, opt, "estimator");
   const auto lp = matrix_view(logp, fn, "logp");
   const auto rf = matrix_view(ref_logp, fn, "ref_logp");
@@ -162,18 +187,25 @@ void kl_estimate_impl(const LP& logp, const RF& ref_logp, const MK& mask, const 
   require_same_shape(fn, "mask", mk, "logp", lp);
   require_weights<S>(mk, fn, "mask");
   const auto o = matrix_out(std::forward<O>(out), lp.rows, lp.cols, fn, "out");
-  S* g = nullptr;
+  LT* g = nullptr;
   if constexpr (!is_no_grad_v<G>) {
-    static_assert(std::is_same_v<tensor_scalar_t<G>, S>, "prefloss: grad_out must have logp's scalar type");
+    static_assert(std::is_same_v<tensor_scalar_t<G>, LT>, "prefloss: grad_out must have logp's scalar type");
     g = matrix_out(*grad, lp.rows, lp.cols, fn, "grad_out").data;
     require_disjoint(fn, "out", out, "grad_out", *grad);
   }
   const auto p = kl_params<S>(opt);
   with_kl_estimator(opt.estimator, [&](auto k) {
-    if (g)
-      kl_rows<decltype(k)::value, true>(lp, rf, mk, p, o.data, g);
-    else
-      kl_rows<decltype(k)::value, false>(lp, rf, mk, p, o.data, g);
+    if constexpr (Mix::lowp) {
+      if (g)
+        kl_rows_lowp<decltype(k)::value, true>(lp, rf, mk, p, o.data, g);
+      else
+        kl_rows_lowp<decltype(k)::value, false>(lp, rf, mk, p, o.data, g);
+    } else {
+      if (g)
+        kl_rows<decltype(k)::value, true>(lp, rf, mk, p, o.data, g);
+      else
+        kl_rows<decltype(k)::value, false>(lp, rf, mk, p, o.data, g);
+    }
   });
 }
 
@@ -183,9 +215,12 @@ void kl_estimate_impl(const LP& logp, const RF& ref_logp, const MK& mask, const 
 /// k1 = -x, k2 = x^2/2, k3 = exp(x) - x - 1 (verl's kl_penalty, including its low_var_kl
 /// clamps unless turned off in KlOptions). out[i,t] = 0 where the mask is 0 (masked tokens may
 /// hold inf/NaN); a float mask only selects here (nonzero = valid), it does not weight.
-/// @param logp, ref_logp row-major [batch, tokens] float/double tensors or maps
+/// @param logp, ref_logp row-major [batch, tokens] tensors or maps of float, double,
+/// Eigen::bfloat16 or Eigen::half: one type, or a mix of float, bf16 and half computed in float
 /// @param mask same shape; bool, uint8_t, float or double
-/// @param out [batch, tokens] tensor or map of the log-prob scalar type, fully overwritten
+/// @param out [batch, tokens] tensor or map of logp's scalar type, or float when an input is
+/// bf16/half; fully overwritten (a 16-bit out holds the float estimate rounded once to nearest
+/// even). grad_out, where given, has logp's scalar type.
 /// @throws shape_error naming the argument; option_error for an unknown estimator or a clamp
 /// <= 0. Nothing is written then.
 template <class LP, class RF, class MK, class O>

@@ -9,6 +9,7 @@
 
 #include "../config.hpp"
 #include "../detail/checks.hpp"
+#include "../detail/lowp.hpp"
 #include "../detail/masked_kernels.hpp"
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
@@ -56,9 +57,11 @@ Flat<T> flat_view(const T& t, const char* fn, const char* name) {
 /// TRL's); verl also writes the affine map at masked entries, which here are 0 so that padding
 /// (even inf/NaN) never reaches the output. shift_mean = false adds mean back after scaling.
 /// out may be values itself (in-place).
-/// @param values rank-1 or row-major rank-2 float/double tensor or map
+/// @param values rank-1 or row-major rank-2 tensor or map of float, double, Eigen::bfloat16 or
+/// Eigen::half (16-bit values are read exactly; the statistics are in double either way)
 /// @param mask same shape; bool, uint8_t, float or double
-/// @param out same shape and scalar type as values
+/// @param out same shape and scalar type as values, or float for bf16/half values (a 16-bit out
+/// holds the double result rounded to float, then once to nearest even)
 /// @throws shape_error naming the argument; option_error for eps < 0; prefloss::error when the
 /// mask selects nothing or (unbiased) has weight sum <= 1, where verl raises too. Nothing is
 /// written then.
@@ -67,17 +70,19 @@ void masked_whiten(const V& values, const MK& mask, O&& out, const WhitenOptions
   constexpr const char* fn = "masked_whiten";
   using S = detail::tensor_scalar_t<V>;
   using M = detail::tensor_scalar_t<MK>;
-  static_assert(detail::is_real_v<S>, "prefloss: values must be float or double");
+  using OT = detail::tensor_scalar_t<O>;
+  static_assert(detail::is_token_scalar_v<S>, "prefloss: values must be float, double, Eigen::bfloat16 or Eigen::half");
   static_assert(detail::is_mask_v<M>, "prefloss: masks must be bool, uint8_t, float or double");
   static_assert(detail::tensor_rank_v<MK> == detail::tensor_rank_v<V> && detail::tensor_rank_v<O> == detail::tensor_rank_v<V>,
                 "prefloss: masked_whiten's arguments must share one rank");
-  static_assert(std::is_same_v<detail::tensor_scalar_t<O>, S>, "prefloss: out must have values' scalar type");
+  static_assert(std::is_same_v<OT, S> || (detail::is_lowp_v<S> && std::is_same_v<OT, float>),
+                "prefloss: out must have values' scalar type (or float for bf16/half values)");
   static_assert(detail::tensor_writable_v<O>, "prefloss: out must be writable");
   detail::require_option(opt.eps >= 0 && std::isfinite(opt.eps), fn, "eps", ">= 0 and finite", opt.eps);
   const auto x = detail::flat_view(values, fn, "values");
   const auto m = detail::flat_view(mask, fn, "mask");
   detail::require_same(fn, "mask", m.shape, "values", x.shape);
-  detail::require_weights<S>(m.matrix(), fn, "mask");
+  detail::require_weights<detail::compute_t<S>>(m.matrix(), fn, "mask");
   const std::string out_shape = detail::shape_of(out);
   if (out_shape != x.shape)
     throw shape_error(std::string(fn) + ": argument 'out' must have shape " + x.shape + ", got " + out_shape);
@@ -104,9 +109,9 @@ void masked_whiten(const V& values, const MK& mask, O&& out, const WhitenOptions
   if (opt.unbiased) var *= sw / (sw - 1);
   const double inv = 1.0 / std::sqrt(var + opt.eps);
   const double add = opt.shift_mean ? 0.0 : mean;
-  S* o = out.data();
+  OT* o = out.data();
   for (Index k = 0; k < x.size; ++k)
-    o[k] = m.data[k] != M(0) ? static_cast<S>((static_cast<double>(x.data[k]) - mean) * inv + add) : S(0);
+    o[k] = m.data[k] != M(0) ? detail::round_to<OT>((static_cast<double>(x.data[k]) - mean) * inv + add) : OT(0);
 }
 
 }  // namespace prefloss
