@@ -68,6 +68,18 @@ inline constexpr Index lowp_chunk = 1024;
 
 namespace lowp {
 
+/// Whether Eigen::half converts with F16C itself. Eigen 3.4 defines EIGEN_HAS_FP16_C only when
+/// EIGEN_COMP_CLANG is undefined or >= 380, and defines EIGEN_COMP_CLANG as 0 under GCC, so with
+/// GCC it converts in software even with F16C. Both forms agree on every non-NaN value (RNE,
+/// subnormals, overflow to inf); on NaNs the software form keeps a half sNaN's quiet bit clear
+/// when widening and narrows every NaN to 0x7e00 with its sign, while vcvtph2ps / vcvtps2ph set
+/// the quiet bit and keep the payload. The SIMD paths fix those lanes up to match Eigen.
+#if defined(EIGEN_HAS_FP16_C)
+inline constexpr bool eigen_half_hw = true;
+#else
+inline constexpr bool eigen_half_hw = false;
+#endif
+
 inline std::uint16_t bits(Eigen::bfloat16 x) noexcept { return Eigen::numext::bit_cast<std::uint16_t>(x); }
 inline std::uint16_t bits(Eigen::half x) noexcept { return Eigen::numext::bit_cast<std::uint16_t>(x); }
 
@@ -130,13 +142,33 @@ inline void to_float(const Eigen::half* src, float* dst, Index n) noexcept {
   [[maybe_unused]] const auto* s = reinterpret_cast<const std::uint16_t*>(src);
 #if defined(__AVX512F__)
   if constexpr (std::is_base_of_v<xsimd::avx512f, arch>) {
-    for (; t + 16 <= n; t += 16)
-      _mm512_storeu_ps(dst + t, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + t))));
+    for (; t + 16 <= n; t += 16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + t));
+      __m512i r = _mm512_castps_si512(_mm512_cvtph_ps(h));
+      if constexpr (!lowp::eigen_half_hw) {
+        const __m512i m = _mm512_and_si512(_mm512_cvtepu16_epi32(h), _mm512_set1_epi32(0x7fff));
+        const __mmask16 sn = _mm512_cmpgt_epi32_mask(m, _mm512_set1_epi32(0x7c00)) &
+                             _mm512_cmplt_epi32_mask(m, _mm512_set1_epi32(0x7e00));
+        r = _mm512_mask_andnot_epi32(r, sn, _mm512_set1_epi32(0x400000), r);
+      }
+      _mm512_storeu_si512(dst + t, r);
+    }
   }
 #endif
 #if defined(__F16C__)
-  for (; t + 8 <= n; t += 8)
-    _mm256_storeu_ps(dst + t, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + t))));
+  for (; t + 8 <= n; t += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + t));
+    __m256 r = _mm256_cvtph_ps(h);
+    if constexpr (!lowp::eigen_half_hw) {
+      const __m128i m = _mm_and_si128(h, _mm_set1_epi16(0x7fff));
+      const __m128i sn =
+          _mm_and_si128(_mm_cmpgt_epi16(m, _mm_set1_epi16(0x7c00)), _mm_cmplt_epi16(m, _mm_set1_epi16(0x7e00)));
+      const __m256i wide = _mm256_set_m128i(_mm_unpackhi_epi16(sn, sn), _mm_unpacklo_epi16(sn, sn));
+      r = _mm256_andnot_ps(_mm256_and_ps(_mm256_castsi256_ps(wide), _mm256_castsi256_ps(_mm256_set1_epi32(0x400000))),
+                           r);
+    }
+    _mm256_storeu_ps(dst + t, r);
+  }
 #endif
   for (; t < n; ++t) dst[t] = static_cast<float>(src[t]);
 }
@@ -178,22 +210,42 @@ inline void from_float(const float* src, Eigen::bfloat16* dst, Index n) noexcept
 }
 
 /// @brief dst[0, n) = half(src[0, n)) rounded to nearest even, bit for bit Eigen::half(float):
-/// with F16C (or AVX-512F) both are vcvtps2ph with round-to-nearest-even (values beyond the half
-/// range become +-inf, NaN stays a NaN); without, Eigen's scalar conversion.
+/// vcvtps2ph with round-to-nearest-even (F16C or AVX-512F; values beyond the half range become
+/// +-inf), and without F16C Eigen's scalar conversion.
 inline void from_float(const float* src, Eigen::half* dst, Index n) noexcept {
   Index t = 0;
   [[maybe_unused]] auto* d = reinterpret_cast<std::uint16_t*>(dst);
 #if defined(__AVX512F__)
   if constexpr (std::is_base_of_v<xsimd::avx512f, arch>) {
-    for (; t + 16 <= n; t += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + t),
-                          _mm512_cvtps_ph(_mm512_loadu_ps(src + t), _MM_FROUND_TO_NEAREST_INT));
+    for (; t + 16 <= n; t += 16) {
+      const __m512 x = _mm512_loadu_ps(src + t);
+      __m256i h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+      if constexpr (!lowp::eigen_half_hw) {
+        const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        if (nan) {
+          const __m512i w = _mm512_cvtepu16_epi32(h);
+          const __m512i q = _mm512_or_si512(_mm512_and_si512(w, _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7e00));
+          h = _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(w, nan, q));
+        }
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + t), h);
+    }
   }
 #endif
 #if defined(__F16C__)
-  for (; t + 8 <= n; t += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + t),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + t), _MM_FROUND_TO_NEAREST_INT));
+  for (; t + 8 <= n; t += 8) {
+    const __m256 x = _mm256_loadu_ps(src + t);
+    __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+    if constexpr (!lowp::eigen_half_hw) {
+      const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+      const __m128i m = _mm_packs_epi32(_mm_castps_si128(_mm256_castps256_ps128(nan)),
+                                        _mm_castps_si128(_mm256_extractf128_ps(nan, 1)));
+      const __m128i q =
+          _mm_or_si128(_mm_and_si128(h, _mm_set1_epi16(static_cast<short>(0x8000))), _mm_set1_epi16(0x7e00));
+      h = _mm_or_si128(_mm_and_si128(m, q), _mm_andnot_si128(m, h));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + t), h);
+  }
 #endif
   for (; t < n; ++t) dst[t] = Eigen::half(src[t]);
 }
