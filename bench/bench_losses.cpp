@@ -15,7 +15,8 @@
 // mask (1) and writes the gradient (4) per token and side = 9; PPO reads logp, old_logp,
 // advantages (4 each) and the mask (1) and writes the gradient (4) = 17. The two-pass PPO and
 // DPO's backward re-read the mask (and PPO its inputs), so their true traffic is higher; the
-// roofline column is achieved floor-bytes/s over this binary's streaming-read bandwidth.
+// roofline column is achieved floor-bytes/s over this binary's streaming-read bandwidth. The
+// bf16 PPO rows hold all three inputs and the gradient in bf16: 2 * 4 + 1 = 9 bytes a token.
 #include <cstdint>
 #include <prefloss/prefloss.hpp>
 #include <string>
@@ -167,6 +168,13 @@ PREFLOSS_BENCH_REGISTER(register_losses) {
   pb::add(
       "ppo_fwd_bwd/f32_u8/B256", [](benchmark::State& st) { BM_ppo<float, PpoMode::two_pass>(st, 256); },
       {2097152, 2097152}, 256);
+  using bf16 = Eigen::bfloat16;
+  pb::add(
+      "ppo_fused/bf16_u8/B256", [](benchmark::State& st) { BM_ppo<bf16, PpoMode::fused>(st, 256); }, pb::kTokenSizes,
+      256);
+  pb::add(
+      "ppo_fwd_bwd/bf16_u8/B256", [](benchmark::State& st) { BM_ppo<bf16, PpoMode::two_pass>(st, 256); },
+      pb::kTokenSizes, 256);
 }
 
 PREFLOSS_BENCH_MAIN()

@@ -1,6 +1,6 @@
 // Masked reductions over row-major [batch, tokens]: masked_sum / masked_mean forward
-// (eval_to) and their adjoints (backward), for float tokens + uint8 mask, float + float weights
-// and double + uint8.
+// (eval_to) and their adjoints (backward), for float tokens + uint8 mask, float + float weights,
+// double + uint8 and bf16 + uint8 (2-byte tokens: float values and upstream, bf16 gradient).
 //
 //   build-h2/bench/bench_reduce                    all sizes (1e3 .. 1e8 tokens in total)
 //   build-h2/bench/bench_reduce --prefloss_quick   up to 4Mi tokens
@@ -24,12 +24,14 @@ enum class Pass { forward, backward };
 template <class S, class M, prefloss::Reduction R, Pass P>
 void BM_masked(benchmark::State& st, std::int64_t batch) {
   const std::int64_t n = st.range(0);
+  using C = prefloss::detail::compute_t<S>;  // sequence values' type (float for bf16 tokens)
   const pb::TokenBatch<S, M> in(batch, n, 21);
-  pb::Buffer<S> grad(P == Pass::backward ? n : 0), out(batch), up(batch);
+  pb::Buffer<S> grad(P == Pass::backward ? n : 0);
+  pb::Buffer<C> out(batch), up(batch);
   pb::fill_logp(up.data(), batch, 22, -1.0, 1.0);
   const auto xm = in.values();
   const auto mm = in.masks();
-  const pb::SeqMap<const S> upm(up.data(), batch);
+  const pb::SeqMap<const C> upm(up.data(), batch);
   pb::TokenMap<S> gm(grad.data(), batch, P == Pass::backward ? in.tokens : 0);
 
   const auto make = [&] {
@@ -51,7 +53,7 @@ void BM_masked(benchmark::State& st, std::int64_t batch) {
   }
   // forward: read tokens + mask, write [batch]; backward: read mask + [batch], write the gradient.
   const double per_token = double(sizeof(S) + sizeof(M));
-  pb::set_counters(st, per_token * static_cast<double>(n) + double(sizeof(S)) * static_cast<double>(batch),
+  pb::set_counters(st, per_token * static_cast<double>(n) + double(sizeof(C)) * static_cast<double>(batch),
                    static_cast<double>(n));
 }
 
@@ -75,6 +77,8 @@ PREFLOSS_BENCH_REGISTER(register_reduce) {
   reg<float, u8, Reduction::sum, Pass::backward>("masked_sum_backward", "f32_u8", 64);
   reg<float, u8, Reduction::mean, Pass::backward>("masked_mean_backward", "f32_u8", 64);
   reg<float, float, Reduction::sum, Pass::backward>("masked_sum_backward", "f32_f32", 64);
+  reg<Eigen::bfloat16, u8, Reduction::sum, Pass::forward>("masked_sum", "bf16_u8", 64);
+  reg<Eigen::bfloat16, u8, Reduction::sum, Pass::backward>("masked_sum_backward", "bf16_u8", 64);
 }
 
 PREFLOSS_BENCH_MAIN()
