@@ -1,68 +1,13 @@
 // Heap allocations of the bf16/half entry points with caller-provided outputs must not grow with
-// the number of tokens (16-bit rows are converted through fixed-size stack buffers): every heap
-// allocation is counted around the calls, T = 64 vs T = 65536. Same hooks as test_ppo_alloc.cpp.
-#include <atomic>
-#include <catch2/catch.hpp>
-#include <cstdint>
-#include <cstdlib>
-#include <new>
+// the number of tokens (16-bit rows are converted through fixed-size stack buffers): the heap
+// traffic at T = 64 and T = 65536 tokens per row must be identical. The counting harness is
+// tests/alloc_count.hpp.
 #include <prefloss/prefloss.hpp>
 
-namespace {
-std::atomic<long> g_allocs{0}, g_bytes{0};
-std::atomic<bool> g_counting{false};
-void note(std::size_t n) {
-  if (g_counting.load(std::memory_order_relaxed)) {
-    g_allocs.fetch_add(1, std::memory_order_relaxed);
-    g_bytes.fetch_add(static_cast<long>(n), std::memory_order_relaxed);
-  }
-}
-}  // namespace
+#include <catch2/catch.hpp>
+#include <cstdint>
 
-// Eigen::Tensor storage comes from std::malloc, not operator new, so every heap byte must be
-// seen: under AddressSanitizer through its allocation hooks (it owns malloc and operator new);
-// otherwise by replacing operator new and, on glibc, interposing malloc as well.
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define PREFLOSS_TEST_ASAN 1
-#endif
-#endif
-#if defined(__SANITIZE_ADDRESS__)
-#define PREFLOSS_TEST_ASAN 1
-#endif
-
-#if defined(PREFLOSS_TEST_ASAN)
-// From <sanitizer/allocator_interface.h> (not always installed), part of the sanitizer runtime ABI.
-extern "C" int __sanitizer_install_malloc_and_free_hooks(void (*malloc_hook)(const volatile void*, std::size_t),
-                                                         void (*free_hook)(const volatile void*));
-namespace {
-void on_malloc(const volatile void*, std::size_t n) { note(n); }
-void on_free(const volatile void*) {}
-[[maybe_unused]] const int hooks_installed = __sanitizer_install_malloc_and_free_hooks(on_malloc, on_free);
-}  // namespace
-#else
-#if defined(__GLIBC__)
-#define PREFLOSS_TEST_MALLOC_HOOK 1
-extern "C" void* __libc_malloc(std::size_t);
-extern "C" void* malloc(std::size_t n) {
-  note(n);
-  return __libc_malloc(n);
-}
-#endif
-
-void* operator new(std::size_t n) {
-#if !defined(PREFLOSS_TEST_MALLOC_HOOK)
-  note(n);
-#endif
-  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t n) { return operator new(n); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-#endif
+#include "alloc_count.hpp"
 
 namespace pl = prefloss;
 template <class T>
@@ -70,9 +15,10 @@ using Tok = Eigen::Tensor<T, 2, Eigen::RowMajor>;
 
 namespace {
 
+constexpr int n_calls = 6;
+
 struct Counts {
-  long allocs[6];
-  long bytes;
+  alloc_count::Traffic t[n_calls];
 };
 
 template <class T>
@@ -89,25 +35,16 @@ Counts count_for(long T_) {
   up.setConstant(0.5f);
   pl::PpoOptions o;
   o.kl_coef = 0.1;
-  Counts c{};
-  const auto count = [&](int k, auto&& f) {
-    g_allocs = 0;
-    g_counting = true;
-    f();
-    g_counting = false;
-    c.allocs[k] = g_allocs;
-  };
-  g_bytes = 0;
-  count(0, [&] { pl::masked_mean(lp, m).backward(up, g); });
-  count(1, [&] {
+  Counts c;
+  c.t[0] = alloc_count::measure([&] { pl::masked_mean(lp, m).backward(up, g); });
+  c.t[1] = alloc_count::measure([&] {
     const auto r = pl::ppo_clip(lp, old, adv, m, old, o);
     r.backward(g);
   });
-  count(2, [&] { pl::ppo_clip(lp, old, adv, m, old, o, g); });
-  count(3, [&] { pl::value_loss(lp, old, adv, m, pl::ValueOptions{}, g); });
-  count(4, [&] { pl::kl_estimate(lp, old, m, pl::KlOptions{}, kl, g); });
-  count(5, [&] { pl::gae(lp, adv, m, pl::GaeOptions{}, a32, r32); });
-  c.bytes = g_bytes;
+  c.t[2] = alloc_count::measure([&] { pl::ppo_clip(lp, old, adv, m, old, o, g); });
+  c.t[3] = alloc_count::measure([&] { pl::value_loss(lp, old, adv, m, pl::ValueOptions{}, g); });
+  c.t[4] = alloc_count::measure([&] { pl::kl_estimate(lp, old, m, pl::KlOptions{}, kl, g); });
+  c.t[5] = alloc_count::measure([&] { pl::gae(lp, adv, m, pl::GaeOptions{}, a32, r32); });
   return c;
 }
 
@@ -115,13 +52,13 @@ template <class T>
 void same_counts() {
   const Counts small = count_for<T>(64);
   const Counts large = count_for<T>(65536);
-  for (int k = 0; k < 6; ++k) {
+  for (int k = 0; k < n_calls; ++k) {
     CAPTURE(k);
-    CHECK(small.allocs[k] == large.allocs[k]);
+    CHECK(small.t[k].calls == large.t[k].calls);
+    CHECK(small.t[k].bytes == large.t[k].bytes);
   }
-  CHECK(small.bytes == large.bytes);
-  // The [batch] bookkeeping of the token losses is counted, so the hook is live.
-  CHECK(small.allocs[1] > 0);
+  // The token losses' [batch] bookkeeping is counted, so the hooks are live.
+  CHECK(small.t[1].calls > 0);
 }
 
 }  // namespace
