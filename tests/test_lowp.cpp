@@ -576,7 +576,7 @@ TEMPLATE_TEST_CASE("lowp: value_loss with 16-bit values against the long-double 
 // ---------------------------------------------------------------------------------------------
 // Sequence losses over 16-bit masked sums
 
-TEMPLATE_TEST_CASE("lowp: dpo over 16-bit masked sums", "[lowp][dpo]", BF, HF) {
+TEMPLATE_TEST_CASE("lowp: dpo (two-pass and fused) over 16-bit masked sums", "[lowp][dpo]", BF, HF) {
   const long B = 5, T_ = 123;
   const Rows<TestType, std::uint8_t> c(B, T_, 51, true), r(B, T_, 52, true);
   Vec<float> rc(B), rr(B);
@@ -589,6 +589,14 @@ TEMPLATE_TEST_CASE("lowp: dpo over 16-bit masked sums", "[lowp][dpo]", BF, HF) {
   const auto res = pl::dpo(pl::masked_sum(c.x, c.m), pl::masked_sum(r.x, r.m), rc, rr, o);
   Tok<TestType> gc(B, T_), gr(B, T_);
   res.backward(gc, gr);
+  // The fused form writes the same bits as the two-pass form.
+  Tok<TestType> fc(B, T_), fr(B, T_);
+  const auto fused = pl::dpo(pl::masked_sum(c.x, c.m), pl::masked_sum(r.x, r.m), rc, rr, o, fc, fr);
+  CHECK(bits32(fused.loss) == bits32(res.loss));
+  long fused_diff = 0;
+  for (long k = 0; k < gc.size(); ++k)
+    fused_diff += bits16(fc.data()[k]) != bits16(gc.data()[k]) || bits16(fr.data()[k]) != bits16(gr.data()[k]);
+  CHECK(fused_diff == 0);
   // Reference: -mean log sigmoid(beta (pc - rc - pr + rr)) in long double; d / d pc = -beta
   // sigmoid(-z) / B at every selected token of the chosen row, the opposite for the rejected.
   const Tok<float> xc = to_f(c.x), xr = to_f(r.x);

@@ -181,8 +181,8 @@ bool grad_streams(const PlainSequence<S>&) noexcept {
 /// Writes example i's gradient for a sequence input: the row a backward_to would write, with the
 /// same scale and the same kernel (so the same bits).
 template <class S, class M, Reduction R>
-void write_grad_row(const MaskedReduction<S, M, R>& s, bool stream, Index i, S upstream,
-                    const MatrixOut<S>& grad) noexcept {
+void write_grad_row(const MaskedReduction<S, M, R>& s, bool stream, Index i,
+                    typename MaskedReduction<S, M, R>::Scalar upstream, const MatrixOut<S>& grad) noexcept {
   if (stream) {
     s.template backward_row<true>(i, upstream, grad);
   } else {
