@@ -5,6 +5,7 @@
 // Grouped by layer (math <- reduce <- loss, rl), sorted within each; the order does not matter.
 #include "config.hpp"
 #include "errors.hpp"
+#include "packed.hpp"
 #include "math/log1mexp.hpp"
 #include "math/log_sigmoid.hpp"
 #include "math/sigmoid.hpp"

@@ -25,7 +25,8 @@ inline constexpr TokenStorage storage_of = std::is_same_v<T, Eigen::bfloat16> ? 
                                            : std::is_same_v<T, Eigen::half>   ? TokenStorage::f16
                                                                               : TokenStorage::f32;
 
-/// @brief Up to four [rows, cols] token inputs, each float, bf16 or half, computed in float; G is
+/// @brief Up to four token inputs of one row layout (row-major [rows, cols], or packed rows given
+/// by offsets, as TokenInputs), each float, bf16 or half, computed in float; G is
 /// the gradient's storage type (the differentiated input's). The storage of each input is a
 /// runtime tag: the conversion is chosen once per chunk of lowp_chunk tokens, so a mixed call
 /// costs no more instantiations than an all-bf16 one.
@@ -38,8 +39,11 @@ struct LowpTokenInputs {
   TokenStorage storage[4] = {};
   const M* mask = nullptr;
   Index rows = 0, cols = 0;
+  Offsets off{};
 
-  const M* mask_row(Index i) const noexcept { return mask + i * cols; }
+  RowLayout layout() const noexcept { return {rows, cols, off}; }
+  const M* mask_row(Index i) const noexcept { return mask + layout().begin(i); }
+  Index len(Index i) const noexcept { return layout().len(i); }
 
   template <class T>
   void set(std::size_t j, const T* p) noexcept {
@@ -57,29 +61,29 @@ struct LowpTokenInputs {
     alignas(64) float buf[NI][lowp_chunk];
     alignas(64) float gbuf[Bwd && !direct_grad ? lowp_chunk : 1];
     const float* p[NI];
-    const M* m = mask_row(i);
-    const Index base = i * cols;
+    const Index base = layout().begin(i), n = layout().len(i);
+    const M* m = mask + base;
     TokenStats st;
-    for (Index t = 0; t < cols; t += lowp_chunk) {
-      const Index len = cols - t < lowp_chunk ? cols - t : lowp_chunk;
-      for (std::size_t j = 0; j < NI; ++j) p[j] = chunk(j, base + t, len, buf[j]);
+    for (Index t = 0; t < n; t += lowp_chunk) {
+      const Index c = n - t < lowp_chunk ? n - t : lowp_chunk;
+      for (std::size_t j = 0; j < NI; ++j) p[j] = chunk(j, base + t, c, buf[j]);
       float* g = nullptr;
       if constexpr (Bwd) g = direct_grad ? reinterpret_cast<float*>(grad + t) : gbuf;
-      st.merge(token_row<Fwd, Bwd, false>(k, p, m + t, len, gscale, g));
-      if constexpr (Bwd && !direct_grad) from_float(gbuf, grad + t, len);
+      st.merge(token_row<Fwd, Bwd, false>(k, p, m + t, c, gscale, g));
+      if constexpr (Bwd && !direct_grad) from_float(gbuf, grad + t, c);
     }
     return st;
   }
 
  private:
-  const float* chunk(std::size_t j, Index off, Index len, float* buf) const noexcept {
+  const float* chunk(std::size_t j, Index at, Index len, float* buf) const noexcept {
     switch (storage[j]) {
       case TokenStorage::bf16:
-        return as_float(static_cast<const Eigen::bfloat16*>(in[j]) + off, len, buf);
+        return as_float(static_cast<const Eigen::bfloat16*>(in[j]) + at, len, buf);
       case TokenStorage::f16:
-        return as_float(static_cast<const Eigen::half*>(in[j]) + off, len, buf);
+        return as_float(static_cast<const Eigen::half*>(in[j]) + at, len, buf);
       default:
-        return static_cast<const float*>(in[j]) + off;
+        return static_cast<const float*>(in[j]) + at;
     }
   }
 };

@@ -204,11 +204,11 @@ inline Index first_bad_weight(const M* m, Index n) noexcept {
 template <class S, class M>
 void require_weights(const Matrix<M>& m, const char* fn, const char* name) {
   if constexpr (is_real_v<M>) {
-    const Index n = m.rows * m.cols;
+    const Index n = m.count();
     const Index k = first_bad_weight<S>(m.data, n);
     if (k != n)
       throw value_error(std::string(fn) + ": argument '" + name + "' must hold finite weights >= 0, got " +
-                        fmt(static_cast<double>(m.data[k])) + " at " + shape_str(k / m.cols, k % m.cols));
+                        fmt(static_cast<double>(m.data[k])) + " at " + position_str(m.layout(), k));
   }
 }
 

@@ -207,8 +207,7 @@ struct TokenStats {
 /// Stream: the batch-aligned body of grad with streaming stores (the caller fences). The sums
 /// are the same bits whatever Bwd and Stream are.
 template <bool Fwd, bool Bwd, bool Stream = false, class Kernel, class S, class M>
-inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m, Index n, S gscale,
-                            S* grad) noexcept {
+inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m, Index n, S gscale, S* grad) noexcept {
   // The row's sums must not depend on where grad happens to start: a streaming head would shift
   // every batch (and the float chunk boundaries) by up to a batch, changing the rounding of the
   // loss against the forward-only pass. A fused row that is not batch-aligned is written with
@@ -319,9 +318,10 @@ inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m
   return st;
 }
 
-/// Views of a token loss's inputs: up to four [rows, cols] row-major token tensors and the mask.
-/// The drivers below see inputs only through compute_type, grad_type, rows, cols, mask_row and
-/// row(), so 16-bit storage (detail/lowp_tokens.hpp) plugs in another inputs type.
+/// Views of a token loss's inputs: up to four token arrays and the mask, all with one row
+/// layout (row-major [rows, cols], or packed rows given by offsets). The drivers below see
+/// inputs only through compute_type, grad_type, rows, layout, len, mask_row and row(), so 16-bit
+/// storage (detail/lowp_tokens.hpp) plugs in another inputs type.
 template <class S, class M>
 struct TokenInputs {
   using compute_type = S;  ///< the kernels' lane type
@@ -329,19 +329,23 @@ struct TokenInputs {
   const S* in[4] = {};
   const M* mask = nullptr;
   Index rows = 0, cols = 0;
+  Offsets off{};
 
+  RowLayout layout() const noexcept { return {rows, cols, off}; }
   template <std::size_t N>
   void row_ptrs(Index i, const S* (&p)[N]) const noexcept {
-    for (std::size_t j = 0; j < N; ++j) p[j] = in[j] ? in[j] + i * cols : nullptr;
+    const Index b = layout().begin(i);
+    for (std::size_t j = 0; j < N; ++j) p[j] = in[j] ? in[j] + b : nullptr;
   }
-  const M* mask_row(Index i) const noexcept { return mask + i * cols; }
+  const M* mask_row(Index i) const noexcept { return mask + layout().begin(i); }
+  Index len(Index i) const noexcept { return layout().len(i); }
 
   /// token_row over row i.
   template <bool Fwd, bool Bwd, bool Stream, class Kernel>
   TokenStats row(const Kernel& k, Index i, S gscale, S* grad) const noexcept {
     const S* p[4];
     row_ptrs(i, p);
-    return token_row<Fwd, Bwd, Stream>(k, p, mask_row(i), cols, gscale, grad);
+    return token_row<Fwd, Bwd, Stream>(k, p, mask_row(i), len(i), gscale, grad);
   }
 };
 
@@ -357,12 +361,13 @@ inline double row_weight(const M* m, Index n) noexcept {
 /// row order, here and in token_forward_fused, so the two forms agree to the bit.
 template <class Kernel, class In, class S = typename In::compute_type>
 TokenStats token_forward(const Kernel& k, const In& in, const AggregationSpec& spec, double* scales, S* losses) {
-  const Index B = in.rows, T = in.cols;
+  const Index B = in.rows;
   TokenStats total;
   // Row sums first, the normalisers afterwards. losses[] holds nothing yet, so the row sums and
   // weights wait in scales[] and a [batch] vector.
   std::vector<double> weights(static_cast<std::size_t>(B));
   for (Index i = 0; i < B; ++i) {
+    const Index T = in.len(i);
     const double w = row_weight<S>(in.mask_row(i), T);
     TokenStats st = in.template row<true, false, false>(k, i, S(0), static_cast<typename In::grad_type*>(nullptr));
     st.weight = w;
@@ -389,18 +394,19 @@ TokenStats token_forward(const Kernel& k, const In& in, const AggregationSpec& s
 template <class Kernel, class In, class S = typename In::compute_type>
 TokenStats token_forward_fused(const Kernel& k, const In& in, const AggregationSpec& spec, double* scales, S* losses,
                                const MatrixOut<typename In::grad_type>& grad) {
-  const Index B = in.rows, T = in.cols;
+  const Index B = in.rows;
   TokenStats total;
   double loss = 0;
   const bool all_first = needs_total_weight(spec);
   double total_weight = 0;
   if (all_first)
     for (Index i = 0; i < B; ++i) {
-      scales[i] = row_weight<S>(in.mask_row(i), T);
+      scales[i] = row_weight<S>(in.mask_row(i), in.len(i));
       total_weight += scales[i];
     }
   const auto rows = [&](auto stream) {
     for (Index i = 0; i < B; ++i) {
+      const Index T = in.len(i);
       const double w = all_first ? scales[i] : row_weight<S>(in.mask_row(i), T);
       scales[i] = row_scale(spec, w, total_weight);
       TokenStats st =
@@ -412,7 +418,7 @@ TokenStats token_forward_fused(const Kernel& k, const In& in, const AggregationS
       total.merge(st);
     }
   };
-  if (use_stream_store<typename In::grad_type>(static_cast<std::size_t>(B) * static_cast<std::size_t>(T))) {
+  if (use_stream_store<typename In::grad_type>(static_cast<std::size_t>(in.layout().count()))) {
     rows(std::true_type{});
     stream_fence();
   } else {
@@ -431,7 +437,7 @@ void token_backward(const Kernel& k, const In& in, const double* scales,
     for (Index i = 0; i < in.rows; ++i)
       in.template row<false, true, decltype(stream)::value>(k, i, static_cast<S>(scales[i]), grad.row(i));
   };
-  if (use_stream_store<typename In::grad_type>(static_cast<std::size_t>(in.rows) * static_cast<std::size_t>(in.cols))) {
+  if (use_stream_store<typename In::grad_type>(static_cast<std::size_t>(in.layout().count()))) {
     rows(std::true_type{});
     stream_fence();
   } else {

@@ -100,6 +100,8 @@ struct RankingMetrics {
 template <class X>
 auto bradley_terry_ranking(const X& rewards, const BradleyTerryOptions& opt = {}) {
   constexpr const char* fn = "bradley_terry_ranking";
+  static_assert(!detail::is_packed_v<X>,
+                "prefloss: bradley_terry_ranking takes a [batch, K] score matrix; pl::packed is for token batches");
   using S = detail::tensor_scalar_t<X>;
   detail::require_option(opt.center_coef >= 0 && std::isfinite(opt.center_coef), fn, "center_coef", ">= 0 and finite",
                          opt.center_coef);

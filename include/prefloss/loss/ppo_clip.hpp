@@ -185,7 +185,7 @@ PpoResult<typename In::compute_type, M, In> ppo_clip_impl(const Matrix<LT>& lp, 
   if (opt.kl_coef > 0 && ref == nullptr)
     throw option_error(std::string(fn) + ": option 'kl_coef' is " + fmt(opt.kl_coef) +
                        " but no 'ref_logp' was given (pass ref_logp or set kl_coef = 0)");
-  const AggregationSpec spec = aggregation_spec(opt, lp.rows, lp.cols);
+  const AggregationSpec spec = aggregation_spec(opt, lp.rows, lp.packed() ? packed_rows : lp.cols);
   validate_aggregation<S>(fn, spec);
 
   require_same_shape(fn, "old_logp", old, "logp", lp);
@@ -213,6 +213,7 @@ PpoResult<typename In::compute_type, M, In> ppo_clip_impl(const Matrix<LT>& lp, 
   in.mask = mask.data;
   in.rows = lp.rows;
   in.cols = lp.cols;
+  in.off = lp.off;
 
   using Sel = std::bool_constant<HasRef>;
   PpoResult<S, M, In> result(fn, in, p, "grad", Sel{});
@@ -250,8 +251,9 @@ constexpr void ppo_static_checks() {
   static_assert(is_mask_v<tensor_scalar_t<MK>>, "prefloss: masks must be bool, uint8_t, float or double");
 }
 
+/// A tensor, map or pl::packed argument (what tells the overloads' tensors from options).
 template <class T>
-using if_tensor_t = std::enable_if_t<is_tensor_v<T>, int>;
+using if_tensor_t = std::enable_if_t<is_tensor_v<T> || is_packed_v<T>, int>;
 
 /// Named views of ppo_clip's tensors. RF = NoRef: no reference policy; G = NoGrad: the two-pass
 /// form (no gradient output), otherwise the fused one.
@@ -272,7 +274,10 @@ auto ppo_clip_views(const LP& logp, const OLP& old_logp, const AD& advantages, c
 
 }  // namespace detail
 
-/// @brief PPO clipped surrogate loss over row-major [batch, tokens] tensors.
+/// @brief PPO clipped surrogate loss over row-major [batch, tokens] tensors, or over a packed
+/// batch: every token argument pl::packed(values, cu_seqlens) with the same offsets (gradient
+/// outputs then rank-1 [total_tokens] or pl::packed too; seq_mean_token_sum_norm then needs
+/// token_sum_norm).
 ///
 /// Per token, with r = exp(clamp(logp - old_logp, +-log_ratio_clamp)):
 ///   l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high));
@@ -306,11 +311,13 @@ auto ppo_clip_views(const LP& logp, const OLP& old_logp, const AD& advantages, c
 /// @param old_logp, advantages constants of the rollout, same shape
 /// @param mask same shape: bool/uint8 (nonzero selects) or float/double (weights)
 /// @return PpoResult; holds views of the inputs until backward() has run.
-/// @throws shape_error naming the argument (shape mismatch, empty batch); layout_error for a
+/// @throws shape_error naming the argument (shape mismatch, empty batch, invalid or differing
+/// cu_seqlens, packed and padded arguments mixed); layout_error for a
 /// tensor whose data is not aligned to its element type; value_error for a float mask weight
 /// that is negative, NaN or infinite; option_error for clip_high < 0, clip_low outside [0, 1],
 /// dual_clip in (0, 1] or < 0 (or 1 once rounded to float), kl_coef < 0 or > 0 without
-/// ref_logp, an unknown enum, or a normaliser/clamp <= 0 (or 0 once rounded to the token type).
+/// ref_logp, an unknown enum, a normaliser/clamp <= 0 (or 0 once rounded to the token type), or
+/// seq_mean_token_sum_norm over packed input without token_sum_norm.
 /// Nothing is written on error.
 template <class LP, class OLP, class AD, class MK>
 auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const MK& mask, const PpoOptions& opt = {}) {

@@ -136,8 +136,8 @@ template <class S, class M, Reduction R, class F>
 void for_each_leaf(const MaskedReduction<S, M, R>& s, F&& f) {
   const auto& x = s.tokens_view();
   const auto& m = s.mask_view();
-  f(static_cast<const void*>(x.data), static_cast<std::size_t>(x.rows * x.cols) * sizeof(S), "tokens");
-  f(static_cast<const void*>(m.data), static_cast<std::size_t>(m.rows * m.cols) * sizeof(M), "mask");
+  f(static_cast<const void*>(x.data), static_cast<std::size_t>(x.count()) * sizeof(S), "tokens");
+  f(static_cast<const void*>(m.data), static_cast<std::size_t>(m.count()) * sizeof(M), "mask");
 }
 template <class S, class F>
 void for_each_leaf(const PlainSequence<S>& s, F&& f) {

@@ -57,14 +57,15 @@ class TokenLossResult {
 
   /// @brief Writes d loss / d (first token input) into grad ([batch, tokens] row-major tensor or
   /// map of that input's storage type; bf16/half: the float gradient rounded once to nearest
-  /// even): every element is overwritten, masked-out tokens get 0.
+  /// even; for packed inputs a rank-1 [total_tokens] tensor or map, or pl::packed(grad, cu) with
+  /// the inputs' offsets): every element is overwritten, masked-out tokens get 0.
   /// @throws shape_error naming the gradient argument, layout_error when it is not aligned to
   /// its element type (nothing is written then).
   template <class G>
   void backward(G&& grad) const {
     static_assert(std::is_same_v<detail::tensor_scalar_t<G>, Grad>,
                   "prefloss: gradient tensor must have the differentiated input's scalar type (bf16 in: bf16 out)");
-    const detail::MatrixOut<Grad> g = detail::matrix_out(std::forward<G>(grad), in_.rows, in_.cols, fn_, grad_name_);
+    const detail::MatrixOut<Grad> g = detail::matrix_out(std::forward<G>(grad), in_.layout(), fn_, grad_name_);
     backward_(params_, in_, scales_.data(), g);
   }
 
@@ -79,7 +80,7 @@ class TokenLossResult {
     if constexpr (detail::is_no_grad_v<G>) {
       return forward<Sel>(spec);
     } else {
-      return forward_fused<Sel>(spec, detail::matrix_out(*grad_out, in_.rows, in_.cols, fn_, "grad_out"));
+      return forward_fused<Sel>(spec, detail::matrix_out(*grad_out, in_.layout(), fn_, "grad_out"));
     }
   }
 

@@ -131,7 +131,7 @@ ValueResult<typename In::compute_type, M, In> value_loss_impl(const Matrix<VT>& 
   using S = typename In::compute_type;
   constexpr const char* fn = "value_loss";
   if (opt.clip) require_option(*opt.clip >= 0 && std::isfinite(*opt.clip), fn, "clip", ">= 0 and finite", *opt.clip);
-  const AggregationSpec spec = aggregation_spec(opt, v.rows, v.cols);
+  const AggregationSpec spec = aggregation_spec(opt, v.rows, v.packed() ? packed_rows : v.cols);
   validate_aggregation<S>(fn, spec);
   require_same_shape(fn, "old_values", old, "values", v);
   require_same_shape(fn, "returns", ret, "values", v);
@@ -149,6 +149,7 @@ ValueResult<typename In::compute_type, M, In> value_loss_impl(const Matrix<VT>& 
   in.mask = mask.data;
   in.rows = v.rows;
   in.cols = v.cols;
+  in.off = v.off;
   ValueResult<S, M, In> result(fn, in, p, "grad", AllKernels{});
   const TokenStats st = result.template run<AllKernels>(spec, grad_out);
   result.metrics.clip_fraction = static_cast<S>(safe_mean(st.sums[0], st.weight));
@@ -190,10 +191,13 @@ constexpr void value_static_checks() {
 /// Token inputs are float, double, Eigen::bfloat16 or Eigen::half, all of one type or a mix of
 /// float, bf16 and half computed in float (as for ppo_clip); the gradient has values' storage
 /// type, the float gradient rounded once to nearest even for bf16/half.
-/// @param values predictions [batch, tokens] (the differentiated input)
+/// @param values predictions [batch, tokens] (the differentiated input), or every token
+/// argument pl::packed(values, cu_seqlens) with the same offsets (grad outputs then rank-1
+/// [total_tokens] or pl::packed; seq_mean_token_sum_norm then needs token_sum_norm)
 /// @param old_values, returns constants, same shape; @param mask same shape (weights if float)
-/// @throws shape_error naming the argument; option_error for clip < 0, an unknown aggregation
-/// or a normaliser <= 0. Nothing is written on error.
+/// @throws shape_error naming the argument (also for invalid, differing or mixed packed
+/// layouts); option_error for clip < 0, an unknown aggregation, a normaliser <= 0, or
+/// seq_mean_token_sum_norm over packed input without token_sum_norm. Nothing is written on error.
 template <class V, class O, class R, class MK>
 auto value_loss(const V& values, const O& old_values, const R& returns, const MK& mask, const ValueOptions& opt = {}) {
   detail::value_static_checks<V, O, R, MK>();

@@ -22,7 +22,8 @@ enum class Aggregation {
   token_mean,               ///< sum_i S_i / sum_i W_i (or / token_count when given); 0 without valid tokens
   seq_mean_token_sum,       ///< (1/B) sum_i S_i
   seq_mean_token_mean,      ///< (1/B) sum_i S_i / W_i; an empty row contributes 0 and still counts in B
-  seq_mean_token_sum_norm,  ///< (1/B) sum_i S_i / C, C = token_sum_norm (default: tokens per row), Dr.GRPO
+  seq_mean_token_sum_norm,  ///< (1/B) sum_i S_i / C, C = token_sum_norm (default: tokens per row; must be set for
+                            ///< packed input), Dr.GRPO
 };
 
 /// @def PREFLOSS_AGGREGATION_NORMALIZERS
@@ -36,7 +37,8 @@ enum class Aggregation {
 /// - `std::optional<double> sequence_count`: seq_* modes: the global number of sequences instead
 ///   of this call's batch (same purpose).
 /// - `std::optional<double> token_sum_norm`: seq_mean_token_sum_norm: the constant C (Dr.GRPO's
-///   generation budget); unset = this call's tokens per row, as verl's loss_agg_mode does.
+///   generation budget); unset = this call's tokens per row, as verl's loss_agg_mode does (a
+///   packed call has no such length and must set it).
 ///
 /// Each must be finite and > 0 when set, with a reciprocal finite in the token type
 /// (option_error otherwise: the gradient scale would overflow). They are direct members, not a
@@ -56,11 +58,14 @@ namespace detail {
 struct AggregationSpec {
   Aggregation mode = Aggregation::token_mean;
   Index batch = 0;                                      ///< rows of this call
-  Index tokens = 0;                                     ///< columns of this call
+  Index tokens = 0;                                     ///< columns of this call; packed_rows for a packed call
   std::optional<double> token_count = std::nullopt;     ///< token_mean: global normaliser instead of sum_i W_i
   std::optional<double> sequence_count = std::nullopt;  ///< seq_* modes: global number of sequences instead of B
   std::optional<double> token_sum_norm = std::nullopt;  ///< seq_mean_token_sum_norm: C instead of `tokens`
 };
+
+/// AggregationSpec::tokens of a packed call: there is no one row length to default C to.
+inline constexpr Index packed_rows = -1;
 
 inline bool valid_aggregation(Aggregation a) noexcept {
   return a == Aggregation::token_mean || a == Aggregation::seq_mean_token_sum ||
@@ -78,6 +83,13 @@ void validate_aggregation(const char* fn, const AggregationSpec& s) {
   positive(s.token_count, "token_count");
   positive(s.sequence_count, "sequence_count");
   positive(s.token_sum_norm, "token_sum_norm");
+  // "Tokens per row" is the padded length, which a packed batch does not have (and its longest
+  // row would make the loss depend on how the batch happened to be packed): ask for C.
+  if (s.mode == Aggregation::seq_mean_token_sum_norm && !s.token_sum_norm && s.tokens == packed_rows)
+    throw option_error(
+        std::string(fn) +
+        ": option 'token_sum_norm' must be set for seq_mean_token_sum_norm with packed inputs "
+        "(its default, the tokens per row of a padded batch, has no meaning for packed rows), got unset");
 }
 
 /// True when the gradient scale of every row depends on the total weight of the whole call
@@ -114,7 +126,8 @@ inline double row_scale(const AggregationSpec& s, double row_weight, double tota
 }
 
 /// The aggregation of a token loss call: the options' `aggregation` mode and the normalizers they
-/// declare with PREFLOSS_AGGREGATION_NORMALIZERS, with this call's extents.
+/// declare with PREFLOSS_AGGREGATION_NORMALIZERS, with this call's extents
+/// (tokens: the padded row length, or packed_rows).
 template <class Opt>
 AggregationSpec aggregation_spec(const Opt& opt, Index batch, Index tokens) {
   static_assert(Opt::prefloss_aggregation_normalizers, "options must declare PREFLOSS_AGGREGATION_NORMALIZERS");

@@ -1,5 +1,6 @@
 /// @file reduce/masked.hpp
-/// masked_sum / masked_mean: lazy [batch] sequence expressions over [batch, tokens] tokens.
+/// masked_sum / masked_mean: lazy [batch] sequence expressions over [batch, tokens] tokens
+/// (or a packed batch, see packed.hpp).
 #pragma once
 
 #include <string>
@@ -45,24 +46,27 @@ class MaskedReduction {
 
   /// Number of sequences (the batch).
   Index size() const noexcept { return x_.rows; }
-  /// Tokens per sequence.
+  /// Tokens per sequence (padded input); 0 for packed input, whose rows differ in length.
   Index tokens() const noexcept { return x_.cols; }
+  /// Whether the token leaves are packed (pl::packed) rather than a [batch, tokens] matrix.
+  bool packed() const noexcept { return x_.packed(); }
   /// Shape of the token leaves, for messages.
-  std::string shape() const { return detail::shape_str(x_.rows, x_.cols); }
+  std::string shape() const { return detail::layout_str(x_.layout()); }
 
   /// Value of sequence i (double accumulation).
   double value(Index i) const noexcept {
+    const Index n = x_.len(i);
     if constexpr (R == Reduction::sum) {
-      return detail::masked_row_sums<true, false>(x_.row(i), m_.row(i), x_.cols).value;
+      return detail::masked_row_sums<true, false>(x_.row(i), m_.row(i), n).value;
     } else {
-      const auto r = detail::masked_row_sums<true, true>(x_.row(i), m_.row(i), x_.cols);
+      const auto r = detail::masked_row_sums<true, true>(x_.row(i), m_.row(i), n);
       return r.weight != 0 ? r.value / r.weight : 0.0;
     }
   }
 
   /// Whether sequence i has no selected token (its mean is 0 by definition, not by value).
   bool empty(Index i) const noexcept {
-    return detail::masked_row_sums<false, true>(static_cast<const S*>(nullptr), m_.row(i), x_.cols).weight == 0;
+    return detail::masked_row_sums<false, true>(static_cast<const S*>(nullptr), m_.row(i), x_.len(i)).weight == 0;
   }
 
   /// Writes all [batch] values to out (no checks; out holds size() elements).
@@ -78,12 +82,13 @@ class MaskedReduction {
   }
 
   /// Checks that `grad` can receive this expression's gradient (a [batch, tokens] row-major
-  /// tensor or map of the tokens' storage type) and returns a write view of it.
+  /// tensor or map of the tokens' storage type; for packed tokens a rank-1 [total_tokens] one or
+  /// pl::packed(grad, cu) with the same offsets) and returns a write view of it.
   template <class G>
   detail::MatrixOut<S> grad_view(G&& grad, const char* fn, const char* name) const {
     static_assert(std::is_same_v<detail::tensor_scalar_t<G>, S>,
                   "prefloss: gradient tensor must have the token tensor's scalar type (bf16 tokens: bf16 gradient)");
-    return detail::matrix_out(std::forward<G>(grad), x_.rows, x_.cols, fn, name);
+    return detail::matrix_out(std::forward<G>(grad), x_.layout(), fn, name);
   }
 
   /// grad[i, t] = upstream[i] * d value_i / d x[i, t]: upstream times the weight (divided by
@@ -103,7 +108,7 @@ class MaskedReduction {
   double grad_scale(Index i, double upstream) const noexcept {
     if constexpr (R == Reduction::mean) {
       const double total =
-          detail::masked_row_sums<false, true>(static_cast<const S*>(nullptr), m_.row(i), x_.cols).weight;
+          detail::masked_row_sums<false, true>(static_cast<const S*>(nullptr), m_.row(i), x_.len(i)).weight;
       return total != 0 ? upstream / total : 0.0;
     } else {
       return upstream;
@@ -116,14 +121,12 @@ class MaskedReduction {
   /// streams()). The bits do not depend on Stream.
   template <bool Stream>
   void backward_row(Index i, Scalar upstream, detail::MatrixOut<S> grad) const noexcept {
-    detail::masked_row_fill<Stream, S>(m_.row(i), x_.cols, static_cast<Scalar>(grad_scale(i, upstream)), grad.row(i));
+    detail::masked_row_fill<Stream, S>(m_.row(i), x_.len(i), static_cast<Scalar>(grad_scale(i, upstream)), grad.row(i));
   }
 
   /// Whether this expression's adjoint ([batch, tokens]) is large enough for streaming stores
   /// (PREFLOSS_STREAMING_STORE_BYTES); backward_to decides the same way.
-  bool streams() const noexcept {
-    return detail::use_stream_store<S>(static_cast<std::size_t>(x_.rows) * static_cast<std::size_t>(x_.cols));
-  }
+  bool streams() const noexcept { return detail::use_stream_store<S>(static_cast<std::size_t>(x_.count())); }
 
   /// The token leaf this expression views (for the fused losses' aliasing checks).
   const detail::Matrix<S>& tokens_view() const noexcept { return x_; }
@@ -132,8 +135,9 @@ class MaskedReduction {
 
   /// @brief Adjoint: writes d(sum_i upstream[i] * value_i) / d tokens into grad.
   /// @param upstream [batch] tensor of d loss / d value, of type Scalar (float for 16-bit tokens).
-  /// @param grad [batch, tokens] row-major tensor or map of the tokens' storage type, fully
-  /// overwritten (16-bit: the float gradient rounded once to nearest even).
+  /// @param grad [batch, tokens] row-major tensor or map of the tokens' storage type (packed
+  /// tokens: rank-1 [total_tokens] or pl::packed(grad, cu)), fully overwritten (16-bit: the float
+  /// gradient rounded once to nearest even).
   /// @throws shape_error if either shape is wrong (nothing is written then).
   template <class U, class G>
   void backward(const U& upstream, G&& grad) const {
@@ -161,9 +165,7 @@ template <Reduction R, class X, class Mk>
 auto make_masked(const X& tokens, const Mk& mask, const char* fn) {
   const auto x = matrix_view(tokens, fn, "tokens");
   const auto m = matrix_view(mask, fn, "mask");
-  if (x.rows != m.rows || x.cols != m.cols)
-    throw shape_error(std::string(fn) + ": argument 'mask' has shape " + shape_str(m.rows, m.cols) +
-                      " but 'tokens' has shape " + shape_str(x.rows, x.cols));
+  require_same_shape(fn, "mask", m, "tokens", x);
   require_weights<compute_t<tensor_scalar_t<X>>>(m, fn, "mask");
   return MaskedReduction<tensor_scalar_t<X>, tensor_scalar_t<Mk>, R>(x, m);
 }
@@ -171,15 +173,18 @@ auto make_masked(const X& tokens, const Mk& mask, const char* fn) {
 
 /// @brief Per-sequence masked sum: value_i = sum_t w[i,t] x[i,t] over w[i,t] != 0.
 /// @param tokens row-major [batch, tokens] Eigen::Tensor or TensorMap of float, double,
-/// Eigen::bfloat16 or Eigen::half. 16-bit tokens are summed as their exact float values, in
-/// double exactly as float tokens are; the values are float and the adjoint writes a gradient of
-/// the tokens' storage type.
-/// @param mask same shape; bool/uint8 (nonzero selects) or float/double (weights).
+/// Eigen::bfloat16 or Eigen::half, or a packed batch pl::packed(values, cu_seqlens) (row i =
+/// values[cu[i], cu[i+1]); see packed.hpp). 16-bit tokens are summed as their exact float values,
+/// in double exactly as float tokens are; the values are float and the adjoint writes a gradient
+/// of the tokens' storage type.
+/// @param mask same shape (packed: pl::packed with the same offsets); bool/uint8 (nonzero
+/// selects) or float/double (weights).
 /// The expression views both: they must outlive it and every result built from it. Passing a
 /// temporary Eigen::Tensor (which would die at the end of the statement) does not compile; a
 /// temporary TensorMap is fine, as it only points at storage that lives on (which is also why
 /// [[clang::lifetimebound]] is not used: it would warn about every such map).
-/// @throws shape_error if the shapes differ; layout_error for misaligned data; value_error for
+/// @throws shape_error if the shapes differ, for invalid or differing cu_seqlens, or when one
+/// argument is packed and the other is not; layout_error for misaligned data; value_error for
 /// a negative, NaN or infinite float mask weight.
 template <class X, class Mk>
 auto masked_sum(const X& tokens, const Mk& mask) {

@@ -39,13 +39,17 @@ struct GaeOptions {
 /// tokens both outputs are 0 (verl carries A_next there; it is never used) and the inputs there
 /// are never read into anything, so they may hold inf/NaN. Arithmetic in double.
 /// Outputs may alias the inputs (advantages_out = rewards, returns_out = values).
+/// A packed batch (every token argument pl::packed(values, cu_seqlens) with the same offsets)
+/// runs the same recursion along each packed row; its outputs are rank-1 [total_tokens] tensors
+/// or maps, or pl::packed(out, cu).
 /// @param rewards, values row-major [batch, tokens] float, double, Eigen::bfloat16 or Eigen::half:
 /// one type, or a mix of float, bf16 and half (read exactly; the recursion is in double either
 /// way); @param mask same shape
 /// @param advantages_out, returns_out [batch, tokens] of rewards' scalar type (or float when an
 /// input is bf16/half: recommended, a 16-bit advantage keeps 8 or 11 bits), fully overwritten; a
 /// 16-bit output holds the double result rounded to float, then once to nearest even
-/// @throws shape_error naming the argument; option_error for gamma or lam outside [0, 1];
+/// @throws shape_error naming the argument (also for invalid, differing or mixed packed
+/// layouts); option_error for gamma or lam outside [0, 1];
 /// with whiten_advantages, prefloss::error when the mask's weight sum is <= 1. Nothing is
 /// written on error.
 template <class R, class V, class MK, class A, class RT>
@@ -73,16 +77,16 @@ void gae(const R& rewards, const V& values, const MK& mask, const GaeOptions& op
   detail::require_same_shape(fn, "values", v, "rewards", r);
   detail::require_same_shape(fn, "mask", m, "rewards", r);
   detail::require_weights<typename Mix::type>(m, fn, "mask");
-  const auto adv = detail::matrix_out(std::forward<A>(advantages_out), r.rows, r.cols, fn, "advantages_out");
-  const auto ret = detail::matrix_out(std::forward<RT>(returns_out), r.rows, r.cols, fn, "returns_out");
+  const auto adv = detail::matrix_out(std::forward<A>(advantages_out), r.layout(), fn, "advantages_out");
+  const auto ret = detail::matrix_out(std::forward<RT>(returns_out), r.layout(), fn, "returns_out");
   detail::require_disjoint(fn, "advantages_out", advantages_out, "returns_out", returns_out);
   if (opt.whiten_advantages) {
     double w = 0;
-    for (Index k = 0; k < m.rows * m.cols; ++k)
+    for (Index k = 0; k < m.count(); ++k)
       if (m.data[k] != M(0)) w += static_cast<double>(m.data[k]);
     if (!(w > 1))
       throw error(std::string(fn) + ": whiten_advantages needs a mask weight sum > 1, argument 'mask' has " +
-                  detail::fmt(w) + " over shape " + detail::shape_str(m.rows, m.cols));
+                  detail::fmt(w) + " over shape " + detail::layout_str(m.layout()));
   }
 
   const double gl = opt.gamma * opt.lam;
@@ -93,7 +97,7 @@ void gae(const R& rewards, const V& values, const MK& mask, const GaeOptions& op
     S* ai = adv.row(i);
     S* gi = ret.row(i);
     double next_value = 0, next_adv = 0;
-    for (Index t = r.cols - 1; t >= 0; --t) {
+    for (Index t = r.len(i) - 1; t >= 0; --t) {
       if (mi[t] != M(0)) {
         const double vt = static_cast<double>(vi[t]);
         const double delta = static_cast<double>(ri[t]) + opt.gamma * next_value - vt;
@@ -107,10 +111,9 @@ void gae(const R& rewards, const V& values, const MK& mask, const GaeOptions& op
       }
     }
   }
-  if (opt.whiten_advantages) {
-    Eigen::TensorMap<Eigen::Tensor<S, 2, Eigen::RowMajor>> a(adv.data, adv.rows, adv.cols);
-    masked_whiten(a, mask, a);
-  }
+  if (opt.whiten_advantages)  // masked_whiten(advantages_out, mask, advantages_out), checked above
+    detail::whiten_flat(adv.data, m.data, m.count(), adv.data, WhitenOptions{}, "masked_whiten",
+                        detail::layout_str(m.layout()));
 }
 
 }  // namespace prefloss

@@ -131,7 +131,7 @@ void kl_rows(const Matrix<S>& lp, const Matrix<S>& ref, const Matrix<M>& mask, c
     store_u(o, xsimd::select(ml.sel, k.value, zero));
     if constexpr (Grad) store_u(g, xsimd::select(ml.sel, k.grad, zero));
   };
-  const Index n = lp.rows * lp.cols;  // rows are contiguous: stream the whole matrix
+  const Index n = lp.count();  // rows are contiguous (padded or packed): stream the whole array
   Index t = 0;
   for (; t + W <= n; t += W) step(lp.data + t, ref.data + t, mask.data + t, out + t, Grad ? grad + t : nullptr);
   if (t < n) {
@@ -154,7 +154,7 @@ template <KlEstimator K, bool Grad, class LT, class RT, class M, class OT, class
 void kl_rows_lowp(const Matrix<LT>& lp, const Matrix<RT>& ref, const Matrix<M>& mask, const KlParams<float>& p, OT* out,
                   GT* grad) noexcept {
   alignas(64) float xb[lowp_chunk], rb[lowp_chunk], ob[lowp_chunk], gb[Grad ? lowp_chunk : 1];
-  const Index n = lp.rows * lp.cols;
+  const Index n = lp.count();  // padded or packed, the rows are contiguous
   for (Index t = 0; t < n; t += lowp_chunk) {
     const Index len = n - t < lowp_chunk ? n - t : lowp_chunk;
     const Matrix<float> x{as_float(lp.data + t, len, xb), 1, len}, r{as_float(ref.data + t, len, rb), 1, len};
@@ -186,11 +186,11 @@ void kl_estimate_impl(const LP& logp, const RF& ref_logp, const MK& mask, const 
   require_same_shape(fn, "ref_logp", rf, "logp", lp);
   require_same_shape(fn, "mask", mk, "logp", lp);
   require_weights<S>(mk, fn, "mask");
-  const auto o = matrix_out(std::forward<O>(out), lp.rows, lp.cols, fn, "out");
+  const auto o = matrix_out(std::forward<O>(out), lp.layout(), fn, "out");
   LT* g = nullptr;
   if constexpr (!is_no_grad_v<G>) {
     static_assert(std::is_same_v<tensor_scalar_t<G>, LT>, "prefloss: grad_out must have logp's scalar type");
-    g = matrix_out(*grad, lp.rows, lp.cols, fn, "grad_out").data;
+    g = matrix_out(*grad, lp.layout(), fn, "grad_out").data;
     require_disjoint(fn, "out", out, "grad_out", *grad);
   }
   const auto p = kl_params<S>(opt);
@@ -216,13 +216,15 @@ void kl_estimate_impl(const LP& logp, const RF& ref_logp, const MK& mask, const 
 /// clamps unless turned off in KlOptions). out[i,t] = 0 where the mask is 0 (masked tokens may
 /// hold inf/NaN); a float mask only selects here (nonzero = valid), it does not weight.
 /// @param logp, ref_logp row-major [batch, tokens] tensors or maps of float, double,
-/// Eigen::bfloat16 or Eigen::half: one type, or a mix of float, bf16 and half computed in float
-/// @param mask same shape; bool, uint8_t, float or double
+/// Eigen::bfloat16 or Eigen::half: one type, or a mix of float, bf16 and half computed in float;
+/// or both pl::packed(values, cu_seqlens) with the same offsets
+/// @param mask same shape (packed: pl::packed, same offsets); bool, uint8_t, float or double
 /// @param out [batch, tokens] tensor or map of logp's scalar type, or float when an input is
 /// bf16/half; fully overwritten (a 16-bit out holds the float estimate rounded once to nearest
-/// even). grad_out, where given, has logp's scalar type.
-/// @throws shape_error naming the argument; option_error for an unknown estimator or a clamp
-/// <= 0. Nothing is written then.
+/// even). grad_out, where given, has logp's scalar type. Packed inputs: rank-1 [total_tokens]
+/// or pl::packed(out, cu).
+/// @throws shape_error naming the argument (also for invalid, differing or mixed packed
+/// layouts); option_error for an unknown estimator or a clamp <= 0. Nothing is written then.
 template <class LP, class RF, class MK, class O>
 void kl_estimate(const LP& logp, const RF& ref_logp, const MK& mask, const KlOptions& opt, O&& out) {
   detail::kl_estimate_impl(logp, ref_logp, mask, opt, std::forward<O>(out), &detail::no_grad);
