@@ -2,6 +2,7 @@
 // [batch, tokens] tokens, against the padded layout of the same rows (padding and masked-out
 // tokens hold NaN/inf), against the same row run as a [1, L] batch (the row kernels then see
 // the very same data: bit-identical), and against double references; int32 and int64 offsets;
+// bf16 tokens (masked sums, ppo_clip); the fused dpo form against its two-pass form;
 // every validation rule; empty batches and empty rows.
 #include <catch2/catch.hpp>
 #include <cmath>
@@ -13,7 +14,6 @@
 #include <string>
 #include <vector>
 
-#include "alloc_count.hpp"
 #include "throws.hpp"
 
 namespace pl = prefloss;
@@ -454,6 +454,180 @@ TEST_CASE("packed: kl_estimate, gae (with and without whitening) and masked_whit
   rl_case<double, float, std::int64_t>(32);
 }
 
+/// The bytes of a value, for bit comparisons of types without std::isnan (bf16).
+template <class S>
+std::uint32_t bits_of(S v) {
+  std::uint32_t b = 0;
+  static_assert(sizeof(S) <= sizeof(b), "bits_of: 16- and 32-bit types only");
+  std::memcpy(&b, &v, sizeof(S));
+  return b;
+}
+
+/// The exact value of a bf16 token, in double.
+double as_double(Eigen::bfloat16 v) { return static_cast<double>(static_cast<float>(v)); }
+
+TEST_CASE("packed: bf16 masked_sum / masked_mean and ppo_clip match the padded layout", "[packed][lowp]") {
+  using BF = Eigen::bfloat16;
+  // masked_sum / masked_mean over bf16 tokens: computed in float on the exact token values, so
+  // the float bounds of masked_reduction_case apply (the bf16 rounding happened at input).
+  {
+    auto c = make_case<BF, std::uint8_t, std::int32_t>(row_lengths(41), 1, 41, [](std::size_t, std::mt19937& r) {
+      return std::normal_distribution<double>(-1.0, 2.0)(r);
+    });
+    const auto px = pl::packed(c.flat[0], c.cu);
+    const auto pm = pl::packed(c.mflat, c.cu);
+    const auto ps = pl::masked_sum(px, pm), qs = pl::masked_sum(c.pad[0], c.mpad);
+    const auto pmn = pl::masked_mean(px, pm), qmn = pl::masked_mean(c.pad[0], c.mpad);
+    const Flat<float> vs = ps.eval(), ws = qs.eval(), vm = pmn.eval(), wm = qmn.eval();
+    for (Index i = 0; i < c.B; ++i) {
+      double ref = 0, abs_sum = 0, wsum = 0;
+      const Index n = c.len[static_cast<std::size_t>(i)];
+      for (Index t = 0; t < n; ++t)
+        if (c.mflat(c.begin(i) + t) != 0) {
+          const double x = as_double(c.flat[0](c.begin(i) + t));
+          ref += x;
+          abs_sum += std::fabs(x);
+          wsum += 1;
+        }
+      const double bound = 2.0 * eps_of<float>() * abs_sum + eps_of<float>() * std::fabs(ref);
+      CAPTURE(i, n);
+      CHECK(std::fabs(static_cast<double>(vs(i)) - ref) <= bound);
+      CHECK(std::fabs(static_cast<double>(vs(i)) - static_cast<double>(ws(i))) <= 2 * bound);
+      const double mref = wsum != 0 ? ref / wsum : 0.0;
+      CHECK(std::fabs(static_cast<double>(vm(i)) - mref) <=
+            (wsum != 0 ? 2 * bound / wsum : 0.0) + eps_of<float>() * std::fabs(mref));
+      CHECK(std::fabs(static_cast<double>(vm(i)) - static_cast<double>(wm(i))) <=
+            (wsum != 0 ? 4 * bound / wsum : 0.0) + 2 * eps_of<float>() * std::fabs(mref));
+      // The row as a [1, n] batch: the same kernel on the same data, bit for bit.
+      Eigen::TensorMap<const Tok<BF>> xr(c.flat[0].data() + c.begin(i), 1, n);
+      Eigen::TensorMap<const Tok<std::uint8_t>> mr(c.mflat.data() + c.begin(i), 1, n);
+      CHECK(bits_of(vs(i)) == bits_of(pl::masked_sum(xr, mr).eval()(0)));
+    }
+    // Adjoint of the sum with a byte mask: bf16(upstream) at selected tokens, 0 elsewhere (the
+    // float gradient is upstream itself, rounded once), in both layouts.
+    Flat<float> up(c.B);
+    for (Index i = 0; i < c.B; ++i) up(i) = 0.37f * static_cast<float>(i) - 2.1f;
+    Flat<BF> g(c.N);
+    Tok<BF> q(c.B, c.T);
+    ps.backward(up, pl::packed(g, c.cu));
+    qs.backward(up, q);
+    long diff = 0;
+    for (Index i = 0; i < c.B; ++i)
+      for (Index t = 0; t < c.len[static_cast<std::size_t>(i)]; ++t) {
+        const Index k = c.begin(i) + t;
+        const BF want = c.mflat(k) ? BF(up(i)) : BF(0.0f);
+        diff += bits_of(g(k)) != bits_of(want) || bits_of(q(i, t)) != bits_of(want);
+      }
+    CHECK(diff == 0);
+  }
+  // ppo_clip over bf16 log-probs and float advantages (a mixed call), byte mask: the row kernels
+  // see the same float tokens in the same chunks in both layouts (the padded row only adds
+  // masked-out lanes), so the loss, every row loss and the bf16 gradients are the same bits.
+  {
+    auto c = make_case<BF, std::uint8_t, std::int64_t>(row_lengths(42), 4, 42, ppo_gen);
+    Flat<float> adv(c.N);
+    Tok<float> adv_pad(c.B, c.T);
+    adv_pad.setConstant(std::numeric_limits<float>::quiet_NaN());
+    for (Index i = 0; i < c.B; ++i)
+      for (Index t = 0; t < c.len[static_cast<std::size_t>(i)]; ++t) {
+        const Index k = c.begin(i) + t;
+        adv(k) = static_cast<float>(c.flat[2](k)) * 1.5f;
+        adv_pad(i, t) = adv(k);
+      }
+    const auto P = [&](std::size_t j) { return pl::packed(c.flat[j], c.cu); };
+    const auto pm = pl::packed(c.mflat, c.cu);
+    for (const auto mode : {pl::Aggregation::token_mean, pl::Aggregation::seq_mean_token_mean}) {
+      pl::PpoOptions o;
+      o.aggregation = mode;
+      CAPTURE(static_cast<int>(mode));
+      const auto a = pl::ppo_clip(P(0), P(1), pl::packed(adv, c.cu), pm, o);
+      const auto b = pl::ppo_clip(c.pad[0], c.pad[1], adv_pad, c.mpad, o);
+      CHECK(bits_of(a.loss) == bits_of(b.loss));
+      for (Index i = 0; i < c.B; ++i) CHECK(bits_of(a.losses(i)) == bits_of(b.losses(i)));
+      CHECK(bits_of(a.metrics.clip_fraction) == bits_of(b.metrics.clip_fraction));
+      CHECK(bits_of(a.metrics.token_weight) == bits_of(b.metrics.token_weight));
+      Flat<BF> g(c.N), gf(c.N);
+      Tok<BF> q(c.B, c.T);
+      a.backward(g);
+      b.backward(q);
+      const auto af = pl::ppo_clip(P(0), P(1), pl::packed(adv, c.cu), pm, o, pl::packed(gf, c.cu));
+      CHECK(bits_of(af.loss) == bits_of(b.loss));
+      long diff = 0;
+      for (Index i = 0; i < c.B; ++i)
+        for (Index t = 0; t < c.len[static_cast<std::size_t>(i)]; ++t) {
+          const Index k = c.begin(i) + t;
+          diff += bits_of(g(k)) != bits_of(q(i, t)) || bits_of(gf(k)) != bits_of(q(i, t));
+        }
+      CHECK(diff == 0);
+      if (mode == pl::Aggregation::token_mean) {
+        // Independent reference in double on the exact token values (default clip 0.2, no dual
+        // clip): loss = sum_t l_t / W with l = max(-A r, -A clip(r, 0.8, 1.2)), r = exp(lp - old).
+        // The float kernel's r has <= (|lp - old| + 2) eps_f relative error (one rounding of the
+        // difference, a few ulps of exp); |lp - old| < 4 here, so <= 6 eps_f per term, plus one
+        // rounding of the product: 8 eps_f of sum |l| / W.
+        double sum = 0, abs_sum = 0, w = 0;
+        for (Index k = 0; k < c.N; ++k) {
+          if (c.mflat(k) == 0) continue;
+          const double r = std::exp(as_double(c.flat[0](k)) - as_double(c.flat[1](k)));
+          const double A = static_cast<double>(adv(k));
+          const double l = std::max(-A * r, -A * std::min(std::max(r, 0.8), 1.2));
+          sum += l;
+          abs_sum += std::fabs(l);
+          w += 1;
+        }
+        REQUIRE(w > 0);
+        CHECK(std::fabs(static_cast<double>(a.loss) - sum / w) <= 8 * eps_of<float>() * abs_sum / w);
+      }
+    }
+  }
+}
+
+TEST_CASE("packed: fused dpo gives the two-pass packed bits and the padded result", "[packed][fused]") {
+  const auto gen = [](std::size_t, std::mt19937& r) { return -std::uniform_real_distribution<double>(0.05, 3)(r); };
+  auto c = make_case<float, std::uint8_t, std::int32_t>(row_lengths(51), 1, 51, gen);
+  auto r = make_case<float, float, std::int64_t>(row_lengths(52), 1, 52, gen);  // own offsets, weights
+  Flat<float> rc(c.B), rr(c.B);
+  for (Index i = 0; i < c.B; ++i) {
+    rc(i) = -2.0f - 0.1f * static_cast<float>(i);
+    rr(i) = -2.5f + 0.05f * static_cast<float>(i);
+  }
+  pl::DpoOptions opt;
+  opt.beta = 0.1;
+  const auto pc = pl::masked_sum(pl::packed(c.flat[0], c.cu), pl::packed(c.mflat, c.cu));
+  const auto pr = pl::masked_mean(pl::packed(r.flat[0], r.cu), pl::packed(r.mflat, r.cu));
+  const auto two = pl::dpo(pc, pr, rc, rr, opt);
+  Flat<float> gc(c.N), gr(r.N);
+  two.backward(gc, gr);
+  // Fused into a rank-1 [total_tokens] tensor and into pl::packed(out, cu).
+  Flat<float> fc(c.N), fr(r.N);
+  fc.setConstant(7.f);
+  fr.setConstant(7.f);
+  const auto fused = pl::dpo(pc, pr, rc, rr, opt, fc, pl::packed(fr, r.cu));
+  CHECK(bits_of(fused.loss) == bits_of(two.loss));
+  for (Index i = 0; i < c.B; ++i) CHECK(bits_of(fused.losses(i)) == bits_of(two.losses(i)));
+  long diff = 0;
+  for (Index k = 0; k < c.N; ++k) diff += bits_of(fc(k)) != bits_of(gc(k));
+  for (Index k = 0; k < r.N; ++k) diff += bits_of(fr(k)) != bits_of(gr(k));
+  CHECK(diff == 0);
+  // Against the padded layout: the sequence values differ by masked_sum's summation-order
+  // bound (see masked_reduction_case), which the loss and the gradients inherit.
+  Tok<float> qc(c.B, c.T), qr(r.B, r.T);
+  const auto pad = pl::dpo(pl::masked_sum(c.pad[0], c.mpad), pl::masked_mean(r.pad[0], r.mpad), rc, rr, opt, qc, qr);
+  CHECK(std::fabs(fused.loss - pad.loss) <= 16 * eps_of<float>() * (std::fabs(pad.loss) + 1));
+  check_grad_close(c, fc, qc, 16 * eps_of<float>());
+  check_grad_close(r, fr, qr, 16 * eps_of<float>());
+  // The chosen gradient is the per-example upstream at every selected token (closed form of
+  // the masked sum's adjoint).
+  for (Index i = 0; i < c.B; ++i)
+    for (Index t = 0; t < c.len[static_cast<std::size_t>(i)]; ++t)
+      CHECK(same(fc(c.begin(i) + t), c.mflat(c.begin(i) + t) ? fused.grad_chosen_value()(i) : 0.0f));
+  // A padded gradient for packed expressions is refused before anything is written.
+  Tok<float> wrong(c.B, c.T);
+  fc.setConstant(7.f);
+  expect_throw<pl::shape_error>([&] { pl::dpo(pc, pr, rc, rr, opt, wrong, fr); }, "dpo", {"grad_chosen"});
+  CHECK(fc(0) == 7.f);
+}
+
 TEST_CASE("packed: empty batch (cu = {0}) and a batch of empty rows", "[packed]") {
   Flat<float> x(0), g(0);
   Flat<std::uint8_t> m(0);
@@ -580,36 +754,6 @@ TEST_CASE("packed: every validation rule throws, naming the function, the argume
   Eigen::TensorMap<const Flat<std::int32_t>> mis(reinterpret_cast<const std::int32_t*>(raw + 1), 3);
   expect_throw<pl::layout_error>([&] { pl::masked_sum(pl::packed(x, mis), pm); }, "masked_sum",
                                  {"argument 'tokens (cu_seqlens)'"});
-}
-
-/// Heap traffic of packed calls with caller-provided outputs over 8 rows of `per_row` tokens.
-alloc_count::Traffic packed_traffic(Index per_row) {
-  const Index B = 8, N = B * per_row;
-  Flat<float> lp(N), old(N), adv(N), g(N), out(N), ret(N);
-  lp.setConstant(-1.0f);
-  old.setConstant(-1.1f);
-  adv.setConstant(0.5f);
-  Flat<std::uint8_t> m(N);
-  m.setConstant(1);
-  Flat<std::int32_t> cu(B + 1);
-  for (Index i = 0; i <= B; ++i) cu(i) = static_cast<std::int32_t>(i * per_row);
-  Flat<float> up(B);
-  up.setConstant(1.0f);
-  const auto P = [&](Flat<float>& t) { return pl::packed(t, cu); };
-  return alloc_count::measure([&] {
-    const auto r = pl::ppo_clip(P(lp), P(old), P(adv), pl::packed(m, cu), pl::PpoOptions{}, g);
-    r.backward(g);
-    pl::masked_mean(P(lp), pl::packed(m, cu)).backward(up, P(g));
-    pl::kl_estimate(P(lp), P(old), pl::packed(m, cu), pl::KlOptions{}, out, g);
-    pl::gae(P(lp), P(old), pl::packed(m, cu), pl::GaeOptions{}, out, ret);
-  });
-}
-
-TEST_CASE("packed: no allocation proportional to tokens", "[packed][alloc]") {
-  const alloc_count::Traffic small = packed_traffic(64), large = packed_traffic(65536);
-  CHECK(small.calls == large.calls);
-  CHECK(small.bytes == large.bytes);
-  CHECK(small.calls > 0);  // the [batch] result vectors: the counter sees them
 }
 
 }  // namespace
