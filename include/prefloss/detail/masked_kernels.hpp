@@ -4,14 +4,12 @@
 /// Kahan compensation per lane (error ~2 eps * sum|x|, independent of the row length).
 #pragma once
 
-#include <bitset>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <type_traits>
-
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "../config.hpp"
 #include "../errors.hpp"
@@ -104,24 +102,16 @@ inline double total(const LaneSum<S>& x, const LaneSum<S>& y) noexcept {
 }
 
 /// NeedValue = false skips x entirely (it may be null): the weight-only pass of a mean's adjoint.
-/// Number of nonzero bytes in m[0, n): a byte mask's row weight, exact, 64 bytes a step on
-/// AVX-512BW, 32 on AVX2.
+/// Number of nonzero bytes in m[0, n): a byte mask's row weight, exact, a block of
+/// nonzero_block<arch> bytes a step (64 on AVX-512BW, 32 on AVX2).
 template <class M>
 inline Index count_selected(const M* m, Index n) noexcept {
   static_assert(sizeof(M) == 1, "byte masks only");
   Index t = 0, count = 0;
-#if defined(__AVX512BW__)
-  for (; t + 64 <= n; t += 64) {
-    const __m512i v = _mm512_loadu_si512(m + t);
-    count += static_cast<Index>(std::bitset<64>(_mm512_test_epi8_mask(v, v)).count());
+  if constexpr (nonzero_block<arch> != 0) {
+    constexpr auto block = static_cast<Index>(nonzero_block<arch>);
+    for (; t + block <= n; t += block) count += static_cast<Index>(count_nonzero_block<arch>(m + t));
   }
-#elif defined(__AVX2__)
-  for (; t + 32 <= n; t += 32) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + t));
-    const auto zero = static_cast<std::uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_setzero_si256())));
-    count += 32 - static_cast<Index>(std::bitset<32>(zero).count());
-  }
-#endif
   for (; t < n; ++t) count += m[t] != 0;
   return count;
 }
@@ -173,7 +163,7 @@ inline RowSums row_sums(const S* x, const M* m, Index n) noexcept {
 /// Largest weight a float mask may hold with S tokens: finite in both types.
 template <class S, class M>
 inline constexpr M max_weight = static_cast<M>(sizeof(S) < sizeof(M) ? std::numeric_limits<S>::max()
-                                                                       : std::numeric_limits<M>::max());
+                                                                     : std::numeric_limits<M>::max());
 
 /// Index of the first entry of m[0, n) that is not a weight in [0, max_weight<S, M>] (NaN,
 /// negative, infinite, or infinite once converted to S), n if there is none. One branch-free

@@ -1,12 +1,16 @@
 /// @file detail/simd.hpp
-/// The one place that knows xsimd's version-specific API (8.1 here): the architecture in use,
-/// horizontal sums, mask loading and an exp without xsimd's early flush to zero. Moving to a
-/// newer xsimd should be a change to this file only.
+/// The one place that knows xsimd's version-specific API (8.1 here) and raw intrinsics: the
+/// architecture in use, horizontal sums, mask loading, streaming stores, exact fused
+/// multiply-adds, masked and widening adds, byte counts and the pieces of the exp and softplus
+/// kernels (detail/exp_log.hpp, detail/softplus_kernel.hpp). Moving to a newer xsimd should be
+/// a change to this file only. Every intrinsic branch is taken only when the selected
+/// architecture (detail::arch, PREFLOSS_SIMD_ARCH) has it, not merely the compiler flags.
 ///
 /// xsimd 8.1 quirks callers must know: on AVX-512 unary minus is 0 - x (a zero keeps its +
 /// sign; SSE/AVX flip it), and batch != batch is false for NaN (use isnan).
 #pragma once
 
+#include <bitset>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -159,7 +163,7 @@ inline xsimd::batch_bool<T, A> load_byte_mask(const M* m) noexcept {
   } else
 #endif
 #if defined(__AVX2__)
-  if constexpr (std::is_base_of_v<xsimd::avx2, A>) {
+      if constexpr (std::is_base_of_v<xsimd::avx2, A>) {
     __m256i w;
     if constexpr (n == 8) {
       w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
@@ -234,203 +238,264 @@ inline xsimd::batch<T, A> fma_exact(const xsimd::batch<T, A>& x, const xsimd::ba
   }
 }
 
-/// 1/n! for n = 2 .. 8 (float) / 2 .. 14 (double): exp(r) - 1 - r = r^2 q(r) on |r| <= log(2)/2,
-/// truncated where the remainder is below 0.01 ULP.
-template <class T>
-inline constexpr T exp_taylor[sizeof(T) == 4 ? 7 : 13] = {};
-template <>
-inline constexpr float exp_taylor<float>[7] = {1.f / 2,   1.f / 6,    1.f / 24,   1.f / 120,
-                                               1.f / 720, 1.f / 5040, 1.f / 40320};
-template <>
-inline constexpr double exp_taylor<double>[13] = {
-    1. / 2,      1. / 6,       1. / 24,       1. / 120,       1. / 720,        1. / 5040,       1. / 40320,
-    1. / 362880, 1. / 3628800, 1. / 39916800, 1. / 479001600, 1. / 6227020800, 1. / 87178291200};
-
-/// log(2) = ln2_hi + ln2_lo, ln2_hi with few enough bits that k * ln2_hi is exact for every k an
-/// exp reduction meets: float 15 significant bits (|k| <= 150 needs 8), double 32 (|k| <= 1076).
-template <class T>
-inline constexpr T ln2_hi = sizeof(T) == 4 ? T(0.693145751953125) : T(6.93147180369123816490e-01);
-template <class T>
-inline constexpr T ln2_lo = sizeof(T) == 4 ? T(1.428606765330187045e-06) : T(1.90821492927058770002e-10);
-
-/// q(r) with exp(r) = 1 + r + r^2 q(r), for |r| <= log(2)/2 (Horner over exp_taylor).
+/// x * y - z rounded once, on architectures with has_fma<A>.
 template <class T, class A>
-inline xsimd::batch<T, A> exp_q(const xsimd::batch<T, A>& r) noexcept {
-  using B = xsimd::batch<T, A>;
-  constexpr auto& c = exp_taylor<T>;
-  constexpr std::size_t nc = sizeof(c) / sizeof(c[0]);
-  B q = B(c[nc - 1]);
-  for (std::size_t i = nc - 1; i-- > 0;) q = xsimd::fma(q, r, B(c[i]));
-  return q;
-}
-
-#if defined(__AVX512F__)
-/// Round to nearest integer (ties to even) on AVX-512, no exceptions.
-template <class T, class A>
-inline xsimd::batch<T, A> exp_round(const xsimd::batch<T, A>& x) noexcept {
-  if constexpr (sizeof(T) == 4) {
-    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  } else {
-    return _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  }
-}
-
-/// m * 2^k for integral k, rounded once (vscalefps/pd).
-template <class T, class A>
-inline xsimd::batch<T, A> exp_scale(const xsimd::batch<T, A>& m, const xsimd::batch<T, A>& k) noexcept {
-  if constexpr (sizeof(T) == 4) {
-    return _mm512_scalef_ps(m, k);
-  } else {
-    return _mm512_scalef_pd(m, k);
-  }
-}
-#endif
-
-/// An unevaluated sum hi + lo, |lo| <= ULP(hi) / 2 (lo may be 0).
-template <class B>
-struct HiLo {
-  B hi, lo;
-};
-
-/// exp(x) for a batch as hi + lo: hi is exp(x) to <= 0.77 ULP (the last rounding included) and
-/// hi + lo is exp(x) to about 0.25 ULP of hi, for callers such as sigmoid whose own formula
-/// would double hi's rounding error. lo is 0 where hi is subnormal.
-///
-/// Not xsimd::exp, which in 8.1 (a) returns 0 below log(FLT_MIN) (-88.4f / -708.4) although
-/// exp(x) is a positive subnormal down to about -103.9f / -745.1 (logsigmoid's tail -exp(-x)
-/// must not vanish early), (b) in float already gives 0 from -87.68f on (its ldexp builds 2^k
-/// from exponent bits, so 2^-127 is 0), and (c) is off by up to 1.52 ULP in float (0.88 in
-/// double), which the functions built on it turn into more than 2 ULP.
-///
-/// x = k log(2) + r with |r| <= log(2)/2 and log(2) split so that k * hi is exact and r_hi =
-/// x - k * hi is exact (Sterbenz); exp(r) = 1 + r_hi + (r_lo + r^2 q(r)) with 1 + r_hi kept
-/// as an exact sum, and the last add split exactly into hi + lo (Fast2Sum). The scaling by 2^k
-/// goes in two halves, each 2^(k/2) normal: the first product is exact, the second rounds once,
-/// also into the subnormal range. Inputs are clamped to where exp underflows to 0 / overflows
-/// to inf (which keeps k in range); NaN is passed through.
-template <class T, class A>
-inline HiLo<xsimd::batch<T, A>> exp_hilo(const xsimd::batch<T, A>& x) noexcept {
-  using B = xsimd::batch<T, A>;
-  constexpr bool is_f = sizeof(T) == 4;
-  constexpr T lo = is_f ? T(-104) : T(-746), hi = is_f ? T(89) : T(710);
-  constexpr T inv_ln2 = T(1.44269504088896340735992468100189214);
-
-  const B xc = xsimd::min(xsimd::max(x, B(lo)), B(hi));
+inline xsimd::batch<T, A> fms_exact(const xsimd::batch<T, A>& x, const xsimd::batch<T, A>& y,
+                                    const xsimd::batch<T, A>& z) noexcept {
+  static_assert(has_fma<A>, "fms_exact needs a fused multiply-add");
 #if defined(__AVX512F__)
   if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
-    // AVX-512: the same reduction and polynomial, branch-free; vscalefps/pd multiplies by 2^k
-    // with one rounding, gradual underflow and overflow included (k is integral and in range).
-    const B k = exp_round(xc * B(inv_ln2));
-    const B r_hi = fnma_exact(k, B(ln2_hi<T>), xc);  // exact
-    const B r_lo = -(k * B(ln2_lo<T>));
-    const B r = r_hi + r_lo;
-    const B h = B(T(1)) + r_hi;
-    const B l = (B(T(1)) - h) + r_hi;
-    constexpr auto& c = exp_taylor<T>;
-    constexpr std::size_t nc = sizeof(c) / sizeof(c[0]);
-    B q = B(c[nc - 1]);
-    for (std::size_t i = nc - 1; i-- > 0;) q = fma_exact(q, r, B(c[i]));
-    const B t = l + fma_exact(r * r, q, r_lo);
-    const B m = h + t;
-    const B m_lo = (h - m) + t;
-    const B e = exp_scale(m, k);
-    const B e_lo = xsimd::select(e < B(std::numeric_limits<T>::min()), B(T(0)), exp_scale(m_lo, k));
-    return {xsimd::select(xsimd::isnan(x), x, e), e_lo};
-  }
-#endif
-  const B k = xsimd::nearbyint(xc * B(inv_ln2));
-  const B r_hi = xsimd::fnma(k, B(ln2_hi<T>), xc);  // exact
-  const B r_lo = -(k * B(ln2_lo<T>));
-  const B r = r_hi + r_lo;
-  const B h = B(T(1)) + r_hi;
-  const B l = (B(T(1)) - h) + r_hi;  // 1 + r_hi = h + l exactly (|r_hi| < 1)
-  const B t = l + xsimd::fma(r * r, exp_q(r), r_lo);
-  const B m = h + t;
-  const B m_lo = (h - m) + t;  // |h| > |t|
-  B e, e_lo;
-  if (xsimd::all(k >= B(T(std::numeric_limits<T>::min_exponent - 1)))) {  // 2^k normal: exact scaling
-    const auto i = xsimd::to_int(k);
-    e = xsimd::ldexp(m, i);
-    e_lo = xsimd::ldexp(m_lo, i);
-  } else {
-    const B k1 = xsimd::floor(k * B(T(0.5)));
-    const auto i1 = xsimd::to_int(k1), i2 = xsimd::to_int(k - k1);
-    e = xsimd::ldexp(xsimd::ldexp(m, i1), i2);
-    // Where e is subnormal its own rounding dominates and a rounded e_lo would only add error.
-    e_lo = xsimd::select(e < B(std::numeric_limits<T>::min()), B(T(0)), xsimd::ldexp(xsimd::ldexp(m_lo, i1), i2));
-  }
-  // (xsimd 8.1: x != x is false for NaN on AVX-512; isnan is right everywhere)
-  return {xsimd::select(xsimd::isnan(x), x, e), e_lo};
-}
-
-/// exp(x) for a batch, down to the true underflow: exp_hilo(x).hi (<= 0.77 ULP), except on
-/// AVX-512, where callers that need no low part get a shorter kernel (<= 1.01 ULP measured):
-/// Cody-Waite reduction x = k ln2 + r rounded once, exp(r) = 1 + r + r^2 P(r) with Cephes'
-/// expf minimax polynomial (float) or Taylor to degree 13 (double, truncation < 0.02 ULP), and
-/// the same one-rounding vscalefps/pd scaling as exp_hilo, which handles overflow (+inf exactly
-/// where std::exp overflows) and gradual underflow. NaN in -> NaN out, exp(-inf) = 0.
-template <class T, class A>
-inline xsimd::batch<T, A> exp(const xsimd::batch<T, A>& x) noexcept {
-#if defined(__AVX512F__)
-  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
-    using B = xsimd::batch<T, A>;
-    // Clamp first (exp is 0 / inf beyond); AVX-512 max(lo, x) / min(hi, .) return x itself
-    // when it is NaN, and scalef carries the NaN.
     if constexpr (sizeof(T) == 4) {
-      const B xc = _mm512_min_ps(_mm512_set1_ps(128.f), _mm512_max_ps(_mm512_set1_ps(-150.f), x));
-      const B k = exp_round(xc * B(1.44269504088896341f));
-      B r = fnma_exact(k, B(0.693359375f), xc);
-      r = fnma_exact(k, B(-2.12194440e-4f), r);
-      B p = B(1.9875691500e-4f);
-      p = fma_exact(p, r, B(1.3981999507e-3f));
-      p = fma_exact(p, r, B(8.3334519073e-3f));
-      p = fma_exact(p, r, B(4.1665795894e-2f));
-      p = fma_exact(p, r, B(1.6666665459e-1f));
-      p = fma_exact(p, r, B(5.0000001201e-1f));
-      return exp_scale(fma_exact(p, r * r, r) + B(1.f), k);
+      return _mm512_fmsub_ps(x, y, z);
     } else {
-      const B xc = _mm512_min_pd(_mm512_set1_pd(710.0), _mm512_max_pd(_mm512_set1_pd(-746.0), x));
-      const B k = exp_round(xc * B(1.4426950408889634074));
-      // ln2 = hi + lo with hi's 21 trailing zero bits: k * hi is exact for |k| < 2^21.
-      B r = fnma_exact(k, B(ln2_hi<double>), xc);
-      r = fnma_exact(k, B(ln2_lo<double>), r);
-      constexpr auto& c = exp_taylor<double>;  // 1/2! .. 1/14!; use up to 1/13!
-      B p = B(c[11]);
-      for (std::size_t i = 11; i-- > 0;) p = fma_exact(p, r, B(c[i]));
-      return exp_scale(fma_exact(p, r * r, r) + B(1.0), k);
+      return _mm512_fmsub_pd(x, y, z);
     }
   } else
 #endif
   {
-    return exp_hilo(x).hi;
+    return xsimd::fms(x, y, z);
   }
 }
 
-/// log1p(e.hi + e.lo) for 0 <= e <= 1: log1p(e.hi) + e.lo / (1 + e.hi) (the second-order
-/// term is below 2^-40 ULP), with 1 / (1 + e) replaced by 1 - 0.9 e + 0.4 e^2, within 4% on
-/// [0, 1]: e.lo is at most half an ULP of e, so that costs < 0.02 ULP and saves a division.
-template <class T, class A>
-inline xsimd::batch<T, A> log1p_hilo(const HiLo<xsimd::batch<T, A>>& e) noexcept {
-  using B = xsimd::batch<T, A>;
-  const B inv = xsimd::fma(e.hi, xsimd::fma(e.hi, B(T(0.4)), B(T(-0.9))), B(T(1)));
-  return xsimd::fma(e.lo, inv, xsimd::log1p(e.hi));
-}
+// ---- instruction-set levels ------------------------------------------------------------------
+// A kernel compiles for detail::arch, which PREFLOSS_SIMD_ARCH may set below what the flags
+// allow (xsimd::sse2 under -march=native). The macro only says the intrinsics exist; each branch
+// below is taken only when A is that level too, and callers outside this file ask these traits
+// instead of testing macros.
 
-/// log(x) for a batch. xsimd 8.1's double log reads the exponent of a subnormal input before
-/// rescaling it, so it is off by a multiple of log(2) there; rescale such lanes by 2^54 first
-/// and take 54 log(2) back off in two exact-then-rounded steps. float's log is unaffected.
+/// A is AVX-512F (and the compiler has its intrinsics).
+template <class A>
+inline constexpr bool is_avx512f =
+#if defined(__AVX512F__)
+    std::is_base_of_v<xsimd::avx512f, A>;
+#else
+    false;
+#endif
+
+/// A is AVX-512DQ (vrangeps / vrangepd).
+template <class A>
+inline constexpr bool is_avx512dq =
+#if defined(__AVX512DQ__)
+    std::is_base_of_v<xsimd::avx512dq, A>;
+#else
+    false;
+#endif
+
+/// A is AVX-512BW (byte compares into mask registers).
+template <class A>
+inline constexpr bool is_avx512bw =
+#if defined(__AVX512BW__)
+    std::is_base_of_v<xsimd::avx512bw, A>;
+#else
+    false;
+#endif
+
+/// A is AVX2 (or AVX2 + FMA3); xsimd's AVX-512 types do not derive from it.
+template <class A>
+inline constexpr bool is_avx2 =
+#if defined(__AVX2__)
+    std::is_base_of_v<xsimd::avx2, A>;
+#else
+    false;
+#endif
+
+template <class A>
+inline constexpr bool dependent_false = false;
+
+// ---- masked accumulation ---------------------------------------------------------------------
+
+/// acc + (sel ? v : 0): one masked add on AVX-512, select + add elsewhere (the same bits).
 template <class T, class A>
-inline xsimd::batch<T, A> log(const xsimd::batch<T, A>& x) noexcept {
-  using B = xsimd::batch<T, A>;
-  if constexpr (sizeof(T) == 8) {
-    const auto sub = (x < B(T(2.2250738585072014e-308))) && (x > B(T(0)));
-    if (xsimd::any(sub)) {
-      const B r = xsimd::log(xsimd::select(sub, x * B(T(18014398509481984.0)), x));  // 2^54
-      // 54 * ln2_hi has 38 significant bits and r is in [-708, -671], so r - 54 ln2_hi is exact.
-      return xsimd::select(sub, (r - B(T(54) * ln2_hi<T>)) - B(T(54) * ln2_lo<T>), r);
+inline xsimd::batch<T, A> add_selected(const xsimd::batch<T, A>& acc, const xsimd::batch_bool<T, A>& sel,
+                                       const xsimd::batch<T, A>& v) noexcept {
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
+    if constexpr (std::is_same_v<T, float>) {
+      return _mm512_mask_add_ps(acc, sel, acc, v);
+    } else {
+      return _mm512_mask_add_pd(acc, sel, acc, v);
     }
+  } else
+#endif
+  {
+    return acc + xsimd::select(sel, v, xsimd::batch<T, A>(T(0)));
   }
-  return xsimd::log(x);
+}
+
+/// acc[0, lanes) += v lane by lane, widened to double (acc: 64-byte aligned, batch<float, A>::size
+/// doubles). Exact conversions, one double rounding per lane.
+template <class A>
+inline void widen_add(double* acc, const xsimd::batch<float, A>& v) noexcept {
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
+    const __m512 x = v;
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    _mm512_store_pd(acc, _mm512_add_pd(_mm512_load_pd(acc), lo));
+    _mm512_store_pd(acc + 8, _mm512_add_pd(_mm512_load_pd(acc + 8), hi));
+    return;
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (std::is_base_of_v<xsimd::avx, A>) {
+    const __m256 x = v;
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+    _mm256_store_pd(acc, _mm256_add_pd(_mm256_load_pd(acc), lo));
+    _mm256_store_pd(acc + 4, _mm256_add_pd(_mm256_load_pd(acc + 4), hi));
+    return;
+  }
+#endif
+#if defined(__SSE2__)
+  if constexpr (std::is_base_of_v<xsimd::sse2, A>) {
+    const __m128 x = v;
+    _mm_store_pd(acc, _mm_add_pd(_mm_load_pd(acc), _mm_cvtps_pd(x)));
+    _mm_store_pd(acc + 2, _mm_add_pd(_mm_load_pd(acc + 2), _mm_cvtps_pd(_mm_movehl_ps(x, x))));
+    return;
+  }
+#endif
+  alignas(64) float a[xsimd::batch<float, A>::size];
+  v.store_aligned(a);
+  for (std::size_t k = 0; k < xsimd::batch<float, A>::size; ++k) acc[k] += static_cast<double>(a[k]);
+}
+
+/// Bytes count_nonzero_block<A> reads at a time: 64 on AVX-512BW, 32 on AVX2, 0 where there is
+/// no such kernel (the caller counts byte by byte).
+template <class A>
+inline constexpr std::size_t nonzero_block = is_avx512bw<A> ? 64 : (is_avx2<A> ? 32 : 0);
+
+/// Number of nonzero bytes among the nonzero_block<A> bytes at p (any alignment).
+template <class A>
+inline std::size_t count_nonzero_block(const void* p) noexcept {
+#if defined(__AVX512BW__)
+  if constexpr (std::is_base_of_v<xsimd::avx512bw, A>) {
+    const __m512i v = _mm512_loadu_si512(p);
+    return std::bitset<64>(_mm512_test_epi8_mask(v, v)).count();
+  } else
+#endif
+#if defined(__AVX2__)
+      if constexpr (std::is_base_of_v<xsimd::avx2, A>) {
+    const __m256i v = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+    const auto zero = static_cast<std::uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_setzero_si256())));
+    return 32 - std::bitset<32>(zero).count();
+  } else
+#endif
+  {
+    static_assert(dependent_false<A>, "no block count on this architecture (nonzero_block<A> is 0)");
+    return 0;
+  }
+}
+
+// ---- pieces of the exp / softplus kernels ----------------------------------------------------
+
+/// Whether scale_pow2 / round_even exist on A: AVX-512's vscalefps/pd multiplies by 2^k with one
+/// rounding over the whole range (gradual underflow and overflow included).
+template <class A>
+inline constexpr bool has_scalef = is_avx512f<A>;
+
+/// x rounded to the nearest integer, ties to even, no exceptions (vrndscaleps/pd); has_scalef<A>.
+template <class T, class A>
+inline xsimd::batch<T, A> round_even(const xsimd::batch<T, A>& x) noexcept {
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
+    if constexpr (sizeof(T) == 4) {
+      return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      return _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+  } else
+#endif
+  {
+    static_assert(dependent_false<A>, "round_even needs has_scalef<A>");
+    return x;
+  }
+}
+
+/// m * 2^k for integral k, rounded once (vscalefps/pd); has_scalef<A>.
+template <class T, class A>
+inline xsimd::batch<T, A> scale_pow2(const xsimd::batch<T, A>& m, const xsimd::batch<T, A>& k) noexcept {
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
+    if constexpr (sizeof(T) == 4) {
+      return _mm512_scalef_ps(m, k);
+    } else {
+      return _mm512_scalef_pd(m, k);
+    }
+  } else
+#endif
+  {
+    static_assert(dependent_false<A>, "scale_pow2 needs has_scalef<A>");
+    return m;
+  }
+}
+
+/// min(a, b) by x86's rule: b when either is NaN (vminps), so min(c, x) passes a NaN x through.
+template <class T, class A>
+inline xsimd::batch<T, A> min_nan_second(const xsimd::batch<T, A>& a, const xsimd::batch<T, A>& b) noexcept {
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
+    if constexpr (sizeof(T) == 4) {
+      return _mm512_min_ps(a, b);
+    } else {
+      return _mm512_min_pd(a, b);
+    }
+  } else
+#endif
+  {
+    return xsimd::select(xsimd::isnan(a) || xsimd::isnan(b), b, xsimd::min(a, b));
+  }
+}
+
+/// max(a, b) by x86's rule: b when either is NaN (vmaxps).
+template <class T, class A>
+inline xsimd::batch<T, A> max_nan_second(const xsimd::batch<T, A>& a, const xsimd::batch<T, A>& b) noexcept {
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
+    if constexpr (sizeof(T) == 4) {
+      return _mm512_max_ps(a, b);
+    } else {
+      return _mm512_max_pd(a, b);
+    }
+  } else
+#endif
+  {
+    return xsimd::select(xsimd::isnan(a) || xsimd::isnan(b), b, xsimd::max(a, b));
+  }
+}
+
+/// Whether min_abs and lookup32 exist on A (float): AVX-512DQ's vrangeps and AVX-512F's
+/// two-register permute.
+template <class A>
+inline constexpr bool has_range_lookup = is_avx512dq<A>;
+
+/// min(|x|, c) with the sign cleared, for c > 0, in one vrangeps; a quiet NaN x gives c (the
+/// caller brings NaN back some other way). has_range_lookup<A>.
+template <class A>
+inline xsimd::batch<float, A> min_abs(const xsimd::batch<float, A>& x, float c) noexcept {
+#if defined(__AVX512DQ__)
+  if constexpr (std::is_base_of_v<xsimd::avx512dq, A>) {
+    return _mm512_range_ps(x, _mm512_set1_ps(c), 0x0A);  // imm: min of magnitudes, sign 0
+  } else
+#endif
+  {
+    static_assert(dependent_false<A>, "min_abs needs has_range_lookup<A>");
+    return x;
+  }
+}
+
+/// table[i] lane-wise for a 64-byte aligned table of 32 floats, i the low 5 bits of each lane's
+/// bit pattern in idx (one two-register permute). has_range_lookup<A>.
+template <class A>
+inline xsimd::batch<float, A> lookup32(const float* table, const xsimd::batch<float, A>& idx) noexcept {
+#if defined(__AVX512F__)
+  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
+    return _mm512_permutex2var_ps(_mm512_load_ps(table), _mm512_castps_si512(idx), _mm512_load_ps(table + 16));
+  } else
+#endif
+  {
+    static_assert(dependent_false<A>, "lookup32 needs has_range_lookup<A>");
+    return idx;
+  }
 }
 
 }  // namespace prefloss::detail

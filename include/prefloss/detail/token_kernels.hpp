@@ -22,12 +22,12 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
-#include <vector>
-
 #include <unsupported/Eigen/CXX11/Tensor>
+#include <vector>
 
 #include "../config.hpp"
 #include "../reduce/aggregation.hpp"
+#include "exp_log.hpp"
 #include "masked_kernels.hpp"
 #include "simd.hpp"
 #include "tensor.hpp"
@@ -66,78 +66,6 @@ struct TokenOut {
   batch<S> loss, grad, max;
   std::array<batch<S>, NS> sums;
 };
-
-/// acc + (sel ? v : 0): one masked add on AVX-512, select + add elsewhere.
-template <class T, class A>
-inline xsimd::batch<T, A> add_selected(const xsimd::batch<T, A>& acc, const xsimd::batch_bool<T, A>& sel,
-                                       const xsimd::batch<T, A>& v) noexcept {
-#if defined(__AVX512F__)
-  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
-    if constexpr (std::is_same_v<T, float>) {
-      return _mm512_mask_add_ps(acc, sel, acc, v);
-    } else {
-      return _mm512_mask_add_pd(acc, sel, acc, v);
-    }
-  }
-#endif
-  return acc + xsimd::select(sel, v, xsimd::batch<T, A>(T(0)));
-}
-
-/// @brief exp(x) for ratios and KL terms: <= 2 ulp over the whole range, subnormal results
-/// exact (no early flush), overflow to +inf exactly where std::exp overflows, exp(-inf) = 0,
-/// NaN in -> NaN out.
-///
-/// The library's one exp, detail::exp (on AVX-512 branch-free, scaling by 2^k with one
-/// vscalefps/pd, which handles overflow and gradual underflow exactly; <= 0.77 ulp). Elsewhere
-/// its xsimd ldexp overflows early (above 88.376f / 709.437 instead of 88.723f / 709.783):
-/// those lanes are evaluated as exp(x - 2) e^2 (<= 2 ulp).
-template <class T, class A>
-inline xsimd::batch<T, A> exp_ratio(const xsimd::batch<T, A>& x) noexcept {
-  using B = xsimd::batch<T, A>;
-  const B r = detail::exp(x);
-#if defined(__AVX512F__)
-  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) return r;
-#endif
-  const auto high = x > B(sizeof(T) == 4 ? T(88) : T(709));
-  if (xsimd::none(high)) return r;
-  return xsimd::select(high, detail::exp(x - B(T(2))) * B(T(7.389056098930650227230427)), r);
-}
-
-/// acc[0..lanes) += v, widened to double (acc: 64-byte aligned, lanes<float> doubles).
-template <class A>
-inline void widen_add(double* acc, const xsimd::batch<float, A>& v) noexcept {
-#if defined(__AVX512F__)
-  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
-    const __m512 x = v;
-    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
-    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
-    _mm512_store_pd(acc, _mm512_add_pd(_mm512_load_pd(acc), lo));
-    _mm512_store_pd(acc + 8, _mm512_add_pd(_mm512_load_pd(acc + 8), hi));
-    return;
-  }
-#endif
-#if defined(__AVX__)
-  if constexpr (std::is_base_of_v<xsimd::avx, A>) {
-    const __m256 x = v;
-    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
-    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
-    _mm256_store_pd(acc, _mm256_add_pd(_mm256_load_pd(acc), lo));
-    _mm256_store_pd(acc + 4, _mm256_add_pd(_mm256_load_pd(acc + 4), hi));
-    return;
-  }
-#endif
-#if defined(__SSE2__)
-  if constexpr (std::is_base_of_v<xsimd::sse2, A>) {
-    const __m128 x = v;
-    _mm_store_pd(acc, _mm_add_pd(_mm_load_pd(acc), _mm_cvtps_pd(x)));
-    _mm_store_pd(acc + 2, _mm_add_pd(_mm_load_pd(acc + 2), _mm_cvtps_pd(_mm_movehl_ps(x, x))));
-    return;
-  }
-#endif
-  alignas(64) float a[xsimd::batch<float, A>::size];
-  v.store_aligned(a);
-  for (std::size_t k = 0; k < xsimd::batch<float, A>::size; ++k) acc[k] += static_cast<double>(a[k]);
-}
 
 /// Software prefetch `bytes` ahead of p (integer arithmetic: the address may lie past the end
 /// of the array; prefetches never fault). The hardware prefetcher alone keeps up with one or two

@@ -9,6 +9,7 @@
 
 #include "../config.hpp"
 #include "../detail/elementwise.hpp"
+#include "../detail/exp_log.hpp"
 #include "../detail/simd.hpp"
 
 namespace prefloss {

@@ -8,6 +8,7 @@
 
 #include "../config.hpp"
 #include "../detail/elementwise.hpp"
+#include "../detail/exp_log.hpp"
 #include "../detail/simd.hpp"
 #include "../detail/softplus_kernel.hpp"
 
@@ -50,7 +51,8 @@ inline ValueGrad<T> log_sigmoid_and_grad(T x) noexcept {
   const double xd = x;
   const double e = std::exp(-std::fabs(xd));
   const double r = 1.0 / (1.0 + e);
-  return {static_cast<T>(std::fmin(xd, 0.0) - std::log1p(e)), static_cast<T>(xd >= 0 ? e * r : (std::isnan(xd) ? xd : r))};
+  return {static_cast<T>(std::fmin(xd, 0.0) - std::log1p(e)),
+          static_cast<T>(xd >= 0 ? e * r : (std::isnan(xd) ? xd : r))};
 }
 
 }  // namespace prefloss

@@ -8,6 +8,7 @@
 
 #include "../config.hpp"
 #include "../detail/elementwise.hpp"
+#include "../detail/exp_log.hpp"
 #include "../detail/simd.hpp"
 
 namespace prefloss {
