@@ -8,18 +8,17 @@
 #include <type_traits>
 
 #include "../math/value_grad.hpp"
+#include "row_loop.hpp"
 #include "simd.hpp"
 
 namespace prefloss::detail {
 
-/// y[0, n) = f(x[0, n)) for n < lanes<T>, through one padded batch.
+/// y[0, n) = f(x[0, n)) through padded batches (row_loop.hpp).
 template <class T, class F>
 inline void apply_partial(const T* x, T* y, std::size_t n, F& f) noexcept {
-  constexpr std::size_t w = lanes<T>;
-  alignas(64) T buf[w] = {};
-  for (std::size_t k = 0; k < n; ++k) buf[k] = x[k];
-  store_u(buf, f(load_u<T, arch>(buf)));
-  for (std::size_t k = 0; k < n; ++k) y[k] = buf[k];
+  const T* src[1] = {x};
+  padded_batches<1>(src, static_cast<const unsigned char*>(nullptr), y, 0, n,
+                    [&f](const T* const* xp, const unsigned char*, T* op) { store_u(op, f(load_u<T, arch>(xp[0]))); });
 }
 
 template <class T, class F>

@@ -14,6 +14,7 @@
 #include "../config.hpp"
 #include "../errors.hpp"
 #include "checks.hpp"
+#include "row_loop.hpp"
 #include "simd.hpp"
 #include "tensor.hpp"
 
@@ -206,23 +207,33 @@ void require_weights(const Matrix<M>& m, const char* fn, const char* name) {
 /// streaming stores (the caller fences).
 template <bool Stream, class S, class M>
 inline void row_fill(const M* m, Index n, S scale, S* out) noexcept {
-  const auto one = [&](Index t) { out[t] = selected<S>(m[t]) ? static_cast<S>(scale * weight_of<S>(m[t])) : S(0); };
-  Index t = 0;
   if constexpr (simd_mask_v<S, M>) {
-    if constexpr (Stream)
-      for (const auto head = static_cast<Index>(stream_head(out, static_cast<std::size_t>(n))); t < head; ++t) one(t);
     constexpr Index w = static_cast<Index>(lanes<S>);
     const batch<S> zero(S(0)), g(scale);
-    for (; t + w <= n; t += w) {
-      const auto ml = load_mask<S>(m + t);
+    const auto fill = [&](const M* mp, S* op, auto stream) {
+      const auto ml = load_mask<S>(mp);
       if constexpr (sizeof(M) == 1) {
-        store_to<Stream>(out + t, xsimd::select(ml.sel, g, zero));
+        store_to<decltype(stream)::value>(op, xsimd::select(ml.sel, g, zero));
       } else {
-        store_to<Stream>(out + t, xsimd::select(ml.sel, g * ml.weight, zero));
+        store_to<decltype(stream)::value>(op, xsimd::select(ml.sel, g * ml.weight, zero));
       }
+    };
+    // Partial batches (the streaming head, the tail) through the same batch code: the same bits.
+    const auto partial = [&](Index t, Index r) {
+      padded_batches<0>(static_cast<const S* const*>(nullptr), m, out, static_cast<std::size_t>(t),
+                        static_cast<std::size_t>(r),
+                        [&](const S* const*, const M* mp, S* op) { fill(mp, op, std::false_type{}); });
+    };
+    Index t = 0;
+    if constexpr (Stream) {
+      t = static_cast<Index>(stream_head(out, static_cast<std::size_t>(n)));
+      if (t > 0) partial(0, t);
     }
+    for (; t + w <= n; t += w) fill(m + t, out + t, std::bool_constant<Stream>{});
+    if (t < n) partial(t, n - t);
+  } else {
+    for (Index t = 0; t < n; ++t) out[t] = selected<S>(m[t]) ? static_cast<S>(scale * weight_of<S>(m[t])) : S(0);
   }
-  for (; t < n; ++t) one(t);
 }
 
 }  // namespace prefloss::detail

@@ -19,7 +19,6 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <unsupported/Eigen/CXX11/Tensor>
@@ -29,6 +28,7 @@
 #include "../reduce/aggregation.hpp"
 #include "exp_log.hpp"
 #include "masked_kernels.hpp"
+#include "row_loop.hpp"
 #include "simd.hpp"
 #include "tensor.hpp"
 
@@ -189,23 +189,11 @@ inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m
     for (auto& s : sums) s.flush();
   };
 
-  // r tokens from t through the same kernel on zero-padded copies of at most one batch each
-  // (padding is masked out): the tail, and with Stream the head before grad's first aligned batch.
+  // r tokens from t through the same kernel on zero-padded copies (padding is masked out): the
+  // tail, and with Stream the head before grad's first aligned batch.
   const auto partial = [&](Index t, Index r) {
-    for (; r > 0; t += W, r -= W) {
-      const auto len = static_cast<std::size_t>(r < W ? r : W);
-      alignas(64) S xb[NI > 0 ? NI : 1][lanes<S>] = {};
-      alignas(64) M mb[lanes<S>] = {};
-      alignas(64) S gb[lanes<S>] = {};
-      const S* xp[NI > 0 ? NI : 1];
-      for (std::size_t j = 0; j < NI; ++j) {
-        std::memcpy(xb[j], src[j] + t, len * sizeof(S));
-        xp[j] = xb[j];
-      }
-      std::memcpy(mb, m + t, len * sizeof(M));
-      step(xp, 0, mb, gb, std::false_type{});
-      if constexpr (Bwd) std::memcpy(grad + t, gb, len * sizeof(S));
-    }
+    padded_batches<NI>(src, m, Bwd ? grad : nullptr, static_cast<std::size_t>(t), static_cast<std::size_t>(r),
+                       [&](const S* const* xp, const M* mp, S* gp) { step(xp, 0, mp, gp, std::false_type{}); });
   };
 
   Index t = 0;
