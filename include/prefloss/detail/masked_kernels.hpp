@@ -1,7 +1,8 @@
 /// @file detail/masked_kernels.hpp
 /// Row kernels behind masked_sum / masked_mean: one streaming pass that selects (never
-/// multiplies by) the mask, so masked-out inf/NaN cannot leak, and float rows are summed with
-/// Kahan compensation per lane (error ~2 eps * sum|x|, independent of the row length).
+/// multiplies by) the mask, so masked-out inf/NaN cannot leak, with float rows summed in LaneSum
+/// (row_loop.hpp: float lanes widened into double every chunk_batches adds, error <= 1.8e-7 of
+/// sum |x| whatever the row length) and partial batches through the same batch code.
 #pragma once
 
 #include <cmath>
@@ -63,46 +64,6 @@ inline double weight_of(M m) noexcept {
   }
 }
 
-/// Kahan accumulator over SIMD lanes (float) or a plain lane sum (double, whose rounding is
-/// already far below the float-input bound).
-template <class S>
-struct LaneSum {
-  batch<S> s = batch<S>(S(0)), c = batch<S>(S(0));
-  void add(const batch<S>& v) noexcept {
-    if constexpr (std::is_same_v<S, float>) {
-      const batch<S> y = v - c;
-      const batch<S> t = s + y;
-      c = (t - s) - y;
-      s = t;
-    } else {
-      s += v;
-    }
-  }
-};
-
-/// Sum of two LaneSums' lanes (s - c per lane) in double. Lane-wise conversion and a pairwise
-/// tree, which both vectorize, instead of one serial chain of dependent double adds through every
-/// lane of each accumulator: this runs once per row (twice for a mean), and the serial form cost
-/// ~35 ns a row on AVX-512, as much as summing ~300 cache-resident tokens (rows of 64-256 tokens
-/// ran 2.2-2.8x slower with it).
-template <class S>
-inline double total(const LaneSum<S>& x, const LaneSum<S>& y) noexcept {
-  constexpr std::size_t L = lanes<S>;
-  alignas(64) S xs[L], xc[L], ys[L], yc[L];
-  x.s.store_aligned(xs);
-  x.c.store_aligned(xc);
-  y.s.store_aligned(ys);
-  y.c.store_aligned(yc);
-  double d[L];
-  for (std::size_t k = 0; k < L; ++k)
-    d[k] = (static_cast<double>(xs[k]) - static_cast<double>(xc[k])) +
-           (static_cast<double>(ys[k]) - static_cast<double>(yc[k]));
-  for (std::size_t h = L / 2; h > 0; h /= 2)
-    for (std::size_t k = 0; k < h; ++k) d[k] += d[k + h];
-  return d[0];
-}
-
-/// NeedValue = false skips x entirely (it may be null): the weight-only pass of a mean's adjoint.
 /// Number of nonzero bytes in m[0, n): a byte mask's row weight, exact, a block of
 /// nonzero_block<arch> bytes a step (64 on AVX-512BW, 32 on AVX2).
 template <class M>
@@ -117,9 +78,11 @@ inline Index count_selected(const M* m, Index n) noexcept {
   return count;
 }
 
+/// Sums of selected w * x and of selected w over one row. NeedValue = false skips x entirely
+/// (it may be null): the weight-only pass of a mean's adjoint.
 template <bool NeedValue, bool NeedWeight, class S, class M>
 inline RowSums row_sums(const S* x, const M* m, Index n) noexcept {
-  // A byte mask's weight alone is a count: exact in integers, no compensated float lanes.
+  // A byte mask's weight alone is a count: exact in integers, no float lanes.
   if constexpr (!NeedValue && NeedWeight && sizeof(M) == 1) return {0.0, static_cast<double>(count_selected(m, n))};
   Index t = 0;
   double value = 0, weight = 0;
@@ -127,29 +90,45 @@ inline RowSums row_sums(const S* x, const M* m, Index n) noexcept {
     constexpr Index w = static_cast<Index>(lanes<S>);
     LaneSum<S> v0, v1, w0, w1;  // two chains hide the add latency
     const batch<S> zero(S(0));
-    for (; t + 2 * w <= n; t += 2 * w) {
-      const auto ma = load_mask<S>(m + t);
-      const auto mb = load_mask<S>(m + t + w);
+    const auto add = [&](LaneSum<S>& v, LaneSum<S>& wt, const S* xp, const M* mp) {
+      const auto ml = load_mask<S>(mp);
       if constexpr (NeedValue && sizeof(M) == 1) {
-        v0.add(xsimd::select(ma.sel, load_u<S, arch>(x + t), zero));
-        v1.add(xsimd::select(mb.sel, load_u<S, arch>(x + t + w), zero));
+        v.add(xsimd::select(ml.sel, load_u<S, arch>(xp), zero));
       } else if constexpr (NeedValue) {
-        v0.add(xsimd::select(ma.sel, ma.weight * load_u<S, arch>(x + t), zero));
-        v1.add(xsimd::select(mb.sel, mb.weight * load_u<S, arch>(x + t + w), zero));
+        v.add(xsimd::select(ml.sel, ml.weight * load_u<S, arch>(xp), zero));
       }
-      if constexpr (NeedWeight) {
-        w0.add(xsimd::select(ma.sel, ma.weight, zero));
-        w1.add(xsimd::select(mb.sel, mb.weight, zero));
+      if constexpr (NeedWeight) wt.add(xsimd::select(ml.sel, ml.weight, zero));
+    };
+    const auto flush = [&] {
+      v0.flush();
+      v1.flush();
+      w0.flush();
+      w1.flush();
+    };
+    int c = 0;
+    for (; t + 2 * w <= n; t += 2 * w) {
+      add(v0, w0, NeedValue ? x + t : nullptr, m + t);
+      add(v1, w1, NeedValue ? x + t + w : nullptr, m + t + w);
+      if (++c == chunk_batches) {
+        flush();
+        c = 0;
       }
+    }
+    flush();
+    if (t < n) {
+      const S* src[1] = {NeedValue ? x : nullptr};
+      padded_batches<1>(src, m, static_cast<S*>(nullptr), static_cast<std::size_t>(t), static_cast<std::size_t>(n - t),
+                        [&](const S* const* xp, const M* mp, S*) { add(v0, w0, xp[0], mp); });
     }
     if constexpr (NeedValue) value = total(v0, v1);
     if constexpr (NeedWeight) weight = total(w0, w1);
-    // A selected +-inf turns Kahan's correction into inf - inf; redo such a row plainly so
-    // it sums to +-inf (or NaN) exactly as the scalar definition does.
-    if (value != value || weight != weight) {
-      t = 0;
-      value = weight = 0;
-    }
+    // A float lane can overflow where the double sum does not, and the lanes order a selected
+    // +-inf / NaN differently from the scalar definition: redo a non-finite row in double, in
+    // token order, so it gives exactly the definition's result.
+    constexpr double big = std::numeric_limits<double>::max();
+    if (std::fabs(value) <= big && std::fabs(weight) <= big) return {value, weight};
+    value = weight = 0;
+    t = 0;
   }
   for (; t < n; ++t) {
     if (selected<S>(m[t])) {

@@ -11,9 +11,9 @@
 ///   template <bool Fwd, bool Bwd> void eval(const batch<S>* x, TokenOut<S, n_sums>& o) const;
 /// eval fills o.loss (Fwd), o.grad = d loss / d input 0 (Bwd), o.sums and o.max (Fwd).
 ///
-/// Accumulation: double inputs sum in double lanes; float inputs sum in float lanes for at most
-/// chunk_batches batches and are then widened into double lanes, so a row's sum carries at most
-/// ~chunk_batches float roundings per term (<= 5e-7 relative to sum |x|) whatever its length.
+/// Accumulation: LaneSum (row_loop.hpp), the masked reductions' accumulator: float lanes widened
+/// into double every chunk_batches batches (<= 1.8e-7 relative to sum |x| whatever the length).
+/// exp_ratio, the ratio exp of the kernels, is in exp_log.hpp.
 #pragma once
 
 #include <array>
@@ -86,34 +86,6 @@ inline void prefetch_write(void* p) noexcept {
 #endif
 }
 
-/// A lane sum that ends in double (see the file comment).
-template <class S>
-struct WideSum {
-  batch<S> part = batch<S>(S(0));
-  alignas(64) double acc[lanes<S>] = {};
-  void add(const batch<S>& v) noexcept { part += v; }
-  void add_selected(const batch_bool<S>& sel, const batch<S>& v) noexcept { part = detail::add_selected(part, sel, v); }
-  void flush() noexcept {
-    if constexpr (std::is_same_v<S, float>) {
-      widen_add(acc, part);
-      part = batch<S>(S(0));
-    }
-  }
-  double total() noexcept {
-    if constexpr (std::is_same_v<S, float>) {
-      flush();
-      double r = 0;
-      for (std::size_t k = 0; k < lanes<S>; ++k) r += acc[k];
-      return r;
-    } else {
-      return reduce_add(part);
-    }
-  }
-};
-
-/// Float lanes are widened after this many batches.
-inline constexpr int chunk_batches = 8;
-
 /// Sums of one row (or of a whole call).
 struct TokenStats {
   double loss = 0;    ///< sum of w * l over selected tokens
@@ -155,8 +127,8 @@ inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m
   for (std::size_t j = 0; j < NI; ++j) src[j] = in[j];
   const B zero(S(0)), gs(gscale);
   const B ninf(-std::numeric_limits<S>::infinity());
-  WideSum<S> loss;
-  std::array<WideSum<S>, NS> sums;
+  LaneSum<S> loss;
+  std::array<LaneSum<S>, NS> sums;
   B mx = ninf;
 
   const auto step = [&](const S* const* x_ptr, Index off, const M* mp, S* gp,
@@ -218,12 +190,15 @@ inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m
       c = 0;
     }
   }
-  if (t < n) partial(t, n - t);
+  if (t < n) {
+    flush();
+    partial(t, n - t);
+  }
 
   TokenStats st;
   if constexpr (Fwd) {
-    st.loss = loss.total();
-    for (std::size_t j = 0; j < NS; ++j) st.sums[j] = sums[j].total();
+    st.loss = total(loss);
+    for (std::size_t j = 0; j < NS; ++j) st.sums[j] = total(sums[j]);
     if constexpr (Kernel::has_max) {
       alignas(64) S a[lanes<S>];
       mx.store_aligned(a);
