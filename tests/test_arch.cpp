@@ -55,9 +55,9 @@ void check_masked(long B, long T, unsigned seed) {
   const auto sum = pl::masked_sum(x, m).eval();
   const auto mean = pl::masked_mean(x, m).eval();
   const auto count = pl::masked_sum(ones, m).eval();
-  // Float: one rounding of w * x and at most three float roundings of a lane sum per term
-  // (detail/row_loop.hpp LaneSum), then double; bounded by 5 * 2^-24 * sum |w x|.
-  const ld u = std::is_same_v<S, float> ? ld(5) * std::ldexp(ld(1), -24) : ld(1e-14);
+  // Float: one rounding of w * x, at most chunk_batches - 1 float roundings of a lane sum per
+  // term (detail/row_loop.hpp LaneSum), then double, and the float result's own rounding.
+  const ld u = std::is_same_v<S, float> ? ld(pl::detail::chunk_batches + 1) * std::ldexp(ld(1), -24) : ld(1e-14);
   for (long i = 0; i < B; ++i) {
     ld s = 0, a = 0, w = 0;
     long n = 0;

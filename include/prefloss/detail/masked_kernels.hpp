@@ -1,7 +1,7 @@
 /// @file detail/masked_kernels.hpp
 /// Row kernels behind masked_sum / masked_mean: one streaming pass that selects (never
 /// multiplies by) the mask, so masked-out inf/NaN cannot leak, with float rows summed in LaneSum
-/// (row_loop.hpp: float lanes widened into double every chunk_batches adds, error <= 1.8e-7 of
+/// (row_loop.hpp: float lanes widened into double every chunk_batches adds, error <= 4.2e-7 of
 /// sum |x| whatever the row length) and partial batches through the same batch code.
 #pragma once
 

@@ -12,7 +12,7 @@
 /// eval fills o.loss (Fwd), o.grad = d loss / d input 0 (Bwd), o.sums and o.max (Fwd).
 ///
 /// Accumulation: LaneSum (row_loop.hpp), the masked reductions' accumulator: float lanes widened
-/// into double every chunk_batches batches (<= 1.8e-7 relative to sum |x| whatever the length).
+/// into double every chunk_batches batches (<= 4.2e-7 relative to sum |x| whatever the length).
 /// exp_ratio, the ratio exp of the kernels, is in exp_log.hpp.
 #pragma once
 
