@@ -382,6 +382,7 @@ inline std::size_t count_nonzero_block(const void* p) noexcept {
 #endif
   {
     static_assert(dependent_false<A>, "no block count on this architecture (nonzero_block<A> is 0)");
+    (void)p;
     return 0;
   }
 }
@@ -425,6 +426,7 @@ inline xsimd::batch<T, A> scale_pow2(const xsimd::batch<T, A>& m, const xsimd::b
 #endif
   {
     static_assert(dependent_false<A>, "scale_pow2 needs has_scalef<A>");
+    (void)k;
     return m;
   }
 }
@@ -479,6 +481,7 @@ inline xsimd::batch<float, A> min_abs(const xsimd::batch<float, A>& x, float c) 
 #endif
   {
     static_assert(dependent_false<A>, "min_abs needs has_range_lookup<A>");
+    (void)c;
     return x;
   }
 }
@@ -494,6 +497,7 @@ inline xsimd::batch<float, A> lookup32(const float* table, const xsimd::batch<fl
 #endif
   {
     static_assert(dependent_false<A>, "lookup32 needs has_range_lookup<A>");
+    (void)table;
     return idx;
   }
 }
