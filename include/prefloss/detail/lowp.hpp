@@ -4,7 +4,7 @@
 /// own scalar conversions bit for bit, and the masked row kernels over 16-bit rows.
 ///
 /// Two ways to run a float kernel on 16-bit rows, each where it measured better or was the
-/// smaller change. Masked sums convert each batch as it is loaded (lowp_row_sums: the float
+/// smaller change. Masked sums convert each batch as it is loaded (row_sums_as with TokenLoad: the float
 /// kernel's loop, so a row gives the float row's bits at any length). Token losses and masked
 /// adjoints convert rows in chunks of lowp_chunk tokens into float stack buffers and run the float
 /// row kernels on them unchanged (sums merged in double per chunk; 16-bit gradients are the float
@@ -304,49 +304,15 @@ inline batch<float> load_float(const T* p) noexcept {
   return batch<float>::load_aligned(buf);
 }
 
-/// @brief row_sums over 16-bit tokens, converted as they are loaded: the float kernel's loop
-/// (Kahan lanes, two chains, the plain redo for a selected inf) with each batch widened to
-/// float, so a row sums to exactly the bits of the same row held as float.
-template <bool NeedValue, bool NeedWeight, class T, class M>
-inline RowSums lowp_row_sums(const T* x, const M* m, Index n) noexcept {
-  using S = float;
-  Index t = 0;
-  double value = 0, weight = 0;
-  if constexpr (simd_mask_v<S, M>) {
-    constexpr Index w = static_cast<Index>(lanes<S>);
-    LaneSum<S> v0, v1, w0, w1;
-    const batch<S> zero(S(0));
-    for (; t + 2 * w <= n; t += 2 * w) {
-      const auto ma = load_mask<S>(m + t);
-      const auto mb = load_mask<S>(m + t + w);
-      if constexpr (sizeof(M) == 1) {
-        v0.add(xsimd::select(ma.sel, load_float(x + t), zero));
-        v1.add(xsimd::select(mb.sel, load_float(x + t + w), zero));
-      } else {
-        v0.add(xsimd::select(ma.sel, ma.weight * load_float(x + t), zero));
-        v1.add(xsimd::select(mb.sel, mb.weight * load_float(x + t + w), zero));
-      }
-      if constexpr (NeedWeight) {
-        w0.add(xsimd::select(ma.sel, ma.weight, zero));
-        w1.add(xsimd::select(mb.sel, mb.weight, zero));
-      }
-    }
-    value = total(v0, v1);
-    if constexpr (NeedWeight) weight = total(w0, w1);
-    if (value != value || weight != weight) {
-      t = 0;
-      value = weight = 0;
-    }
-  }
-  for (; t < n; ++t) {
-    if (selected<S>(m[t])) {
-      const double wt = weight_of<S>(m[t]);
-      value += wt * static_cast<double>(static_cast<float>(x[t]));
-      weight += wt;
-    }
-  }
-  return {value, weight};
-}
+/// 16-bit tokens load as float batches, converted on the way (row_sums_as's loader).
+template <>
+struct TokenLoad<Eigen::bfloat16, float> {
+  static batch<float> load(const Eigen::bfloat16* p) noexcept { return load_float(p); }
+};
+template <>
+struct TokenLoad<Eigen::half, float> {
+  static batch<float> load(const Eigen::half* p) noexcept { return load_float(p); }
+};
 
 /// @brief row_sums for any token storage type (NeedValue = false never reads x).
 template <bool NeedValue, bool NeedWeight, class S, class M>
@@ -356,7 +322,9 @@ inline RowSums masked_row_sums(const S* x, const M* m, Index n) noexcept {
   } else if constexpr (!NeedValue) {
     return row_sums<false, NeedWeight>(static_cast<const float*>(nullptr), m, n);
   } else {
-    return lowp_row_sums<true, NeedWeight>(x, m, n);
+    // The float kernel's loop with each batch converted as it is loaded: a row sums to exactly
+    // the bits of the same row held as float.
+    return row_sums_as<true, NeedWeight, float>(x, m, n);
   }
 }
 

@@ -78,10 +78,21 @@ inline Index count_selected(const M* m, Index n) noexcept {
   return count;
 }
 
-/// Sums of selected w * x and of selected w over one row. NeedValue = false skips x entirely
-/// (it may be null): the weight-only pass of a mean's adjoint.
-template <bool NeedValue, bool NeedWeight, class S, class M>
-inline RowSums row_sums(const S* x, const M* m, Index n) noexcept {
+/// How batches of S values are loaded from tokens stored as X: X = S loads them as they are;
+/// 16-bit storage types specialize it (detail/lowp.hpp) to convert as they load.
+template <class X, class S>
+struct TokenLoad;
+template <class S>
+struct TokenLoad<S, S> {
+  static batch<S> load(const S* p) noexcept { return load_u<S, arch>(p); }
+};
+
+/// Sums of selected w * x and of selected w over one row, x stored as X and summed as S (X = S,
+/// or a 16-bit X summed as float with TokenLoad<X, float>: the same bits as the row held as
+/// float). NeedValue = false skips x entirely (it may be null): the weight-only pass of a mean's
+/// adjoint.
+template <bool NeedValue, bool NeedWeight, class S, class M, class X>
+inline RowSums row_sums_as(const X* x, const M* m, Index n) noexcept {
   // A byte mask's weight alone is a count: exact in integers, no float lanes.
   if constexpr (!NeedValue && NeedWeight && sizeof(M) == 1) return {0.0, static_cast<double>(count_selected(m, n))};
   Index t = 0;
@@ -90,12 +101,12 @@ inline RowSums row_sums(const S* x, const M* m, Index n) noexcept {
     constexpr Index w = static_cast<Index>(lanes<S>);
     LaneSum<S> v0, v1, w0, w1;  // two chains hide the add latency
     const batch<S> zero(S(0));
-    const auto add = [&](LaneSum<S>& v, LaneSum<S>& wt, const S* xp, const M* mp) {
+    const auto add = [&](LaneSum<S>& v, LaneSum<S>& wt, const X* xp, const M* mp) {
       const auto ml = load_mask<S>(mp);
       if constexpr (NeedValue && sizeof(M) == 1) {
-        v.add(xsimd::select(ml.sel, load_u<S, arch>(xp), zero));
+        v.add(xsimd::select(ml.sel, TokenLoad<X, S>::load(xp), zero));
       } else if constexpr (NeedValue) {
-        v.add(xsimd::select(ml.sel, ml.weight * load_u<S, arch>(xp), zero));
+        v.add(xsimd::select(ml.sel, ml.weight * TokenLoad<X, S>::load(xp), zero));
       }
       if constexpr (NeedWeight) wt.add(xsimd::select(ml.sel, ml.weight, zero));
     };
@@ -116,9 +127,10 @@ inline RowSums row_sums(const S* x, const M* m, Index n) noexcept {
     }
     flush();
     if (t < n) {
-      const S* src[1] = {NeedValue ? x : nullptr};
-      padded_batches<1>(src, m, static_cast<S*>(nullptr), static_cast<std::size_t>(t), static_cast<std::size_t>(n - t),
-                        [&](const S* const* xp, const M* mp, S*) { add(v0, w0, xp[0], mp); });
+      const X* src[1] = {NeedValue ? x : nullptr};
+      const auto tail = [&](const X* const* xp, const M* mp, X*) { add(v0, w0, xp[0], mp); };
+      padded_batches<1, X, M, decltype((tail)), lanes<S>>(src, m, static_cast<X*>(nullptr), static_cast<std::size_t>(t),
+                                                          static_cast<std::size_t>(n - t), tail);
     }
     if constexpr (NeedValue) value = total(v0, v1);
     if constexpr (NeedWeight) weight = total(w0, w1);
@@ -133,11 +145,16 @@ inline RowSums row_sums(const S* x, const M* m, Index n) noexcept {
   for (; t < n; ++t) {
     if (selected<S>(m[t])) {
       const double wt = weight_of<S>(m[t]);
-      if constexpr (NeedValue) value += wt * static_cast<double>(x[t]);
+      if constexpr (NeedValue) value += wt * static_cast<double>(static_cast<S>(x[t]));
       weight += wt;
     }
   }
   return {value, weight};
+}
+
+template <bool NeedValue, bool NeedWeight, class S, class M>
+inline RowSums row_sums(const S* x, const M* m, Index n) noexcept {
+  return row_sums_as<NeedValue, NeedWeight, S>(x, m, n);
 }
 
 /// Largest weight a float mask may hold with S tokens: finite in both types.

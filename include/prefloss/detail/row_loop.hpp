@@ -93,16 +93,31 @@ inline double total(LaneSum<S>& x, LaneSum<S>& y) noexcept {
 /// mask row or null (padding is zero: not selected). body(xp, mp, op) sees the copies (xp: NI
 /// pointers to lanes<T> values, mp: lanes<T> mask entries) and writes a full batch to op; the
 /// first min(r, lanes<T>) entries of op go to out + t unless out is null.
-template <std::size_t NI, class T, class M, class Body>
+/// Batches of Width elements (0: lanes<T>; a 16-bit storage type has no batch of its own and
+/// passes the width of the float batches it is converted into).
+template <std::size_t Width, class T>
+constexpr std::size_t batch_width() noexcept {
+  if constexpr (Width != 0) {
+    return Width;
+  } else {
+    return lanes<T>;
+  }
+}
+
+template <std::size_t NI, class T, class M, class Body, std::size_t Width = 0>
 inline void padded_batches(const T* const* src, const M* m, T* out, std::size_t t, std::size_t r,
                            Body&& body) noexcept {
-  constexpr std::size_t W = lanes<T>;
+  constexpr std::size_t W = batch_width<Width, T>();
   constexpr std::size_t NB = NI > 0 ? NI : 1;
   while (r > 0) {
     const std::size_t len = r < W ? r : W;
-    alignas(64) T xb[NB][W] = {};
-    alignas(64) M mb[W] = {};
-    alignas(64) T ob[W] = {};
+    // memset, not = {}: a 16-bit storage type's default constructor leaves its bits unset.
+    alignas(64) T xb[NB][W];
+    alignas(64) M mb[W];
+    alignas(64) T ob[W];
+    std::memset(static_cast<void*>(xb), 0, sizeof xb);
+    std::memset(static_cast<void*>(mb), 0, sizeof mb);
+    std::memset(static_cast<void*>(ob), 0, sizeof ob);
     const T* xp[NB];
     for (std::size_t j = 0; j < NB; ++j) {
       if (j < NI && src[j]) std::memcpy(xb[j], src[j] + t, len * sizeof(T));
