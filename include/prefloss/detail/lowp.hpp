@@ -1,6 +1,6 @@
 /// @file detail/lowp.hpp
 /// 16-bit token storage (Eigen::bfloat16, Eigen::half): the type traits that map a storage type
-/// to the type prefloss computes in (float), SIMD conversions between them that match Eigen's
+/// to the type prefloss computes in (float), conversions between them that match Eigen's
 /// own scalar conversions bit for bit, and the masked row kernels over 16-bit rows.
 ///
 /// Two ways to run a float kernel on 16-bit rows, each where it measured better or was the
@@ -87,93 +87,21 @@ inline constexpr bool eigen_half_hw = false;
 inline std::uint16_t bits(Eigen::bfloat16 x) noexcept { return Eigen::numext::bit_cast<std::uint16_t>(x); }
 inline std::uint16_t bits(Eigen::half x) noexcept { return Eigen::numext::bit_cast<std::uint16_t>(x); }
 
-/// 8 RNE-rounded bf16 results from 8 float bit patterns in two 4-lane halves (SSE2 has no
-/// unsigned 32->16 pack: each lane is sign-extended from its low 16 bits, so the signed pack
-/// keeps the bits).
-#if defined(__SSE2__)
-inline __m128i bf16_round4(__m128i u) noexcept {
-  const __m128i lsb = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
-  const __m128i r = _mm_srli_epi32(_mm_add_epi32(_mm_add_epi32(u, _mm_set1_epi32(0x7fff)), lsb), 16);
-  // NaN (|u| > inf) becomes the quiet NaN of its sign, as Eigen::bfloat16(float) does: rounding
-  // a NaN's payload could carry into the exponent and give an infinity.
-  const __m128i mag = _mm_and_si128(u, _mm_set1_epi32(0x7fffffff));
-  const __m128i nan = _mm_cmpgt_epi32(mag, _mm_set1_epi32(0x7f800000));
-  const __m128i qnan =
-      _mm_or_si128(_mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(0x8000)), _mm_set1_epi32(0x7fc0));
-  const __m128i v = _mm_or_si128(_mm_and_si128(nan, qnan), _mm_andnot_si128(nan, r));
-  return _mm_srai_epi32(_mm_slli_epi32(v, 16), 16);
-}
-#endif
-
 }  // namespace lowp
 
 /// @brief dst[0, n) = float(src[0, n)), exactly (every bf16 and half value is a float).
 /// bf16 is the upper half of a float (a 16-bit shift); half goes through vcvtph2ps (F16C or
 /// AVX-512F) and otherwise through Eigen's scalar conversion.
 inline void to_float(const Eigen::bfloat16* src, float* dst, Index n) noexcept {
-  Index t = 0;
-  const auto* s = reinterpret_cast<const std::uint16_t*>(src);
-#if defined(__AVX512F__)
-  if constexpr (std::is_base_of_v<xsimd::avx512f, arch>) {
-    for (; t + 16 <= n; t += 16) {
-      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + t)));
-      _mm512_storeu_si512(dst + t, _mm512_slli_epi32(w, 16));
-    }
-  }
-#endif
-#if defined(__AVX2__)
-  if constexpr (std::is_base_of_v<xsimd::avx2, arch>) {
-    for (; t + 8 <= n; t += 8) {
-      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + t)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + t), _mm256_slli_epi32(w, 16));
-    }
-  }
-#endif
-#if defined(__SSE2__)
-  for (; t + 8 <= n; t += 8) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + t));
-    const __m128i z = _mm_setzero_si128();
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + t), _mm_unpacklo_epi16(z, v));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + t + 4), _mm_unpackhi_epi16(z, v));
-  }
-#endif
+  auto t = static_cast<Index>(
+      widen_bf16<arch>(reinterpret_cast<const std::uint16_t*>(src), dst, static_cast<std::size_t>(n)));
   for (; t < n; ++t) dst[t] = static_cast<float>(src[t]);
 }
 
 /// @copydoc to_float(const Eigen::bfloat16*, float*, Index)
 inline void to_float(const Eigen::half* src, float* dst, Index n) noexcept {
-  Index t = 0;
-  [[maybe_unused]] const auto* s = reinterpret_cast<const std::uint16_t*>(src);
-#if defined(__AVX512F__)
-  if constexpr (std::is_base_of_v<xsimd::avx512f, arch>) {
-    for (; t + 16 <= n; t += 16) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + t));
-      __m512i r = _mm512_castps_si512(_mm512_cvtph_ps(h));
-      if constexpr (!lowp::eigen_half_hw) {
-        const __m512i m = _mm512_and_si512(_mm512_cvtepu16_epi32(h), _mm512_set1_epi32(0x7fff));
-        const __mmask16 sn = _mm512_cmpgt_epi32_mask(m, _mm512_set1_epi32(0x7c00)) &
-                             _mm512_cmplt_epi32_mask(m, _mm512_set1_epi32(0x7e00));
-        r = _mm512_mask_andnot_epi32(r, sn, _mm512_set1_epi32(0x400000), r);
-      }
-      _mm512_storeu_si512(dst + t, r);
-    }
-  }
-#endif
-#if defined(__F16C__)
-  for (; t + 8 <= n; t += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + t));
-    __m256 r = _mm256_cvtph_ps(h);
-    if constexpr (!lowp::eigen_half_hw) {
-      const __m128i m = _mm_and_si128(h, _mm_set1_epi16(0x7fff));
-      const __m128i sn =
-          _mm_and_si128(_mm_cmpgt_epi16(m, _mm_set1_epi16(0x7c00)), _mm_cmplt_epi16(m, _mm_set1_epi16(0x7e00)));
-      const __m256i wide = _mm256_set_m128i(_mm_unpackhi_epi16(sn, sn), _mm_unpacklo_epi16(sn, sn));
-      r = _mm256_andnot_ps(_mm256_and_ps(_mm256_castsi256_ps(wide), _mm256_castsi256_ps(_mm256_set1_epi32(0x400000))),
-                           r);
-    }
-    _mm256_storeu_ps(dst + t, r);
-  }
-#endif
+  auto t = static_cast<Index>(widen_half<arch, !lowp::eigen_half_hw>(reinterpret_cast<const std::uint16_t*>(src), dst,
+                                                                      static_cast<std::size_t>(n)));
   for (; t < n; ++t) dst[t] = static_cast<float>(src[t]);
 }
 
@@ -186,40 +114,8 @@ inline void to_float(const float* src, float* dst, Index n) noexcept {
 /// NaN becomes the quiet NaN 0x7fc0 of its sign, +-inf stays +-inf, subnormals round like
 /// normals (no flush; AVX512_BF16's vcvtneps2bf16 would flush them, so it is not used).
 inline void from_float(const float* src, Eigen::bfloat16* dst, Index n) noexcept {
-  Index t = 0;
-  auto* d = reinterpret_cast<std::uint16_t*>(dst);
-#if defined(__AVX512BW__)
-  if constexpr (std::is_base_of_v<xsimd::avx512f, arch>) {
-    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
-    const __m512i abs = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
-    const __m512i sign = _mm512_set1_epi32(0x8000), qnan = _mm512_set1_epi32(0x7fc0);
-    for (; t + 16 <= n; t += 16) {
-#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
-      // vcvtneps2bf16 rounds to nearest even like Eigen but flushes subnormal inputs to 0 and
-      // keeps NaN payloads; batches holding either (fpclass 0x01 | 0x20 | 0x80) take the integer
-      // path below, the rest (nearly all) one instruction.
-      const __m512 x = _mm512_loadu_ps(src + t);
-      if (_mm512_fpclass_ps_mask(x, 0xa1) == 0) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + t), (__m256i)_mm512_cvtneps_pbh(x));
-        continue;
-      }
-#endif
-      const __m512i u = _mm512_loadu_si512(src + t);
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
-      const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias), lsb), 16);
-      const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, abs), inf);
-      const __m512i q = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u, 16), sign), qnan);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + t), _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, q)));
-    }
-  }
-#endif
-#if defined(__SSE2__)
-  for (; t + 8 <= n; t += 8) {
-    const __m128i lo = lowp::bf16_round4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + t)));
-    const __m128i hi = lowp::bf16_round4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + t + 4)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + t), _mm_packs_epi32(lo, hi));
-  }
-#endif
+  auto t = static_cast<Index>(
+      narrow_bf16<arch>(src, reinterpret_cast<std::uint16_t*>(dst), static_cast<std::size_t>(n)));
   for (; t < n; ++t) dst[t] = Eigen::bfloat16(src[t]);
 }
 
@@ -227,40 +123,8 @@ inline void from_float(const float* src, Eigen::bfloat16* dst, Index n) noexcept
 /// vcvtps2ph with round-to-nearest-even (F16C or AVX-512F; values beyond the half range become
 /// +-inf), and without F16C Eigen's scalar conversion.
 inline void from_float(const float* src, Eigen::half* dst, Index n) noexcept {
-  Index t = 0;
-  [[maybe_unused]] auto* d = reinterpret_cast<std::uint16_t*>(dst);
-#if defined(__AVX512F__)
-  if constexpr (std::is_base_of_v<xsimd::avx512f, arch>) {
-    for (; t + 16 <= n; t += 16) {
-      const __m512 x = _mm512_loadu_ps(src + t);
-      __m256i h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
-      if constexpr (!lowp::eigen_half_hw) {
-        const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-        if (nan) {
-          const __m512i w = _mm512_cvtepu16_epi32(h);
-          const __m512i q = _mm512_or_si512(_mm512_and_si512(w, _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7e00));
-          h = _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(w, nan, q));
-        }
-      }
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + t), h);
-    }
-  }
-#endif
-#if defined(__F16C__)
-  for (; t + 8 <= n; t += 8) {
-    const __m256 x = _mm256_loadu_ps(src + t);
-    __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
-    if constexpr (!lowp::eigen_half_hw) {
-      const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-      const __m128i m = _mm_packs_epi32(_mm_castps_si128(_mm256_castps256_ps128(nan)),
-                                        _mm_castps_si128(_mm256_extractf128_ps(nan, 1)));
-      const __m128i q =
-          _mm_or_si128(_mm_and_si128(h, _mm_set1_epi16(static_cast<short>(0x8000))), _mm_set1_epi16(0x7e00));
-      h = _mm_or_si128(_mm_and_si128(m, q), _mm_andnot_si128(m, h));
-    }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + t), h);
-  }
-#endif
+  auto t = static_cast<Index>(narrow_half<arch, !lowp::eigen_half_hw>(src, reinterpret_cast<std::uint16_t*>(dst),
+                                                                       static_cast<std::size_t>(n)));
   for (; t < n; ++t) dst[t] = Eigen::half(src[t]);
 }
 

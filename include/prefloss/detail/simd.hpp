@@ -1,8 +1,8 @@
 /// @file detail/simd.hpp
 /// The one place that knows xsimd's version-specific API (8.1 here) and raw intrinsics: the
 /// architecture in use, horizontal sums, mask loading, streaming stores, exact fused
-/// multiply-adds, masked and widening adds, byte counts and the pieces of the exp and softplus
-/// kernels (detail/exp_log.hpp, detail/softplus_kernel.hpp). Moving to a newer xsimd should be
+/// multiply-adds, masked and widening adds, byte counts, 16-bit float conversions and the pieces
+/// of the exp and softplus kernels (detail/exp_log.hpp, detail/softplus_kernel.hpp). Moving to a newer xsimd should be
 /// a change to this file only. Every intrinsic branch is taken only when the selected
 /// architecture (detail::arch, PREFLOSS_SIMD_ARCH) has it, not merely the compiler flags.
 ///
@@ -500,6 +500,216 @@ inline xsimd::batch<float, A> lookup32(const float* table, const xsimd::batch<fl
     (void)table;
     return idx;
   }
+}
+
+// ---- 16-bit float conversions ----------------------------------------------------------------
+// On bit patterns, so this file needs no Eigen: each converts the longest prefix of [0, n) it
+// can in whole vectors and returns its length; detail/lowp.hpp converts the rest with Eigen's
+// scalar conversions and says why the results match those bit for bit. EigenNan: reproduce
+// the NaN bits of Eigen's software half conversion (a widened half sNaN keeps its quiet bit
+// clear; every narrowed NaN becomes 0x7e00 with its sign) instead of vcvtph2ps / vcvtps2ph's.
+
+/// SSE2 is part of every x86-64 architecture xsimd selects (SSE2 up, AVX, AVX-512).
+template <class A>
+inline constexpr bool has_sse2 =
+#if defined(__SSE2__)
+    std::is_base_of_v<xsimd::sse2, A> || std::is_base_of_v<xsimd::avx, A> || std::is_base_of_v<xsimd::avx512f, A>;
+#else
+    false;
+#endif
+
+/// Whether the half conversions have a vector form on A (F16C or AVX-512F).
+template <class A>
+inline constexpr bool has_half_convert =
+#if defined(__F16C__)
+    is_avx512f<A> || std::is_base_of_v<xsimd::avx, A>;
+#else
+    is_avx512f<A>;
+#endif
+
+#if defined(__SSE2__)
+/// 4 RNE-rounded bf16 patterns from 4 float bit patterns, each sign-extended from its low 16
+/// bits (SSE2 has no unsigned 32->16 pack; the signed pack then keeps the bits).
+inline __m128i bf16_round4(__m128i u) noexcept {
+  const __m128i lsb = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
+  const __m128i r = _mm_srli_epi32(_mm_add_epi32(_mm_add_epi32(u, _mm_set1_epi32(0x7fff)), lsb), 16);
+  // NaN (|u| > inf) becomes the quiet NaN of its sign, as Eigen::bfloat16(float) does: rounding
+  // a NaN's payload could carry into the exponent and give an infinity.
+  const __m128i mag = _mm_and_si128(u, _mm_set1_epi32(0x7fffffff));
+  const __m128i nan = _mm_cmpgt_epi32(mag, _mm_set1_epi32(0x7f800000));
+  const __m128i qnan =
+      _mm_or_si128(_mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(0x8000)), _mm_set1_epi32(0x7fc0));
+  const __m128i v = _mm_or_si128(_mm_and_si128(nan, qnan), _mm_andnot_si128(nan, r));
+  return _mm_srai_epi32(_mm_slli_epi32(v, 16), 16);
+}
+#endif
+
+/// d[k] = the float whose upper half is s[k] (bf16 widening is a 16-bit shift).
+template <class A>
+inline std::size_t widen_bf16(const std::uint16_t* s, float* d, std::size_t n) noexcept {
+  std::size_t t = 0;
+#if defined(__AVX512F__)
+  if constexpr (is_avx512f<A>) {
+    for (; t + 16 <= n; t += 16) {
+      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + t)));
+      _mm512_storeu_si512(d + t, _mm512_slli_epi32(w, 16));
+    }
+  }
+#endif
+#if defined(__AVX2__)
+  if constexpr (is_avx2<A>) {
+    for (; t + 8 <= n; t += 8) {
+      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + t)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + t), _mm256_slli_epi32(w, 16));
+    }
+  }
+#endif
+#if defined(__SSE2__)
+  if constexpr (has_sse2<A>) {
+    for (; t + 8 <= n; t += 8) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + t));
+      const __m128i z = _mm_setzero_si128();
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + t), _mm_unpacklo_epi16(z, v));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + t + 4), _mm_unpackhi_epi16(z, v));
+    }
+  }
+#endif
+  (void)s;
+  (void)d;
+  (void)n;
+  return t;
+}
+
+/// d[k] = float(half with bits s[k]) through vcvtph2ps; has_half_convert<A>.
+template <class A, bool EigenNan>
+inline std::size_t widen_half(const std::uint16_t* s, float* d, std::size_t n) noexcept {
+  std::size_t t = 0;
+#if defined(__AVX512F__)
+  if constexpr (is_avx512f<A>) {
+    for (; t + 16 <= n; t += 16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + t));
+      __m512i r = _mm512_castps_si512(_mm512_cvtph_ps(h));
+      if constexpr (EigenNan) {
+        const __m512i m = _mm512_and_si512(_mm512_cvtepu16_epi32(h), _mm512_set1_epi32(0x7fff));
+        const __mmask16 sn = _mm512_cmpgt_epi32_mask(m, _mm512_set1_epi32(0x7c00)) &
+                             _mm512_cmplt_epi32_mask(m, _mm512_set1_epi32(0x7e00));
+        r = _mm512_mask_andnot_epi32(r, sn, _mm512_set1_epi32(0x400000), r);
+      }
+      _mm512_storeu_si512(d + t, r);
+    }
+  }
+#endif
+#if defined(__F16C__)
+  if constexpr (has_half_convert<A>) {
+    for (; t + 8 <= n; t += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + t));
+      __m256 r = _mm256_cvtph_ps(h);
+      if constexpr (EigenNan) {
+        const __m128i m = _mm_and_si128(h, _mm_set1_epi16(0x7fff));
+        const __m128i sn =
+            _mm_and_si128(_mm_cmpgt_epi16(m, _mm_set1_epi16(0x7c00)), _mm_cmplt_epi16(m, _mm_set1_epi16(0x7e00)));
+        const __m256i wide = _mm256_set_m128i(_mm_unpackhi_epi16(sn, sn), _mm_unpacklo_epi16(sn, sn));
+        r = _mm256_andnot_ps(_mm256_and_ps(_mm256_castsi256_ps(wide), _mm256_castsi256_ps(_mm256_set1_epi32(0x400000))),
+                             r);
+      }
+      _mm256_storeu_ps(d + t, r);
+    }
+  }
+#endif
+  (void)s;
+  (void)d;
+  (void)n;
+  return t;
+}
+
+/// d[k] = the bf16 pattern of s[k] rounded to nearest even: NaN becomes the quiet NaN 0x7fc0 of
+/// its sign, +-inf stays +-inf, subnormals round like normals (no flush).
+template <class A>
+inline std::size_t narrow_bf16(const float* s, std::uint16_t* d, std::size_t n) noexcept {
+  std::size_t t = 0;
+#if defined(__AVX512BW__)
+  if constexpr (is_avx512bw<A>) {
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    const __m512i abs = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+    const __m512i sign = _mm512_set1_epi32(0x8000), qnan = _mm512_set1_epi32(0x7fc0);
+    for (; t + 16 <= n; t += 16) {
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+      // vcvtneps2bf16 rounds to nearest even too but flushes subnormal inputs to 0 and keeps NaN
+      // payloads; batches holding either (fpclass 0x01 | 0x20 | 0x80) take the integer path
+      // below, the rest (nearly all) one instruction.
+      const __m512 x = _mm512_loadu_ps(s + t);
+      if (_mm512_fpclass_ps_mask(x, 0xa1) == 0) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + t), (__m256i)_mm512_cvtneps_pbh(x));
+        continue;
+      }
+#endif
+      const __m512i u = _mm512_loadu_si512(s + t);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+      const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias), lsb), 16);
+      const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, abs), inf);
+      const __m512i q = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u, 16), sign), qnan);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + t), _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, q)));
+    }
+  }
+#endif
+#if defined(__SSE2__)
+  if constexpr (has_sse2<A>) {
+    for (; t + 8 <= n; t += 8) {
+      const __m128i lo = bf16_round4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + t)));
+      const __m128i hi = bf16_round4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + t + 4)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + t), _mm_packs_epi32(lo, hi));
+    }
+  }
+#endif
+  (void)s;
+  (void)d;
+  (void)n;
+  return t;
+}
+
+/// d[k] = the half pattern of s[k] rounded to nearest even through vcvtps2ph (values beyond the
+/// half range become +-inf); has_half_convert<A>.
+template <class A, bool EigenNan>
+inline std::size_t narrow_half(const float* s, std::uint16_t* d, std::size_t n) noexcept {
+  std::size_t t = 0;
+#if defined(__AVX512F__)
+  if constexpr (is_avx512f<A>) {
+    for (; t + 16 <= n; t += 16) {
+      const __m512 x = _mm512_loadu_ps(s + t);
+      __m256i h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+      if constexpr (EigenNan) {
+        const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        if (nan) {
+          const __m512i w = _mm512_cvtepu16_epi32(h);
+          const __m512i q = _mm512_or_si512(_mm512_and_si512(w, _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7e00));
+          h = _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(w, nan, q));
+        }
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + t), h);
+    }
+  }
+#endif
+#if defined(__F16C__)
+  if constexpr (has_half_convert<A>) {
+    for (; t + 8 <= n; t += 8) {
+      const __m256 x = _mm256_loadu_ps(s + t);
+      __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+      if constexpr (EigenNan) {
+        const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+        const __m128i m = _mm_packs_epi32(_mm_castps_si128(_mm256_castps256_ps128(nan)),
+                                          _mm_castps_si128(_mm256_extractf128_ps(nan, 1)));
+        const __m128i q =
+            _mm_or_si128(_mm_and_si128(h, _mm_set1_epi16(static_cast<short>(0x8000))), _mm_set1_epi16(0x7e00));
+        h = _mm_or_si128(_mm_and_si128(m, q), _mm_andnot_si128(m, h));
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + t), h);
+    }
+  }
+#endif
+  (void)s;
+  (void)d;
+  (void)n;
+  return t;
 }
 
 }  // namespace prefloss::detail
