@@ -7,8 +7,8 @@
 // reference are the float computation's and, for 16-bit outputs, the final rounding:
 // - float results (sequence values, loss, losses, metrics): each token term carries a few float
 //   roundings (exp <= 2 ulp, then a multiply or two: <= 4 ulp = 4.8e-7 relative), and the float
-//   lanes are summed at most chunk_batches = 8 terms deep before double takes over (Kahan lanes
-//   for masked sums: ~2 eps), so |error| <= 8 eps_f * sum |terms| = 9.5e-7 * sum |terms|, plus
+//   lanes are summed at most chunk_batches = 8 terms deep before double takes over (<= 7 * 2^-24
+//   = 3.5 eps), so |error| <= 8 eps_f * sum |terms| = 9.5e-7 * sum |terms|, plus
 //   half an ulp for rounding the double result to float. We check 2e-6 * sum |terms|.
 // - 16-bit outputs (gradients, kl estimates): the reference value in long double rounded once to
 //   the storage type, and ours within 1 ulp of that (the float value may sit on the other side

@@ -10,7 +10,7 @@
 #define PREFLOSS_VERSION (PREFLOSS_VERSION_MAJOR * 10000 + PREFLOSS_VERSION_MINOR * 100 + PREFLOSS_VERSION_PATCH)
 
 // -ffast-math lets the compiler assume no NaN/inf and reassociate sums: log1p(exp(-|x|)) and
-// the compensated sums then lose the accuracy this library promises, and masked-out NaN padding
+// the lane sums then lose the accuracy this library promises, and masked-out NaN padding
 // can leak through selects. Refuse to build rather than silently return wrong numbers.
 #if defined(__FAST_MATH__)
 #error "prefloss must not be compiled with -ffast-math (it breaks log1p/logsigmoid and NaN-safe masking)"
