@@ -36,12 +36,17 @@
 #include <string>
 #include <type_traits>
 #include <typeinfo>
+#include <utility>
 #include <vector>
 
 namespace fuzz {
 
 namespace pl = prefloss;
 using pl::Index;
+
+/// The 16-bit token storage types (computed in float).
+template <class T>
+inline constexpr bool is_16bit_v = std::is_same_v<T, Eigen::bfloat16> || std::is_same_v<T, Eigen::half>;
 
 [[noreturn]] inline void fail(const std::string& what, const std::string& why) {
   std::fprintf(stderr, "\nprefloss fuzz finding: %s: %s\n", what.c_str(), why.c_str());
@@ -120,11 +125,14 @@ class Decoder : public Source {
     return below(4) == 0 ? offset<T>() : 0;
   }
 
-  /// An input value: a token (float/double) or an id (integers).
+  /// An input value: a token (float/double; bf16/half: a float token rounded to it) or an id
+  /// (integers).
   template <class T>
   T value() {
     if constexpr (std::is_integral_v<T>) {
       return values_.flag() ? static_cast<T>(values_.below(4)) : integer<T>(values_);
+    } else if constexpr (is_16bit_v<T>) {
+      return T(token<float>());
     } else {
       return token<T>();
     }
@@ -282,7 +290,7 @@ struct Record {
   void add(const std::vector<double>& v) { values.insert(values.end(), v.begin(), v.end()); }
   template <class S>
   void add(const Eigen::Tensor<S, 1>& t) {
-    for (Index i = 0; i < t.size(); ++i) add(t(i));
+    for (Index i = 0; i < t.size(); ++i) add(static_cast<double>(t(i)));
   }
   /// A loss result: its loss, per-example losses and metrics.
   template <class R>
@@ -436,6 +444,10 @@ class Input : public Buf<T> {
   Input(Decoder& d, const Mask<M>& mask) : Input(d, mask.rows(), mask.cols()) {
     dropped_ = mask.dropped;
   }
+  /// Values the caller sets, at a byte offset; `dropped` as under a mask.
+  Input(std::size_t offset, Index rows, Index cols, std::vector<bool> dropped)
+      : Buf<T>(offset, rows, cols), dropped_(std::move(dropped)) {}
+  const std::vector<bool>& dropped() const { return dropped_; }
 
   void scramble() override {
     ++round_;
