@@ -39,8 +39,8 @@
 #include <benchmark/benchmark.h>
 #include <sys/mman.h>
 #include <time.h>
-#include <unsupported/Eigen/CXX11/Tensor>
 #include <unistd.h>
+#include <unsupported/Eigen/CXX11/Tensor>
 #include <xsimd/xsimd.hpp>
 
 #include <algorithm>
@@ -62,10 +62,10 @@ namespace prefloss::bench {
 // ---- options ----------------------------------------------------------------------------------
 
 struct Options {
-  std::int64_t max_elems = 100'000'000;  ///< largest row registered
+  std::int64_t max_elems = 100'000'000;             ///< largest row registered
   std::size_t stream_bytes = std::size_t(1) << 30;  ///< roofline buffer; > L3 (480 MiB here)
-  int stream_reps = 5;                               ///< roofline = best of this many passes
-  double stream_gbps = 0;                            ///< > 0: skip the measurement, use this
+  int stream_reps = 5;                              ///< roofline = best of this many passes
+  double stream_gbps = 0;                           ///< > 0: skip the measurement, use this
 };
 
 inline Options& options() {
@@ -221,7 +221,9 @@ inline benchmark::internal::Benchmark* apply_sizes(benchmark::internal::Benchmar
                                                    std::int64_t multiple = 1) {
   const auto s = sizes(r, multiple);
   if (s.empty()) return b;
-  const auto is_pow4 = [](std::int64_t v) { return (v & (v - 1)) == 0 && __builtin_ctzll(static_cast<unsigned long long>(v)) % 2 == 0; };
+  const auto is_pow4 = [](std::int64_t v) {
+    return (v & (v - 1)) == 0 && __builtin_ctzll(static_cast<unsigned long long>(v)) % 2 == 0;
+  };
   // The common case, a gapless run of powers of 4 (plus an end point): RangeMultiplier + Range.
   std::size_t k = 0;
   while (k + 1 < s.size() && is_pow4(s[k]) && s[k + 1] == 4 * s[k]) ++k;
@@ -354,11 +356,11 @@ class ConsoleReporter : public benchmark::ConsoleReporter {
       auto it = r.counters.find("roofline");
       if (it != r.counters.end()) it->second.flags = benchmark::Counter::kDefaults;
       auto tok = r.counters.find("tokens");
-      const bool rate_like = r.run_type == Run::RT_Iteration || r.aggregate_name == "mean" || r.aggregate_name == "median";
+      const bool rate_like =
+          r.run_type == Run::RT_Iteration || r.aggregate_name == "mean" || r.aggregate_name == "median";
       if (tok != r.counters.end())  // (NaN for stddev/cv rows, whose "tokens" is not a rate)
-        r.counters["ns/token"] = benchmark::Counter(rate_like && tok->second.value > 0
-                                                        ? 1e9 / tok->second.value
-                                                        : std::numeric_limits<double>::quiet_NaN());
+        r.counters["ns/token"] = benchmark::Counter(
+            rate_like && tok->second.value > 0 ? 1e9 / tok->second.value : std::numeric_limits<double>::quiet_NaN());
     }
     benchmark::ConsoleReporter::ReportRuns(fixed);
   }
@@ -439,8 +441,8 @@ inline int run_main(int argc, char** argv) {
     benchmark::AddCustomContext("prefloss_stream_read_buffer_bytes", std::to_string(o.stream_bytes));
     benchmark::AddCustomContext("prefloss_stream_read_source", o.stream_gbps > 0 ? "given" : "measured at startup");
     benchmark::AddCustomContext("prefloss_max_elems", std::to_string(o.max_elems));
-    std::fprintf(stderr, "prefloss roofline: streaming read %.2f GB/s (%s, %zu MiB buffer, best of %d, CPU time)\n", bw / 1e9,
-                 o.stream_gbps > 0 ? "given" : "measured", o.stream_bytes >> 20, o.stream_reps);
+    std::fprintf(stderr, "prefloss roofline: streaming read %.2f GB/s (%s, %zu MiB buffer, best of %d, CPU time)\n",
+                 bw / 1e9, o.stream_gbps > 0 ? "given" : "measured", o.stream_bytes >> 20, o.stream_reps);
   }
 
   if (console) {
@@ -457,7 +459,7 @@ inline int run_main(int argc, char** argv) {
 }  // namespace prefloss::bench
 
 /// Registers benchmarks once the size flags are known: PREFLOSS_BENCH_REGISTER(f) { pb::add(...); }
-#define PREFLOSS_BENCH_REGISTER(fn)                                      \
+#define PREFLOSS_BENCH_REGISTER(fn)                                     \
   static void fn();                                                     \
   static const ::prefloss::bench::AutoRegister fn##_auto_register_(fn); \
   static void fn()

@@ -47,8 +47,7 @@ void BM_unary(benchmark::State& st) {
   }
   const auto un = static_cast<std::size_t>(n);
   for (auto _ : st) {
-    if constexpr (F == Fn::copy)
-      prefloss::detail::apply_unary(x.data(), y.data(), un, [](const auto& b) { return b; });
+    if constexpr (F == Fn::copy) prefloss::detail::apply_unary(x.data(), y.data(), un, [](const auto& b) { return b; });
     if constexpr (F == Fn::log_sigmoid || F == Fn::log_sigmoid_wide) prefloss::log_sigmoid(x.data(), y.data(), un);
     if constexpr (F == Fn::sigmoid) prefloss::sigmoid(x.data(), y.data(), un);
     if constexpr (F == Fn::softplus) prefloss::softplus(x.data(), y.data(), un);

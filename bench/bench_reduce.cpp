@@ -59,8 +59,9 @@ void BM_masked(benchmark::State& st, std::int64_t batch) {
 
 template <class S, class M, prefloss::Reduction R, Pass P>
 void reg(const std::string& kernel, const std::string& types, std::int64_t batch) {
-  pb::add(kernel + "/" + types + "/B" + std::to_string(batch),
-          [batch](benchmark::State& st) { BM_masked<S, M, R, P>(st, batch); }, pb::kTokenSizes, batch);
+  pb::add(
+      kernel + "/" + types + "/B" + std::to_string(batch),
+      [batch](benchmark::State& st) { BM_masked<S, M, R, P>(st, batch); }, pb::kTokenSizes, batch);
 }
 
 }  // namespace

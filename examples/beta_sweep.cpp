@@ -23,7 +23,8 @@
 using namespace examples;
 
 int main(int argc, char** argv) {
-  const Args args = parse_args(argc, argv, "beta_sweep", "DPO's KL-reward frontier against the closed-form optimum", 300, 60);
+  const Args args =
+      parse_args(argc, argv, "beta_sweep", "DPO's KL-reward frontier against the closed-form optimum", 300, 60);
   const Stopwatch clock;
   const Experiment e = standard_experiment(args.seed);
   const Task& t = e.task;
@@ -72,12 +73,13 @@ int main(int argc, char** argv) {
   for (const auto& p : points) {
     const Snapshot& s = p.curve.back();
     const double ok = kl(t, p.opt, ref), orw = true_reward(t, p.opt);
-    table.add({p.beta, s.kl_ref, s.true_reward, s.kl_opt, ok, orw, p.curve.front().kl_opt, s.true_reward - p.beta * s.kl_ref,
-               orw - p.beta * ok});
+    table.add({p.beta, s.kl_ref, s.true_reward, s.kl_opt, ok, orw, p.curve.front().kl_opt,
+               s.true_reward - p.beta * s.kl_ref, orw - p.beta * ok});
   }
   for (std::size_t i = 0; i < points[0].curve.size(); ++i) {
     std::vector<double> row{double(points[0].curve[i].step)};
-    for (const auto& p : points) row.insert(row.end(), {p.curve[i].loss, p.curve[i].kl_ref, p.curve[i].true_reward, p.curve[i].kl_opt});
+    for (const auto& p : points)
+      row.insert(row.end(), {p.curve[i].loss, p.curve[i].kl_ref, p.curve[i].true_reward, p.curve[i].kl_opt});
     curves.add(row);
   }
   const std::string csv = args.path(".csv"), fcsv = args.path("_frontier.csv"), ccsv = args.path("_curves.csv");
@@ -86,13 +88,15 @@ int main(int argc, char** argv) {
   curves.write_csv(ccsv);
 
   // ---- terminal -----------------------------------------------------------------------------
-  AsciiPlot plot("KL-reward frontier: DPO after training (1-5) vs the closed-form optimum (a-e), same beta", "KL(pi || pi_ref)");
+  AsciiPlot plot("KL-reward frontier: DPO after training (1-5) vs the closed-form optimum (a-e), same beta",
+                 "KL(pi || pi_ref)");
   plot.height = 16;
   plot.add("optimal frontier (closed form)", frontier["kl_ref"], frontier["true_reward"], '.');
   plot.hline("SFT model", sft_reward, '-');
   for (std::size_t i = 0; i < points.size(); ++i) {
     const Snapshot& s = points[i].curve.back();
-    plot.add(fmt("pi* beta=%g", points[i].beta), {kl(t, points[i].opt, ref)}, {true_reward(t, points[i].opt)}, char('a' + i), true);
+    plot.add(fmt("pi* beta=%g", points[i].beta), {kl(t, points[i].opt, ref)}, {true_reward(t, points[i].opt)},
+             char('a' + i), true);
     plot.add(fmt("DPO beta=%g", points[i].beta), {s.kl_ref}, {s.true_reward}, char('1' + i), true);
   }
   // Keep the axis to the region the runs occupy (the frontier goes on to larger KL).
@@ -108,15 +112,16 @@ int main(int argc, char** argv) {
   plot.print();
 
   std::printf("%6s | %26s | %26s | %16s\n", "", "DPO after training", "closed-form optimum pi*", "KL(pi||pi*)");
-  std::printf("%6s | %12s %13s | %12s %13s | %16s %8s\n", "beta", "KL(pi||ref)", "true reward", "KL(pi*||ref)", "true reward",
-              "SFT -> DPO", "J* - J");
+  std::printf("%6s | %12s %13s | %12s %13s | %16s %8s\n", "beta", "KL(pi||ref)", "true reward", "KL(pi*||ref)",
+              "true reward", "SFT -> DPO", "J* - J");
   for (const auto& p : points) {
     const Snapshot& s = p.curve.back();
     const double ok = kl(t, p.opt, ref), orw = true_reward(t, p.opt);
-    std::printf("%6g | %12.3f %13.3f | %12.3f %13.3f | %7.2f -> %6.3f %8.4f\n", p.beta, s.kl_ref, s.true_reward, ok, orw,
-                p.curve.front().kl_opt, s.kl_opt, (orw - p.beta * ok) - (s.true_reward - p.beta * s.kl_ref));
+    std::printf("%6g | %12.3f %13.3f | %12.3f %13.3f | %7.2f -> %6.3f %8.4f\n", p.beta, s.kl_ref, s.true_reward, ok,
+                orw, p.curve.front().kl_opt, s.kl_opt, (orw - p.beta * ok) - (s.true_reward - p.beta * s.kl_ref));
   }
-  std::printf("SFT model: true reward %.3f at KL 0. J = E[r] - beta KL(pi||pi_ref); J* - J = beta KL(pi||pi*).\n", sft_reward);
+  std::printf("SFT model: true reward %.3f at KL 0. J = E[r] - beta KL(pi||pi_ref); J* - J = beta KL(pi||pi*).\n",
+              sft_reward);
   std::printf("(%zu DPO runs of %ld steps, %.2f s)\n\n", betas.size(), args.steps, secs);
 
   // ---- PNG ----------------------------------------------------------------------------------
@@ -127,24 +132,28 @@ int main(int argc, char** argv) {
     fp.curve(ccsv, fmt("b%g_kl_ref", points[i].beta), fmt("b%g_true_reward", points[i].beta), "",
              fmt("with lines lw 1 dt 3 lc rgb '%s'", colors[i]));
   fp.curve(csv, "opt_kl_ref", "opt_true_reward", "pi* for each beta", "with points pt 6 ps 2.2 lw 2 lc rgb 'black'");
-  fp.curve(csv, "dpo_kl_ref", "dpo_true_reward", "DPO, same beta (dotted: its path)", "with points pt 7 ps 1.6 lc rgb '#1f77b4'");
+  fp.curve(csv, "dpo_kl_ref", "dpo_true_reward", "DPO, same beta (dotted: its path)",
+           "with points pt 7 ps 1.6 lc rgb '#1f77b4'");
   fp.key = "bottom right";
   for (const auto& p : points) {
     const Snapshot& s = p.curve.back();
     fp.extra += fmt("set arrow from %.6g,%.6g to %.6g,%.6g nohead lw 1 lc rgb '#1f77b4'\n", s.kl_ref, s.true_reward,
                     kl(t, p.opt, ref), true_reward(t, p.opt));
-    fp.extra += fmt("set label 'beta=%g' at %.6g,%.6g offset 1,-1 font ',9'\n", p.beta, kl(t, p.opt, ref), true_reward(t, p.opt));
+    fp.extra += fmt("set label 'beta=%g' at %.6g,%.6g offset 1,-1 font ',9'\n", p.beta, kl(t, p.opt, ref),
+                    true_reward(t, p.opt));
   }
   fp.extra += fmt("set xrange [0:%.6g]\n", 1.1 * kmax);
   GpPanel kp("KL(pi || pi*_beta) during training", "step", "nats (log scale)");
   for (std::size_t i = 0; i < points.size(); ++i)
-    kp.curve(ccsv, "step", fmt("b%g_kl_opt", points[i].beta), fmt("beta=%g", points[i].beta), fmt("with lines lw 2 lc rgb '%s'", colors[i]));
+    kp.curve(ccsv, "step", fmt("b%g_kl_opt", points[i].beta), fmt("beta=%g", points[i].beta),
+             fmt("with lines lw 2 lc rgb '%s'", colors[i]));
   kp.logy = true;
   double lo = points[0].curve[0].kl_opt, hi = lo;
   for (const auto& p : points)
     for (const auto& s : p.curve) lo = std::min(lo, s.kl_opt), hi = std::max(hi, s.kl_opt);
-  kp.extra = fmt("set ytics (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)\nset yrange [%.6g:%.6g]",
-                 0.8 * lo, 1.25 * hi);
+  kp.extra = fmt(
+      "set ytics (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)\nset yrange [%.6g:%.6g]",
+      0.8 * lo, 1.25 * hi);
   fig.panels = {fp, kp};
   std::printf("wrote %s, %s, %s\n", csv.c_str(), fcsv.c_str(), ccsv.c_str());
   write_png(fig, args.path(".png"), args.path(".gp"));
@@ -154,8 +163,10 @@ int main(int argc, char** argv) {
   Checks check;
   for (const auto& p : points) {
     const Snapshot &a = p.curve.front(), &b = p.curve.back();
-    check.expect(b.kl_opt < a.kl_opt, fmt("beta=%g: KL to the closed-form optimum shrinks (%.3f -> %.3f)", p.beta, a.kl_opt, b.kl_opt));
-    check.expect(b.true_reward > sft_reward, fmt("beta=%g: true reward rises above the SFT model (%.3f -> %.3f)", p.beta, sft_reward, b.true_reward));
+    check.expect(b.kl_opt < a.kl_opt,
+                 fmt("beta=%g: KL to the closed-form optimum shrinks (%.3f -> %.3f)", p.beta, a.kl_opt, b.kl_opt));
+    check.expect(b.true_reward > sft_reward, fmt("beta=%g: true reward rises above the SFT model (%.3f -> %.3f)",
+                                                 p.beta, sft_reward, b.true_reward));
     const double ok = kl(t, p.opt, ref), orw = true_reward(t, p.opt);
     check.expect(b.true_reward - p.beta * b.kl_ref <= orw - p.beta * ok + 1e-9,
                  fmt("beta=%g: no policy beats the optimum's objective E[r] - beta KL (%.4f <= %.4f)", p.beta,

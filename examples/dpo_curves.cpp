@@ -45,7 +45,8 @@ std::vector<double> column(const Run& r, double Snapshot::*field, double scale =
 }  // namespace
 
 int main(int argc, char** argv) {
-  const Args args = parse_args(argc, argv, "dpo_curves", "DPO, IPO, KTO and SimPO on one exactly solvable preference task", 300, 60);
+  const Args args =
+      parse_args(argc, argv, "dpo_curves", "DPO, IPO, KTO and SimPO on one exactly solvable preference task", 300, 60);
   const Stopwatch clock;
   const Experiment e = standard_experiment(args.seed);
   const Task& t = e.task;
@@ -55,9 +56,10 @@ int main(int argc, char** argv) {
   cfg.seed = args.seed;
   const Dist ref = reference_dist(t), opt = optimum(t, cfg.beta);
   const double sft_reward = true_reward(t, ref), opt_reward = true_reward(t, opt), opt_kl = kl(t, opt, ref);
-  std::printf("%s.\nbeta = %g: the optimum pi* has E[r] = %.3f at KL(pi*||pi_ref) = %.3f;\n"
-              "the SFT model has E[r] = %.3f and KL(pi_ref||pi*) = %.3f.\n\n",
-              describe(e).c_str(), cfg.beta, opt_reward, opt_kl, sft_reward, kl(t, ref, opt));
+  std::printf(
+      "%s.\nbeta = %g: the optimum pi* has E[r] = %.3f at KL(pi*||pi_ref) = %.3f;\n"
+      "the SFT model has E[r] = %.3f and KL(pi_ref||pi*) = %.3f.\n\n",
+      describe(e).c_str(), cfg.beta, opt_reward, opt_kl, sft_reward, kl(t, ref, opt));
 
   std::vector<Run> runs{{Method::dpo, 'o', "#1f77b4", {}},
                         {Method::ipo, 'x', "#ff7f0e", {}},
@@ -81,7 +83,8 @@ int main(int argc, char** argv) {
     std::vector<double> row{double(runs[0].curve[i].step)};
     for (const auto& r : runs) {
       const Snapshot& s = r.curve[i];
-      row.insert(row.end(), {s.loss, s.loss / r.curve[0].loss, s.accuracy, s.margin, s.kl_ref, s.true_reward, s.kl_opt});
+      row.insert(row.end(),
+                 {s.loss, s.loss / r.curve[0].loss, s.accuracy, s.margin, s.kl_ref, s.true_reward, s.kl_opt});
     }
     row.insert(row.end(), {sft_reward, opt_reward, opt_kl});
     table.add(row);
@@ -91,43 +94,51 @@ int main(int argc, char** argv) {
 
   // ---- terminal -----------------------------------------------------------------------------
   const std::vector<double> steps = table["step"];
-  const auto plot = [&](const std::string& title, double Snapshot::*field, bool relative, double ref_y, const char* ref_label,
-                        double ref2_y = NAN, const char* ref2_label = nullptr, double ymin = NAN, bool logy = false) {
+  const auto plot = [&](const std::string& title, double Snapshot::*field, bool relative, double ref_y,
+                        const char* ref_label, double ref2_y = NAN, const char* ref2_label = nullptr, double ymin = NAN,
+                        bool logy = false) {
     AsciiPlot p(title, "step");
     p.height = 10;
     p.ymin = ymin;
     p.logy = logy;
     if (ref_label) p.hline(ref_label, ref_y, '-');
     if (ref2_label) p.hline(ref2_label, ref2_y, '=');
-    for (const auto& r : runs) p.add(method_name(r.method), steps, column(r, field, relative ? 1.0 / r.curve[0].*field : 1.0), r.glyph);
+    for (const auto& r : runs)
+      p.add(method_name(r.method), steps, column(r, field, relative ? 1.0 / r.curve[0].*field : 1.0), r.glyph);
     p.print();
   };
   std::string loss0;
-  for (const auto& r : runs) loss0 += fmt("%s%s %.3g", loss0.empty() ? "" : ", ", method_name(r.method), r.curve[0].loss);
+  for (const auto& r : runs)
+    loss0 += fmt("%s%s %.3g", loss0.empty() ? "" : ", ", method_name(r.method), r.curve[0].loss);
   plot("training loss / its value at step 0 (" + loss0 + ")", &Snapshot::loss, true, 0, nullptr);
   plot("held-out reward accuracy (implicit reward orders the pair as the true reward; 0 at step 0, all tie)",
        &Snapshot::accuracy, false, 0, nullptr, NAN, nullptr, 0.5);
-  plot("held-out reward margin (beta log pi/pi_ref, better minus worse response)", &Snapshot::margin, false, 0, nullptr);
+  plot("held-out reward margin (beta log pi/pi_ref, better minus worse response)", &Snapshot::margin, false, 0,
+       nullptr);
   plot("KL(pi || pi_ref), exact", &Snapshot::kl_ref, false, opt_kl, "KL(pi* || pi_ref) of the optimum");
   plot("true reward E_pi[r], exact", &Snapshot::true_reward, false, sft_reward, "SFT model", opt_reward, "optimum pi*");
-  plot("KL(pi || pi*) to the closed-form optimum, exact (log scale)", &Snapshot::kl_opt, false, 0, nullptr, NAN, nullptr, NAN, true);
+  plot("KL(pi || pi*) to the closed-form optimum, exact (log scale)", &Snapshot::kl_opt, false, 0, nullptr, NAN,
+       nullptr, NAN, true);
 
-  std::printf("%-8s %17s %9s %8s %12s %12s %12s\n", "", "loss", "accuracy", "margin", "KL(pi||ref)", "true reward", "KL(pi||pi*)");
+  std::printf("%-8s %17s %9s %8s %12s %12s %12s\n", "", "loss", "accuracy", "margin", "KL(pi||ref)", "true reward",
+              "KL(pi||pi*)");
   std::printf("%-8s %17s %9s %8s %12.3f %12.3f %12.3f\n", "SFT", "", "", "", 0.0, sft_reward, kl(t, ref, opt));
   for (const auto& r : runs) {
     const Snapshot &a = r.curve.front(), &b = r.curve.back();
-    std::printf("%-8s %7.4f -> %6.4f %9.3f %8.3f %12.3f %12.3f %12.3f\n", method_name(r.method), a.loss, b.loss, b.accuracy,
-                b.margin, b.kl_ref, b.true_reward, b.kl_opt);
+    std::printf("%-8s %7.4f -> %6.4f %9.3f %8.3f %12.3f %12.3f %12.3f\n", method_name(r.method), a.loss, b.loss,
+                b.accuracy, b.margin, b.kl_ref, b.true_reward, b.kl_opt);
   }
   std::printf("%-8s %17s %9s %8s %12.3f %12.3f %12.3f\n", "optimum", "", "", "", opt_kl, opt_reward, 0.0);
   std::printf("(%ld steps of 64 pairs each, 4 methods, %.2f s)\n\n", args.steps, secs);
 
   // ---- PNG ----------------------------------------------------------------------------------
-  GpFigure fig(fmt("dpo_curves: four losses on one exactly solvable task (1000 pairs, beta = %g)", cfg.beta), 2, 3, 1380, 800);
+  GpFigure fig(fmt("dpo_curves: four losses on one exactly solvable task (1000 pairs, beta = %g)", cfg.beta), 2, 3,
+               1380, 800);
   const auto panel = [&](const std::string& title, const std::string& ylabel, const std::string& col, bool key) {
     GpPanel p(title, "step", ylabel);
     for (const auto& r : runs)
-      p.curve(csv, "step", r.key() + "_" + col, key ? method_name(r.method) : "", fmt("with lines lw 2 lc rgb '%s'", r.color));
+      p.curve(csv, "step", r.key() + "_" + col, key ? method_name(r.method) : "",
+              fmt("with lines lw 2 lc rgb '%s'", r.color));
     return p;
   };
   GpPanel loss = panel("training loss / loss at step 0", "relative loss", "rel_loss", true);
@@ -150,7 +161,8 @@ int main(int argc, char** argv) {
   double klo_min = runs[0].curve[0].kl_opt, klo_max = klo_min;
   for (const auto& r : runs)
     for (const auto& s : r.curve) klo_min = std::min(klo_min, s.kl_opt), klo_max = std::max(klo_max, s.kl_opt);
-  klo.extra = fmt("set ytics (0.5, 1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50)\nset yrange [%.6g:%.6g]", 0.8 * klo_min, 1.25 * klo_max);
+  klo.extra = fmt("set ytics (0.5, 1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50)\nset yrange [%.6g:%.6g]", 0.8 * klo_min,
+                  1.25 * klo_max);
   fig.panels = {loss, acc, margin, klr, rew, klo};
   std::printf("wrote %s\n", csv.c_str());
   write_png(fig, args.path(".png"), args.path(".gp"));
@@ -162,9 +174,12 @@ int main(int argc, char** argv) {
     const Snapshot &a = r.curve.front(), &b = r.curve.back();
     const char* m = method_name(r.method);
     check.expect(b.loss < a.loss, fmt("%s: training loss falls (%.4f -> %.4f)", m, a.loss, b.loss));
-    check.expect(b.accuracy > 0.6, fmt("%s: held-out reward accuracy rises above chance (%.3f -> %.3f)", m, a.accuracy, b.accuracy));
-    check.expect(b.true_reward > sft_reward, fmt("%s: true reward rises above the SFT model (%.3f -> %.3f)", m, sft_reward, b.true_reward));
-    check.expect(b.kl_opt < a.kl_opt, fmt("%s: KL to the closed-form optimum shrinks (%.3f -> %.3f)", m, a.kl_opt, b.kl_opt));
+    check.expect(b.accuracy > 0.6,
+                 fmt("%s: held-out reward accuracy rises above chance (%.3f -> %.3f)", m, a.accuracy, b.accuracy));
+    check.expect(b.true_reward > sft_reward,
+                 fmt("%s: true reward rises above the SFT model (%.3f -> %.3f)", m, sft_reward, b.true_reward));
+    check.expect(b.kl_opt < a.kl_opt,
+                 fmt("%s: KL to the closed-form optimum shrinks (%.3f -> %.3f)", m, a.kl_opt, b.kl_opt));
   }
   return check.finish("dpo_curves");
 }

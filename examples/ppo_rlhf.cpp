@@ -28,22 +28,22 @@ using namespace examples;
 namespace {
 
 struct PpoConfig {
-  Index rollout = 128;       ///< prompts (one sampled response each) per iteration
+  Index rollout = 128;  ///< prompts (one sampled response each) per iteration
   Index minibatch = 32;
-  int epochs = 4;            ///< passes over each rollout
-  double kl_coef = 0.1;      ///< per-token KL penalty in the reward (= DPO's beta in dpo_curves)
-  double lr = 0.02;          ///< policy Adam
-  double critic_lr = 0.05;   ///< critic Adam
-  pl::GaeOptions gae;        ///< gamma, lambda, advantage whitening
-  pl::PpoOptions ppo;        ///< clip ranges (0.2), token_mean aggregation
-  pl::ValueOptions value;    ///< value clipping
+  int epochs = 4;           ///< passes over each rollout
+  double kl_coef = 0.1;     ///< per-token KL penalty in the reward (= DPO's beta in dpo_curves)
+  double lr = 0.02;         ///< policy Adam
+  double critic_lr = 0.05;  ///< critic Adam
+  pl::GaeOptions gae;       ///< gamma, lambda, advantage whitening
+  pl::PpoOptions ppo;       ///< clip ranges (0.2), token_mean aggregation
+  pl::ValueOptions value;   ///< value clipping
 };
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  const Args args = parse_args(argc, argv, "ppo_rlhf", "reward model + PPO-clip with a per-token KL penalty and GAE", 100, 25,
-                               "PPO iterations");
+  const Args args = parse_args(argc, argv, "ppo_rlhf", "reward model + PPO-clip with a per-token KL penalty and GAE",
+                               100, 25, "PPO iterations");
   const Stopwatch clock;
   const Experiment e = standard_experiment(args.seed);
   const Task& t = e.task;
@@ -69,9 +69,10 @@ int main(int argc, char** argv) {
   const double opt_rm_objective = expected(t, opt_rm, rm_table) - cfg.kl_coef * opt_rm_kl;
   std::printf("reward model: %ld steps on %ld pairs, held-out accuracy vs the true reward %.3f\n", rm_cfg.steps,
               static_cast<long>(e.train.size()), rm_eval.accuracy);
-  std::printf("kl_coef = %g. The reward model's optimum pi*_rm: true reward %.3f at KL %.3f;\n"
-              "the true optimum pi*: %.3f at KL %.3f; the SFT model: %.3f.\n\n",
-              cfg.kl_coef, opt_rm_true, opt_rm_kl, true_reward(t, opt_true), kl(t, opt_true, ref), sft_reward);
+  std::printf(
+      "kl_coef = %g. The reward model's optimum pi*_rm: true reward %.3f at KL %.3f;\n"
+      "the true optimum pi*: %.3f at KL %.3f; the SFT model: %.3f.\n\n",
+      cfg.kl_coef, opt_rm_true, opt_rm_kl, true_reward(t, opt_true), kl(t, opt_true, ref), sft_reward);
 
   // ---- 2. PPO -------------------------------------------------------------------------------
   TabularPolicy policy(t.shape, t.ref_logits);
@@ -128,7 +129,8 @@ int main(int argc, char** argv) {
     std::vector<int> order(static_cast<std::size_t>(B));
     std::iota(order.begin(), order.end(), 0);
     for (int epoch = 0; epoch < cfg.epochs; ++epoch) {
-      for (std::size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[static_cast<std::size_t>(rng.below(static_cast<int>(i)))]);
+      for (std::size_t i = order.size(); i > 1; --i)
+        std::swap(order[i - 1], order[static_cast<std::size_t>(rng.below(static_cast<int>(i)))]);
       for (Index start = 0; start < B; start += cfg.minibatch) {
         const std::vector<int> idx(order.begin() + start, order.begin() + std::min(B, start + cfg.minibatch));
         const Sequences ms = select(t, s, idx);
@@ -149,7 +151,8 @@ int main(int argc, char** argv) {
         std::fill(critic_grad.begin(), critic_grad.end(), 0.0f);
         for (Index b = 0; b < ms.size(); ++b)
           for (Index l = 0; l < L; ++l)
-            if (ms.mask(b, l)) critic_grad[static_cast<std::size_t>(ms.prompt[static_cast<std::size_t>(b)] * L + l)] += gv(b, l);
+            if (ms.mask(b, l))
+              critic_grad[static_cast<std::size_t>(ms.prompt[static_cast<std::size_t>(b)] * L + l)] += gv(b, l);
         critic_adam.step(critic, critic_grad);
 
         clip += r.metrics.clip_fraction;
@@ -178,27 +181,29 @@ int main(int argc, char** argv) {
   ko.logy = true;
   ko.add("PPO", x, log["kl_opt_rm"], 'o');
   ko.print();
-  AsciiPlot cf("clip fraction (share of tokens whose ratio was clipped), mean over the iteration's updates", "PPO iteration");
+  AsciiPlot cf("clip fraction (share of tokens whose ratio was clipped), mean over the iteration's updates",
+               "PPO iteration");
   cf.add("clip fraction", x, log["clip_fraction"], 'o').add("approx KL old->new", x, log["approx_kl"], 'x');
   cf.print();
 
   const std::size_t n = log.rows() - 1;
   std::printf("%-22s %12s %12s %12s %12s\n", "", "true reward", "RM reward", "KL(pi||ref)", "KL(pi||pi*rm)");
   const auto row = [&](const char* name, std::size_t i) {
-    std::printf("%-22s %12.3f %12.3f %12.3f %12.3f\n", name, log["true_reward"][i], log["rm_reward"][i], log["kl_ref"][i],
-                log["kl_opt_rm"][i]);
+    std::printf("%-22s %12.3f %12.3f %12.3f %12.3f\n", name, log["true_reward"][i], log["rm_reward"][i],
+                log["kl_ref"][i], log["kl_opt_rm"][i]);
   };
   row("SFT (iteration 0)", 0);
   row(fmt("PPO (iteration %zu)", n).c_str(), n);
-  std::printf("%-22s %12.3f %12.3f %12.3f %12.3f\n", "pi*_rm (closed form)", opt_rm_true, expected(t, opt_rm, rm_table), opt_rm_kl, 0.0);
-  std::printf("%-22s %12.3f %12.3f %12.3f %12s\n", "pi* (true optimum)", true_reward(t, opt_true), expected(t, opt_true, rm_table),
-              kl(t, opt_true, ref), "");
-  std::printf("(reward model + %ld PPO iterations of %ld samples, %d epochs, %.2f s)\n\n", args.steps, static_cast<long>(cfg.rollout),
-              cfg.epochs, secs);
+  std::printf("%-22s %12.3f %12.3f %12.3f %12.3f\n", "pi*_rm (closed form)", opt_rm_true, expected(t, opt_rm, rm_table),
+              opt_rm_kl, 0.0);
+  std::printf("%-22s %12.3f %12.3f %12.3f %12s\n", "pi* (true optimum)", true_reward(t, opt_true),
+              expected(t, opt_true, rm_table), kl(t, opt_true, ref), "");
+  std::printf("(reward model + %ld PPO iterations of %ld samples, %d epochs, %.2f s)\n\n", args.steps,
+              static_cast<long>(cfg.rollout), cfg.epochs, secs);
 
   // ---- PNG ----------------------------------------------------------------------------------
-  GpFigure fig(fmt("ppo_rlhf: reward model + PPO-clip (kl_coef = %g, GAE lambda = %g) on the exactly solvable task", cfg.kl_coef,
-                   cfg.gae.lam),
+  GpFigure fig(fmt("ppo_rlhf: reward model + PPO-clip (kl_coef = %g, GAE lambda = %g) on the exactly solvable task",
+                   cfg.kl_coef, cfg.gae.lam),
                2, 3, 1380, 800);
   const auto label = [](const std::string& text, double y, double up) {
     return fmt("set label %s at graph 0.03, first %.6g offset 0,%g font ',9'\n", gp_quote(text).c_str(), y, up);
@@ -222,8 +227,9 @@ int main(int argc, char** argv) {
   p4.curve(csv, "iteration", "kl_opt_rm", "", "with lines lw 2 lc rgb '#1f77b4'");
   p4.logy = true;
   const auto& kor = log["kl_opt_rm"];
-  p4.extra = fmt("set ytics (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50)\nset yrange [%.6g:%.6g]",
-                 0.8 * *std::min_element(kor.begin(), kor.end()), 1.25 * *std::max_element(kor.begin(), kor.end()));
+  p4.extra = fmt(
+      "set ytics (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50)\nset yrange [%.6g:%.6g]",
+      0.8 * *std::min_element(kor.begin(), kor.end()), 1.25 * *std::max_element(kor.begin(), kor.end()));
   GpPanel p5("PPO clip fraction and approx KL per update", "iteration", "");
   p5.curve(csv, "iteration", "clip_fraction", "clip fraction", "with lines lw 2 lc rgb '#2ca02c'")
       .curve(csv, "iteration", "approx_kl", "approx KL (old || new)", "with lines lw 2 lc rgb '#9467bd'");
@@ -245,7 +251,8 @@ int main(int argc, char** argv) {
   const auto& cl = log["clip_fraction"];
   check.expect(tr[n] > tr[0], fmt("true reward rises above the SFT model (%.3f -> %.3f)", tr[0], tr[n]));
   check.expect(rr[n] > rr[0], fmt("the reward model's reward rises (%.3f -> %.3f)", rr[0], rr[n]));
-  check.expect(ob[n] > ob[0], fmt("the KL-penalized objective rises toward its optimum (%.3f -> %.3f, optimum %.3f)", ob[0], ob[n], opt_rm_objective));
+  check.expect(ob[n] > ob[0], fmt("the KL-penalized objective rises toward its optimum (%.3f -> %.3f, optimum %.3f)",
+                                  ob[0], ob[n], opt_rm_objective));
   check.expect(ko_[n] < ko_[0], fmt("KL to the closed-form optimum pi*_rm shrinks (%.3f -> %.3f)", ko_[0], ko_[n]));
   check.expect(*std::max_element(cl.begin() + 1, cl.end()) > 0, "PPO's clipping is active (clip fraction > 0)");
   return check.finish("ppo_rlhf");

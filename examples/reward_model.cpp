@@ -25,9 +25,10 @@ int main(int argc, char** argv) {
 
   const RewardModel truth = true_reward_model(t);
   const RewardEval best = evaluate(truth, e.heldout);
-  std::printf("%s.\nThe true reward itself scores a held-out loss of %.4f and agrees with %.1f%% of the held-out\n"
-              "labels: no reward model can do better on these labels.\n\n",
-              describe(e).c_str(), best.loss, 100 * best.accuracy);
+  std::printf(
+      "%s.\nThe true reward itself scores a held-out loss of %.4f and agrees with %.1f%% of the held-out\n"
+      "labels: no reward model can do better on these labels.\n\n",
+      describe(e).c_str(), best.loss, 100 * best.accuracy);
 
   Table log({"step", "batch_loss", "train_loss", "heldout_loss", "heldout_accuracy", "heldout_label_accuracy",
              "true_reward_heldout_loss", "true_reward_label_accuracy"});
@@ -63,7 +64,8 @@ int main(int argc, char** argv) {
   lp.curve(csv, "step", "batch_loss", "minibatch", "with lines lw 1 lc rgb '#bbbbbb'")
       .curve(csv, "step", "train_loss", "train (1000 pairs)", "with lines lw 2 lc rgb '#1f77b4'")
       .curve(csv, "step", "heldout_loss", "held-out (2000 pairs)", "with lines lw 2 lc rgb '#d62728'")
-      .curve(csv, "step", "true_reward_heldout_loss", "true reward (noise floor)", "with lines lw 2 dt 2 lc rgb 'black'");
+      .curve(csv, "step", "true_reward_heldout_loss", "true reward (noise floor)",
+             "with lines lw 2 dt 2 lc rgb 'black'");
   GpPanel ap("held-out pairwise accuracy", "step", "accuracy");
   ap.curve(csv, "step", "heldout_accuracy", "vs true-reward order", "with lines lw 2 lc rgb '#1f77b4'")
       .curve(csv, "step", "heldout_label_accuracy", "vs noisy labels", "with lines lw 2 lc rgb '#d62728'")
@@ -74,17 +76,20 @@ int main(int argc, char** argv) {
 
   const std::size_t n = log.rows() - 1;
   const double acc0 = log["heldout_accuracy"][0], acc1 = log["heldout_accuracy"][n];
-  std::printf("\nafter %ld steps (%.2f s): train loss %.4f -> %.4f, held-out loss %.4f -> %.4f\n(floor %.4f), "
-              "held-out accuracy vs true order %.3f -> %.3f, vs labels %.3f (true reward: %.3f)\n\n",
-              args.steps, secs, log["train_loss"][0], log["train_loss"][n], log["heldout_loss"][0], log["heldout_loss"][n],
-              best.loss, acc0, acc1, log["heldout_label_accuracy"][n], best.accuracy);
+  std::printf(
+      "\nafter %ld steps (%.2f s): train loss %.4f -> %.4f, held-out loss %.4f -> %.4f\n(floor %.4f), "
+      "held-out accuracy vs true order %.3f -> %.3f, vs labels %.3f (true reward: %.3f)\n\n",
+      args.steps, secs, log["train_loss"][0], log["train_loss"][n], log["heldout_loss"][0], log["heldout_loss"][n],
+      best.loss, acc0, acc1, log["heldout_label_accuracy"][n], best.accuracy);
   Checks check;
   check.expect(log["train_loss"][n] < log["train_loss"][0],
                fmt("training loss falls (%.4f -> %.4f)", log["train_loss"][0], log["train_loss"][n]));
   check.expect(log["heldout_loss"][n] < log["heldout_loss"][0],
                fmt("held-out loss falls (%.4f -> %.4f)", log["heldout_loss"][0], log["heldout_loss"][n]));
-  check.expect(acc1 > acc0 && acc1 > 0.6, fmt("held-out accuracy against the true reward rises above chance (%.3f -> %.3f)", acc0, acc1));
+  check.expect(acc1 > acc0 && acc1 > 0.6,
+               fmt("held-out accuracy against the true reward rises above chance (%.3f -> %.3f)", acc0, acc1));
   check.expect(log["heldout_loss"][n] >= best.loss - 0.02,
-               fmt("no reward model beats the true reward on held-out labels (%.4f vs %.4f)", log["heldout_loss"][n], best.loss));
+               fmt("no reward model beats the true reward on held-out labels (%.4f vs %.4f)", log["heldout_loss"][n],
+                   best.loss));
   return check.finish("reward_model");
 }

@@ -1,6 +1,6 @@
 // Shared by the pairwise-family tests (DPO, Bradley-Terry, ranking, IPO, SimPO, ORPO, NLL):
-// long-double closed forms written straight from the formulas in the loss headers' Doxygen and the README (no prefloss code),
-// random token data, and a central finite-difference checker.
+// long-double closed forms written straight from the formulas in the loss headers' Doxygen and the README (no prefloss
+// code), random token data, and a central finite-difference checker.
 #pragma once
 
 #include <prefloss/prefloss.hpp>
@@ -250,10 +250,10 @@ bool close(S got, ld want, ld scale = 0) {
 inline double want_of(ld want, ld = 0) { return static_cast<double>(want); }
 
 /// CHECK_CLOSE(got, want[, scale]): CHECK(close(...)) reporting both values.
-#define CHECK_CLOSE(got, ...)                                                                        \
-  do {                                                                                               \
-    INFO(#got << " = " << static_cast<double>(got) << ", want " << ::pref::want_of(__VA_ARGS__));   \
-    CHECK(::pref::close(got, __VA_ARGS__));                                                          \
+#define CHECK_CLOSE(got, ...)                                                                     \
+  do {                                                                                            \
+    INFO(#got << " = " << static_cast<double>(got) << ", want " << ::pref::want_of(__VA_ARGS__)); \
+    CHECK(::pref::close(got, __VA_ARGS__));                                                       \
   } while (0)
 
 /// Dyadic tokens k/64 in [lo, hi].

@@ -200,7 +200,7 @@ TEMPLATE_TEST_CASE("|beta * D| up to 1e5: finite losses, bounded gradients", "[p
       CHECK(std::isfinite(res.loss));
       for (long i = 0; i < B; ++i) {
         const ld D = static_cast<ld>(c(i)) - r(i);
-        const Ref want = ref_dpo(v == pl::DpoVariant::sigmoid ? Dpo::sigmoid
+        const Ref want = ref_dpo(v == pl::DpoVariant::sigmoid  ? Dpo::sigmoid
                                  : v == pl::DpoVariant::robust ? Dpo::robust
                                                                : Dpo::hinge,
                                  D, beta, e);

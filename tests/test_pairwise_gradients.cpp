@@ -177,8 +177,8 @@ TEST_CASE("ipo gradients match finite differences", "[pairwise][ipo][fd]") {
         "ipo", [&](const auto& c, const auto& r) { return pl::ipo(c, r, ref.rc, ref.rr, opt); }, -3, 0, 1);
     opt.reference_free = true;
     fd_pair_all(
-        "ipo reference_free", [&](const auto& c, const auto& r) { return pl::ipo(c, r, ref.rc, ref.rr, opt); }, -3,
-        0, 1);
+        "ipo reference_free", [&](const auto& c, const auto& r) { return pl::ipo(c, r, ref.rc, ref.rr, opt); }, -3, 0,
+        1);
   }
 }
 

@@ -67,8 +67,10 @@ TEMPLATE_TEST_CASE("dpo matches its closed forms", "[pairwise][dpo][values]", fl
     bool free;
   };
   const Case cases[] = {
-      {pl::DpoVariant::sigmoid, Dpo::sigmoid, 0.1, 0.0, false}, {pl::DpoVariant::sigmoid, Dpo::sigmoid, 0.25, 0.2, false},
-      {pl::DpoVariant::robust, Dpo::robust, 0.1, 0.3, false},   {pl::DpoVariant::hinge, Dpo::hinge, 0.3, 0.0, false},
+      {pl::DpoVariant::sigmoid, Dpo::sigmoid, 0.1, 0.0, false},
+      {pl::DpoVariant::sigmoid, Dpo::sigmoid, 0.25, 0.2, false},
+      {pl::DpoVariant::robust, Dpo::robust, 0.1, 0.3, false},
+      {pl::DpoVariant::hinge, Dpo::hinge, 0.3, 0.0, false},
       {pl::DpoVariant::sigmoid, Dpo::sigmoid, 0.1, 0.1, true},
   };
   for (const Case& k : cases) {

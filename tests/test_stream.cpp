@@ -80,21 +80,25 @@ void check_function(const char* name, Array array, Batch batch) {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("math arrays with streaming stores: equal to the batch form, nothing else written", "[math]",
-                   float, double) {
+TEMPLATE_TEST_CASE("math arrays with streaming stores: equal to the batch form, nothing else written", "[math]", float,
+                   double) {
   using T = TestType;
   using B = pl::detail::batch<T>;
 #if defined(__SSE2__)
   CHECK(pl::detail::has_stream_store<pl::detail::arch>);
 #endif
-  check_function<T>("log_sigmoid", [](const T* x, T* y, std::size_t n) { pl::log_sigmoid(x, y, n); },
-                    [](const B& b) { return pl::log_sigmoid(b); });
-  check_function<T>("sigmoid", [](const T* x, T* y, std::size_t n) { pl::sigmoid(x, y, n); },
-                    [](const B& b) { return pl::sigmoid(b); });
-  check_function<T>("softplus", [](const T* x, T* y, std::size_t n) { pl::softplus(x, y, n); },
-                    [](const B& b) { return pl::softplus(b); });
-  check_function<T>("log1mexp", [](const T* x, T* y, std::size_t n) { pl::log1mexp(x, y, n); },
-                    [](const B& b) { return pl::log1mexp(b); });
+  check_function<T>(
+      "log_sigmoid", [](const T* x, T* y, std::size_t n) { pl::log_sigmoid(x, y, n); },
+      [](const B& b) { return pl::log_sigmoid(b); });
+  check_function<T>(
+      "sigmoid", [](const T* x, T* y, std::size_t n) { pl::sigmoid(x, y, n); },
+      [](const B& b) { return pl::sigmoid(b); });
+  check_function<T>(
+      "softplus", [](const T* x, T* y, std::size_t n) { pl::softplus(x, y, n); },
+      [](const B& b) { return pl::softplus(b); });
+  check_function<T>(
+      "log1mexp", [](const T* x, T* y, std::size_t n) { pl::log1mexp(x, y, n); },
+      [](const B& b) { return pl::log1mexp(b); });
 }
 
 TEMPLATE_TEST_CASE("masked adjoints with streaming stores: the closed form, every row and offset", "[reduce]", float,
@@ -147,8 +151,8 @@ TEMPLATE_TEST_CASE("masked adjoints with streaming stores: the closed form, ever
   CHECK(clobbered == 0);
 }
 
-TEMPLATE_TEST_CASE("ppo_clip gradients with streaming stores: finite differences, nothing else written", "[ppo]",
-                   float, double) {
+TEMPLATE_TEST_CASE("ppo_clip gradients with streaming stores: finite differences, nothing else written", "[ppo]", float,
+                   double) {
   using S = TestType;
   using Tok = Eigen::Tensor<S, 2, Eigen::RowMajor>;
   constexpr long w = static_cast<long>(pl::detail::lanes<S>);
@@ -188,7 +192,8 @@ TEMPLATE_TEST_CASE("ppo_clip gradients with streaming stores: finite differences
       CHECK(r.rel <= tol);
       std::size_t clobbered = 0;
       for (long k = 0; k < off; ++k) clobbered += !(buf[static_cast<std::size_t>(k)] == sentinel);
-      for (std::size_t k = static_cast<std::size_t>(off + B * T); k < buf.size(); ++k) clobbered += !(buf[k] == sentinel);
+      for (std::size_t k = static_cast<std::size_t>(off + B * T); k < buf.size(); ++k)
+        clobbered += !(buf[k] == sentinel);
       CHECK(clobbered == 0);
     }
   }

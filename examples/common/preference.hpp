@@ -31,12 +31,12 @@ inline const char* method_name(Method m) {
 
 struct PreferenceConfig {
   Method method = Method::dpo;
-  double beta = 0.1;          ///< DPO, IPO, KTO: the loss's beta (their default 0.1)
-  double simpo_beta = 2.0;    ///< SimPO's beta and gamma (its defaults; SimPO has no reference)
+  double beta = 0.1;        ///< DPO, IPO, KTO: the loss's beta (their default 0.1)
+  double simpo_beta = 2.0;  ///< SimPO's beta and gamma (its defaults; SimPO has no reference)
   double simpo_gamma = 0.5;
   long steps = 300;
-  Index batch = 64;           ///< pairs per step (KTO: their 2 * batch completions)
-  double lr = 0.05;           ///< Adam on the logits
+  Index batch = 64;  ///< pairs per step (KTO: their 2 * batch completions)
+  double lr = 0.05;  ///< Adam on the logits
   std::uint64_t seed = 1;
 };
 
@@ -176,7 +176,8 @@ inline std::vector<Snapshot> train_preference(const Experiment& e, const Prefere
     preference_loss(t, cfg, pairs, policy, ref, &grad);
     adam.step(policy.logits, grad);
     policy.refresh();
-    if (step % every == 0 || step == cfg.steps) out.push_back(snapshot(step, e, cfg, policy, ref, ref_dist, target, metric_beta));
+    if (step % every == 0 || step == cfg.steps)
+      out.push_back(snapshot(step, e, cfg, policy, ref, ref_dist, target, metric_beta));
   }
   return out;
 }

@@ -25,7 +25,8 @@ namespace examples {
 #if defined(__GNUC__)
 __attribute__((format(printf, 1, 2)))
 #endif
-inline std::string fmt(const char* f, ...) {
+inline std::string
+fmt(const char* f, ...) {
   char buf[1024];
   va_list ap;
   va_start(ap, f);
@@ -97,7 +98,8 @@ inline Args parse_args(int argc, char** argv, const std::string& name, const std
   std::error_code ec;
   std::filesystem::create_directories(a.out, ec);
   if (ec) {
-    std::fprintf(stderr, "%s: cannot create output directory '%s': %s\n", name.c_str(), a.out.c_str(), ec.message().c_str());
+    std::fprintf(stderr, "%s: cannot create output directory '%s': %s\n", name.c_str(), a.out.c_str(),
+                 ec.message().c_str());
     std::exit(2);
   }
   return a;
@@ -187,7 +189,9 @@ struct AsciiPlot {
     constexpr int gutter = 11;  // "%9.4g" + ' ' + '|'
     const int pw = std::max(10, width - gutter);
     // y is mapped through ty (log10 on a log axis); the labels show the untransformed values.
-    const auto ty = [&](double y) { return logy ? (y > 0 ? std::log10(y) : std::numeric_limits<double>::quiet_NaN()) : y; };
+    const auto ty = [&](double y) {
+      return logy ? (y > 0 ? std::log10(y) : std::numeric_limits<double>::quiet_NaN()) : y;
+    };
     const auto uy = [&](double v) { return logy ? std::pow(10.0, v) : v; };
     double x0 = std::numeric_limits<double>::infinity(), x1 = -x0, y0 = x0, y1 = -x0;
     for (const auto& s : series) {
@@ -229,8 +233,8 @@ struct AsciiPlot {
         } else {  // connect (pc, pr) -> (c, r)
           const int n = std::max(std::abs(c - pc), std::abs(r - pr));
           for (int k = 1; k <= n; ++k)
-            put(pc + static_cast<int>(std::lround(double(c - pc) * k / n)), pr + static_cast<int>(std::lround(double(r - pr) * k / n)),
-                s.glyph);
+            put(pc + static_cast<int>(std::lround(double(c - pc) * k / n)),
+                pr + static_cast<int>(std::lround(double(r - pr) * k / n)), s.glyph);
         }
         pc = c, pr = r, have = true;
       }
@@ -263,7 +267,8 @@ struct AsciiPlot {
     std::string line = std::string(gutter - 1, ' ') + " ";
     for (const auto& s : series) {
       const std::string item = std::string(1, s.glyph) + " " + s.label + "   ";
-      if (line.size() + item.size() - 3 > static_cast<std::size_t>(gutter + pw) && line.size() > static_cast<std::size_t>(gutter)) {
+      if (line.size() + item.size() - 3 > static_cast<std::size_t>(gutter + pw) &&
+          line.size() > static_cast<std::size_t>(gutter)) {
         while (line.back() == ' ') line.pop_back();
         out += line + "\n";
         line = std::string(gutter, ' ');
@@ -282,7 +287,7 @@ struct AsciiPlot {
 
 /// One curve of a gnuplot panel: columns x and y of a CSV file (by header name).
 struct GpCurve {
-  std::string file, x, y, title;  ///< an empty title leaves the curve out of the key
+  std::string file, x, y, title;          ///< an empty title leaves the curve out of the key
   std::string style = "with lines lw 2";  ///< e.g. "with linespoints pt 7 lc rgb '#1f77b4'"
 };
 
@@ -345,8 +350,8 @@ inline bool write_png(const GpFigure& fig, const std::string& png, const std::st
     f << "set grid lc rgb '#dddddd'\nset key samplen 2 spacing 1 font ',9'\nset autoscale xfix\n";
     f << "set multiplot layout " << fig.rows << "," << fig.cols << " title " << gp_quote(fig.title) << " font ',13'\n";
     for (const auto& p : fig.panels) {
-      f << "set title " << gp_quote(p.title) << "\nset xlabel " << gp_quote(p.xlabel) << "\nset ylabel " << gp_quote(p.ylabel)
-        << "\n";
+      f << "set title " << gp_quote(p.title) << "\nset xlabel " << gp_quote(p.xlabel) << "\nset ylabel "
+        << gp_quote(p.ylabel) << "\n";
       f << (p.logy ? "set logscale y\n" : "unset logscale y\n");
       f << (p.key == "off" ? std::string("unset key\n") : "set key " + p.key + "\n");
       f << p.extra << "\n";

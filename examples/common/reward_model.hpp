@@ -28,8 +28,8 @@ struct RewardModelConfig {
   Index batch = 64;
   double lr = 0.02;
   double weight_decay = 0.0;  ///< decoupled (AdamW) decay
-  double l2 = 0.005;           ///< L2 penalty l2/2 * |w|^2 added to the loss (a Gaussian prior on w)
-  double init_std = 0.01;  ///< small random init, as a network's head would have
+  double l2 = 0.005;          ///< L2 penalty l2/2 * |w|^2 added to the loss (a Gaussian prior on w)
+  double init_std = 0.01;     ///< small random init, as a network's head would have
   std::uint64_t seed = 1;
 };
 

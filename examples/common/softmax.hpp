@@ -79,7 +79,8 @@ inline void scatter_add(const Shape& s, const Sequences& seq, const Tokens& g, s
     for (int t = 0; t < s.L; ++t) {
       const Index k = b * s.L + t;
       if (seq.mask.data()[k])
-        grad_table[s.row(seq.prompt[static_cast<std::size_t>(b)], t) + static_cast<std::size_t>(seq.tok.data()[k])] += g.data()[k];
+        grad_table[s.row(seq.prompt[static_cast<std::size_t>(b)], t) + static_cast<std::size_t>(seq.tok.data()[k])] +=
+            g.data()[k];
     }
 }
 
@@ -89,7 +90,8 @@ class TabularPolicy {
   Shape shape;
   std::vector<float> logits;
 
-  TabularPolicy(const Shape& s, std::vector<float> init) : shape(s), logits(std::move(init)), lsm_(s.size()), row_g_(s.rows()) {
+  TabularPolicy(const Shape& s, std::vector<float> init)
+      : shape(s), logits(std::move(init)), lsm_(s.size()), row_g_(s.rows()) {
     refresh();
   }
 
@@ -104,7 +106,10 @@ class TabularPolicy {
   void backward(const Sequences& seq, const Tokens& grad_logp, std::vector<float>& grad_logits) {
     log_softmax_gather_backward(
         lsm_.data(), shape.V, seq.tok, seq.mask, grad_logp,
-        [&](Index b, Index t) { return static_cast<std::size_t>(seq.prompt[static_cast<std::size_t>(b)]) * static_cast<std::size_t>(shape.L) + static_cast<std::size_t>(t); },
+        [&](Index b, Index t) {
+          return static_cast<std::size_t>(seq.prompt[static_cast<std::size_t>(b)]) * static_cast<std::size_t>(shape.L) +
+                 static_cast<std::size_t>(t);
+        },
         grad_logits.data(), row_g_);
   }
 

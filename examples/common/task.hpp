@@ -26,10 +26,10 @@ namespace examples {
 
 namespace pl = prefloss;
 using Index = Eigen::Index;
-using Tokens = Eigen::Tensor<float, 2, Eigen::RowMajor>;        ///< [batch, tokens] token values
-using Mask = Eigen::Tensor<std::uint8_t, 2, Eigen::RowMajor>;   ///< [batch, tokens], 1 = valid token
-using Ids = Eigen::Tensor<int, 2, Eigen::RowMajor>;             ///< [batch, tokens] token ids
-using Seq = Eigen::Tensor<float, 1>;                            ///< [batch] sequence values
+using Tokens = Eigen::Tensor<float, 2, Eigen::RowMajor>;       ///< [batch, tokens] token values
+using Mask = Eigen::Tensor<std::uint8_t, 2, Eigen::RowMajor>;  ///< [batch, tokens], 1 = valid token
+using Ids = Eigen::Tensor<int, 2, Eigen::RowMajor>;            ///< [batch, tokens] token ids
+using Seq = Eigen::Tensor<float, 1>;                           ///< [batch] sequence values
 
 /// Sizes of a [prompts, positions, vocab] table, stored row-major (one row of V per position).
 struct Shape {
@@ -45,19 +45,19 @@ struct Shape {
 struct TaskConfig {
   int prompts = 4;
   int vocab = 5;
-  int min_len = 2;            ///< response lengths are drawn per prompt in [min_len, max_len]
+  int min_len = 2;  ///< response lengths are drawn per prompt in [min_len, max_len]
   int max_len = 5;
-  double score_scale = 0.5;   ///< std of the per-token true scores
-  double ref_scale = 1.0;     ///< std of the reference logits (0 = uniform reference)
+  double score_scale = 0.5;  ///< std of the per-token true scores
+  double ref_scale = 1.0;    ///< std of the reference logits (0 = uniform reference)
   std::uint64_t seed = 7;
 };
 
 struct Task {
   TaskConfig cfg;
   Shape shape;
-  std::vector<int> len;            ///< response length of each prompt
-  std::vector<double> score;       ///< hidden true per-token reward, [X, L, V] (0 beyond len)
-  std::vector<float> ref_logits;   ///< frozen reference ("SFT") logits, [X, L, V]
+  std::vector<int> len;           ///< response length of each prompt
+  std::vector<double> score;      ///< hidden true per-token reward, [X, L, V] (0 beyond len)
+  std::vector<float> ref_logits;  ///< frozen reference ("SFT") logits, [X, L, V]
 
   explicit Task(const TaskConfig& c = {}) : cfg(c) {
     shape = Shape{c.prompts, c.max_len, c.vocab};
@@ -196,7 +196,8 @@ inline Sequences select(const Task& t, const Sequences& s, const std::vector<int
 
 /// Rows idx of a [batch, tokens] tensor, in that order.
 template <class T>
-Eigen::Tensor<T, 2, Eigen::RowMajor> select_rows(const Eigen::Tensor<T, 2, Eigen::RowMajor>& x, const std::vector<int>& idx) {
+Eigen::Tensor<T, 2, Eigen::RowMajor> select_rows(const Eigen::Tensor<T, 2, Eigen::RowMajor>& x,
+                                                 const std::vector<int>& idx) {
   Eigen::Tensor<T, 2, Eigen::RowMajor> out(static_cast<Index>(idx.size()), x.dimension(1));
   for (Index b = 0; b < out.dimension(0); ++b)
     for (Index l = 0; l < x.dimension(1); ++l) out(b, l) = x(idx[static_cast<std::size_t>(b)], l);
@@ -290,8 +291,8 @@ inline std::string describe(const Experiment& e) {
   std::string lens;
   for (int x = 0; x < t.shape.X; ++x) lens += (x ? ", " : "") + std::to_string(t.length(x));
   return "task: " + std::to_string(t.shape.X) + " prompts, responses of " + lens + " tokens (padded to " +
-         std::to_string(t.shape.L) + ") over " + std::to_string(t.shape.V) + " symbols;\n" + std::to_string(e.train.size()) +
-         " training pairs (labels agree with the true reward on " +
+         std::to_string(t.shape.L) + ") over " + std::to_string(t.shape.V) + " symbols;\n" +
+         std::to_string(e.train.size()) + " training pairs (labels agree with the true reward on " +
          std::to_string(static_cast<int>(std::lround(100 * label_agreement(t, e.train)))) + "%), " +
          std::to_string(e.heldout.size()) + " held-out pairs";
 }
@@ -314,7 +315,8 @@ class Batcher {
 
  private:
   void shuffle() {
-    for (std::size_t i = order_.size(); i > 1; --i) std::swap(order_[i - 1], order_[static_cast<std::size_t>(rng_.below(static_cast<int>(i)))]);
+    for (std::size_t i = order_.size(); i > 1; --i)
+      std::swap(order_[i - 1], order_[static_cast<std::size_t>(rng_.below(static_cast<int>(i)))]);
     pos_ = 0;
   }
   std::vector<int> order_;

@@ -37,10 +37,12 @@
 /// diagnostic pragma at any function of the inlining chain, so the kernel headers wrap their
 /// code in these: the warning is silenced whether or not Eigen included the intrinsics first.
 #if defined(__GNUC__) && !defined(__clang__)
+// clang-format off
 #define PREFLOSS_KERNELS_BEGIN                                \
   _Pragma("GCC diagnostic push")                              \
   _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")       \
   _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+// clang-format on
 #define PREFLOSS_KERNELS_END _Pragma("GCC diagnostic pop")
 #else
 #define PREFLOSS_KERNELS_BEGIN

@@ -119,7 +119,9 @@ struct Out {
   bool plain;  ///< the packed call gets a rank-1 map, not pl::packed(map, cu)
 };
 
-inline bool same_bits(double x, double y) { return (std::isnan(x) && std::isnan(y)) || std::memcmp(&x, &y, sizeof x) == 0; }
+inline bool same_bits(double x, double y) {
+  return (std::isnan(x) && std::isnan(y)) || std::memcmp(&x, &y, sizeof x) == 0;
+}
 
 /// An output and the layout of its rows.
 template <class T, class O>
@@ -131,7 +133,8 @@ template <class T, class O>
 void compare(const std::string& what, bool refused, bool values_too, const Record& pad, const Record& flat,
              const std::vector<Placed<T, O>>& outs) {
   if (refused) {
-    if (flat.thrown.empty()) fail(what, "packed: broken cu_seqlens offsets (or an option packed rows cannot default) were accepted");
+    if (flat.thrown.empty())
+      fail(what, "packed: broken cu_seqlens offsets (or an option packed rows cannot default) were accepted");
     return;
   }
   // Both throw or neither: which check fires first may differ (a padded [0, N] batch fails
@@ -150,7 +153,8 @@ void compare(const std::string& what, bool refused, bool values_too, const Recor
   if (values_too)
     for (std::size_t i = 0; i < n; ++i)
       if (!same_bits(pad.values[i], flat.values[i]))
-        fail(what, "packed: result " + std::to_string(i) + " is " + str(flat.values[i]) + ", padded " + str(pad.values[i]));
+        fail(what,
+             "packed: result " + std::to_string(i) + " is " + str(flat.values[i]) + ", padded " + str(pad.values[i]));
   std::size_t base_pad = n, base_flat = n;
   for (const auto& o : outs) {
     o.second->each([&](std::size_t p, Index k) {
@@ -222,22 +226,24 @@ void reduction(Decoder& d, const Layout<O>& lay) {
   const Input<compute_t<T>> upstream(d, lay.rows());
   Out<T> grad(d, lay);
   const bool mean = d.flag();
-  both_layouts<T, O>(d, mean ? "masked_mean" : "masked_sum", lay.broken, exact_masks<M>, {&x.pad}, {&x.flat}, {{&grad, &lay}},
-               [&](auto p, Record& rec) {
-                 const auto run = [&](const auto& e) {
-                   rec.add(e.eval());
-                   with_out(p, grad, lay, [&](auto g) { e.backward(upstream.vec(), g); });
-                 };
-                 mean ? run(pl::masked_mean(in(p, x, lay), in_mask(p, m, lay)))
-                      : run(pl::masked_sum(in(p, x, lay), in_mask(p, m, lay)));
-               });
+  both_layouts<T, O>(d, mean ? "masked_mean" : "masked_sum", lay.broken, exact_masks<M>, {&x.pad}, {&x.flat},
+                     {{&grad, &lay}}, [&](auto p, Record& rec) {
+                       const auto run = [&](const auto& e) {
+                         rec.add(e.eval());
+                         with_out(p, grad, lay, [&](auto g) { e.backward(upstream.vec(), g); });
+                       };
+                       mean ? run(pl::masked_mean(in(p, x, lay), in_mask(p, m, lay)))
+                            : run(pl::masked_sum(in(p, x, lay), in_mask(p, m, lay)));
+                     });
   if constexpr (is_16bit_v<T>) {
     // The float tokens of the same values: the same sums, bit for bit.
     Buf<float> wide(0, lay.rows(), lay.N);
     for (std::size_t i = 0; i < wide.size(); ++i) wide.set(i, static_cast<float>(x.pad.get(i)));
     try {
-      const auto a = mean ? pl::masked_mean(x.pad.mat(), m.pad.mat()).eval() : pl::masked_sum(x.pad.mat(), m.pad.mat()).eval();
-      const auto b = mean ? pl::masked_mean(wide.mat(), m.pad.mat()).eval() : pl::masked_sum(wide.mat(), m.pad.mat()).eval();
+      const auto a =
+          mean ? pl::masked_mean(x.pad.mat(), m.pad.mat()).eval() : pl::masked_sum(x.pad.mat(), m.pad.mat()).eval();
+      const auto b =
+          mean ? pl::masked_mean(wide.mat(), m.pad.mat()).eval() : pl::masked_sum(wide.mat(), m.pad.mat()).eval();
       for (Index i = 0; i < a.size(); ++i)
         if (!same_bits(static_cast<double>(a(i)), static_cast<double>(b(i))))
           fail("masked_sum / masked_mean", "16-bit row " + std::to_string(i) + " is " + str(static_cast<double>(a(i))) +
@@ -262,21 +268,21 @@ void ppo(Decoder& d, const Layout<O>& lay) {
   const bool with_ref = d.flag(), fused = d.flag();
   const auto o = options<pl::PpoOptions>(d);
   both_layouts<T, O>(d, with_ref ? "ppo_clip with ref_logp" : "ppo_clip", lay.broken || no_default(o), exact_masks<M>,
-                     {&lp.pad, &old.pad, &adv.pad, &ref.pad}, {&lp.flat, &old.flat, &adv.flat, &ref.flat}, {{&grad, &lay}},
-               [&](auto p, Record& rec) {
-                 with_out(p, grad, lay, [&](auto g) {
-                   const auto loss = [&](auto&&... gs) {
-                     return with_ref ? pl::ppo_clip(in(p, lp, lay), in(p, old, lay), in(p, adv, lay), in_mask(p, m, lay),
-                                                    in(p, ref, lay), o, gs...)
-                                     : pl::ppo_clip(in(p, lp, lay), in(p, old, lay), in(p, adv, lay), in_mask(p, m, lay),
-                                                    o, gs...);
-                   };
-                   if (fused) return rec.add(loss(g));
-                   const auto res = loss();
-                   rec.add(res);
-                   res.backward(g);
-                 });
-               });
+                     {&lp.pad, &old.pad, &adv.pad, &ref.pad}, {&lp.flat, &old.flat, &adv.flat, &ref.flat},
+                     {{&grad, &lay}}, [&](auto p, Record& rec) {
+                       with_out(p, grad, lay, [&](auto g) {
+                         const auto loss = [&](auto&&... gs) {
+                           return with_ref ? pl::ppo_clip(in(p, lp, lay), in(p, old, lay), in(p, adv, lay),
+                                                          in_mask(p, m, lay), in(p, ref, lay), o, gs...)
+                                           : pl::ppo_clip(in(p, lp, lay), in(p, old, lay), in(p, adv, lay),
+                                                          in_mask(p, m, lay), o, gs...);
+                         };
+                         if (fused) return rec.add(loss(g));
+                         const auto res = loss();
+                         rec.add(res);
+                         res.backward(g);
+                       });
+                     });
 }
 
 template <class T, class M, class O>
@@ -288,16 +294,17 @@ void value(Decoder& d, const Layout<O>& lay) {
   const auto o = options<pl::ValueOptions>(d);
   both_layouts<T, O>(d, "value_loss", lay.broken || no_default(o), exact_masks<M>, {&v.pad, &old.pad, &ret.pad},
                      {&v.flat, &old.flat, &ret.flat}, {{&grad, &lay}}, [&](auto p, Record& rec) {
-                 with_out(p, grad, lay, [&](auto g) {
-                   const auto loss = [&](auto&&... gs) {
-                     return pl::value_loss(in(p, v, lay), in(p, old, lay), in(p, ret, lay), in_mask(p, m, lay), o, gs...);
-                   };
-                   if (fused) return rec.add(loss(g));
-                   const auto res = loss();
-                   rec.add(res);
-                   res.backward(g);
-                 });
-               });
+                       with_out(p, grad, lay, [&](auto g) {
+                         const auto loss = [&](auto&&... gs) {
+                           return pl::value_loss(in(p, v, lay), in(p, old, lay), in(p, ret, lay), in_mask(p, m, lay), o,
+                                                 gs...);
+                         };
+                         if (fused) return rec.add(loss(g));
+                         const auto res = loss();
+                         rec.add(res);
+                         res.backward(g);
+                       });
+                     });
 }
 
 template <class T, class M, class O>
@@ -307,12 +314,13 @@ void kl(Decoder& d, const Layout<O>& lay) {
   Out<T> out(d, lay), grad(d, lay);
   const auto o = options<pl::KlOptions>(d);
   both_layouts<T, O>(d, "kl_estimate", lay.broken, true, {&lp.pad, &ref.pad}, {&lp.flat, &ref.flat},
-                     {{&out, &lay}, {&grad, &lay}},
-               [&](auto p, Record&) {
-                 with_out(p, out, lay, [&](auto a) {
-                   with_out(p, grad, lay, [&](auto g) { pl::kl_estimate(in(p, lp, lay), in(p, ref, lay), in_mask(p, m, lay), o, a, g); });
-                 });
-               });
+                     {{&out, &lay}, {&grad, &lay}}, [&](auto p, Record&) {
+                       with_out(p, out, lay, [&](auto a) {
+                         with_out(p, grad, lay, [&](auto g) {
+                           pl::kl_estimate(in(p, lp, lay), in(p, ref, lay), in_mask(p, m, lay), o, a, g);
+                         });
+                       });
+                     });
 }
 
 template <class T, class M, class O>
@@ -322,12 +330,13 @@ void gae(Decoder& d, const Layout<O>& lay) {
   Out<T> adv(d, lay), ret(d, lay);
   const auto o = options<pl::GaeOptions>(d);
   both_layouts<T, O>(d, "gae", lay.broken, true, {&rewards.pad, &values.pad}, {&rewards.flat, &values.flat},
-                     {{&adv, &lay}, {&ret, &lay}},
-               [&](auto p, Record&) {
-                 with_out(p, adv, lay, [&](auto a) {
-                   with_out(p, ret, lay, [&](auto r) { pl::gae(in(p, rewards, lay), in(p, values, lay), in_mask(p, m, lay), o, a, r); });
-                 });
-               });
+                     {{&adv, &lay}, {&ret, &lay}}, [&](auto p, Record&) {
+                       with_out(p, adv, lay, [&](auto a) {
+                         with_out(p, ret, lay, [&](auto r) {
+                           pl::gae(in(p, rewards, lay), in(p, values, lay), in_mask(p, m, lay), o, a, r);
+                         });
+                       });
+                     });
 }
 
 template <class T, class M, class O>
@@ -337,10 +346,10 @@ void whiten(Decoder& d, const Layout<O>& lay) {
   Out<T> out(d, lay);
   const auto o = options<pl::WhitenOptions>(d);
   d.tame = d.tame && o.eps != 0;  // selected values that all agree are 0 / 0 then, as in verl
-  both_layouts<T, O>(d, "masked_whiten", lay.broken, true, {&values.pad}, {&values.flat}, {{&out, &lay}},
-                     [&](auto p, Record&) {
-    with_out(p, out, lay, [&](auto w) { pl::masked_whiten(in(p, values, lay), in_mask(p, m, lay), w, o); });
-  });
+  both_layouts<T, O>(
+      d, "masked_whiten", lay.broken, true, {&values.pad}, {&values.flat}, {{&out, &lay}}, [&](auto p, Record&) {
+        with_out(p, out, lay, [&](auto w) { pl::masked_whiten(in(p, values, lay), in_mask(p, m, lay), w, o); });
+      });
 }
 
 /// dpo over masked sums, chosen and rejected each with their own rows and offsets (the

@@ -59,8 +59,7 @@ void require_positive_in(const char* fn, const char* name, double value) {
 
 /// Throws option_error for an enum value outside its declared set.
 inline void require_enum(bool ok, const char* fn, const char* name, int value) {
-  if (!ok)
-    throw option_error(std::string(fn) + ": option '" + name + "' has unknown value " + std::to_string(value));
+  if (!ok) throw option_error(std::string(fn) + ": option '" + name + "' has unknown value " + std::to_string(value));
 }
 
 /// Losses average over the batch: an empty batch has no defined loss.

@@ -101,7 +101,7 @@ inline void to_float(const Eigen::bfloat16* src, float* dst, Index n) noexcept {
 /// @copydoc to_float(const Eigen::bfloat16*, float*, Index)
 inline void to_float(const Eigen::half* src, float* dst, Index n) noexcept {
   auto t = static_cast<Index>(widen_half<arch, !lowp::eigen_half_hw>(reinterpret_cast<const std::uint16_t*>(src), dst,
-                                                                      static_cast<std::size_t>(n)));
+                                                                     static_cast<std::size_t>(n)));
   for (; t < n; ++t) dst[t] = static_cast<float>(src[t]);
 }
 
@@ -114,8 +114,8 @@ inline void to_float(const float* src, float* dst, Index n) noexcept {
 /// NaN becomes the quiet NaN 0x7fc0 of its sign, +-inf stays +-inf, subnormals round like
 /// normals (no flush; AVX512_BF16's vcvtneps2bf16 would flush them, so it is not used).
 inline void from_float(const float* src, Eigen::bfloat16* dst, Index n) noexcept {
-  auto t = static_cast<Index>(
-      narrow_bf16<arch>(src, reinterpret_cast<std::uint16_t*>(dst), static_cast<std::size_t>(n)));
+  auto t =
+      static_cast<Index>(narrow_bf16<arch>(src, reinterpret_cast<std::uint16_t*>(dst), static_cast<std::size_t>(n)));
   for (; t < n; ++t) dst[t] = Eigen::bfloat16(src[t]);
 }
 
@@ -123,8 +123,8 @@ inline void from_float(const float* src, Eigen::bfloat16* dst, Index n) noexcept
 /// vcvtps2ph with round-to-nearest-even (F16C or AVX-512F; values beyond the half range become
 /// +-inf), and without F16C Eigen's scalar conversion.
 inline void from_float(const float* src, Eigen::half* dst, Index n) noexcept {
-  auto t = static_cast<Index>(narrow_half<arch, !lowp::eigen_half_hw>(src, reinterpret_cast<std::uint16_t*>(dst),
-                                                                       static_cast<std::size_t>(n)));
+  auto t = static_cast<Index>(
+      narrow_half<arch, !lowp::eigen_half_hw>(src, reinterpret_cast<std::uint16_t*>(dst), static_cast<std::size_t>(n)));
   for (; t < n; ++t) dst[t] = Eigen::half(src[t]);
 }
 

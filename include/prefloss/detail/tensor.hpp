@@ -251,8 +251,9 @@ inline void require_same_layout(const char* fn, const char* name, const RowLayou
   if (a.off.data == ref.off.data && a.off.kind == ref.off.kind) return;
   for (Index k = 1; k < a.rows; ++k)
     if (a.off.at(k) != ref.off.at(k))
-      throw shape_error(who() + "has cu_seqlens[" + std::to_string(k) + "] = " + std::to_string(a.off.at(k)) + " but '" +
-                        ref_name + "' has cu_seqlens[" + std::to_string(k) + "] = " + std::to_string(ref.off.at(k)) +
+      throw shape_error(who() + "has cu_seqlens[" + std::to_string(k) + "] = " + std::to_string(a.off.at(k)) +
+                        " but '" + ref_name + "' has cu_seqlens[" + std::to_string(k) +
+                        "] = " + std::to_string(ref.off.at(k)) +
                         "; every packed argument of one call must use the same offsets");
 }
 

@@ -11,11 +11,11 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
-#include "pairwise.hpp"
-#include "sequence_loss.hpp"
 #include "../detail/tensor.hpp"
 #include "../math/log_sigmoid.hpp"
 #include "../reduce/sequence.hpp"
+#include "pairwise.hpp"
+#include "sequence_loss.hpp"
 
 namespace prefloss {
 
@@ -108,7 +108,8 @@ auto bradley_terry_ranking(const X& rewards, const BradleyTerryOptions& opt = {}
   detail::PlainMatrix<S> in(detail::matrix_view(rewards, fn, "rewards"));
   const Index B = in.rows(), K = in.cols();
   if (K < 2)
-    throw shape_error(std::string(fn) + ": argument 'rewards' must have shape [batch, K] with K >= 2, got " + in.shape());
+    throw shape_error(std::string(fn) + ": argument 'rewards' must have shape [batch, K] with K >= 2, got " +
+                      in.shape());
   detail::require_nonempty(fn, "rewards", B);
 
   const double k = opt.center_coef;
@@ -128,7 +129,7 @@ auto bradley_terry_ranking(const X& rewards, const BradleyTerryOptions& opt = {}
       for (Index c = a + 1; c < K; ++c) {
         const double rc = in.value(i, c);
         const auto ls = log_sigmoid_and_grad(ra - rc);  // d logsig(z)/dz = sig(-z)
-        const double kc = k * (ra + rc);  // as in bradley_terry: no 2 * k overflow
+        const double kc = k * (ra + rc);                // as in bradley_terry: no 2 * k overflow
         row += -ls.value + kc * (ra + rc);
         d[static_cast<std::size_t>(a)] += -ls.grad + 2 * kc;
         d[static_cast<std::size_t>(c)] += ls.grad + 2 * kc;
@@ -138,7 +139,8 @@ auto bradley_terry_ranking(const X& rewards, const BradleyTerryOptions& opt = {}
     }
     out.losses(i) = static_cast<S>(row * inv_pairs);
     total += row * inv_pairs;
-    for (Index a = 0; a < K; ++a) out.d_(i * K + a) = static_cast<S>(d[static_cast<std::size_t>(a)] * inv_pairs * inv_b);
+    for (Index a = 0; a < K; ++a)
+      out.d_(i * K + a) = static_cast<S>(d[static_cast<std::size_t>(a)] * inv_pairs * inv_b);
   }
   out.loss = static_cast<S>(total * inv_b);
   out.metrics.accuracy = static_cast<S>(correct / (pairs * static_cast<double>(B)));
