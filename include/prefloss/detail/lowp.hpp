@@ -20,9 +20,9 @@
 #include <cstring>
 #include <tuple>
 #include <type_traits>
-#include <unsupported/Eigen/CXX11/Tensor>
 
 #include "../config.hpp"
+#include "eigen.hpp"
 #include "masked_kernels.hpp"
 #include "simd.hpp"
 #include "tensor.hpp"

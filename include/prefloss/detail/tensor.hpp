@@ -7,11 +7,10 @@
 #include <string>
 #include <type_traits>
 
-#include <unsupported/Eigen/CXX11/Tensor>
-
 #include "../config.hpp"
 #include "../errors.hpp"
 #include "../packed.hpp"
+#include "eigen.hpp"
 
 namespace prefloss::detail {
 

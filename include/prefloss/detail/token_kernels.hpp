@@ -21,11 +21,11 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
-#include <unsupported/Eigen/CXX11/Tensor>
 #include <vector>
 
 #include "../config.hpp"
 #include "../reduce/aggregation.hpp"
+#include "eigen.hpp"
 #include "exp_log.hpp"
 #include "masked_kernels.hpp"
 #include "row_loop.hpp"

@@ -7,12 +7,12 @@
 
 #include <string>
 #include <type_traits>
-#include <unsupported/Eigen/CXX11/Tensor>
 #include <utility>
 #include <vector>
 
 #include "../config.hpp"
 #include "../detail/checks.hpp"
+#include "../detail/eigen.hpp"
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
 #include "../math/log_sigmoid.hpp"

@@ -12,9 +12,8 @@
 #include <type_traits>
 #include <utility>
 
-#include <unsupported/Eigen/CXX11/Tensor>
-
 #include "../config.hpp"
+#include "../detail/eigen.hpp"
 #include "../detail/simd.hpp"
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"

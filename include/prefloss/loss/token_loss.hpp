@@ -6,11 +6,11 @@
 
 #include <cstddef>
 #include <type_traits>
-#include <unsupported/Eigen/CXX11/Tensor>
 #include <utility>
 #include <vector>
 
 #include "../config.hpp"
+#include "../detail/eigen.hpp"
 #include "../detail/lowp_tokens.hpp"
 #include "../detail/tensor.hpp"
 #include "../detail/token_kernels.hpp"

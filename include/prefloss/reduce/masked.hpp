@@ -5,9 +5,9 @@
 
 #include <string>
 #include <type_traits>
-#include <unsupported/Eigen/CXX11/Tensor>
 
 #include "../config.hpp"
+#include "../detail/eigen.hpp"
 #include "../detail/lowp.hpp"
 #include "../detail/masked_kernels.hpp"
 #include "../detail/tensor.hpp"
