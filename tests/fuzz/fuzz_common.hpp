@@ -14,6 +14,14 @@
 //   inf or overflow in the inputs.
 #pragma once
 
+#include <cstddef>
+
+// prefloss compares an output's size with PREFLOSS_STREAMING_STORE_BYTES at run time, so here it
+// is a variable: each input picks the default threshold or 0 (every output takes the
+// non-temporal store paths, whatever its size), and one build fuzzes both.
+inline std::size_t prefloss_fuzz_streaming_store_bytes = std::size_t{32} << 20;
+#define PREFLOSS_STREAMING_STORE_BYTES ::prefloss_fuzz_streaming_store_bytes
+
 #include <fuzzer/FuzzedDataProvider.h>
 
 #include <algorithm>
@@ -102,6 +110,7 @@ class Decoder : public Source {
       : Source(data, std::min(size, structure_bytes)),
         values_(data + std::min(size, structure_bytes), size - std::min(size, structure_bytes)) {
     tame = flag();
+    prefloss_fuzz_streaming_store_bytes = flag() ? 0 : std::size_t{32} << 20;
   }
 
   /// See the file comment: in a tame call a NaN output is a finding.
