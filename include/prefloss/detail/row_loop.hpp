@@ -86,15 +86,7 @@ inline double total(LaneSum<S>& x, LaneSum<S>& y) noexcept {
   return tree_sum<lanes<S>>(d);
 }
 
-/// @brief Elements [t, t + r) of a row through the batch code, one batch of lanes<T> at a time
-/// on zero-padded copies, so a partial batch gives the same per-element results as a full one.
-///
-/// src holds NI input rows (null entries, and src itself when NI is 0, are read as zeros), m a
-/// mask row or null (padding is zero: not selected). body(xp, mp, op) sees the copies (xp: NI
-/// pointers to lanes<T> values, mp: lanes<T> mask entries) and writes a full batch to op; the
-/// first min(r, lanes<T>) entries of op go to out + t unless out is null.
-/// Batches of Width elements (0: lanes<T>; a 16-bit storage type has no batch of its own and
-/// passes the width of the float batches it is converted into).
+/// padded_batches' batch width: Width, or lanes<T> for Width = 0.
 template <std::size_t Width, class T>
 constexpr std::size_t batch_width() noexcept {
   if constexpr (Width != 0) {
@@ -104,6 +96,15 @@ constexpr std::size_t batch_width() noexcept {
   }
 }
 
+/// @brief Elements [t, t + r) of a row through the batch code, one batch of lanes<T> at a time
+/// on zero-padded copies, so a partial batch gives the same per-element results as a full one.
+///
+/// src holds NI input rows (null entries, and src itself when NI is 0, are read as zeros), m a
+/// mask row or null (padding is zero: not selected). body(xp, mp, op) sees the copies (xp: NI
+/// pointers to lanes<T> values, mp: lanes<T> mask entries) and writes a full batch to op; the
+/// first min(r, lanes<T>) entries of op go to out + t unless out is null.
+/// Batches of Width elements (0: lanes<T>; a 16-bit storage type has no batch of its own and
+/// passes the width of the float batches it is converted into).
 template <std::size_t NI, class T, class M, class Body, std::size_t Width = 0>
 inline void padded_batches(const T* const* src, const M* m, T* out, std::size_t t, std::size_t r,
                            Body&& body) noexcept {
