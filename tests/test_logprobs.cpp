@@ -97,7 +97,8 @@ TEMPLATE_TEST_CASE("token_logprobs: logp and entropy against long double, every 
       pl::LogprobOptions o;
       o.temperature = tau;
       o.entropy = true;
-      const auto r = pl::token_logprobs(z, y, ones(B, L), o);
+      const Mask m = ones(B, L);
+      const auto r = pl::token_logprobs(z, y, m, o);
       REQUIRE(r.logp.dimension(0) == B);
       REQUIRE(r.entropy.dimension(1) == L);
       for (Index i = 0; i < B * L; ++i) {
@@ -136,7 +137,8 @@ TEMPLATE_TEST_CASE("token_logprobs: confident tokens keep logp and 1 - p relativ
     y(b, 0) = b % V;
     z(b, 0, y(b, 0)) = static_cast<T>(std::log(p * static_cast<double>(V - 1) / (1 - p)));
   }
-  const auto r = pl::token_logprobs(z, y, ones(B, 1));
+  const Mask m = ones(B, 1);
+  const auto r = pl::token_logprobs(z, y, m);
   double worst_logp = 0, worst_q = 0;
   for (Index b = 0; b < B; ++b) {
     const Ref ref = reference(z.data() + b * V, V, y(b, 0), 1.0);
@@ -267,8 +269,9 @@ TEMPLATE_TEST_CASE("token_logprobs: 16-bit logits give the float computation of 
   const auto y = random_labels(B, L, V, 9);
   pl::LogprobOptions o;
   o.entropy = true;
-  const auto a = pl::token_logprobs(z, y, ones(B, L), o);
-  const auto b = pl::token_logprobs(zf, y, ones(B, L), o);
+  const Mask m = ones(B, L);
+  const auto a = pl::token_logprobs(z, y, m, o);
+  const auto b = pl::token_logprobs(zf, y, m, o);
   for (Index k = 0; k < B * L; ++k) {
     CHECK(a.logp.data()[k] == b.logp.data()[k]);
     CHECK(a.entropy.data()[k] == b.entropy.data()[k]);
@@ -302,9 +305,10 @@ TEST_CASE("token_logprobs: bad input throws, naming the argument, and writes not
   m(1, 2) = 1;
   y(1, 2) = 0;
   const Labels y_short(B, L - 1);
-  expect_throw<pl::shape_error>([&] { (void)pl::token_logprobs(z, y_short, Mask(B, L - 1)); }, "token_logprobs",
+  const Mask m_short = ones(B, L - 1), m_long = ones(B, L + 1);
+  expect_throw<pl::shape_error>([&] { (void)pl::token_logprobs(z, y_short, m_short); }, "token_logprobs",
                                 {"'labels'", "[2, 2]", "[2, 3, 5]"});
-  expect_throw<pl::shape_error>([&] { (void)pl::token_logprobs(z, y, ones(B, L + 1)); }, "token_logprobs", {"'mask'"});
+  expect_throw<pl::shape_error>([&] { (void)pl::token_logprobs(z, y, m_long); }, "token_logprobs", {"'mask'"});
   for (const double tau :
        {0.0, -1.0, std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN(), 1e-50}) {
     pl::LogprobOptions o;
@@ -334,7 +338,8 @@ TEST_CASE("token_logprobs: a 128k vocabulary in float and rows of -inf but the l
   y.setValues({{12345, V - 1}});
   pl::LogprobOptions o;
   o.entropy = true;
-  const auto r = pl::token_logprobs(z, y, ones(1, 2), o);
+  const Mask m = ones(1, 2);
+  const auto r = pl::token_logprobs(z, y, m, o);
   for (Index t = 0; t < 2; ++t) {
     const Ref ref = reference(z.data() + t * V, V, y(0, t), 1.0);
     // As in the first test: the float lane sum's bound does not grow with V.
@@ -351,7 +356,8 @@ TEST_CASE("token_logprobs: a 128k vocabulary in float and rows of -inf but the l
   w(0, 0, 20) = -3;
   Labels yl(1, 1);
   yl(0, 0) = 20;
-  const auto q = pl::token_logprobs(w, yl, ones(1, 1), o);
+  const Mask m1 = ones(1, 1);
+  const auto q = pl::token_logprobs(w, yl, m1, o);
   CHECK(q.logp(0, 0) == 0.0f);
   CHECK(q.entropy(0, 0) == 0.0f);
   Tok<float> g1(1, 1);

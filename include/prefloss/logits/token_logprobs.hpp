@@ -216,7 +216,8 @@ struct LogprobBuilder;
 /// @brief The result of token_logprobs: per-token log-probs (and entropy), and the backward.
 ///
 /// Holds views of the logits, labels and mask, not copies: they must outlive the result while
-/// backward() may be called (backward reads the selected logit rows again).
+/// backward() may be called (backward reads the selected logit rows again). A temporary owning
+/// Eigen::Tensor for any of them does not compile (temporary TensorMaps are fine).
 /// @tparam S the compute type: double for double logits, float otherwise
 template <class S, class Z, class Lab, class M>
 class LogprobResult {
@@ -397,5 +398,17 @@ auto token_logprobs(const X& logits, const Y& labels, const K& mask, const Logpr
 
   return detail::LogprobBuilder::make<S>(z, lab, mk, k, opt.entropy);
 }
+
+// A result over a temporary owning tensor would dangle: backward() reads the logits, labels and
+// mask again.
+template <class S, int O, class I, class Y, class K>
+void token_logprobs(Eigen::Tensor<S, 3, O, I>&& logits, const Y& labels, const K& mask,
+                    const LogprobOptions& opt = {}) = delete;
+template <class X, class S, int O, class I, class K>
+void token_logprobs(const X& logits, Eigen::Tensor<S, 2, O, I>&& labels, const K& mask,
+                    const LogprobOptions& opt = {}) = delete;
+template <class X, class Y, class S, int O, class I>
+void token_logprobs(const X& logits, const Y& labels, Eigen::Tensor<S, 2, O, I>&& mask,
+                    const LogprobOptions& opt = {}) = delete;
 
 }  // namespace prefloss
