@@ -65,8 +65,8 @@ struct Case {
 };
 
 /// Every family the suite compares: each has a TEST_CASE below that loads golden_<family>.txt.
-const char* const families[] = {"bradley_terry", "dpo",      "gae",   "group_advantages", "ipo",   "kl", "kto", "nll",
-                                "orpo",          "ppo_clip", "simpo", "value_loss",       "whiten"};
+const char* const families[] = {"bradley_terry", "dpo", "gae",  "group_advantages", "ipo",   "kl",         "kto",
+                                "logprobs",      "nll", "orpo", "ppo_clip",         "simpo", "value_loss", "whiten"};
 
 std::vector<Case> load(const std::string& family) {
   const std::string path = std::string(PREFLOSS_TEST_DATA_DIR) + "/golden_" + family + ".txt";
@@ -560,6 +560,33 @@ TEST_CASE("golden: group_advantages vs verl compute_grpo_outcome_advantage", "[g
       Vec<T> out(s.size());
       pl::group_advantages(s, static_cast<long>(c.num("group_size")), o, out);
       compare(c, "out", out);
+    });
+  }
+}
+
+TEST_CASE("golden: token_logprobs vs TRL selective_log_softmax, verl entropy_from_logits, autograd",
+          "[golden][logprobs]") {
+  for (const Case& c : load("logprobs")) {
+    for_types([&](auto zero) {
+      using T = decltype(zero);
+      const Rec& zr = c.at("logits");
+      REQUIRE(zr.dims.size() == 3);
+      Eigen::Tensor<T, 3, Eigen::RowMajor> z(zr.dims[0], zr.dims[1], zr.dims[2]);
+      for (long k = 0; k < zr.size(); ++k) z.data()[k] = static_cast<T>(zr.v[static_cast<std::size_t>(k)]);
+      const auto yd = tok<double>(c.at("labels"));
+      Tok<std::int64_t> y(yd.dimension(0), yd.dimension(1));
+      for (long k = 0; k < y.size(); ++k) y.data()[k] = static_cast<std::int64_t>(yd.data()[k]);
+      const auto m = mask(c.at("mask"));
+      pl::LogprobOptions o;
+      o.temperature = c.num("temperature");
+      o.entropy = true;
+      const auto r = pl::token_logprobs(z, y, m, o);
+      compare<T>(c, "logp", r.logp.data(), r.logp.size(), c.at("logp"));
+      compare<T>(c, "entropy", r.entropy.data(), r.entropy.size(), c.at("entropy"));
+      const auto gl = tok<T>(c.at("grad_logp")), gh = tok<T>(c.at("grad_entropy"));
+      Eigen::Tensor<T, 3, Eigen::RowMajor> g(z.dimension(0), z.dimension(1), z.dimension(2));
+      r.backward(gl, gh, g);
+      compare<T>(c, "grad", g.data(), g.size(), c.at("grad"), true);
     });
   }
 }

@@ -25,6 +25,9 @@ produce d loss / d (policy token log-probs):
   Two departures follow prefloss's documented definitions (ppo_clip.hpp), not verl: seq-mean-token-sum-norm divides by batch * C
   (Dr.GRPO; verl omits the batch), and an empty row contributes 0 to seq-mean-token-mean
   (verl: 0/0). Dual clip is applied only where the case says so.
+- Token log-probs: TRL `selective_log_softmax` (log_softmax + gather) on logits / temperature
+  (verl's actor divides by it), verl `entropy_from_logits` with a -inf logit's term taken as 0,
+  and autograd of sum(g_lp logp + g_h entropy) for d / d logits.
 - GAE / whitening / GRPO advantages: verl `compute_gae_advantage_return` (its mask-skipping
   recursion, no whitening), `verl_F.masked_whiten` (unbiased variance, eps 1e-8) and
   `compute_grpo_outcome_advantage` (unbiased std, eps 1e-6, a group of one: mean 0, std 1).
@@ -716,10 +719,60 @@ def gen_group():
     w.write()
 
 
+# ---- token log-probs from logits: TRL selective_log_softmax, verl entropy_from_logits ---------
+
+def gen_logprobs():
+    w = Writer("logprobs", "TRL selective_log_softmax (log_softmax(logits / T).gather(labels)) and verl "
+                           "entropy_from_logits, per token, and d/d logits of sum g_lp logp + g_h entropy")
+    # (name, vocab, temperature, logit spread): V not a multiple of any SIMD width included.
+    for k, (name, V, temp, spread) in enumerate([("v1", 1, 1.0, 1.0), ("v7_t0.7", 7, 0.7, 2.0),
+                                                 ("v33", 33, 1.0, 3.0), ("v100_t2", 100, 2.0, 4.0),
+                                                 ("v517_confident", 517, 1.0, 1.0)]):
+        rng = random.Random(3000 + k)
+        Bq, Tq = 2, 5
+        m = masks(rng, Bq, Tq)
+        z = [[[f32(rng.gauss(0.0, spread)) for _ in range(V)] for _ in range(Tq)] for _ in range(Bq)]
+        y = [[rng.randrange(V) for _ in range(Tq)] for _ in range(Bq)]
+        for i in range(Bq):
+            for j in range(Tq):
+                if not m[i, j]:
+                    z[i][j] = [NAN] * V  # padding: never read
+                    y[i][j] = -7  # nor its label
+                    continue
+                if V > 3:  # forbidden vocabulary, never the label
+                    for v in range(0, V, 5):
+                        if v != y[i][j]:
+                            z[i][j][v] = NEG_INF
+                if name.endswith("confident"):  # p_y near 1
+                    z[i][j][y[i][j]] = f32(12.0 + j)
+        zt = torch.tensor(z)
+        yt = torch.tensor(y, dtype=torch.int64)
+        gl = torch.tensor([[f32(rng.gauss(0, 1)) for _ in range(Tq)] for _ in range(Bq)])
+        gh = torch.tensor([[f32(rng.gauss(0, 1)) for _ in range(Tq)] for _ in range(Bq)])
+        x = leaf(zt)
+        m3 = m.unsqueeze(-1).expand_as(x)
+        u = torch.where(m3, x, torch.zeros_like(x)) / temp
+        lsm = u.log_softmax(-1)
+        logp = sel(lsm.gather(-1, yt.clamp(min=0).unsqueeze(-1)).squeeze(-1), m)
+        # verl's logsumexp(u) - sum(softmax(u) u) is 0 * -inf = NaN at a -inf logit; prefloss
+        # defines that term as 0 (probability 0), which this form gives with a finite gradient.
+        p = lsm.exp()
+        safe = torch.where(p > 0, lsm, torch.zeros_like(lsm))
+        ent = sel(-(p * safe).sum(-1), m)
+        g = grad_of((sel(gl, m) * logp).sum() + (sel(gh, m) * ent).sum(), x)
+        w.case(name)
+        w.t("temperature", temp)
+        for lab, t_ in [("logits", zt), ("labels", yt.double()), ("mask", m.double()), ("grad_logp", gl),
+                        ("grad_entropy", gh), ("logp", logp), ("entropy", ent), ("grad", g)]:
+            w.t(lab, t_)
+        w.end()
+    w.write()
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     for gen in [gen_dpo, gen_ipo, gen_kto, gen_bradley_terry, gen_simpo, gen_orpo, gen_nll, gen_ppo, gen_value,
-                gen_kl, gen_gae, gen_whiten, gen_group]:
+                gen_kl, gen_gae, gen_whiten, gen_group, gen_logprobs]:
         gen()
 
 
