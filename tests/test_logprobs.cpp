@@ -2,9 +2,16 @@
 // gradients against central finite differences in double, special values, masking and errors.
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+
+// The streaming-store threshold as a variable, so one binary checks both store paths.
+namespace {
+std::size_t stream_bytes = std::size_t{32} << 20;
+}
+#define PREFLOSS_STREAMING_STORE_BYTES stream_bytes
 #include <prefloss/logits/token_logprobs.hpp>
 #include <random>
 #include <vector>
@@ -331,8 +338,8 @@ TEST_CASE("token_logprobs: bad input throws, naming the argument, and writes not
   expect_throw<pl::layout_error>([&] { r.backward(gl, alias); }, "token_logprobs backward", {"overlaps"});
 }
 
-TEST_CASE("token_logprobs: a 128k vocabulary in float and rows of -inf but the label", "[logprobs]") {
-  const Index V = 131072;
+TEST_CASE("token_logprobs: a 256k vocabulary in float and rows of -inf but the label", "[logprobs]") {
+  const Index V = 262144;
   const auto z = random_logits<float>(1, 2, V, 4.0, 3);
   Labels y(1, 2);
   y.setValues({{12345, V - 1}});
@@ -365,4 +372,97 @@ TEST_CASE("token_logprobs: a 128k vocabulary in float and rows of -inf but the l
   Logits<float> g(1, 1, 37);
   q.backward(g1, g1, g);
   for (Index v = 0; v < 37; ++v) CHECK(g(0, 0, v) == 0.0f);
+}
+
+template <class T>
+bool same_bits(const T& a, const T& b) {
+  return a.size() == b.size() &&
+         std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(*a.data())) == 0;
+}
+
+TEMPLATE_TEST_CASE("token_logprobs: caller buffers and streaming stores give the same bits", "[logprobs]", float,
+                   double, Eigen::bfloat16) {
+  using T = TestType;
+  using S = pl::detail::compute_t<T>;
+  const Index B = 3, L = 4;
+  for (const Index V : {1, 5, 16, 33, 1000}) {
+    auto z = random_logits<T>(B, L, V, 2.0, 9);
+    const auto y = random_labels(B, L, V, 10);
+    Mask m = ones(B, L);
+    m(0, 1) = m(2, 3) = 0;
+    for (Index v = 0; v < V; ++v) z(0, 1, v) = T(std::numeric_limits<float>::quiet_NaN());
+    pl::LogprobOptions o;
+    o.entropy = true;
+    const auto own = pl::token_logprobs(z, y, m, o);
+    Tok<S> lp(B, L), en(B, L);
+    lp.setConstant(S(5));
+    en.setConstant(S(5));
+    const auto buf = pl::token_logprobs(z, y, m, o, lp, en);
+    CHECK(buf.logp.size() == 0);
+    CHECK(buf.entropy.size() == 0);
+    CHECK(same_bits(lp, own.logp));
+    CHECK(same_bits(en, own.entropy));
+    pl::LogprobOptions o1;
+    Tok<S> lp1(B, L);
+    (void)pl::token_logprobs(z, y, m, o1, lp1);
+    CHECK(same_bits(lp1, own.logp));
+
+    Tok<S> gl(B, L), gh(B, L);
+    std::mt19937 rng(11);
+    std::normal_distribution<double> n(0, 1);
+    for (Index k = 0; k < gl.size(); ++k) {
+      gl.data()[k] = static_cast<S>(n(rng));
+      gh.data()[k] = static_cast<S>(n(rng));
+    }
+    Logits<T> g0(B, L, V), g1(B, L, V), g2(B, L, V);
+    stream_bytes = std::size_t{32} << 20;
+    own.backward(gl, gh, g0);
+    stream_bytes = 0;  // every row through streaming stores (16-bit rows never stream)
+    own.backward(gl, gh, g1);
+    buf.backward(gl, gh, g2);
+    stream_bytes = std::size_t{32} << 20;
+    CHECK(same_bits(g0, g1));
+    CHECK(same_bits(g0, g2));
+    for (Index v = 0; v < V; ++v) CHECK(static_cast<double>(g0(0, 1, v)) == 0.0);
+  }
+}
+
+TEST_CASE("token_logprobs: caller buffers are checked before anything is written", "[logprobs][errors]") {
+  const Index B = 2, L = 3, V = 5;
+  const auto z = random_logits<float>(B, L, V, 1.0, 1);
+  Labels y(B, L);
+  y.setZero();
+  const Mask m = ones(B, L);
+  pl::LogprobOptions o, oe;
+  oe.entropy = true;
+  Tok<float> lp(B, L), en(B, L), small(B, L - 1);
+  lp.setConstant(7);
+  en.setConstant(7);
+  const auto untouched = [&] {
+    for (Index k = 0; k < lp.size(); ++k) CHECK((lp.data()[k] == 7.0f && en.data()[k] == 7.0f));
+  };
+  expect_throw<pl::shape_error>([&] { (void)pl::token_logprobs(z, y, m, o, small); }, "token_logprobs",
+                                {"'logp_out'", "[2, 3]", "[2, 2]"});
+  expect_throw<pl::shape_error>([&] { (void)pl::token_logprobs(z, y, m, oe, lp, small); }, "token_logprobs",
+                                {"'entropy_out'"});
+  expect_throw<pl::option_error>([&] { (void)pl::token_logprobs(z, y, m, oe, lp); }, "token_logprobs",
+                                 {"'entropy'", "entropy_out"});
+  expect_throw<pl::option_error>([&] { (void)pl::token_logprobs(z, y, m, o, lp, en); }, "token_logprobs",
+                                 {"'entropy_out'", "false"});
+  expect_throw<pl::layout_error>([&] { (void)pl::token_logprobs(z, y, m, oe, lp, lp); }, "token_logprobs",
+                                 {"'logp_out'", "'entropy_out'", "overlap"});
+  Eigen::TensorMap<Tok<float>> over_z(const_cast<float*>(z.data()) + 1, B, L);
+  expect_throw<pl::layout_error>([&] { (void)pl::token_logprobs(z, y, m, o, over_z); }, "token_logprobs",
+                                 {"'logp_out'", "'logits'"});
+  pl::LogprobOptions oc;
+  oc.entropy_coef = 0.01;
+  expect_throw<pl::option_error>([&] { (void)pl::token_logprobs(z, y, m, oc); }, "token_logprobs",
+                                 {"'entropy_coef'", "0.01"});
+  untouched();
+  // grad_logits over grad_logp's bytes.
+  const auto r = pl::token_logprobs(z, y, m);
+  Logits<float> g(B, L, V);
+  Eigen::TensorMap<Tok<float>> gl_in_g(g.data(), B, L);
+  expect_throw<pl::layout_error>([&] { r.backward(gl_in_g, g); }, "token_logprobs backward",
+                                 {"'grad_logits'", "'grad_logp'"});
 }

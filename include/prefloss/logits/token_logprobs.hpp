@@ -49,6 +49,10 @@ namespace prefloss {
 struct LogprobOptions {
   double temperature = 1.0;  ///< tau > 0 and finite (also 1 / tau in the compute type); logits are divided by it
   bool entropy = false;      ///< also compute the per-token entropy (and allow its backward)
+  /// Losses from logits (ppo_clip_from_logits): the entropy bonus, loss -= entropy_coef *
+  /// aggregated entropy (verl's entropy_coeff); >= 0 and finite. token_logprobs itself has no
+  /// loss to add it to and requires 0 (its backward takes grad_entropy instead).
+  double entropy_coef = 0.0;
 };
 
 namespace detail {
@@ -147,9 +151,10 @@ inline void row_exp_sums(const C* p, Index n, C k, C m, double& s, double& t) no
   }
 }
 
-/// The statistics of one selected row of V compute-type values (see the file comment).
+/// The statistics of one selected row of V compute-type values (see the file comment). One
+/// compiled body for every caller (token_logprobs, the losses from logits), so they agree bitwise.
 template <bool Ent, class C>
-inline LogitRowStats logit_row(const C* z, Index V, Index y, C k) noexcept {
+PREFLOSS_DETAIL_ONE_BODY LogitRowStats logit_row(const C* z, Index V, Index y, C k) noexcept {
   LogitRowStats r;
   bool nan = false;
   const C m = row_max<C>(z, V, k, nan);
@@ -174,10 +179,12 @@ inline LogitRowStats logit_row(const C* z, Index V, Index y, C k) noexcept {
   return r;
 }
 
-/// d/dz of g_lp * logp + g_h * entropy for one selected row, written to out (compute type C).
-template <bool Ent, class C>
-inline void logit_row_grad(const C* z, Index V, Index y, C k, const LogitRowStats& st, double g_lp, double g_h,
-                           C* out) noexcept {
+/// d/dz of g_lp * logp + g_h * entropy for one selected row, written to out (compute type C),
+/// each element stored once. Stream: the batch-aligned body with streaming stores (the caller
+/// fences); the values are the same bits either way.
+template <bool Ent, bool Stream, class C>
+PREFLOSS_DETAIL_ONE_BODY void logit_row_grad(const C* z, Index V, Index y, C k, const LogitRowStats& st, double g_lp,
+                                             double g_h, C* out) noexcept {
   using Bt = batch<C>;
   constexpr Index W = static_cast<Index>(lanes<C>);
   const Bt mb(static_cast<C>(st.m)), ls(static_cast<C>(st.log_s)), zero(C(0));
@@ -191,23 +198,168 @@ inline void logit_row_grad(const C* z, Index V, Index y, C k, const LogitRowStat
     if constexpr (Ent) g = g + xsimd::select(p > zero, c * (p * (lp + h)), zero);
     return g;
   };
-  Index v = 0;
-  for (; v + W <= V; v += W) grad(load_u<C, arch>(z + v) * kb).store_unaligned(out + v);
-  if (v < V) {
-    alignas(64) C buf[lanes<C>] = {}, o[lanes<C>];
-    std::memcpy(buf, z + v, static_cast<std::size_t>(V - v) * sizeof(C));
-    grad(Bt::load_aligned(buf) * kb).store_aligned(o);
-    std::memcpy(out + v, o, static_cast<std::size_t>(V - v) * sizeof(C));
-  }
-  // The label entry in double: 1 - p_y as -expm1(logp), exact as p_y -> 1.
+  // The label entry in double: 1 - p_y as -expm1(logp), exact as p_y -> 1. It replaces its
+  // lane before the store (a second store into a streamed line would stall on it).
   const double py = std::exp(st.logp);
-  double gy = g_lp * -std::expm1(st.logp);
-  if constexpr (Ent) gy += py > 0 ? -g_h * py * (st.logp + st.entropy) : 0.0;
-  out[y] = static_cast<C>(gy * static_cast<double>(k));
+  double gy_d = g_lp * -std::expm1(st.logp);
+  if constexpr (Ent) gy_d += py > 0 ? -g_h * py * (st.logp + st.entropy) : 0.0;
+  const C gy = static_cast<C>(gy_d * static_cast<double>(k));
+  alignas(64) C buf[lanes<C>];
+  // n < W values from v, through a zero-padded copy, with ordinary stores.
+  const auto part = [&](Index v, Index n) {
+    alignas(64) C in[lanes<C>] = {};
+    std::memcpy(in, z + v, static_cast<std::size_t>(n) * sizeof(C));
+    grad(Bt::load_aligned(in) * kb).store_aligned(buf);
+    if (y >= v && y < v + n) buf[y - v] = gy;
+    std::memcpy(out + v, buf, static_cast<std::size_t>(n) * sizeof(C));
+  };
+  Index v = 0;
+  if constexpr (Stream) {
+    v = static_cast<Index>(stream_head(out, static_cast<std::size_t>(V)));
+    if (v > 0) part(0, v);
+  }
+  for (; v + W <= V; v += W) {
+    Bt g = grad(load_u<C, arch>(z + v) * kb);
+    if (y >= v && y < v + W) {
+      g.store_aligned(buf);
+      buf[y - v] = gy;
+      g = Bt::load_aligned(buf);
+    }
+    store_to<Stream>(out + v, g);
+  }
+  if (v < V) part(v, V - v);
+}
+
+/// The gradient row of a selected token in the logits' storage type Z (16-bit: computed in
+/// float through the scratch rows, rounded once to nearest even).
+template <bool Ent, bool Stream, class Z, class C>
+inline void logit_grad_row(const Z* z, Index V, Index y, C k, const LogitRowStats& st, double g_lp, double g_h, Z* out,
+                           std::vector<C>& row, std::vector<C>& grow) noexcept {
+  if constexpr (std::is_same_v<Z, C>) {
+    logit_row_grad<Ent, Stream, C>(z, V, y, k, st, g_lp, g_h, out);
+  } else {
+    to_float(z, row.data(), V);
+    logit_row_grad<Ent, false, C>(row.data(), V, y, k, st, g_lp, g_h, grow.data());
+    from_float(grow.data(), out, V);
+  }
+}
+
+/// The statistics of a selected token's row of Z values (16-bit: converted into `row` first).
+template <class Z, class C>
+inline LogitRowStats logit_row_of(const Z* z, Index V, Index y, C k, bool ent, std::vector<C>& row) noexcept {
+  const C* zr;
+  if constexpr (std::is_same_v<Z, C>) {
+    zr = z;
+  } else {
+    to_float(z, row.data(), V);
+    zr = row.data();
+  }
+  return ent ? logit_row<true, C>(zr, V, y, k) : logit_row<false, C>(zr, V, y, k);
+}
+
+/// Throws layout_error when an output's bytes [out, out + out_bytes) meet an input's.
+inline void require_apart(const char* fn, const char* out_name, const void* out, std::size_t out_bytes,
+                          const char* in_name, const void* in, std::size_t in_bytes) {
+  const auto lo = reinterpret_cast<std::uintptr_t>(out), a = reinterpret_cast<std::uintptr_t>(in);
+  if (out_bytes > 0 && in_bytes > 0 && lo < a + in_bytes && a < lo + out_bytes)
+    throw layout_error(std::string(fn) + ": output '" + out_name + "' overlaps '" + in_name +
+                       "' in memory; pass a separate tensor");
 }
 
 template <class L>
 inline constexpr bool is_label_v = std::is_same_v<L, std::int32_t> || std::is_same_v<L, std::int64_t>;
+
+/// The checked views of a call from logits, and k = 1 / temperature in the compute type S.
+template <class S, class Z, class Lab, class M>
+struct LogitsArgs {
+  Logits3<Z> z;
+  Matrix<Lab> labels;
+  Matrix<M> mask;
+  S k;
+  bool entropy;
+
+  std::size_t logit_bytes() const noexcept { return static_cast<std::size_t>(z.B * z.T_ * z.V) * sizeof(Z); }
+  /// Throws layout_error when [p, p + bytes) meets the logits, labels or mask.
+  void require_not_input(const char* fn, const char* name, const void* p, std::size_t bytes) const {
+    require_apart(fn, name, p, bytes, "logits", z.data, logit_bytes());
+    require_apart(fn, name, p, bytes, "labels", labels.data, static_cast<std::size_t>(labels.count()) * sizeof(Lab));
+    require_apart(fn, name, p, bytes, "mask", mask.data, static_cast<std::size_t>(mask.count()) * sizeof(M));
+  }
+};
+
+/// Checks logits, labels, mask and options of a call from logits (fn names it in errors).
+/// loss: whether the call has a loss for LogprobOptions::entropy_coef.
+template <class X, class Y, class K>
+auto logits_args(const X& logits, const Y& labels, const K& mask, const LogprobOptions& opt, const char* fn,
+                 bool loss) {
+  using Z = tensor_scalar_t<X>;
+  using Lab = tensor_scalar_t<Y>;
+  using M = tensor_scalar_t<K>;
+  using S = compute_t<Z>;
+  static_assert(is_label_v<Lab>, "prefloss: labels must be int32_t or int64_t");
+  static_assert(is_mask_v<M>, "prefloss: masks must be bool, uint8_t, float or double");
+  const auto z = logits_view(logits, fn, "logits");
+  const auto lab = matrix_view(labels, fn, "labels");
+  const auto mk = matrix_view(mask, fn, "mask");
+  const auto zshape = "[" + std::to_string(z.B) + ", " + std::to_string(z.T_) + ", " + std::to_string(z.V) + "]";
+  if (lab.rows != z.B || lab.cols != z.T_)
+    throw shape_error(std::string(fn) + ": argument 'labels' has shape " + shape_str(lab.rows, lab.cols) +
+                      " but 'logits' has shape " + zshape);
+  require_same_shape(fn, "mask", mk, "labels", lab);
+  if (!(opt.temperature > 0) || !std::isfinite(opt.temperature))
+    throw option_error(std::string(fn) + ": option 'temperature' must be finite and > 0, got " + fmt(opt.temperature));
+  const S k = static_cast<S>(1.0 / opt.temperature);
+  if (!(k > 0) || !std::isfinite(k))
+    throw option_error(std::string(fn) + ": option 'temperature' = " + fmt(opt.temperature) +
+                       " has no finite nonzero reciprocal in the logits' compute type");
+  if (!loss && opt.entropy_coef != 0)
+    throw option_error(std::string(fn) + ": option 'entropy_coef' is " + fmt(opt.entropy_coef) +
+                       " but this call has no loss to add the entropy bonus to (it must be 0; pass grad_entropy "
+                       "to backward, or use ppo_clip_from_logits)");
+  if (loss)
+    require_option(opt.entropy_coef >= 0 && std::isfinite(opt.entropy_coef), fn, "entropy_coef", ">= 0 and finite",
+                   opt.entropy_coef);
+  require_weights<S>(mk, fn, "mask");
+  const Index n = z.B * z.T_;
+  for (Index i = 0; i < n; ++i)
+    if (selected<S>(mk.data[i]) && (lab.data[i] < 0 || static_cast<Index>(lab.data[i]) >= z.V))
+      throw value_error(std::string(fn) + ": argument 'labels' has " + std::to_string(lab.data[i]) + " at [" +
+                        std::to_string(i / z.T_) + ", " + std::to_string(i % z.T_) +
+                        "], a selected token; labels must lie in [0, " + std::to_string(z.V) + ")");
+  return LogitsArgs<S, Z, Lab, M>{z, lab, mk, k, opt.entropy || (loss && opt.entropy_coef != 0)};
+}
+
+/// Checks a [batch, tokens, vocab] gradient output against the logits: shape, alignment, and no
+/// overlap with what the call reads.
+template <class Z, class O, class A>
+Z* logits_grad_out(O& grad_logits, const A& args, const char* fn) {
+  using OT = tensor_scalar_t<O>;
+  static_assert(std::is_same_v<OT, Z>, "prefloss: grad_logits must have the logits' scalar type");
+  static_assert(is_tensor_v<O> && tensor_rank_v<O> == 3 && tensor_writable_v<O>,
+                "prefloss: grad_logits is a writable rank-3 [batch, tokens, vocab] tensor");
+  static_assert(static_cast<int>(remove_cvref_t<O>::Layout) == static_cast<int>(Eigen::RowMajor),
+                "prefloss: grad_logits must be row-major (Eigen::RowMajor)");
+  const auto& z = args.z;
+  if (grad_logits.dimension(0) != z.B || grad_logits.dimension(1) != z.T_ || grad_logits.dimension(2) != z.V)
+    throw shape_error(std::string(fn) + ": argument 'grad_logits' must have shape [" + std::to_string(z.B) + ", " +
+                      std::to_string(z.T_) + ", " + std::to_string(z.V) + "], got " + shape_of(grad_logits));
+  require_aligned(grad_logits.data(), fn, "grad_logits");
+  args.require_not_input(fn, "grad_logits", grad_logits.data(), args.logit_bytes());
+  return grad_logits.data();
+}
+
+/// Calls rows(std::bool_constant<Stream>) with streaming stores for an output of `count` Z
+/// values past the threshold (then fenced), ordinary stores below it. 16-bit outputs go through
+/// float scratch rows and never stream.
+template <class Z, class F>
+void with_logit_stores(std::size_t count, F&& rows) {
+  if (!is_lowp_v<Z> && use_stream_store<Z>(count)) {
+    rows(std::true_type{});
+    stream_fence();
+  } else {
+    rows(std::false_type{});
+  }
+}
 
 struct LogprobBuilder;
 
@@ -217,139 +369,132 @@ struct LogprobBuilder;
 ///
 /// Holds views of the logits, labels and mask, not copies: they must outlive the result while
 /// backward() may be called (backward reads the selected logit rows again). A temporary owning
-/// Eigen::Tensor for any of them does not compile (temporary TensorMaps are fine).
+/// Eigen::Tensor for any of them does not compile (temporary TensorMaps are fine). Also holds the
+/// per-token statistics backward needs: 32 bytes a token, nothing proportional to the vocabulary.
 /// @tparam S the compute type: double for double logits, float otherwise
 template <class S, class Z, class Lab, class M>
 class LogprobResult {
  public:
   using Tokens = Eigen::Tensor<S, 2, Eigen::RowMajor>;
-  Tokens logp;     ///< [batch, tokens]; 0 at masked-out tokens
-  Tokens entropy;  ///< [batch, tokens] with LogprobOptions::entropy, else empty
+  Tokens logp;  ///< [batch, tokens]; 0 at masked-out tokens (empty when written to a caller's buffer)
+  Tokens
+      entropy;  ///< [batch, tokens] with LogprobOptions::entropy (empty without, or when written to a caller's buffer)
 
-  /// grad_logits = d(sum g_lp logp) / d logits, [batch, tokens, vocab] of the logits' type.
+  /// @brief grad_logits = d(sum g_lp logp) / d logits, [batch, tokens, vocab] row-major of the
+  /// logits' type, every element written once: (onehot(y) - p) g_lp / tau at selected tokens, a
+  /// zero row at masked-out ones (whose logits are not read). Past PREFLOSS_STREAMING_STORE_BYTES
+  /// float/double rows go through streaming stores. grad_logp: [batch, tokens] of the log-probs'
+  /// type (its masked-out entries are not read).
+  /// @throws shape_error, layout_error (misaligned; overlapping the logits, labels or mask);
+  ///   nothing is written then.
   template <class G, class O>
   void backward(const G& grad_logp, O&& grad_logits) const {
-    run_backward<false>(grad_logp, grad_logp, std::forward<O>(grad_logits));
+    run_backward<false>(grad_logp, grad_logp, grad_logits);
   }
-  /// grad_logits = d(sum g_lp logp + g_h entropy) / d logits; needs LogprobOptions::entropy.
+  /// @brief grad_logits = d(sum g_lp logp + g_h entropy) / d logits: adds -p_v (log p_v + H)
+  /// g_h / tau. Needs LogprobOptions::entropy (option_error otherwise).
   template <class G, class H, class O>
   void backward(const G& grad_logp, const H& grad_entropy, O&& grad_logits) const {
-    if (!entropy_)
+    if (!args_.entropy)
       throw option_error(
           "token_logprobs backward: grad_entropy was given but the entropy was not computed; set "
           "LogprobOptions::entropy = true");
-    run_backward<true>(grad_logp, grad_entropy, std::forward<O>(grad_logits));
+    run_backward<true>(grad_logp, grad_entropy, grad_logits);
   }
 
  private:
   friend struct detail::LogprobBuilder;
+  using Args = detail::LogitsArgs<S, Z, Lab, M>;
 
-  LogprobResult(detail::Logits3<Z> z, detail::Matrix<Lab> labels, detail::Matrix<M> mask, S k, bool ent)
-      : z_(z), labels_(labels), mask_(mask), k_(k), entropy_(ent) {}
+  explicit LogprobResult(const Args& a) : args_(a) {}
 
   template <bool Ent, class G, class H, class O>
-  void run_backward(const G& grad_logp, const H& grad_entropy, O&& grad_logits) const {
+  void run_backward(const G& grad_logp, const H& grad_entropy, O& grad_logits) const {
     constexpr const char* fn = "token_logprobs backward";
     (void)grad_entropy;
     static_assert(std::is_same_v<detail::tensor_scalar_t<G>, S>,
                   "prefloss: grad_logp must have the log-probs' type (float unless the logits are double)");
     const auto gl = detail::matrix_view(grad_logp, fn, "grad_logp");
-    detail::require_same_layout(fn, "grad_logp", gl.layout(), "the log-probs", mask_.layout());
+    detail::require_same_layout(fn, "grad_logp", gl.layout(), "the log-probs", args_.mask.layout());
     detail::Matrix<S> gh = gl;
     if constexpr (Ent) {
       static_assert(std::is_same_v<detail::tensor_scalar_t<H>, S>,
                     "prefloss: grad_entropy must have the entropy's type (float unless the logits are double)");
       gh = detail::matrix_view(grad_entropy, fn, "grad_entropy");
-      detail::require_same_layout(fn, "grad_entropy", gh.layout(), "the log-probs", mask_.layout());
+      detail::require_same_layout(fn, "grad_entropy", gh.layout(), "the log-probs", args_.mask.layout());
     }
-    using OT = detail::tensor_scalar_t<O>;
-    static_assert(std::is_same_v<OT, Z>, "prefloss: grad_logits must have the logits' scalar type");
-    static_assert(detail::is_tensor_v<O> && detail::tensor_rank_v<O> == 3 && detail::tensor_writable_v<O>,
-                  "prefloss: grad_logits is a writable rank-3 [batch, tokens, vocab] tensor");
-    if (grad_logits.dimension(0) != z_.B || grad_logits.dimension(1) != z_.T_ || grad_logits.dimension(2) != z_.V)
-      throw shape_error(std::string(fn) + ": argument 'grad_logits' must have shape [" + std::to_string(z_.B) + ", " +
-                        std::to_string(z_.T_) + ", " + std::to_string(z_.V) + "], got " +
-                        detail::shape_of(grad_logits));
-    detail::require_aligned(grad_logits.data(), fn, "grad_logits");
-    {
-      const auto lo = reinterpret_cast<std::uintptr_t>(grad_logits.data());
-      const auto zl = reinterpret_cast<std::uintptr_t>(z_.data);
-      const auto bytes = static_cast<std::uintptr_t>(z_.B * z_.T_ * z_.V) * sizeof(Z);
-      if (bytes > 0 && lo < zl + bytes && zl < lo + bytes)
-        throw layout_error(std::string(fn) +
-                           ": output 'grad_logits' overlaps the logits in memory; pass a separate tensor");
-    }
-    Z* out = grad_logits.data();
-    const Index V = z_.V;
+    Z* out = detail::logits_grad_out<Z>(grad_logits, args_, fn);
+    const auto bytes = static_cast<std::size_t>(gl.count()) * sizeof(S);
+    detail::require_apart(fn, "grad_logits", out, args_.logit_bytes(), "grad_logp", gl.data, bytes);
+    if constexpr (Ent)
+      detail::require_apart(fn, "grad_logits", out, args_.logit_bytes(), "grad_entropy", gh.data, bytes);
+    const auto& z = args_.z;
+    const Index V = z.V;
     std::vector<S> row, grow;
     if constexpr (!std::is_same_v<Z, S>) {
       row.resize(static_cast<std::size_t>(V));
       grow.resize(static_cast<std::size_t>(V));
     }
-    for (Index b = 0; b < z_.B; ++b)
-      for (Index t = 0; t < z_.T_; ++t) {
-        const Index k = b * z_.T_ + t;
+    detail::with_logit_stores<Z>(args_.logit_bytes() / sizeof(Z), [&](auto stream) {
+      for (Index k = 0; k < z.B * z.T_; ++k) {
         Z* o = out + k * V;
-        if (!detail::selected<S>(mask_.data[k])) {
+        if (!detail::selected<S>(args_.mask.data[k])) {
           std::memset(static_cast<void*>(o), 0, static_cast<std::size_t>(V) * sizeof(Z));
           continue;
         }
-        const auto y = static_cast<Index>(labels_.data[k]);
-        const double g_lp = static_cast<double>(gl.data[k]);
-        const double g_h = Ent ? static_cast<double>(gh.data[k]) : 0.0;
-        if constexpr (std::is_same_v<Z, S>) {
-          detail::logit_row_grad<Ent, S>(z_.row(b, t), V, y, k_, stats_[static_cast<std::size_t>(k)], g_lp, g_h, o);
-        } else {
-          detail::to_float(z_.row(b, t), row.data(), V);
-          detail::logit_row_grad<Ent, S>(row.data(), V, y, k_, stats_[static_cast<std::size_t>(k)], g_lp, g_h,
-                                         grow.data());
-          detail::from_float(grow.data(), o, V);
-        }
+        detail::logit_grad_row<Ent, decltype(stream)::value>(
+            z.data + k * V, V, static_cast<Index>(args_.labels.data[k]), args_.k, stats_[static_cast<std::size_t>(k)],
+            static_cast<double>(gl.data[k]), Ent ? static_cast<double>(gh.data[k]) : 0.0, o, row, grow);
       }
+    });
   }
 
-  detail::Logits3<Z> z_;
-  detail::Matrix<Lab> labels_;
-  detail::Matrix<M> mask_;
-  S k_;
-  bool entropy_;
+  Args args_;
   std::vector<detail::LogitRowStats> stats_;
 };
 
 namespace detail {
 
-/// Builds a LogprobResult: the forward pass over the selected rows (checked by token_logprobs).
+/// Builds a LogprobResult: the forward pass over the selected rows (checked by token_logprobs),
+/// writing logp (and entropy) to lp_out (ent_out), or to the result's own tensors when null.
 struct LogprobBuilder {
   template <class S, class Z, class Lab, class M>
-  static LogprobResult<S, Z, Lab, M> make(const Logits3<Z>& z, const Matrix<Lab>& lab, const Matrix<M>& mk, S k,
-                                          bool ent) {
-    LogprobResult<S, Z, Lab, M> r(z, lab, mk, k, ent);
+  static LogprobResult<S, Z, Lab, M> make(const LogitsArgs<S, Z, Lab, M>& a, S* lp_out, S* ent_out) {
+    LogprobResult<S, Z, Lab, M> r(a);
+    const auto& z = a.z;
     const Index n = z.B * z.T_;
-    r.logp = typename LogprobResult<S, Z, Lab, M>::Tokens(z.B, z.T_);
-    if (ent) r.entropy = typename LogprobResult<S, Z, Lab, M>::Tokens(z.B, z.T_);
+    if (lp_out == nullptr) {
+      r.logp = typename LogprobResult<S, Z, Lab, M>::Tokens(z.B, z.T_);
+      lp_out = r.logp.data();
+    }
+    if (a.entropy && ent_out == nullptr) {
+      r.entropy = typename LogprobResult<S, Z, Lab, M>::Tokens(z.B, z.T_);
+      ent_out = r.entropy.data();
+    }
     r.stats_.resize(static_cast<std::size_t>(n));
     std::vector<S> row;
     if constexpr (!std::is_same_v<Z, S>) row.resize(static_cast<std::size_t>(z.V));
     for (Index i = 0; i < n; ++i) {
       LogitRowStats st;
-      if (selected<S>(mk.data[i])) {
-        const S* zr;
-        if constexpr (std::is_same_v<Z, S>) {
-          zr = z.data + i * z.V;
-        } else {
-          to_float(z.data + i * z.V, row.data(), z.V);
-          zr = row.data();
-        }
-        const auto y = static_cast<Index>(lab.data[i]);
-        st = ent ? logit_row<true, S>(zr, z.V, y, k) : logit_row<false, S>(zr, z.V, y, k);
-      }
+      if (selected<S>(a.mask.data[i]))
+        st = logit_row_of(z.data + i * z.V, z.V, static_cast<Index>(a.labels.data[i]), a.k, a.entropy, row);
       r.stats_[static_cast<std::size_t>(i)] = st;
-      r.logp.data()[i] = static_cast<S>(st.logp);
-      if (ent) r.entropy.data()[i] = static_cast<S>(st.entropy);
+      lp_out[i] = static_cast<S>(st.logp);
+      if (a.entropy) ent_out[i] = static_cast<S>(st.entropy);
     }
     return r;
   }
 };
+
+/// A [batch, tokens] output of the compute type S for a call from logits, checked.
+template <class S, class P, class A>
+S* logits_token_out(P& out, const A& args, const char* fn, const char* name) {
+  static_assert(std::is_same_v<tensor_scalar_t<P>, S>,
+                "prefloss: logp/entropy outputs have the log-probs' type (float unless the logits are double)");
+  const MatrixOut<S> o = matrix_out(out, args.z.B, args.z.T_, fn, name);
+  args.require_not_input(fn, name, o.data, static_cast<std::size_t>(o.count()) * sizeof(S));
+  return o.data;
+}
 
 }  // namespace detail
 
@@ -362,53 +507,69 @@ struct LogprobBuilder {
 /// @param mask row-major [batch, tokens] of bool, uint8_t, float or double: which tokens to
 ///   compute (a nonzero entry). A float weight is not applied here: the loss that consumes logp
 ///   applies it, and its backward already wrote w * upstream into grad_logp.
-/// @throws shape_error, option_error, value_error (a label out of range, naming [batch, token]
-///   and the value; a bad mask weight), layout_error; nothing is computed then.
+/// @throws shape_error, option_error (temperature <= 0 or not finite, entropy_coef != 0),
+///   value_error (a label out of range, naming [batch, token] and the value; a bad mask
+///   weight), layout_error; nothing is computed then.
 template <class X, class Y, class K>
 auto token_logprobs(const X& logits, const Y& labels, const K& mask, const LogprobOptions& opt = {}) {
-  constexpr const char* fn = "token_logprobs";
-  using Z = detail::tensor_scalar_t<X>;
-  using Lab = detail::tensor_scalar_t<Y>;
-  using M = detail::tensor_scalar_t<K>;
-  using S = detail::compute_t<Z>;
-  static_assert(detail::is_label_v<Lab>, "prefloss: labels must be int32_t or int64_t");
-  static_assert(detail::is_mask_v<M>, "prefloss: masks must be bool, uint8_t, float or double");
-  const auto z = detail::logits_view(logits, fn, "logits");
-  const auto lab = detail::matrix_view(labels, fn, "labels");
-  const auto mk = detail::matrix_view(mask, fn, "mask");
-  const auto zshape = "[" + std::to_string(z.B) + ", " + std::to_string(z.T_) + ", " + std::to_string(z.V) + "]";
-  if (lab.rows != z.B || lab.cols != z.T_)
-    throw shape_error(std::string(fn) + ": argument 'labels' has shape " + detail::shape_str(lab.rows, lab.cols) +
-                      " but 'logits' has shape " + zshape);
-  detail::require_same_shape(fn, "mask", mk, "labels", lab);
-  if (!(opt.temperature > 0) || !std::isfinite(opt.temperature))
-    throw option_error(std::string(fn) + ": option 'temperature' must be finite and > 0, got " +
-                       detail::fmt(opt.temperature));
-  const S k = static_cast<S>(1.0 / opt.temperature);
-  if (!(k > 0) || !std::isfinite(k))
-    throw option_error(std::string(fn) + ": option 'temperature' = " + detail::fmt(opt.temperature) +
-                       " has no finite nonzero reciprocal in the logits' compute type");
-  detail::require_weights<S>(mk, fn, "mask");
-  const Index n = z.B * z.T_;
-  for (Index i = 0; i < n; ++i)
-    if (detail::selected<S>(mk.data[i]) && (lab.data[i] < 0 || static_cast<Index>(lab.data[i]) >= z.V))
-      throw value_error(std::string(fn) + ": argument 'labels' has " + std::to_string(lab.data[i]) + " at [" +
-                        std::to_string(i / z.T_) + ", " + std::to_string(i % z.T_) +
-                        "], a selected token; labels must lie in [0, " + std::to_string(z.V) + ")");
+  const auto a = detail::logits_args(logits, labels, mask, opt, "token_logprobs", false);
+  using S = detail::compute_t<detail::tensor_scalar_t<X>>;
+  return detail::LogprobBuilder::make<S>(a, nullptr, nullptr);
+}
 
-  return detail::LogprobBuilder::make<S>(z, lab, mk, k, opt.entropy);
+/// @brief token_logprobs writing logp into the caller's [batch, tokens] tensor or map
+/// (`logp_out`, of the log-probs' type, fully overwritten: 0 at masked-out tokens); the result's
+/// .logp stays empty (and .entropy too if LogprobOptions::entropy, which then needs the form
+/// with entropy_out). Nothing [tokens, vocab]-sized is allocated in any form.
+/// @throws as token_logprobs; shape_error/layout_error for an output of the wrong shape,
+///   misaligned, or overlapping an input or the other output; option_error for
+///   LogprobOptions::entropy without entropy_out. Nothing is written then.
+template <class X, class Y, class K, class P, std::enable_if_t<detail::is_tensor_v<P>, int> = 0>
+auto token_logprobs(const X& logits, const Y& labels, const K& mask, const LogprobOptions& opt, P&& logp_out) {
+  constexpr const char* fn = "token_logprobs";
+  const auto a = detail::logits_args(logits, labels, mask, opt, fn, false);
+  using S = detail::compute_t<detail::tensor_scalar_t<X>>;
+  if (opt.entropy)
+    throw option_error(std::string(fn) +
+                       ": option 'entropy' is true but no 'entropy_out' was given (pass both outputs, or neither)");
+  S* lp = detail::logits_token_out<S>(logp_out, a, fn, "logp_out");
+  return detail::LogprobBuilder::make<S>(a, lp, nullptr);
+}
+
+/// @brief token_logprobs writing logp and the entropy into the caller's [batch, tokens] tensors
+/// (see the form above). Needs LogprobOptions::entropy (option_error otherwise).
+template <class X, class Y, class K, class P, class E,
+          std::enable_if_t<detail::is_tensor_v<P> && detail::is_tensor_v<E>, int> = 0>
+auto token_logprobs(const X& logits, const Y& labels, const K& mask, const LogprobOptions& opt, P&& logp_out,
+                    E&& entropy_out) {
+  constexpr const char* fn = "token_logprobs";
+  const auto a = detail::logits_args(logits, labels, mask, opt, fn, false);
+  using S = detail::compute_t<detail::tensor_scalar_t<X>>;
+  if (!opt.entropy)
+    throw option_error(std::string(fn) +
+                       ": 'entropy_out' was given but option 'entropy' is false; set LogprobOptions::entropy = true");
+  S* lp = detail::logits_token_out<S>(logp_out, a, fn, "logp_out");
+  S* en = detail::logits_token_out<S>(entropy_out, a, fn, "entropy_out");
+  detail::require_disjoint(fn, "logp_out", logp_out, "entropy_out", entropy_out);
+  return detail::LogprobBuilder::make<S>(a, lp, en);
 }
 
 // A result over a temporary owning tensor would dangle: backward() reads the logits, labels and
 // mask again.
+template <class S, int O, class I, class Y, class K, class... Out>
+void token_logprobs(Eigen::Tensor<S, 3, O, I>&& logits, const Y& labels, const K& mask, const LogprobOptions& opt,
+                    Out&&... out) = delete;
+template <class X, class S, int O, class I, class K, class... Out>
+void token_logprobs(const X& logits, Eigen::Tensor<S, 2, O, I>&& labels, const K& mask, const LogprobOptions& opt,
+                    Out&&... out) = delete;
+template <class X, class Y, class S, int O, class I, class... Out>
+void token_logprobs(const X& logits, const Y& labels, Eigen::Tensor<S, 2, O, I>&& mask, const LogprobOptions& opt,
+                    Out&&... out) = delete;
 template <class S, int O, class I, class Y, class K>
-void token_logprobs(Eigen::Tensor<S, 3, O, I>&& logits, const Y& labels, const K& mask,
-                    const LogprobOptions& opt = {}) = delete;
+void token_logprobs(Eigen::Tensor<S, 3, O, I>&& logits, const Y& labels, const K& mask) = delete;
 template <class X, class S, int O, class I, class K>
-void token_logprobs(const X& logits, Eigen::Tensor<S, 2, O, I>&& labels, const K& mask,
-                    const LogprobOptions& opt = {}) = delete;
+void token_logprobs(const X& logits, Eigen::Tensor<S, 2, O, I>&& labels, const K& mask) = delete;
 template <class X, class Y, class S, int O, class I>
-void token_logprobs(const X& logits, const Y& labels, Eigen::Tensor<S, 2, O, I>&& mask,
-                    const LogprobOptions& opt = {}) = delete;
+void token_logprobs(const X& logits, const Y& labels, Eigen::Tensor<S, 2, O, I>&& mask) = delete;
 
 }  // namespace prefloss
