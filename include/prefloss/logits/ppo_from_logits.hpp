@@ -59,54 +59,57 @@ PpoLogitsResult<S> ppo_from_logits_impl(const LogitsArgs<S, Z, Lab, M>& a, const
     scales[static_cast<std::size_t>(i)] = row_scale(plan.spec, scales[static_cast<std::size_t>(i)], total_weight);
 
   std::vector<double> ent_sums(static_cast<std::size_t>(B), 0.0);
-  std::vector<S> row, grow;
-  if constexpr (!std::is_same_v<Z, S>) {
-    row.resize(static_cast<std::size_t>(V));
-    grow.resize(static_cast<std::size_t>(V));
-  }
+  LogitScratch<S> sc(V, is_lowp_v<Z>, true);
   constexpr Index W = static_cast<Index>(lanes<S>);
+  const Index N = B * T;
+  r.logp.setZero();  // token_row reads a whole batch of log-probs; the later ones are filled as it goes
   using Sel = std::bool_constant<HasRef>;
   plan.params.template visit<Sel>([&](const auto& kernel) {
     with_logit_stores<Z>(a.logit_bytes() / sizeof(Z), [&](auto stream) {
       constexpr bool Stream = decltype(stream)::value;
-      LogitRowStats st[lanes<S>];
       alignas(64) S g[lanes<S>];
+      Index next = 0;  // the next selected token at or after the current one: its row is prefetched
+      const auto next_selected = [&](Index from) {
+        if (next < from) next = from;
+        while (next < N && !selected<S>(a.mask.data[next])) ++next;
+        return next < N && !is_lowp_v<Z> ? a.z.data + next * V : nullptr;
+      };
       for (Index i = 0; i < B; ++i) {
         const double scale = scales[static_cast<std::size_t>(i)];
-        // Chunks of one batch of tokens from the row's start: token_row then forms each token's
-        // d loss / d logp with the same batches, so the same bits, as ppo_clip's backward.
+        // Batches of tokens from the row's start: token_row then forms d loss / d logp from the
+        // same batches, so the same bits, as ppo_clip's backward. It runs once a token, after the
+        // token's row has given its log-prob, so the row is still in cache for its gradient.
         for (Index t0 = 0; t0 < T; t0 += W) {
           const Index n = T - t0 < W ? T - t0 : W, k0 = i * T + t0;
-          for (Index j = 0; j < n; ++j) {
-            st[j] = LogitRowStats{};
-            if (selected<S>(a.mask.data[k0 + j]))
-              st[j] = logit_row_of(a.z.data + (k0 + j) * V, V, static_cast<Index>(a.labels.data[k0 + j]), a.k,
-                                   a.entropy, row);
-            r.logp.data()[k0 + j] = static_cast<S>(st[j].logp);
-            if (a.entropy) r.entropy.data()[k0 + j] = static_cast<S>(st[j].entropy);
-          }
           const S* in[4] = {r.logp.data() + k0, old.data + k0, adv.data + k0, nullptr};
           if constexpr (HasRef) in[3] = ref->data + k0;
-          token_row<false, true, false>(kernel, in, a.mask.data + k0, n, static_cast<S>(scale), g);
           for (Index j = 0; j < n; ++j) {
             const Index k = k0 + j;
             Z* o = grad_logits + k * V;
             const M w = a.mask.data[k];
             if (!selected<S>(w)) {
-              std::memset(static_cast<void*>(o), 0, static_cast<std::size_t>(V) * sizeof(Z));
+              if (a.entropy) r.entropy.data()[k] = S(0);
+              zero_logit_row<Stream>(o, V);
               continue;
             }
-            const double wd = weight_of<S>(w);
-            if (a.entropy) ent_sums[static_cast<std::size_t>(i)] += wd * static_cast<double>(r.entropy.data()[k]);
             const auto y = static_cast<Index>(a.labels.data[k]);
+            const LogitRowStats st = logit_row_of<true>(a.z.data + k * V, V, y, a.k, a.entropy, sc);
+            r.logp.data()[k] = static_cast<S>(st.logp);
+            const double wd = weight_of<S>(w);
+            if (a.entropy) {
+              r.entropy.data()[k] = static_cast<S>(st.entropy);
+              ent_sums[static_cast<std::size_t>(i)] += wd * static_cast<double>(r.entropy.data()[k]);
+            }
+            token_row<false, true, false>(kernel, in, a.mask.data + k0, n, static_cast<S>(scale), g);
+            const Z* pf = next_selected(k + 1);
             if (entropy_coef != 0) {
               // grad_entropy as a caller of token_logprobs' backward would pass it: rounded to S.
               const double gh = static_cast<double>(static_cast<S>(-entropy_coef * scale * wd));
-              logit_grad_row<true, Stream>(a.z.data + k * V, V, y, a.k, st[j], static_cast<double>(g[j]), gh, o, row,
-                                           grow);
+              logit_grad_row<true, Stream, true>(a.z.data + k * V, V, y, a.k, st, static_cast<double>(g[j]), gh, o, sc,
+                                                 pf);
             } else {
-              logit_grad_row<false, Stream>(a.z.data + k * V, V, y, a.k, st[j], static_cast<double>(g[j]), 0.0, o, row,
-                                            grow);
+              logit_grad_row<false, Stream, true>(a.z.data + k * V, V, y, a.k, st, static_cast<double>(g[j]), 0.0, o,
+                                                  sc, pf);
             }
           }
         }

@@ -61,6 +61,7 @@ namespace detail {
 struct LogitRowStats {
   double m = 0;      ///< max_v u_v
   double log_s = 0;  ///< log sum_v exp(u_v - m)
+  double inv_s = 0;  ///< 1 / sum_v exp(u_v - m)
   double logp = 0;
   double entropy = 0;
 };
@@ -86,20 +87,20 @@ Logits3<tensor_scalar_t<X>> logits_view(const X& z, const char* fn, const char* 
           static_cast<Index>(z.dimension(2))};
 }
 
-/// Calls f(u) for the lanes-wide batches of n values at p times k, and for the tail padded with
-/// `pad` (the identity of the caller's reduction).
+/// Calls f(u, v) for the lanes-wide batches u of n values at p times k (v: the first one's
+/// index), and for the tail padded with `pad` (the identity of the caller's reduction).
 template <class C, class F>
 inline void for_batches(const C* p, Index n, C k, C pad, F&& f) noexcept {
   using Bt = batch<C>;
   constexpr Index W = static_cast<Index>(lanes<C>);
   const Bt kb(k);
   Index v = 0;
-  for (; v + W <= n; v += W) f(load_u<C, arch>(p + v) * kb);
+  for (; v + W <= n; v += W) f(load_u<C, arch>(p + v) * kb, v);
   if (v < n) {
     alignas(64) C buf[lanes<C>];
     for (Index j = 0; j < W; ++j) buf[j] = pad;
     std::memcpy(buf, p + v, static_cast<std::size_t>(n - v) * sizeof(C));
-    f(Bt::load_aligned(buf) * kb);  // pad * k: -inf stays -inf for k > 0
+    f(Bt::load_aligned(buf) * kb, v);  // pad * k: -inf stays -inf for k > 0
   }
 }
 
@@ -110,7 +111,7 @@ inline C row_max(const C* p, Index n, C k, bool& nan) noexcept {
   constexpr C ninf = -std::numeric_limits<C>::infinity();
   Bt mx(ninf);
   auto bad = Bt(C(0)) != Bt(C(0));
-  for_batches<C>(p, n, k, ninf, [&](const Bt& u) {
+  for_batches<C>(p, n, k, ninf, [&](const Bt& u, Index) {
     bad = bad | xsimd::isnan(u);
     mx = xsimd::max(mx, u);
   });
@@ -123,17 +124,26 @@ inline C row_max(const C* p, Index n, C k, bool& nan) noexcept {
 }
 
 /// sum_v exp(p[v] k - m) over n values (and, with Ent, sum_v exp(d_v) d_v, d_v = p[v] k - m, a
-/// -inf d_v adding 0), into double.
-template <bool Ent, class C>
-inline void row_exp_sums(const C* p, Index n, C k, C m, double& s, double& t) noexcept {
+/// -inf d_v adding 0), into double. Keep: also stores each exp(d_v) to e[v].
+template <bool Ent, bool Keep, class C>
+inline void row_exp_sums(const C* p, Index n, C k, C m, double& s, double& t, C* e_out) noexcept {
   using Bt = batch<C>;
   constexpr C ninf = -std::numeric_limits<C>::infinity();
   LaneSum<C> es, ed;
   const Bt mb(m), zero(C(0));
   int since_flush = 0;
-  for_batches<C>(p, n, k, ninf, [&](const Bt& u) {
+  for_batches<C>(p, n, k, ninf, [&](const Bt& u, Index v) {
     const Bt d = u - mb;
     const Bt e = detail::exp<C, arch>(d);
+    if constexpr (Keep) {
+      if (v + static_cast<Index>(lanes<C>) <= n) {
+        e.store_unaligned(e_out + v);
+      } else {
+        alignas(64) C buf[lanes<C>];
+        e.store_aligned(buf);
+        std::memcpy(e_out + v, buf, static_cast<std::size_t>(n - v) * sizeof(C));
+      }
+    }
     es.add(e);
     if constexpr (Ent) ed.add(xsimd::select(e > zero, e * d, zero));
     if (++since_flush == chunk_batches) {
@@ -152,19 +162,20 @@ inline void row_exp_sums(const C* p, Index n, C k, C m, double& s, double& t) no
 }
 
 /// The statistics of one selected row of V compute-type values (see the file comment). One
-/// compiled body for every caller (token_logprobs, the losses from logits), so they agree bitwise.
-template <bool Ent, class C>
-PREFLOSS_DETAIL_ONE_BODY LogitRowStats logit_row(const C* z, Index V, Index y, C k) noexcept {
+/// compiled body for every caller (token_logprobs, the losses from logits), so they agree
+/// bitwise. Keep: also stores e_v = exp(u_v - m) to e[v] for v != y (e[y] is left as it is).
+template <bool Ent, bool Keep, class C>
+PREFLOSS_DETAIL_ONE_BODY LogitRowStats logit_row(const C* z, Index V, Index y, C k, C* e) noexcept {
   LogitRowStats r;
   bool nan = false;
   const C m = row_max<C>(z, V, k, nan);
   if (nan || !(m < std::numeric_limits<C>::infinity()) || !(m > -std::numeric_limits<C>::infinity())) {
     const double q = std::numeric_limits<double>::quiet_NaN();
-    return {q, q, q, q};
+    return {q, q, q, q, q};
   }
   double s_o = 0, t = 0;
-  row_exp_sums<Ent, C>(z, y, k, m, s_o, t);
-  row_exp_sums<Ent, C>(z + y + 1, V - y - 1, k, m, s_o, t);
+  row_exp_sums<Ent, Keep, C>(z, y, k, m, s_o, t, e);
+  row_exp_sums<Ent, Keep, C>(z + y + 1, V - y - 1, k, m, s_o, t, Keep ? e + y + 1 : nullptr);
   const C uy = z[y] * k;
   const double dy = static_cast<double>(uy) - static_cast<double>(m);  // exact: both are C values
   const double ey = std::exp(dy);
@@ -174,28 +185,67 @@ PREFLOSS_DETAIL_ONE_BODY LogitRowStats logit_row(const C* z, Index V, Index y, C
   const double s = s_o + ey;
   r.m = static_cast<double>(m);
   r.log_s = std::log(s);
+  r.inv_s = 1.0 / s;
   r.logp = uy == m ? -std::log1p(s_o) : dy - r.log_s;
   if constexpr (Ent) r.entropy = r.log_s - t / s;
   return r;
 }
 
+/// Prefetches the cache line at p into L2 (prefetcht1 on x86): the next row a fused pass reads,
+/// fetched while the current row's gradient streams out, so reads and writes overlap.
+inline void prefetch_l2(const void* p) noexcept {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 2);
+#else
+  (void)p;
+#endif
+}
+
+/// A masked-out token's gradient row of V zeros (streaming stores for the batch-aligned body
+/// when Stream, as the selected rows around it have).
+template <bool Stream, class Z>
+inline void zero_logit_row(Z* out, Index V) noexcept {
+  if constexpr (Stream && !is_lowp_v<Z>) {
+    using Bt = batch<Z>;
+    constexpr Index W = static_cast<Index>(lanes<Z>);
+    const Index h = static_cast<Index>(stream_head(out, static_cast<std::size_t>(V)));
+    std::memset(static_cast<void*>(out), 0, static_cast<std::size_t>(h) * sizeof(Z));
+    Index v = h;
+    const Bt zero(Z(0));
+    for (; v + W <= V; v += W) store_stream(out + v, zero);
+    std::memset(static_cast<void*>(out + v), 0, static_cast<std::size_t>(V - v) * sizeof(Z));
+  } else {
+    std::memset(static_cast<void*>(out), 0, static_cast<std::size_t>(V) * sizeof(Z));
+  }
+}
+
 /// d/dz of g_lp * logp + g_h * entropy for one selected row, written to out (compute type C),
 /// each element stored once. Stream: the batch-aligned body with streaming stores (the caller
-/// fences); the values are the same bits either way.
-template <bool Ent, bool Stream, class C>
+/// fences); the values are the same bits either way. p_v = exp(u_v - m) / S, with exp(u_v - m)
+/// from e (the forward's, when e is not null; then z is read only for the entropy term) or
+/// recomputed from z: the same bits. next: a row of V values to prefetch into L2 meanwhile (or
+/// null).
+template <bool Ent, bool Stream, bool Kept, class C>
 PREFLOSS_DETAIL_ONE_BODY void logit_row_grad(const C* z, Index V, Index y, C k, const LogitRowStats& st, double g_lp,
-                                             double g_h, C* out) noexcept {
+                                             double g_h, C* out, const C* e, const C* next) noexcept {
   using Bt = batch<C>;
   constexpr Index W = static_cast<Index>(lanes<C>);
-  const Bt mb(static_cast<C>(st.m)), ls(static_cast<C>(st.log_s)), zero(C(0));
+  const Bt mb(static_cast<C>(st.m)), ls(static_cast<C>(st.log_s)), is(static_cast<C>(st.inv_s)), zero(C(0));
   const Bt a(static_cast<C>(-g_lp * static_cast<double>(k)));  // the -p_v term of logp's gradient
   const Bt c(static_cast<C>(-g_h * static_cast<double>(k)));   // entropy: -p_v (log p_v + H)
   const Bt h(static_cast<C>(st.entropy)), kb(k);
-  const auto grad = [&](const Bt& u) {
-    const Bt lp = (u - mb) - ls;
-    const Bt p = detail::exp<C, arch>(lp);
+  // x: the batch of logits at v (unscaled), ev: its exp(u - m) when kept.
+  const auto grad = [&](const C* x, const C* ev) {
+    Bt ex, d;
+    if constexpr (Ent || !Kept) d = load_u<C, arch>(x) * kb - mb;
+    if constexpr (Kept) {
+      ex = load_u<C, arch>(ev);
+    } else {
+      ex = detail::exp<C, arch>(d);
+    }
+    const Bt p = ex * is;
     Bt g = a * p;
-    if constexpr (Ent) g = g + xsimd::select(p > zero, c * (p * (lp + h)), zero);
+    if constexpr (Ent) g = g + xsimd::select(p > zero, c * (p * ((d - ls) + h)), zero);
     return g;
   };
   // The label entry in double: 1 - p_y as -expm1(logp), exact as p_y -> 1. It replaces its
@@ -207,9 +257,10 @@ PREFLOSS_DETAIL_ONE_BODY void logit_row_grad(const C* z, Index V, Index y, C k, 
   alignas(64) C buf[lanes<C>];
   // n < W values from v, through a zero-padded copy, with ordinary stores.
   const auto part = [&](Index v, Index n) {
-    alignas(64) C in[lanes<C>] = {};
+    alignas(64) C in[lanes<C>] = {}, ein[lanes<C>] = {};
     std::memcpy(in, z + v, static_cast<std::size_t>(n) * sizeof(C));
-    grad(Bt::load_aligned(in) * kb).store_aligned(buf);
+    if constexpr (Kept) std::memcpy(ein, e + v, static_cast<std::size_t>(n) * sizeof(C));
+    grad(in, ein).store_aligned(buf);
     if (y >= v && y < v + n) buf[y - v] = gy;
     std::memcpy(out + v, buf, static_cast<std::size_t>(n) * sizeof(C));
   };
@@ -218,8 +269,10 @@ PREFLOSS_DETAIL_ONE_BODY void logit_row_grad(const C* z, Index V, Index y, C k, 
     v = static_cast<Index>(stream_head(out, static_cast<std::size_t>(V)));
     if (v > 0) part(0, v);
   }
+  constexpr Index line = 64 / static_cast<Index>(sizeof(C));
   for (; v + W <= V; v += W) {
-    Bt g = grad(load_u<C, arch>(z + v) * kb);
+    if (next != nullptr && v % line < W) prefetch_l2(next + v);
+    Bt g = grad(z + v, Kept ? e + v : nullptr);
     if (y >= v && y < v + W) {
       g.store_aligned(buf);
       buf[y - v] = gy;
@@ -230,31 +283,50 @@ PREFLOSS_DETAIL_ONE_BODY void logit_row_grad(const C* z, Index V, Index y, C k, 
   if (v < V) part(v, V - v);
 }
 
-/// The gradient row of a selected token in the logits' storage type Z (16-bit: computed in
-/// float through the scratch rows, rounded once to nearest even).
-template <bool Ent, bool Stream, class Z, class C>
-inline void logit_grad_row(const Z* z, Index V, Index y, C k, const LogitRowStats& st, double g_lp, double g_h, Z* out,
-                           std::vector<C>& row, std::vector<C>& grow) noexcept {
-  if constexpr (std::is_same_v<Z, C>) {
-    logit_row_grad<Ent, Stream, C>(z, V, y, k, st, g_lp, g_h, out);
-  } else {
-    to_float(z, row.data(), V);
-    logit_row_grad<Ent, false, C>(row.data(), V, y, k, st, g_lp, g_h, grow.data());
-    from_float(grow.data(), out, V);
+/// Per-call scratch of the row loops: a 16-bit row in float, its float gradient, and the
+/// exp(u - m) row a fused pass keeps from the forward (sized on first use).
+template <class C>
+struct LogitScratch {
+  std::vector<C> row, grow, e;
+  explicit LogitScratch(Index V, bool lowp, bool keep) {
+    if (lowp) {
+      row.resize(static_cast<std::size_t>(V));
+      grow.resize(static_cast<std::size_t>(V));
+    }
+    if (keep) e.resize(static_cast<std::size_t>(V));
   }
-}
+};
 
-/// The statistics of a selected token's row of Z values (16-bit: converted into `row` first).
-template <class Z, class C>
-inline LogitRowStats logit_row_of(const Z* z, Index V, Index y, C k, bool ent, std::vector<C>& row) noexcept {
+/// The statistics of a selected token's row of Z values (16-bit: converted into scratch.row
+/// first). Keep: exp(u - m) stays in scratch.e for logit_grad_row<..., true>.
+template <bool Keep, class Z, class C>
+inline LogitRowStats logit_row_of(const Z* z, Index V, Index y, C k, bool ent, LogitScratch<C>& sc) noexcept {
   const C* zr;
   if constexpr (std::is_same_v<Z, C>) {
     zr = z;
   } else {
-    to_float(z, row.data(), V);
-    zr = row.data();
+    to_float(z, sc.row.data(), V);
+    zr = sc.row.data();
   }
-  return ent ? logit_row<true, C>(zr, V, y, k) : logit_row<false, C>(zr, V, y, k);
+  C* e = Keep ? sc.e.data() : nullptr;
+  return ent ? logit_row<true, Keep, C>(zr, V, y, k, e) : logit_row<false, Keep, C>(zr, V, y, k, e);
+}
+
+/// The gradient row of a selected token in the logits' storage type Z (16-bit: computed in
+/// float through the scratch rows, rounded once to nearest even). Kept: the token's row was the
+/// last one logit_row_of<true> read with this scratch (its exp(u - m) and, for 16-bit logits,
+/// its float values are reused).
+template <bool Ent, bool Stream, bool Kept, class Z, class C>
+inline void logit_grad_row(const Z* z, Index V, Index y, C k, const LogitRowStats& st, double g_lp, double g_h, Z* out,
+                           LogitScratch<C>& sc, const Z* next) noexcept {
+  const C* e = Kept ? sc.e.data() : nullptr;
+  if constexpr (std::is_same_v<Z, C>) {
+    logit_row_grad<Ent, Stream, Kept, C>(z, V, y, k, st, g_lp, g_h, out, e, next);
+  } else {
+    if constexpr (!Kept) to_float(z, sc.row.data(), V);
+    logit_row_grad<Ent, false, Kept, C>(sc.row.data(), V, y, k, st, g_lp, g_h, sc.grow.data(), e, nullptr);
+    from_float(sc.grow.data(), out, V);
+  }
 }
 
 /// Throws layout_error when an output's bytes [out, out + out_bytes) meet an input's.
@@ -430,21 +502,18 @@ class LogprobResult {
       detail::require_apart(fn, "grad_logits", out, args_.logit_bytes(), "grad_entropy", gh.data, bytes);
     const auto& z = args_.z;
     const Index V = z.V;
-    std::vector<S> row, grow;
-    if constexpr (!std::is_same_v<Z, S>) {
-      row.resize(static_cast<std::size_t>(V));
-      grow.resize(static_cast<std::size_t>(V));
-    }
+    detail::LogitScratch<S> sc(V, detail::is_lowp_v<Z>, false);
     detail::with_logit_stores<Z>(args_.logit_bytes() / sizeof(Z), [&](auto stream) {
       for (Index k = 0; k < z.B * z.T_; ++k) {
         Z* o = out + k * V;
         if (!detail::selected<S>(args_.mask.data[k])) {
-          std::memset(static_cast<void*>(o), 0, static_cast<std::size_t>(V) * sizeof(Z));
+          detail::zero_logit_row<decltype(stream)::value>(o, V);
           continue;
         }
-        detail::logit_grad_row<Ent, decltype(stream)::value>(
+        detail::logit_grad_row<Ent, decltype(stream)::value, false>(
             z.data + k * V, V, static_cast<Index>(args_.labels.data[k]), args_.k, stats_[static_cast<std::size_t>(k)],
-            static_cast<double>(gl.data[k]), Ent ? static_cast<double>(gh.data[k]) : 0.0, o, row, grow);
+            static_cast<double>(gl.data[k]), Ent ? static_cast<double>(gh.data[k]) : 0.0, o, sc,
+            static_cast<const Z*>(nullptr));
       }
     });
   }
@@ -472,12 +541,11 @@ struct LogprobBuilder {
       ent_out = r.entropy.data();
     }
     r.stats_.resize(static_cast<std::size_t>(n));
-    std::vector<S> row;
-    if constexpr (!std::is_same_v<Z, S>) row.resize(static_cast<std::size_t>(z.V));
+    LogitScratch<S> sc(z.V, is_lowp_v<Z>, false);
     for (Index i = 0; i < n; ++i) {
       LogitRowStats st;
       if (selected<S>(a.mask.data[i]))
-        st = logit_row_of(z.data + i * z.V, z.V, static_cast<Index>(a.labels.data[i]), a.k, a.entropy, row);
+        st = logit_row_of<false>(z.data + i * z.V, z.V, static_cast<Index>(a.labels.data[i]), a.k, a.entropy, sc);
       r.stats_[static_cast<std::size_t>(i)] = st;
       lp_out[i] = static_cast<S>(st.logp);
       if (a.entropy) ent_out[i] = static_cast<S>(st.entropy);
