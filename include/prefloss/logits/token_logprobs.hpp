@@ -13,9 +13,13 @@
 /// sum), logp = -log1p(S_o) when the label holds the maximum and (u_y - m) - log(S_o + exp(u_y -
 /// m)) otherwise: the first keeps full relative precision as p_y -> 1 (z_y - logsumexp(z)
 /// cancels there and loses it), the second has no cancellation since p_y <= 1/2. The gradient's
-/// label entry uses -expm1(logp) for 1 - p_y. Float logits are summed in float SIMD lanes widened
-/// into double every 8 adds (<= 7 * 2^-24 relative, whatever the vocabulary size); the logs and
-/// the per-token statistics are in double.
+/// label entry uses -expm1(logp) for 1 - p_y; the others use p_v = exp(u_v - m) * (1 / S), S =
+/// S_o + exp(u_y - m) (one exp rounding, then two), not exp(log p_v), whose rounded argument
+/// would cost |log p_v| ulps. Float logits are summed in float SIMD lanes widened into double
+/// every 8 adds (<= 7 * 2^-24 relative, whatever the vocabulary size); the logs and the per-token
+/// statistics are in double. test_logprobs measures, against long double over p_y from 5e-31 to
+/// 1 - 1e-7, a worst relative error of logp and of 1 - p_y of 5.0e-8 in float and 2.4e-15 in
+/// double, and checks vocabularies up to 262144.
 ///
 /// Special values. A -inf logit (forbidden or top-k masked vocabulary) has probability 0 and
 /// gradient 0; a label at a -inf logit gives logp = -inf. A row without a finite logit, or with
