@@ -446,7 +446,7 @@ struct LogprobBuilder;
 /// Holds views of the logits, labels and mask, not copies: they must outlive the result while
 /// backward() may be called (backward reads the selected logit rows again). A temporary owning
 /// Eigen::Tensor for any of them does not compile (temporary TensorMaps are fine). Also holds the
-/// per-token statistics backward needs: 32 bytes a token, nothing proportional to the vocabulary.
+/// per-token statistics backward needs: 40 bytes a token, nothing proportional to the vocabulary.
 /// @tparam S the compute type: double for double logits, float otherwise
 template <class S, class Z, class Lab, class M>
 class LogprobResult {
