@@ -466,3 +466,35 @@ TEST_CASE("token_logprobs: caller buffers are checked before anything is written
   expect_throw<pl::layout_error>([&] { r.backward(gl_in_g, g); }, "token_logprobs backward",
                                  {"'grad_logits'", "'grad_logp'"});
 }
+
+TEMPLATE_TEST_CASE("token_logprobs: extreme logits of +-1e4", "[logprobs]", float, double) {
+  using T = TestType;
+  const Index V = 41;
+  Logits<T> z(1, 3, V);
+  std::mt19937 rng(21);
+  std::uniform_int_distribution<int> pm(0, 1);
+  for (Index k = 0; k < z.size(); ++k) z.data()[k] = static_cast<T>(pm(rng) ? 1e4 : -1e4);
+  z(0, 0, 3) = T(1e4 + 1);  // a unique maximum, the label: p_y = 1 / (1 + n e^-1)
+  z(0, 1, 3) = T(-1e4);     // the label at the minimum: logp about -2e4
+  z(0, 2, 5) = T(9999.5);   // a label half a unit below the maximum
+  Labels y(1, 3);
+  y.setValues({{3, 3, 5}});
+  const Mask m = ones(1, 3);
+  for (const double tau : {1.0, 0.5}) {
+    pl::LogprobOptions o;
+    o.temperature = tau;
+    o.entropy = true;
+    const auto r = pl::token_logprobs(z, y, m, o);
+    Tok<T> gl(1, 3);
+    gl.setConstant(T(1));
+    Logits<T> g(1, 3, V);
+    r.backward(gl, gl, g);
+    for (Index t = 0; t < 3; ++t) {
+      const Ref ref = reference(z.data() + t * V, V, y(0, t), tau);
+      const double want = static_cast<double>(ref.logp);
+      CHECK(std::fabs(static_cast<double>(r.logp(0, t)) - want) <= 8 * eps<T>() * (1 + std::fabs(want)));
+      CHECK(std::isfinite(static_cast<double>(r.entropy(0, t))));
+      for (Index v = 0; v < V; ++v) CHECK(std::isfinite(static_cast<double>(g(0, t, v))));
+    }
+  }
+}
