@@ -4,7 +4,9 @@
 //
 // Each output tensor is compared norm-wise: max|got - want| / max|want| <= 1e-5 (float) or
 // 1e-10 (double); gradients must also be exactly 0 wherever torch's are (masked-out, clipped or
-// inactive tokens). The largest deviations seen are printed when the run ends.
+// inactive tokens). The families from logits (logprobs_lowp, dpo_logits, ppo_logits) compare
+// each value against a rounding-error bound derived from the arithmetic instead (see the comment
+// above them). The largest deviations seen are printed when the run ends.
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
