@@ -632,11 +632,9 @@ template <class T>
 Logits<T> logits(const Rec& r) {
   REQUIRE(r.dims.size() == 3);
   Logits<T> z(r.dims[0], r.dims[1], r.dims[2]);
-  // float first: bf16 / half take a float; the data's values are exact in the target type.
-  for (long k = 0; k < r.size(); ++k)
-    z.data()[k] = static_cast<T>(static_cast<float>(r.v[static_cast<std::size_t>(k)]));
-  if constexpr (std::is_same_v<T, double>)
-    for (long k = 0; k < r.size(); ++k) z.data()[k] = r.v[static_cast<std::size_t>(k)];
+  // The data's values are exact in float (and in bf16 / half for those cases, which take a float).
+  using In = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  for (long k = 0; k < r.size(); ++k) z.data()[k] = static_cast<T>(static_cast<In>(r.v[static_cast<std::size_t>(k)]));
   return z;
 }
 
