@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -932,8 +933,10 @@ TEST_CASE("golden: dpo from logits (token_logprobs -> masked_sum -> dpo -> backw
 // exact up to rounding), and ppo_clip's own arithmetic adds its family's tolerance. The logits'
 // gradient has upstream g_lp = d pg_loss / d logp and g_h = -entropy_coef s_i w_it (rounded to
 // the log-prob type: u |g_h|, through |dH / dz| <= k (1/e + H)).
-TEST_CASE("golden: ppo from logits (token_logprobs -> ppo_clip -> backward) vs verl dp_actor + autograd",
-          "[golden][ppo_logits]") {
+TEST_CASE(
+    "golden: ppo from logits (token_logprobs -> ppo_clip -> backward, and ppo_clip_from_logits) vs verl dp_actor + "
+    "autograd",
+    "[golden][ppo_logits]") {
   for (const Case& c : load("ppo_logits")) {
     for_types([&](auto zero) {
       using T = decltype(zero);
@@ -981,6 +984,18 @@ TEST_CASE("golden: ppo from logits (token_logprobs -> ppo_clip -> backward) vs v
           lp.backward(g, G);
         const double loss = static_cast<double>(r.loss) - ent_coef * ent_agg;
 
+        // The fused two-pass call writes the composition's gradient bits (its own contract), so
+        // the bounds below hold for it too; its loss sums the entropy row by row.
+        pl::LogprobOptions lf;
+        lf.temperature = tau;
+        lf.entropy_coef = ent_coef;
+        Logits<T> Gf(z.dimensions());
+        const auto f = kl ? pl::ppo_clip_from_logits(z, y, old, adv, m, ref, o, lf, Gf)
+                          : pl::ppo_clip_from_logits(z, y, old, adv, m, o, lf, Gf);
+        CHECK(std::memcmp(Gf.data(), G.data(), sizeof(T) * static_cast<std::size_t>(G.size())) == 0);
+        CHECK(std::memcmp(f.logp.data(), lp.logp.data(), sizeof(T) * static_cast<std::size_t>(lp.logp.size())) == 0);
+        CHECK(f.policy_loss == r.loss);
+
         // The bounds.
         const auto tb = token_bounds<T>(zrec, m, tau, c.at("logp"), &c.at("entropy"));
         const Rec &lpw = c.at("logp"), &oldw = c.at("old_logp"), &advw = c.at("advantages"), &glw = c.at("grad_logp");
@@ -1003,6 +1018,8 @@ TEST_CASE("golden: ppo from logits (token_logprobs -> ppo_clip -> backward) vs v
         const T pg = r.loss, tl = static_cast<T>(loss), ea = static_cast<T>(ent_agg);
         compare_bounded(c, "pg_loss", ty, &pg, 1, c.at("pg_loss"), [&](long) { return pg_bound; });
         compare_bounded(c, "loss", ty, &tl, 1, c.at("loss"),
+                        [&](long) { return pg_bound + ent_coef * ent_bound + u * std::fabs(c.num("loss")); });
+        compare_bounded(c, "loss (ppo_clip_from_logits)", ty, &f.loss, 1, c.at("loss"),
                         [&](long) { return pg_bound + ent_coef * ent_bound + u * std::fabs(c.num("loss")); });
         if (lo.entropy) {
           compare_bounded(c, "entropy", ty, lp.entropy.data(), lp.entropy.size(), c.at("entropy"),
