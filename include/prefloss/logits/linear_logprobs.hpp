@@ -44,6 +44,11 @@
 /// tile, 512 KiB in float), a gathered hidden tile (tokens tile x H, only for non-consecutive
 /// tokens) and in the backward a d/dh tile of the same size (likewise), plus Eigen's packing
 /// buffers for products of at most tile size. Nothing of size N x V is ever allocated.
+///
+/// Build note. The products are Eigen's: in a translation unit that includes Eigen before
+/// prefloss, GCC 12 with AVX-512 reports -Wmaybe-uninitialized inside Eigen's product kernels
+/// (its intrinsic headers' `__m512 __Y = __Y;`, as for any Eigen matrix product there; see
+/// detail/eigen.hpp). Include prefloss first (or disable that warning) under -Werror.
 #pragma once
 
 #include <algorithm>
