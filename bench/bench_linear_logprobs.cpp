@@ -17,7 +17,7 @@
 // packing buffers ((tokens tile + vocabulary tile) x H) and its O(N) statistics; the gemm row's
 // [N, V] logits.
 //
-// Written on a 2-core AMD EPYC (Zen 4, AVX-512, shared with other jobs), medians of 3, CPU time:
+// Written on a 2-core AMD EPYC (AVX-512, 1 MiB L2; shared with other jobs), medians of 3, CPU time:
 // N 2048: linear 5.69 s, gemm 5.33 s (1.07x); N 512: linear 1.48 s, gemm 1.52 s (0.97x). The
 // default tiles (256 x 512) were within noise of 512 x 256, 512 x 512 and 1024 x 256 there;
 // vocabulary tiles of 1024 and 2048 rows were 5-25% slower.
