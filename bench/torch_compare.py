@@ -248,6 +248,25 @@ def _ppo_logits(m, n):
         denom = mask.sum()
         loss = (pg * mask).sum() / denom - 0.01 * (ent * mask).sum() / denom
         return torch.autograd.grad(loss, [z])
+@workload(r"linear_logprobs_fwd_bwd/(?P<tok>f32|f64)/N(?P<N>\d+)_H(?P<H>\d+)")
+def _linear_logprobs(m, n):
+    # The LM head as trainers write it: logits = hidden @ weight.T materialized [N, V],
+    # log_softmax, gather at the labels, autograd to hidden and weight (every token selected, as
+    # in the C++ row). Inputs as bench_linear_logprobs.cpp: unit-variance hidden states, weight
+    # of variance 1 / H, upstream gradients in [-1, 1]. Autograd holds at least the logits, the
+    # log_softmax output and its gradient, and the logits' gradient: 4 [N, V] tensors.
+    N, H = int(m["N"]), int(m["H"])
+    V, dt = n // N, _dtype(m["tok"])
+    a, b = math.sqrt(3.0), math.sqrt(3.0 / H)
+    hidden = _grad_leaf(_uniform((N, H), -a, a, dt, 61))
+    weight = _grad_leaf(_uniform((V, H), -b, b, dt, 62))
+    up = _uniform(N, -1, 1, dt, 63)
+    labels = torch.randint(0, V, (N,), generator=_gen(64))
+
+    def step():
+        logits = hidden @ weight.T
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return torch.autograd.grad(logp, [hidden, weight], grad_outputs=up)
     return step
 
 
