@@ -53,6 +53,37 @@ Index steps(Decoder& d) {
   return d.flag() ? d.pick(edges) : d.below<Index>(20);
 }
 
+/// LogprobOptions: one input in four from the palettes of bad edges, else valid ones (so that
+/// the calls past the checks are common).
+pl::LogprobOptions logprob_options(Decoder& d, bool wild) {
+  pl::LogprobOptions o;
+  if (wild) {
+    d.fields(o.temperature, o.entropy, o.entropy_coef);
+  } else {
+    static constexpr double temperatures[] = {1.0, 0.5, 2.0, 0.7, 1.3, 0.05, 20.0};
+    static constexpr double coefs[] = {0.0, 0.01, 0.5, 1.0, 3.0};
+    o.temperature = d.pick(temperatures);
+    o.entropy = d.flag();
+    o.entropy_coef = d.pick(coefs);
+  }
+  return o;
+}
+
+/// PpoOptions likewise: valid ones vary the aggregation, the clips and the KL term.
+pl::PpoOptions ppo_options(Decoder& d, bool wild, bool with_ref) {
+  if (wild) return options<pl::PpoOptions>(d);
+  pl::PpoOptions o;
+  static constexpr double clips[] = {0.2, 0.0, 0.28, 1.0};
+  static constexpr double kl_coefs[] = {0.0, 0.1, 1.0};
+  o.clip_low = d.pick(clips);
+  o.clip_high = d.pick(clips);
+  o.dual_clip = d.flag() ? 0.0 : 3.0;
+  o.aggregation = static_cast<pl::Aggregation>(d.below(4));
+  o.kl_coef = with_ref ? d.pick(kl_coefs) : 0.0;  // kl_coef > 0 needs ref_logp
+  o.kl_estimator = static_cast<pl::KlEstimator>(d.below(3));
+  return o;
+}
+
 /// A span of input memory that no call may write.
 struct Span {
   const void* p;
@@ -284,8 +315,7 @@ template <class Z, class M, class Lab>
 void logprobs(Decoder& d, Batch<Z, M, Lab>& x) {
   using S = compute_t<Z>;
   const Dims s = x.s;
-  pl::LogprobOptions o;
-  d.fields(o.temperature, o.entropy, o.entropy_coef);
+  const pl::LogprobOptions o = logprob_options(d, d.below(4) == 0);
   const int form = d.below(3);  // owning, (logp_out), (logp_out, entropy_out)
   const int back = d.below(3);  // none, backward(g_lp, grad), backward(g_lp, g_h, grad)
   const int overlap = d.below(8);
@@ -404,9 +434,9 @@ void ppo(Decoder& d, Batch<Z, M, Lab>& x) {
   const Dims s = x.s;
   Input<S> old(d, x.mask), adv(d, x.mask), ref(d, x.mask);
   const bool with_ref = d.flag();
-  const auto po = options<pl::PpoOptions>(d);
-  pl::LogprobOptions lo;
-  d.fields(lo.temperature, lo.entropy, lo.entropy_coef);
+  const bool wild = d.below(4) == 0;
+  const auto po = ppo_options(d, wild, with_ref);
+  const pl::LogprobOptions lo = logprob_options(d, wild);
   const int overlap = d.below(8);
   const Dims gd = grad_dims(d, s);
   Buf<Z> grad(d, gd.B * gd.T, gd.V);
