@@ -142,6 +142,9 @@ inline bool same_bits(double x, double y) {
 template <class S>
 bool close(double a, double b, double scale) {
   if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
+  if (std::isinf(a) && std::isfinite(b))  // b past S's range: a is b rounded to S
+    return std::signbit(a) == std::signbit(b) &&
+           std::fabs(b) * (1 + 8 * std::numeric_limits<S>::epsilon()) >= std::numeric_limits<S>::max();
   if (!std::isfinite(a) || !std::isfinite(b)) return a == b;
   const double eps = std::numeric_limits<S>::epsilon();
   return std::fabs(a - b) <= 8 * eps * scale + 8 * static_cast<double>(std::numeric_limits<S>::denorm_min());
@@ -440,7 +443,9 @@ void ppo(Decoder& d, Batch<Z, M, Lab>& x) {
   const int overlap = d.below(8);
   const Dims gd = grad_dims(d, s);
   Buf<Z> grad(d, gd.B * gd.T, gd.V);
-  d.tame = d.tame && lo.temperature >= 1e-3;  // else u = z / tau may overflow to -inf everywhere
+  // Else u = z / tau may overflow to -inf everywhere; without log_ratio_clamp, exp(logp -
+  // old_logp) * A overflows d loss / d logp to inf, and inf * (1 - p_y) is NaN where p_y = 1.
+  d.tame = d.tame && lo.temperature >= 1e-3 && po.log_ratio_clamp;
   const std::string what = with_ref ? "ppo_clip_from_logits with ref_logp" : "ppo_clip_from_logits";
   const auto z = x.z();
   const auto y = x.labels.mat();
