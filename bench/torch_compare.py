@@ -248,6 +248,9 @@ def _ppo_logits(m, n):
         denom = mask.sum()
         loss = (pg * mask).sum() / denom - 0.01 * (ent * mask).sum() / denom
         return torch.autograd.grad(loss, [z])
+    return step
+
+
 @workload(r"linear_logprobs_fwd_bwd/(?P<tok>f32|f64)/N(?P<N>\d+)_H(?P<H>\d+)")
 def _linear_logprobs(m, n):
     # The LM head as trainers write it: logits = hidden @ weight.T materialized [N, V],

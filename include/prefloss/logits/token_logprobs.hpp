@@ -206,9 +206,11 @@ inline void prefetch_l2(const void* p) noexcept {
 }
 
 /// A masked-out token's gradient row of V zeros (streaming stores for the batch-aligned body
-/// when Stream, as the selected rows around it have).
+/// when Stream, as the selected rows around it have). next: a row of V values to prefetch into
+/// L2 meanwhile (or null): the next selected row, whose read the hardware prefetcher would
+/// start only when it begins.
 template <bool Stream, class Z>
-inline void zero_logit_row(Z* out, Index V) noexcept {
+inline void zero_logit_row(Z* out, Index V, const Z* next = nullptr) noexcept {
   if constexpr (Stream && !is_lowp_v<Z>) {
     using Bt = batch<Z>;
     constexpr Index W = static_cast<Index>(lanes<Z>);
@@ -216,7 +218,11 @@ inline void zero_logit_row(Z* out, Index V) noexcept {
     std::memset(static_cast<void*>(out), 0, static_cast<std::size_t>(h) * sizeof(Z));
     Index v = h;
     const Bt zero(Z(0));
-    for (; v + W <= V; v += W) store_stream(out + v, zero);
+    constexpr Index line = 64 / static_cast<Index>(sizeof(Z));
+    for (; v + W <= V; v += W) {
+      if (next != nullptr && v % line < W) prefetch_l2(next + v);
+      store_stream(out + v, zero);
+    }
     std::memset(static_cast<void*>(out + v), 0, static_cast<std::size_t>(V - v) * sizeof(Z));
   } else {
     std::memset(static_cast<void*>(out), 0, static_cast<std::size_t>(V) * sizeof(Z));
@@ -508,10 +514,16 @@ class LogprobResult {
     const Index V = z.V;
     detail::LogitScratch<S> sc(V, detail::is_lowp_v<Z>, false);
     detail::with_logit_stores<Z>(args_.logit_bytes() / sizeof(Z), [&](auto stream) {
-      for (Index k = 0; k < z.B * z.T_; ++k) {
+      const Index n = z.B * z.T_;
+      Index next = 0;  // the next selected token after a masked-out one: prefetched meanwhile
+      for (Index k = 0; k < n; ++k) {
         Z* o = out + k * V;
         if (!detail::selected<S>(args_.mask.data[k])) {
-          detail::zero_logit_row<decltype(stream)::value>(o, V);
+          if (next <= k) {
+            next = k + 1;
+            while (next < n && !detail::selected<S>(args_.mask.data[next])) ++next;
+          }
+          detail::zero_logit_row<decltype(stream)::value>(o, V, next < n ? z.data + next * V : nullptr);
           continue;
         }
         detail::logit_grad_row<Ent, decltype(stream)::value, false>(
