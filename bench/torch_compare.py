@@ -192,6 +192,87 @@ def _ppo(m, n):
     return step
 
 
+_LOGITS = r"/f32/N(?P<N>\d+)_V(?P<V>\d+)"
+
+
+def _logits(m, seed=51):
+    # bench_logits.cpp's inputs: Gaussian logits (sd 3), uniform labels, an upstream gradient.
+    N, V = int(m["N"]), int(m["V"])
+    z = (torch.randn(N, V, generator=_gen(seed)) * 3).requires_grad_(True)
+    y = torch.randint(0, V, (N, 1), generator=_gen(seed + 1))
+    return z, y, _uniform(N, -1, 1, torch.float32, seed + 2), _uniform(N, -2, 2, torch.float32, seed + 3)
+
+
+def _selective_log_softmax(z, y):
+    # TRL selective_log_softmax (trl/trainer/utils.py) for float32: log_softmax then gather.
+    return torch.log_softmax(z, -1).gather(-1, y).squeeze(-1)
+
+
+def _entropy_from_logits(z):
+    # verl entropy_from_logits (verl/utils/torch_functional.py): logsumexp - sum(softmax * z).
+    pd = torch.softmax(z, -1)
+    return torch.logsumexp(z, -1) - (pd * z).sum(-1)
+
+
+@workload(r"logprobs_fwd_bwd(_masked50)?" + _LOGITS)
+def _logprobs(m, n):
+    # Every token's row is computed: TRL and verl mask the loss, not the log-softmax.
+    z, y, g, _ = _logits(m)
+    return lambda: torch.autograd.grad((_selective_log_softmax(z, y) * g).sum(), [z])
+
+
+@workload(r"logprobs_entropy_fwd_bwd" + _LOGITS)
+def _logprobs_entropy(m, n):
+    z, y, g, gh = _logits(m)
+    return lambda: torch.autograd.grad((_selective_log_softmax(z, y) * g).sum() + (_entropy_from_logits(z) * gh).sum(),
+                                       [z])
+
+
+@workload(r"ppo_logits_(fused|3pass)" + _LOGITS)
+def _ppo_logits(m, n):
+    # verl dp_actor's update: log-probs and entropy from the logits, compute_policy_loss_vanilla
+    # (clip 0.2/0.2, log-ratio clamp 20) and agg_loss token-mean, minus 0.01 * the aggregated
+    # entropy, then autograd to the logits.
+    z, y, _, adv = _logits(m)
+    N = z.shape[0]
+    mask = (torch.rand(N, generator=_gen(55)) < 0.8).float()
+    with torch.no_grad():
+        old = _selective_log_softmax(z, y) + _uniform(N, -0.3, 0.3, torch.float32, 56)
+
+    def step():
+        logp = _selective_log_softmax(z, y)
+        ent = _entropy_from_logits(z)
+        neg_kl = torch.clamp(logp - old, -20.0, 20.0)
+        ratio = torch.exp(neg_kl)
+        pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 0.8, 1.2))
+        denom = mask.sum()
+        loss = (pg * mask).sum() / denom - 0.01 * (ent * mask).sum() / denom
+        return torch.autograd.grad(loss, [z])
+    return step
+
+
+@workload(r"linear_logprobs_fwd_bwd/(?P<tok>f32|f64)/N(?P<N>\d+)_H(?P<H>\d+)")
+def _linear_logprobs(m, n):
+    # The LM head as trainers write it: logits = hidden @ weight.T materialized [N, V],
+    # log_softmax, gather at the labels, autograd to hidden and weight (every token selected, as
+    # in the C++ row). Inputs as bench_linear_logprobs.cpp: unit-variance hidden states, weight
+    # of variance 1 / H, upstream gradients in [-1, 1]. Autograd holds at least the logits, the
+    # log_softmax output and its gradient, and the logits' gradient: 4 [N, V] tensors.
+    N, H = int(m["N"]), int(m["H"])
+    V, dt = n // N, _dtype(m["tok"])
+    a, b = math.sqrt(3.0), math.sqrt(3.0 / H)
+    hidden = _grad_leaf(_uniform((N, H), -a, a, dt, 61))
+    weight = _grad_leaf(_uniform((V, H), -b, b, dt, 62))
+    up = _uniform(N, -1, 1, dt, 63)
+    labels = torch.randint(0, V, (N,), generator=_gen(64))
+
+    def step():
+        logits = hidden @ weight.T
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return torch.autograd.grad(logp, [hidden, weight], grad_outputs=up)
+    return step
+
+
 def find_workload(kernel):
     for rx, factory in WORKLOADS:
         m = rx.match(kernel)
@@ -315,6 +396,31 @@ def goal_checks(rows, stream):
                   if isinstance(r.get("torch1"), float) else "PyTorch n/a")
             roof = f"{r['roofline']:.2f}" if r["roofline"] is not None else "n/a"
             out.append(f"{kernel} at 256 x 8192 tokens: roofline {roof} (goal >= {floor}), {vs}")
+    # From logits (bench_logits.cpp): pass-floor fractions, PyTorch ratios, and padding.
+    lg = {k.split("/")[0]: (k, n) for (k, n) in rows if "/f32/N" in k and "_V" in k}
+
+    def lgr(name):
+        key = lg.get(name)
+        return key and rows[key]
+
+    for name, goal, floor in (("logprobs_fwd_bwd", 10.0, 0.7), ("logprobs_entropy_fwd_bwd", 25.0, None),
+                              ("ppo_logits_fused", None, 0.7), ("ppo_logits_3pass", None, None)):
+        r = lgr(name)
+        if r:
+            parts = []
+            if r["roofline"] is not None:
+                parts.append(f"pass-floor fraction {r['roofline']:.2f}" + (f" (goal >= {floor})" if floor else ""))
+            if isinstance(r.get("torch1"), float):
+                parts.append(f"{r['torch1'] / r['sec']:.1f}x PyTorch eager 1 thread" +
+                             (f" (goal >= {goal:g}x)" if goal else ""))
+            out.append(f"{lg[name][0]}: " + ", ".join(parts))
+    full, half = lgr("logprobs_fwd_bwd"), lgr("logprobs_fwd_bwd_masked50")
+    if full and half:
+        out.append(f"token_logprobs at 50% masked tokens: {100 * (1 - half['sec'] / full['sec']):.0f}% less time "
+                   f"than at 0% (goal >= 40%)")
+    fused, three = lgr("ppo_logits_fused"), lgr("ppo_logits_3pass")
+    if fused and three:
+        out.append(f"ppo_clip_from_logits: {three['sec'] / fused['sec']:.2f}x the three-pass composition")
     for kernel in ("masked_sum/f32_u8/B64", "log_sigmoid/f32/array", "masked_sum_backward/f32_u8/B64"):
         pts = [(n, rows[(kernel, n)]["sec"] / n * 1e9) for n in sizes if (kernel, n) in rows and 1e5 / 2 <= n <= 1e8]
         if len(pts) >= 2:

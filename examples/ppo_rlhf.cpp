@@ -18,9 +18,9 @@
 #include <vector>
 
 #include "common/optim.hpp"
+#include "common/policy.hpp"
 #include "common/report.hpp"
 #include "common/reward_model.hpp"
-#include "common/softmax.hpp"
 #include "common/task.hpp"
 
 using namespace examples;
@@ -143,7 +143,6 @@ int main(int argc, char** argv) {
         std::fill(grad.begin(), grad.end(), 0.0f);
         policy.backward(ms, g, grad);
         adam.step(policy.logits, grad);
-        policy.refresh();
 
         const Tokens v = critic_values(ms);
         Tokens gv(v.dimensions());

@@ -4,14 +4,18 @@
 //
 // Each output tensor is compared norm-wise: max|got - want| / max|want| <= 1e-5 (float) or
 // 1e-10 (double); gradients must also be exactly 0 wherever torch's are (masked-out, clipped or
-// inactive tokens). The largest deviations seen are printed when the run ends.
+// inactive tokens). The families from logits (logprobs_lowp, dpo_logits, ppo_logits) compare
+// each value against a rounding-error bound derived from the arithmetic instead (see the comment
+// above them). The largest deviations seen are printed when the run ends.
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <prefloss/prefloss.hpp>
 #include <sstream>
@@ -65,8 +69,9 @@ struct Case {
 };
 
 /// Every family the suite compares: each has a TEST_CASE below that loads golden_<family>.txt.
-const char* const families[] = {"bradley_terry", "dpo",      "gae",   "group_advantages", "ipo",   "kl", "kto", "nll",
-                                "orpo",          "ppo_clip", "simpo", "value_loss",       "whiten"};
+const char* const families[] = {
+    "bradley_terry", "dpo", "dpo_logits", "gae",      "group_advantages", "ipo",   "kl",         "kto",   "logprobs",
+    "logprobs_lowp", "nll", "orpo",       "ppo_clip", "ppo_logits",       "simpo", "value_loss", "whiten"};
 
 std::vector<Case> load(const std::string& family) {
   const std::string path = std::string(PREFLOSS_TEST_DATA_DIR) + "/golden_" + family + ".txt";
@@ -560,6 +565,488 @@ TEST_CASE("golden: group_advantages vs verl compute_grpo_outcome_advantage", "[g
       Vec<T> out(s.size());
       pl::group_advantages(s, static_cast<long>(c.num("group_size")), o, out);
       compare(c, "out", out);
+    });
+  }
+}
+
+TEST_CASE("golden: token_logprobs vs TRL selective_log_softmax, verl entropy_from_logits, autograd",
+          "[golden][logprobs]") {
+  for (const Case& c : load("logprobs")) {
+    for_types([&](auto zero) {
+      using T = decltype(zero);
+      const Rec& zr = c.at("logits");
+      REQUIRE(zr.dims.size() == 3);
+      Eigen::Tensor<T, 3, Eigen::RowMajor> z(zr.dims[0], zr.dims[1], zr.dims[2]);
+      for (long k = 0; k < zr.size(); ++k) z.data()[k] = static_cast<T>(zr.v[static_cast<std::size_t>(k)]);
+      const auto yd = tok<double>(c.at("labels"));
+      Tok<std::int64_t> y(yd.dimension(0), yd.dimension(1));
+      for (long k = 0; k < y.size(); ++k) y.data()[k] = static_cast<std::int64_t>(yd.data()[k]);
+      const auto m = mask(c.at("mask"));
+      pl::LogprobOptions o;
+      o.temperature = c.num("temperature");
+      o.entropy = true;
+      const auto r = pl::token_logprobs(z, y, m, o);
+      compare<T>(c, "logp", r.logp.data(), r.logp.size(), c.at("logp"));
+      compare<T>(c, "entropy", r.entropy.data(), r.entropy.size(), c.at("entropy"));
+      const auto gl = tok<T>(c.at("grad_logp")), gh = tok<T>(c.at("grad_entropy"));
+      Eigen::Tensor<T, 3, Eigen::RowMajor> g(z.dimension(0), z.dimension(1), z.dimension(2));
+      r.backward(gl, gh, g);
+      compare<T>(c, "grad", g.data(), g.size(), c.at("grad"), true);
+    });
+  }
+}
+
+// ---- token log-probs of 16-bit logits, and losses straight from logits ---------------------------
+//
+// These families compare against a rounding-error bound computed for each value from the data,
+// not a fixed norm-wise tolerance: the chain logits -> log-probs -> loss -> gradient amplifies a
+// log-prob's rounding by the loss's derivatives, which the bound follows.
+//
+// The token_logprobs bound, per selected token with C the compute type (float for float and
+// 16-bit logits), u = eps<C> / 2, U = max_v |z_v / tau| over the finite logits of the row, and
+// K = 4 + (the vocabulary sum's relative error / u): 7 for float lanes widened into double every
+// 8 adds, ceil(V / W) + W for double lanes (W lanes); each exp within 2 ulp (4u):
+//   - u_v = z_v * fl(1 / tau) is within 2u |u_v| <= 2uU of z_v / tau; logp = u_y - lse(u) and
+//     lse is 1-Lipschitz in the max-norm, so the inputs move logp by <= 4uU;
+//   - every exp(u_v - m) is within (|u_v - m| + 4) u relative, and E_p[m - u] <= H <= log V, so
+//     the sum S is within (log V + K) u relative and its log within that absolutely;
+//   so  |d logp| <= u (4U + log V + K + |logp|)  (the last term: the result rounded to C);
+//   - H = lse(u) - E_p[u]: sum_v |dH / du_v| = sum_v p_v |log p_v + H| <= 2H, the inputs move H
+//     by <= 4uUH; the terms e_v d_v of E_p[d] carry (2U + 5) u relative, their sum K u more;
+//   so  |d H| <= u ((6U + log V + 2K + 1) H + log V + K);
+//   - a gradient entry is k (g_lp (1[v = y] - p_v) - g_h p_v (lp_v + H)), lp_v = (u_v - m) - ls
+//     in C: |d lp_v| <= a + u |lp_v|, a = u (6U + 2 log V + K + 1); with p |lp| <= 1/e and
+//     p lp^2 <= 4/e^2, |d p_v| <= a + 5u and |d p_v (lp_v + H)| <= a (1.4 + H) + u (3 + 5H) + |dH|,
+//     and the products and k round 3u of the entry. The label entry (in double, -expm1(logp))
+//     is within |d logp| <= a.
+// A 16-bit gradient adds its rounding to nearest: 2^-8 |g| (bf16), 2^-11 |g| + 2^-25 (half,
+// the subnormal spacing 2^-24). The float64 reference obeys the same bound with u = 2^-53 and
+// K = 4 + V (a sequential sum, the worst torch may do); it is added, which matters for the
+// double runs only. The precondition U <= 16 (|z| <= 10 in the data, tau >= 0.7) is checked.
+
+namespace {
+
+template <class T>
+using Logits = Eigen::Tensor<T, 3, Eigen::RowMajor>;
+
+template <class T>
+Logits<T> logits(const Rec& r) {
+  REQUIRE(r.dims.size() == 3);
+  Logits<T> z(r.dims[0], r.dims[1], r.dims[2]);
+  // The data's values are exact in float (and in bf16 / half for those cases, which take a float).
+  using In = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  for (long k = 0; k < r.size(); ++k) z.data()[k] = static_cast<T>(static_cast<In>(r.v[static_cast<std::size_t>(k)]));
+  return z;
+}
+
+Tok<std::int64_t> labels(const Rec& r) {
+  const auto yd = tok<double>(r);
+  Tok<std::int64_t> y(yd.dimension(0), yd.dimension(1));
+  for (long k = 0; k < y.size(); ++k) y.data()[k] = static_cast<std::int64_t>(yd.data()[k]);
+  return y;
+}
+
+/// The token_logprobs bound's ingredients for one arithmetic (see above).
+struct Arith {
+  double u;  ///< unit roundoff
+  double K;  ///< 4 + the vocabulary sum's relative error in units of u
+};
+template <class C>
+Arith prefloss_arith(long V) {
+  constexpr auto W = static_cast<long>(pl::detail::lanes<C>);
+  if constexpr (std::is_same_v<C, float>)
+    return {0.5 * std::numeric_limits<float>::epsilon(), 4 + 7};
+  else
+    return {0.5 * std::numeric_limits<double>::epsilon(), 4 + static_cast<double>((V + W - 1) / W + W)};
+}
+Arith torch_arith(long V) { return {0.5 * std::numeric_limits<double>::epsilon(), 4 + static_cast<double>(V)}; }
+
+/// Per-token error bounds of token_logprobs against the float64 reference (see above).
+struct TokenBound {
+  double logp = 0, entropy = 0;
+  double a = 0, u = 0;  ///< the gradient's p_v terms: |d p_v| <= a + 5u
+  double H = 0;
+  /// |d (d / dz_v)| for upstream g_lp, g_h (before the 16-bit rounding), relative to the entry
+  /// magnitude `mag` for the products' rounding; k = 1 / tau.
+  double grad(double g_lp, double g_h, double k, double mag) const {
+    return k * (std::fabs(g_lp) * (a + 5 * u) + std::fabs(g_h) * (a * (1.4 + H) + u * (3 + 5 * H) + entropy)) +
+           3 * u * mag;
+  }
+};
+
+TokenBound token_bound(const Arith& ar, double U, long V, double logp, double H) {
+  const double lv = std::log(static_cast<double>(V)), u = ar.u, K = ar.K;
+  TokenBound b;
+  b.logp = u * (4 * U + lv + K + std::fabs(logp));
+  b.entropy = u * ((6 * U + lv + 2 * K + 1) * H + lv + K);
+  b.a = u * (6 * U + 2 * lv + K + 1);
+  b.u = u;
+  b.H = H;
+  return b;
+}
+TokenBound operator+(TokenBound x, const TokenBound& y) {
+  x.logp += y.logp;
+  x.entropy += y.entropy;
+  x.a += y.a;
+  x.u += y.u;
+  return x;
+}
+
+/// token_bound for every token of a [B, T, V] case: prefloss's arithmetic C plus the float64
+/// reference's, from the golden logp and entropy; zero bounds at masked-out tokens.
+template <class C>
+std::vector<TokenBound> token_bounds(const Rec& z, const Tok<std::uint8_t>& m, double tau, const Rec& logp,
+                                     const Rec* entropy) {
+  const long V = z.dims[2], n = z.dims[0] * z.dims[1];
+  std::vector<TokenBound> out(static_cast<std::size_t>(n));
+  for (long i = 0; i < n; ++i) {
+    if (!m.data()[i]) continue;
+    double U = 0;
+    for (long v = 0; v < V; ++v) {
+      const double x = z.v[static_cast<std::size_t>(i * V + v)];
+      if (std::isfinite(x)) U = std::max(U, std::fabs(x / tau));
+    }
+    REQUIRE(U <= 16);  // the bound's stated range
+    const double lp = logp.v[static_cast<std::size_t>(i)];
+    const double H = entropy ? entropy->v[static_cast<std::size_t>(i)] : 0.0;
+    out[static_cast<std::size_t>(i)] =
+        token_bound(prefloss_arith<C>(V), U, V, lp, H) + token_bound(torch_arith(V), U, V, lp, H);
+  }
+  return out;
+}
+
+/// Checks |got[k] - want[k]| <= bound(k) for every k (and got[k] == 0 exactly where want[k] == 0
+/// when `zeros_exact`); records the largest |got - want| / bound of the family and type.
+template <class G, class F>
+void compare_bounded(const Case& c, const std::string& label, const char* type, const G* got, long n, const Rec& want,
+                     F&& bound, bool zeros_exact = false) {
+  const std::string where = c.family + "/" + c.name + " " + label + " (" + type + ")";
+  INFO(where);
+  REQUIRE(n == want.size());
+  double ratio = 0;
+  long over = 0, bad_zero = 0, nonfinite = 0, first_over = -1;
+  for (long k = 0; k < n; ++k) {
+    const double w = want.v[static_cast<std::size_t>(k)], g = static_cast<double>(got[k]), b = bound(k);
+    if (!std::isfinite(g)) ++nonfinite;
+    const double e = std::fabs(g - w);
+    if (!(e <= b)) {
+      if (first_over < 0) first_over = k;
+      ++over;
+    }
+    if (b > 0) ratio = std::max(ratio, e / b);
+    if (zeros_exact && w == 0 && g != 0) ++bad_zero;
+  }
+  INFO("first entry over its bound: " << first_over);
+  CHECK(nonfinite == 0);
+  CHECK(bad_zero == 0);
+  CHECK(over == 0);
+  Worst& w = worst()[c.family + " " + type + " (error / bound)"];
+  if (ratio >= w.dev) w = {ratio, c.name + " " + label};
+}
+
+template <class T>
+const char* lname() {
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>)
+    return "bf16";
+  else if constexpr (std::is_same_v<T, Eigen::half>)
+    return "half";
+  else
+    return tname<T>();
+}
+
+/// The 16-bit gradient's rounding to nearest (0 for float and double).
+template <class T>
+double lowp_rounding(double g) {
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>)
+    return std::ldexp(std::fabs(g), -8);
+  else if constexpr (std::is_same_v<T, Eigen::half>)
+    return std::ldexp(std::fabs(g), -11) + std::ldexp(1.0, -25);
+  else
+    return 0.0 * g;  // float and double: written as computed
+}
+
+/// max |want| over row r of a [B, T, V] record (the entry magnitude of the rounding terms).
+double row_max(const Rec& r, long row) {
+  const long V = r.dims[2];
+  double m = 0;
+  for (long v = 0; v < V; ++v) m = std::max(m, std::fabs(r.v[static_cast<std::size_t>(row * V + v)]));
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE("golden: token_logprobs of bf16 / half logits vs float64 of the rounded values", "[golden][logprobs]") {
+  for (const Case& c : load("logprobs_lowp")) {
+    const auto run = [&](auto zero) {
+      using T = decltype(zero);
+      using C = pl::detail::compute_t<T>;
+      const Rec& zr = c.at("logits");
+      const auto z = logits<T>(zr);
+      const auto y = labels(c.at("labels"));
+      const auto m = mask(c.at("mask"));
+      pl::LogprobOptions o;
+      o.temperature = c.num("temperature");
+      o.entropy = true;
+      const auto tb = token_bounds<C>(zr, m, o.temperature, c.at("logp"), &c.at("entropy"));
+      const auto r = pl::token_logprobs(z, y, m, o);
+      const auto at = [&](long k) { return tb[static_cast<std::size_t>(k)]; };
+      compare_bounded(c, "logp", lname<T>(), r.logp.data(), r.logp.size(), c.at("logp"),
+                      [&](long k) { return at(k).logp; });
+      compare_bounded(c, "entropy", lname<T>(), r.entropy.data(), r.entropy.size(), c.at("entropy"),
+                      [&](long k) { return at(k).entropy; });
+      const auto gl = tok<C>(c.at("grad_logp")), gh = tok<C>(c.at("grad_entropy"));
+      Logits<T> g(z.dimension(0), z.dimension(1), z.dimension(2));
+      r.backward(gl, gh, g);
+      const Rec& want = c.at("grad");
+      const long V = zr.dims[2];
+      compare_bounded(
+          c, "grad", lname<T>(), g.data(), g.size(), want,
+          [&](long k) {
+            const long i = k / V;
+            const double b = at(i).grad(gl.data()[i], gh.data()[i], 1 / o.temperature, row_max(want, i));
+            // The float gradient is within b of want; the 16-bit one rounds it once more.
+            return b + lowp_rounding<T>(std::fabs(want.v[static_cast<std::size_t>(k)]) + b);
+          },
+          true);
+    };
+    if (c.str("dtype") == "bf16")
+      run(Eigen::bfloat16{});
+    else if (c.str("dtype") == "half")
+      run(Eigen::half{});
+    else
+      throw std::runtime_error("unknown dtype " + c.str("dtype"));
+    run(float{});  // the same values as float and double logits
+    run(double{});
+  }
+}
+
+// DPO from logits. With E_i the bound of row i's masked sum (its tokens' logp bounds, and the
+// sum's own rounding (T + 1) u sum_t |logp_t|): per example, |d l / d D| <= beta and
+// |d^2 l / d D^2| = beta^2 sigma'(beta D) <= beta^2 / 4 for the sigmoid loss with label
+// smoothing, so its loss moves by <= beta (E_c + E_r) and d loss / d logp = +-(1/B) dl/dD by
+// <= beta^2 / (4B) (E_c + E_r). dpo's own arithmetic on given inputs is within the dpo family's
+// norm-wise tolerance (tol<T>() of the largest value), added to each.
+TEST_CASE("golden: dpo from logits (token_logprobs -> masked_sum -> dpo -> backward) vs TRL + autograd",
+          "[golden][dpo_logits]") {
+  for (const Case& c : load("dpo_logits")) {
+    for_types([&](auto zero) {
+      using T = decltype(zero);
+      REQUIRE(c.str("variant") == "sigmoid");
+      pl::LogprobOptions lo;
+      lo.temperature = c.num("temperature");
+      const double tau = lo.temperature, beta = c.num("beta");
+      const Rec &zcr = c.at("logits_c"), &zrr = c.at("logits_r");
+      const auto zc = logits<T>(zcr), zr = logits<T>(zrr);
+      const auto yc = labels(c.at("labels_c")), yr = labels(c.at("labels_r"));
+      const auto mc = mask(c.at("mask_c")), mr = mask(c.at("mask_r"));
+      const auto rc = vec<T>(c.at("ref_c")), rr = vec<T>(c.at("ref_r"));
+      pl::DpoOptions o;
+      o.beta = beta;
+      o.label_smoothing = c.num("label_smoothing");
+
+      const auto lc = pl::token_logprobs(zc, yc, mc, lo);
+      const auto lr = pl::token_logprobs(zr, yr, mr, lo);
+      const auto r = pl::dpo(pl::masked_sum(lc.logp, mc), pl::masked_sum(lr.logp, mr), rc, rr, o);
+      Tok<T> gc(mc.dimension(0), mc.dimension(1)), gr(mr.dimension(0), mr.dimension(1));
+      r.backward(gc, gr);
+      Logits<T> Gc(zc.dimensions()), Gr(zr.dimensions());
+      lc.backward(gc, Gc);
+      lr.backward(gr, Gr);
+
+      // The bounds.
+      const auto tbc = token_bounds<T>(zcr, mc, tau, c.at("logp_c"), nullptr);
+      const auto tbr = token_bounds<T>(zrr, mr, tau, c.at("logp_r"), nullptr);
+      const long Bn = mc.dimension(0), Tn = mc.dimension(1);
+      const double u = 0.5 * std::numeric_limits<T>::epsilon();
+      const auto seq_bound = [&](const std::vector<TokenBound>& tb, const Rec& lp, const Tok<std::uint8_t>& m) {
+        std::vector<double> e(static_cast<std::size_t>(Bn), 0.0);
+        for (long i = 0; i < Bn; ++i) {
+          double abs_sum = 0;
+          for (long t = 0; t < Tn; ++t)
+            if (m(i, t)) {
+              e[static_cast<std::size_t>(i)] += tb[static_cast<std::size_t>(i * Tn + t)].logp;
+              abs_sum += std::fabs(lp.v[static_cast<std::size_t>(i * Tn + t)]);
+            }
+          e[static_cast<std::size_t>(i)] += static_cast<double>(Tn + 1) * u * abs_sum;
+        }
+        return e;
+      };
+      const auto ec = seq_bound(tbc, c.at("logp_c"), mc), er = seq_bound(tbr, c.at("logp_r"), mr);
+      const auto max_abs = [](const Rec& x) {
+        double s = 0;
+        for (double v : x.v) s = std::max(s, std::fabs(v));
+        return s;
+      };
+      const double own_losses = tol<T>() * max_abs(c.at("losses"));
+      const double own_g = tol<T>() * std::max(max_abs(c.at("grad_logp_c")), max_abs(c.at("grad_logp_r")));
+      std::vector<double> dl(static_cast<std::size_t>(Bn)), dg(static_cast<std::size_t>(Bn));
+      double dloss = 0;
+      for (long i = 0; i < Bn; ++i) {
+        const double e = ec[static_cast<std::size_t>(i)] + er[static_cast<std::size_t>(i)];
+        dl[static_cast<std::size_t>(i)] = beta * e + own_losses;
+        dg[static_cast<std::size_t>(i)] = beta * beta / (4.0 * static_cast<double>(Bn)) * e + own_g;
+        dloss += beta * e / static_cast<double>(Bn);
+      }
+      dloss += tol<T>() * std::fabs(c.num("loss"));
+
+      const char* ty = tname<T>();
+      const T loss = r.loss;
+      compare_bounded(c, "loss", ty, &loss, 1, c.at("loss"), [&](long) { return dloss; });
+      compare_bounded(c, "losses", ty, r.losses.data(), r.losses.size(), c.at("losses"),
+                      [&](long i) { return dl[static_cast<std::size_t>(i)]; });
+      const auto side = [&](const char* sfx, const auto& l, const std::vector<TokenBound>& tb, const Tok<T>& g,
+                            const Logits<T>& G) {
+        const std::string s(sfx);
+        compare_bounded(c, "logp_" + s, ty, l.logp.data(), l.logp.size(), c.at("logp_" + s),
+                        [&](long k) { return tb[static_cast<std::size_t>(k)].logp; });
+        const Rec& gl = c.at("grad_logp_" + s);
+        compare_bounded(
+            c, "grad_logp_" + s, ty, g.data(), g.size(), gl,
+            [&](long k) { return gl.v[static_cast<std::size_t>(k)] != 0 ? dg[static_cast<std::size_t>(k / Tn)] : 0.0; },
+            true);
+        const Rec& want = c.at("grad_" + s);
+        const long V = want.dims[2];
+        compare_bounded(
+            c, "grad_" + s, ty, G.data(), G.size(), want,
+            [&](long k) {
+              const long i = k / V;
+              const double g_i = gl.v[static_cast<std::size_t>(i)];
+              if (g_i == 0) return 0.0;  // a masked-out token
+              // the upstream's own error passes through |1[v = y] - p_v| <= 1
+              return tb[static_cast<std::size_t>(i)].grad(g_i, 0, 1 / tau, row_max(want, i)) +
+                     dg[static_cast<std::size_t>(i / Tn)] / tau;
+            },
+            true);
+      };
+      side("c", lc, tbc, gc, Gc);
+      side("r", lr, tbr, gr, Gr);
+    });
+  }
+}
+
+// PPO from logits (verl dp_actor). Per selected token l = max(-A r, -A clip(r, 1 - lo, 1 + hi)),
+// r = exp(logp - old): |d l / d logp| <= |A| r, so a logp error d moves l by <= 1.01 |A| r d
+// (d < 1e-4, checked) and d l / d logp = -A r (unclipped) by 1.01 |A| r d; no ratio lies within
+// 1e-3 of a clip edge (make_golden.py), so no token changes branch. k1 adds kl_coef d to l and
+// nothing to its derivative; the entropy bonus -entropy_coef H adds entropy_coef |dH|. Each
+// enters the loss times the token's aggregation factor s_i w_it (row_scales(): masks only, so
+// exact up to rounding), and ppo_clip's own arithmetic adds its family's tolerance. The logits'
+// gradient has upstream g_lp = d pg_loss / d logp and g_h = -entropy_coef s_i w_it (rounded to
+// the log-prob type: u |g_h|, through |dH / dz| <= k (1/e + H)).
+TEST_CASE(
+    "golden: ppo from logits (token_logprobs -> ppo_clip -> backward, and ppo_clip_from_logits) vs verl dp_actor + "
+    "autograd",
+    "[golden][ppo_logits]") {
+  for (const Case& c : load("ppo_logits")) {
+    for_types([&](auto zero) {
+      using T = decltype(zero);
+      const Rec& zrec = c.at("logits");
+      const auto z = logits<T>(zrec);
+      const auto y = labels(c.at("labels"));
+      const auto m = mask(c.at("mask"));
+      const auto old = tok<T>(c.at("old_logp")), adv = tok<T>(c.at("advantages")), ref = tok<T>(c.at("ref_logp"));
+      const double ent_coef = c.num("entropy_coef");
+      pl::LogprobOptions lo;
+      lo.temperature = c.num("temperature");
+      lo.entropy = ent_coef != 0;
+      pl::PpoOptions o;
+      o.clip_low = c.num("clip_low");
+      o.clip_high = c.num("clip_high");
+      o.dual_clip = c.num("dual_clip");
+      o.aggregation = aggregation(c.str("aggregation"));
+      const bool kl = c.str("kl_estimator") != "none";
+      if (kl) {
+        REQUIRE(c.str("kl_estimator") == "k1");  // the bound below knows k1's derivative only
+        o.kl_estimator = estimator(c.str("kl_estimator"));
+        o.kl_coef = c.num("kl_coef");
+      }
+      const long Bn = m.dimension(0), Tn = m.dimension(1), V = zrec.dims[2];
+      const double tau = lo.temperature, kl_coef = o.kl_coef, u = 0.5 * std::numeric_limits<T>::epsilon();
+
+      const auto lp = pl::token_logprobs(z, y, m, lo);
+      const auto run = [&](const auto& r) {
+        Tok<T> g(Bn, Tn);
+        r.backward(g);
+        const std::vector<double>& s = r.row_scales();
+        // d (-entropy_coef agg(H)) / d H_it = -entropy_coef s_i w_it, w_it = 1 at selected tokens
+        Tok<T> gh(Bn, Tn);
+        double ent_agg = 0;
+        for (long i = 0; i < Bn; ++i)
+          for (long t = 0; t < Tn; ++t) {
+            const bool on = m(i, t) != 0;
+            gh(i, t) = static_cast<T>(on ? -ent_coef * s[static_cast<std::size_t>(i)] : 0.0);
+            if (on && lo.entropy) ent_agg += s[static_cast<std::size_t>(i)] * static_cast<double>(lp.entropy(i, t));
+          }
+        Logits<T> G(z.dimensions());
+        if (lo.entropy)
+          lp.backward(g, gh, G);
+        else
+          lp.backward(g, G);
+        const double loss = static_cast<double>(r.loss) - ent_coef * ent_agg;
+
+        // The fused two-pass call writes the composition's gradient bits (its own contract), so
+        // the bounds below hold for it too; its loss sums the entropy row by row.
+        pl::LogprobOptions lf;
+        lf.temperature = tau;
+        lf.entropy_coef = ent_coef;
+        Logits<T> Gf(z.dimensions());
+        const auto f = kl ? pl::ppo_clip_from_logits(z, y, old, adv, m, ref, o, lf, Gf)
+                          : pl::ppo_clip_from_logits(z, y, old, adv, m, o, lf, Gf);
+        CHECK(std::memcmp(Gf.data(), G.data(), sizeof(T) * static_cast<std::size_t>(G.size())) == 0);
+        CHECK(std::memcmp(f.logp.data(), lp.logp.data(), sizeof(T) * static_cast<std::size_t>(lp.logp.size())) == 0);
+        CHECK(f.policy_loss == r.loss);
+
+        // The bounds.
+        const auto tb = token_bounds<T>(zrec, m, tau, c.at("logp"), &c.at("entropy"));
+        const Rec &lpw = c.at("logp"), &oldw = c.at("old_logp"), &advw = c.at("advantages"), &glw = c.at("grad_logp");
+        double d_pg = 0, d_ent = 0, max_g = 0;
+        std::vector<double> dg(static_cast<std::size_t>(Bn * Tn), 0.0);
+        for (double v : glw.v) max_g = std::max(max_g, std::fabs(v));
+        for (long k = 0; k < Bn * Tn; ++k) {
+          if (!m.data()[k]) continue;
+          const auto kk = static_cast<std::size_t>(k);
+          const double d = tb[kk].logp, si = s[static_cast<std::size_t>(k / Tn)];
+          REQUIRE(d < 1e-4);
+          const double ar = std::fabs(advw.v[kk]) * std::exp(lpw.v[kk] - oldw.v[kk]);
+          d_pg += si * (1.01 * ar * d + kl_coef * d);
+          d_ent += si * tb[kk].entropy;
+          dg[kk] = si * 1.01 * ar * d + tol<T>() * max_g;
+        }
+        const double pg_bound = d_pg + tol<T>() * std::fabs(c.num("pg_loss"));
+        const double ent_bound = d_ent + u * std::fabs(c.num("entropy_agg"));
+        const char* ty = tname<T>();
+        const T pg = r.loss, tl = static_cast<T>(loss), ea = static_cast<T>(ent_agg);
+        compare_bounded(c, "pg_loss", ty, &pg, 1, c.at("pg_loss"), [&](long) { return pg_bound; });
+        compare_bounded(c, "loss", ty, &tl, 1, c.at("loss"),
+                        [&](long) { return pg_bound + ent_coef * ent_bound + u * std::fabs(c.num("loss")); });
+        compare_bounded(c, "loss (ppo_clip_from_logits)", ty, &f.loss, 1, c.at("loss"),
+                        [&](long) { return pg_bound + ent_coef * ent_bound + u * std::fabs(c.num("loss")); });
+        if (lo.entropy) {
+          compare_bounded(c, "entropy", ty, lp.entropy.data(), lp.entropy.size(), c.at("entropy"),
+                          [&](long k) { return tb[static_cast<std::size_t>(k)].entropy; });
+          compare_bounded(c, "entropy_agg", ty, &ea, 1, c.at("entropy_agg"), [&](long) { return ent_bound; });
+        }
+        compare_bounded(c, "logp", ty, lp.logp.data(), lp.logp.size(), lpw,
+                        [&](long k) { return tb[static_cast<std::size_t>(k)].logp; });
+        compare_bounded(
+            c, "grad_logp", ty, g.data(), g.size(), glw, [&](long k) { return dg[static_cast<std::size_t>(k)]; }, true);
+        const Rec& want = c.at("grad");
+        compare_bounded(
+            c, "grad", ty, G.data(), G.size(), want,
+            [&](long k) {
+              const long i = k / V;
+              const auto ii = static_cast<std::size_t>(i);
+              if (!m.data()[i]) return 0.0;
+              const double g_h = static_cast<double>(gh.data()[i]);
+              return tb[ii].grad(glw.v[ii], g_h, 1 / tau, row_max(want, i)) + dg[ii] / tau +
+                     u * std::fabs(g_h) * (1 / std::exp(1.0) + tb[ii].H) / tau;
+            },
+            true);
+      };
+      if (kl)
+        run(pl::ppo_clip(lp.logp, old, adv, m, ref, o));
+      else
+        run(pl::ppo_clip(lp.logp, old, adv, m, o));
     });
   }
 }

@@ -1,6 +1,6 @@
 // Offline preference optimization on the task: a tabular policy trained from the reference on
 // fixed preference pairs, with the loss and its token gradient from prefloss and the chain rule
-// through log-softmax to the logits (softmax.hpp). dpo_curves and beta_sweep use it.
+// through the log-softmax to the logits (token_logprobs, policy.hpp). dpo_curves and beta_sweep use it.
 #pragma once
 #include <prefloss/prefloss.hpp>
 
@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "optim.hpp"
-#include "softmax.hpp"
+#include "policy.hpp"
 #include "task.hpp"
 
 namespace examples {
@@ -175,7 +175,6 @@ inline std::vector<Snapshot> train_preference(const Experiment& e, const Prefere
     std::fill(grad.begin(), grad.end(), 0.0f);
     preference_loss(t, cfg, pairs, policy, ref, &grad);
     adam.step(policy.logits, grad);
-    policy.refresh();
     if (step % every == 0 || step == cfg.steps)
       out.push_back(snapshot(step, e, cfg, policy, ref, ref_dist, target, metric_beta));
   }

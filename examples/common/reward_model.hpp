@@ -5,13 +5,37 @@
 #include <prefloss/prefloss.hpp>
 
 #include <functional>
+#include <limits>
 #include <vector>
 
 #include "optim.hpp"
-#include "softmax.hpp"
 #include "task.hpp"
 
 namespace examples {
+
+/// out[b, t] = table[prompt_b, t, tok[b, t]] at valid tokens and `pad` elsewhere.
+inline void gather(const Shape& s, const float* table, const Sequences& seq, Tokens& out,
+                   float pad = std::numeric_limits<float>::quiet_NaN()) {
+  out = Tokens(seq.size(), s.L);
+  float* o = out.data();
+  const int* tok = seq.tok.data();
+  const std::uint8_t* m = seq.mask.data();
+  for (Index b = 0; b < seq.size(); ++b) {
+    const int x = seq.prompt[static_cast<std::size_t>(b)];
+    for (int t = 0; t < s.L; ++t, ++o, ++tok, ++m) *o = *m ? table[s.row(x, t) + static_cast<std::size_t>(*tok)] : pad;
+  }
+}
+
+/// grad_table[prompt_b, t, tok[b, t]] += g[b, t] at valid tokens (the adjoint of gather).
+inline void scatter_add(const Shape& s, const Sequences& seq, const Tokens& g, std::vector<float>& grad_table) {
+  for (Index b = 0; b < seq.size(); ++b)
+    for (int t = 0; t < s.L; ++t) {
+      const Index k = b * s.L + t;
+      if (seq.mask.data()[k])
+        grad_table[s.row(seq.prompt[static_cast<std::size_t>(b)], t) + static_cast<std::size_t>(seq.tok.data()[k])] +=
+            g.data()[k];
+    }
+}
 
 struct RewardModel {
   Shape shape;

@@ -49,6 +49,20 @@
 #define PREFLOSS_KERNELS_END
 #endif
 
+/// @brief Marks a function whose one compiled body every entry point calls (a loss's arithmetic
+/// for its two-pass and fused forms, a logit row's statistics and gradient), so their results
+/// are the same bits: two inlined copies may be optimized differently (which products
+/// are fused into an FMA, which constants are folded) and round differently in the last place.
+#if defined(__clang__)
+#define PREFLOSS_DETAIL_ONE_BODY __attribute__((noinline))
+#elif defined(__GNUC__)
+#define PREFLOSS_DETAIL_ONE_BODY __attribute__((noipa))
+#elif defined(_MSC_VER)
+#define PREFLOSS_DETAIL_ONE_BODY __declspec(noinline)
+#else
+#define PREFLOSS_DETAIL_ONE_BODY
+#endif
+
 namespace prefloss {
 /// Index type of tensor extents: Eigen's (std::ptrdiff_t unless EIGEN_DEFAULT_DENSE_INDEX_TYPE
 /// says otherwise; detail/tensor.hpp checks that they agree).

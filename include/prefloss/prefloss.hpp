@@ -5,6 +5,9 @@
 // Grouped by layer (math <- reduce <- loss, rl), sorted within each; the order does not matter.
 #include "config.hpp"
 #include "errors.hpp"
+#include "logits/linear_logprobs.hpp"
+#include "logits/ppo_from_logits.hpp"
+#include "logits/token_logprobs.hpp"
 #include "loss/bradley_terry.hpp"
 #include "loss/dpo.hpp"
 #include "loss/ipo.hpp"

@@ -25,6 +25,16 @@ produce d loss / d (policy token log-probs):
   Two departures follow prefloss's documented definitions (ppo_clip.hpp), not verl: seq-mean-token-sum-norm divides by batch * C
   (Dr.GRPO; verl omits the batch), and an empty row contributes 0 to seq-mean-token-mean
   (verl: 0/0). Dual clip is applied only where the case says so.
+- Token log-probs: TRL `selective_log_softmax` (log_softmax + gather) on logits / temperature
+  (verl's actor divides by it), verl `entropy_from_logits` with a -inf logit's term taken as 0,
+  and autograd of sum(g_lp logp + g_h entropy) for d / d logits. 16-bit logits (logprobs_lowp):
+  the float32 logits rounded by torch to bfloat16 / float16, the reference in float64 from the
+  rounded values.
+- Losses from logits: DPO (dpo_logits) is TRL's sigmoid dpo_loss of masked sums of the token
+  log-probs above, per side, with the reference sequence log-probs as constants; PPO
+  (ppo_logits) is verl's dp_actor: compute_policy_loss_vanilla + agg_loss of the token log-probs
+  (+ kl_coef * agg_loss(k1)) - entropy_coef * agg_loss(entropy_from_logits), one aggregation
+  mode for all terms. Autograd gives d loss / d logits, and d loss / d token log-probs as well.
 - GAE / whitening / GRPO advantages: verl `compute_gae_advantage_return` (its mask-skipping
   recursion, no whitening), `verl_F.masked_whiten` (unbiased variance, eps 1e-8) and
   `compute_grpo_outcome_advantage` (unbiased std, eps 1e-6, a group of one: mean 0, std 1).
@@ -716,10 +726,219 @@ def gen_group():
     w.write()
 
 
+# ---- token log-probs from logits: TRL selective_log_softmax, verl entropy_from_logits ---------
+
+def gen_logprobs():
+    w = Writer("logprobs", "TRL selective_log_softmax (log_softmax(logits / T).gather(labels)) and verl "
+                           "entropy_from_logits, per token, and d/d logits of sum g_lp logp + g_h entropy")
+    # (name, vocab, temperature, logit spread): V not a multiple of any SIMD width included.
+    for k, (name, V, temp, spread) in enumerate([("v1", 1, 1.0, 1.0), ("v7_t0.7", 7, 0.7, 2.0),
+                                                 ("v33", 33, 1.0, 3.0), ("v100_t2", 100, 2.0, 4.0),
+                                                 ("v517_confident", 517, 1.0, 1.0)]):
+        rng = random.Random(3000 + k)
+        Bq, Tq = 2, 5
+        m = masks(rng, Bq, Tq)
+        z = [[[f32(rng.gauss(0.0, spread)) for _ in range(V)] for _ in range(Tq)] for _ in range(Bq)]
+        y = [[rng.randrange(V) for _ in range(Tq)] for _ in range(Bq)]
+        for i in range(Bq):
+            for j in range(Tq):
+                if not m[i, j]:
+                    z[i][j] = [NAN] * V  # padding: never read
+                    y[i][j] = -7  # nor its label
+                    continue
+                if V > 3:  # forbidden vocabulary, never the label
+                    for v in range(0, V, 5):
+                        if v != y[i][j]:
+                            z[i][j][v] = NEG_INF
+                if name.endswith("confident"):  # p_y near 1
+                    z[i][j][y[i][j]] = f32(12.0 + j)
+        zt = torch.tensor(z)
+        yt = torch.tensor(y, dtype=torch.int64)
+        gl = torch.tensor([[f32(rng.gauss(0, 1)) for _ in range(Tq)] for _ in range(Bq)])
+        gh = torch.tensor([[f32(rng.gauss(0, 1)) for _ in range(Tq)] for _ in range(Bq)])
+        x = leaf(zt)
+        m3 = m.unsqueeze(-1).expand_as(x)
+        u = torch.where(m3, x, torch.zeros_like(x)) / temp
+        lsm = u.log_softmax(-1)
+        logp = sel(lsm.gather(-1, yt.clamp(min=0).unsqueeze(-1)).squeeze(-1), m)
+        # verl's logsumexp(u) - sum(softmax(u) u) is 0 * -inf = NaN at a -inf logit; prefloss
+        # defines that term as 0 (probability 0), which this form gives with a finite gradient.
+        p = lsm.exp()
+        safe = torch.where(p > 0, lsm, torch.zeros_like(lsm))
+        ent = sel(-(p * safe).sum(-1), m)
+        g = grad_of((sel(gl, m) * logp).sum() + (sel(gh, m) * ent).sum(), x)
+        w.case(name)
+        w.t("temperature", temp)
+        for lab, t_ in [("logits", zt), ("labels", yt.double()), ("mask", m.double()), ("grad_logp", gl),
+                        ("grad_entropy", gh), ("logp", logp), ("entropy", ent), ("grad", g)]:
+            w.t(lab, t_)
+        w.end()
+    w.write()
+
+
+# ---- 16-bit logits, and losses straight from logits ------------------------------------------
+
+def logit_inputs(rng, m, V, spread, forbid=True):
+    """Logits [B, T, V] (float32-exact, |z| <= 10) and labels [B, T] at the selected tokens of m;
+    NaN rows and label -7 at masked-out tokens (never read), a -inf (forbidden) entry in each
+    selected row of V > 3 (never the label; every 9th entry from a row-dependent start)."""
+    Bq, Tq = m.shape
+    z = [[[f32(max(-10.0, min(10.0, rng.gauss(0.0, spread)))) for _ in range(V)] for _ in range(Tq)]
+         for _ in range(Bq)]
+    y = [[rng.randrange(V) for _ in range(Tq)] for _ in range(Bq)]
+    for i in range(Bq):
+        for j in range(Tq):
+            if not m[i, j]:
+                z[i][j] = [NAN] * V
+                y[i][j] = -7
+            elif forbid and V > 3:
+                for v in range((i + 2 * j) % 9, V, 9):
+                    if v != y[i][j]:
+                        z[i][j][v] = NEG_INF
+    return torch.tensor(z), torch.tensor(y, dtype=torch.int64)
+
+
+def logprobs_of(x, y, m, temp):
+    """TRL selective_log_softmax on logits / temperature and verl entropy_from_logits (a -inf
+    logit's term 0), both 0 at masked-out tokens; the padding is selected away first."""
+    m3 = m.unsqueeze(-1).expand_as(x)
+    u = torch.where(m3, x, torch.zeros_like(x)) / temp
+    lsm = u.log_softmax(-1)
+    logp = sel(lsm.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1), m)
+    p = lsm.exp()
+    ent = sel(-(p * torch.where(p > 0, lsm, torch.zeros_like(lsm))).sum(-1), m)
+    return logp, ent
+
+
+def gen_logprobs_lowp():
+    w = Writer("logprobs_lowp", "token_logprobs of bf16 / half logits: logits rounded by torch to the 16-bit "
+                                "type, reference in float64 from the rounded values (as gen_logprobs)")
+    # (name, dtype, vocab, temperature, logit spread)
+    for k, (name, dt, V, temp, spread) in enumerate([("bf16_v37", "bf16", 37, 1.0, 2.0),
+                                                     ("bf16_v100_t0.7", "bf16", 100, 0.7, 3.0),
+                                                     ("bf16_v16", "bf16", 16, 1.0, 1.5),
+                                                     ("half_v37_t1.5", "half", 37, 1.5, 2.0),
+                                                     ("half_v211", "half", 211, 1.0, 2.5)]):
+        rng = random.Random(3100 + k)
+        Bq, Tq = 3, 5
+        m = masks(rng, Bq, Tq)
+        z32, yt = logit_inputs(rng, m, V, spread)
+        tdt = torch.bfloat16 if dt == "bf16" else torch.float16
+        zt = z32.to(torch.float32).to(tdt).to(torch.float64)  # round to nearest even; NaN / -inf kept
+        gl = torch.tensor([[f32(rng.gauss(0, 1)) for _ in range(Tq)] for _ in range(Bq)])
+        gh = torch.tensor([[f32(rng.gauss(0, 1)) for _ in range(Tq)] for _ in range(Bq)])
+        x = leaf(zt)
+        logp, ent = logprobs_of(x, yt, m, temp)
+        g = grad_of((sel(gl, m) * logp).sum() + (sel(gh, m) * ent).sum(), x)
+        w.case(name)
+        w.s("dtype", dt)
+        w.t("temperature", temp)
+        for lab, t_ in [("logits", zt), ("labels", yt.double()), ("mask", m.double()), ("grad_logp", gl),
+                        ("grad_entropy", gh), ("logp", logp), ("entropy", ent), ("grad", g)]:
+            w.t(lab, t_)
+        w.end()
+    w.write()
+
+
+def gen_dpo_logits():
+    w = Writer("dpo_logits", "TRL dpo_loss sigmoid (label smoothing) of masked sums of TRL selective_log_softmax "
+                             "(logits / T), chosen and rejected logits; d loss / d logits by float64 autograd")
+    # (name, beta, label_smoothing, vocab, temperature, logit spread)
+    cases = [("sigmoid_v37", 0.1, 0.0, 37, 1.0, 2.0), ("cdpo_v100_t0.7", 0.5, 0.1, 100, 0.7, 2.5),
+             ("sigmoid_beta0.3_v17_t1.5", 0.3, 0.0, 17, 1.5, 3.0)]
+    for k, (name, beta, ls, V, temp, spread) in enumerate(cases):
+        rng = random.Random(3200 + k)
+        mc = masks(rng, B, T)
+        mr = masks(rng, B, T, empty_row=2)
+        zc, yc = logit_inputs(rng, mc, V, spread)
+        zr, yr = logit_inputs(rng, mr, V, spread)
+        xc, xr = leaf(zc), leaf(zr)
+        lpc, _ = logprobs_of(xc, yc, mc, temp)
+        lpr, _ = logprobs_of(xr, yr, mr, temp)
+        pc, pr = masked_sum(lpc, mc), masked_sum(lpr, mr)
+        # Reference sequence log-probs: constants near the policy's, so beta * D is O(1).
+        rc = torch.tensor([f32(v + rng.uniform(-4, 4)) for v in pc.tolist()])
+        rr = torch.tensor([f32(v + rng.uniform(-4, 4)) for v in pr.tolist()])
+        losses, _, _ = trl_dpo_loss(pc, pr, rc, rr, beta, ls, "sigmoid", False)
+        loss = losses.mean()
+        g_lpc, g_lpr, gc, gr = torch.autograd.grad(loss, [lpc, lpr, xc, xr], retain_graph=True)
+        w.case(name)
+        w.s("variant", "sigmoid")
+        w.t("beta", beta)
+        w.t("label_smoothing", ls)
+        w.t("temperature", temp)
+        for lab, t_ in [("logits_c", zc), ("labels_c", yc.double()), ("mask_c", mc.double()), ("logits_r", zr),
+                        ("labels_r", yr.double()), ("mask_r", mr.double()), ("ref_c", rc), ("ref_r", rr),
+                        ("logp_c", lpc), ("logp_r", lpr), ("loss", loss), ("losses", losses),
+                        ("grad_logp_c", sel(g_lpc, mc)), ("grad_logp_r", sel(g_lpr, mr)), ("grad_c", gc),
+                        ("grad_r", gr)]:
+            w.t(lab, t_)
+        w.end()
+    w.write()
+
+
+def gen_ppo_logits():
+    w = Writer("ppo_logits", "verl dp_actor from logits: log_softmax(logits / T).gather and entropy_from_logits, "
+                             "compute_policy_loss_vanilla + agg_loss (+ kl_coef * agg_loss(k1)) - entropy_coef * "
+                             "agg_loss(entropy); d loss / d logits by float64 autograd")
+    cases = [  # name, clip_low, clip_high, aggregation, kl estimator, kl_coef, entropy_coef, vocab, temperature
+        ("token_mean_v37", 0.2, 0.2, "token_mean", None, 0.0, 0.0, 37, 1.0),
+        ("seq_mean_token_sum_v100_t0.7", 0.2, 0.28, "seq_mean_token_sum", None, 0.0, 0.0, 100, 0.7),
+        ("seq_mean_token_mean_kl_k1_v17", 0.1, 0.3, "seq_mean_token_mean", "k1", 0.1, 0.0, 17, 1.0),
+        ("seq_mean_token_sum_norm_entropy_v37", 0.2, 0.2, "seq_mean_token_sum_norm", None, 0.0, 0.01, 37, 1.0),
+        ("token_mean_kl_k1_entropy_v50_t1.3", 0.2, 0.2, "token_mean", "k1", 0.05, 0.02, 50, 1.3),
+    ]
+    for k, (name, lo, hi, agg, est, kl_coef, ent_coef, V, temp) in enumerate(cases):
+        rng = random.Random(3300 + k)
+        m = masks(rng, B, T, empty_row=2)
+        z, y = logit_inputs(rng, m, V, 2.0)
+        with torch.no_grad():
+            lp0, _ = logprobs_of(z, y, m, temp)
+        # The rollout's log-probs near the policy's; no ratio within 1e-3 (relative) of a clip
+        # edge, so float rounding of logp cannot switch a token between clipped and unclipped.
+        old = gauss(rng, m, 0.0, 0.25, base=lp0)
+        for i in range(B):
+            for j in range(T):
+                if m[i, j]:
+                    while any(abs(math.exp(lp0[i, j].item() - old[i, j].item()) / e - 1) < 1e-3
+                              for e in (1 - lo, 1 + hi)):
+                        old[i, j] = f32(old[i, j].item() + 0.01)
+        adv = gauss(rng, m, 0.0, 1.0)
+        ref = gauss(rng, m, 0.0, 0.3, base=lp0)
+        x = leaf(z)
+        logp, ent = logprobs_of(x, y, m, temp)
+        olds, advs, refs = sel(old, m), sel(adv, m), sel(ref, m)
+        pg, _, _, _ = verl_policy_loss(logp, olds, advs, m, lo, hi, 0.0, False)
+        pg_loss, _ = verl_agg_loss(pg, m, agg)
+        if est is not None:
+            pg_loss = pg_loss + kl_coef * verl_agg_loss(verl_kl_penalty(logp, refs, est), m, agg)[0]
+        ent_agg, _ = verl_agg_loss(ent, m, agg)
+        loss = pg_loss - ent_coef * ent_agg
+        (g_lp,) = torch.autograd.grad(pg_loss, [logp], retain_graph=True)
+        (g,) = torch.autograd.grad(loss, [x], retain_graph=True)
+        w.case(name)
+        w.t("clip_low", lo)
+        w.t("clip_high", hi)
+        w.t("dual_clip", 0.0)
+        w.s("aggregation", agg)
+        w.s("kl_estimator", est or "none")
+        w.t("kl_coef", kl_coef)
+        w.t("entropy_coef", ent_coef)
+        w.t("temperature", temp)
+        for lab, t_ in [("logits", z), ("labels", y.double()), ("old_logp", old), ("advantages", adv),
+                        ("ref_logp", ref), ("mask", m.double()), ("logp", logp), ("entropy", ent),
+                        ("pg_loss", pg_loss), ("entropy_agg", ent_agg), ("loss", loss),
+                        ("grad_logp", sel(g_lp, m)), ("grad", g)]:
+            w.t(lab, t_)
+        w.end()
+    w.write()
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     for gen in [gen_dpo, gen_ipo, gen_kto, gen_bradley_terry, gen_simpo, gen_orpo, gen_nll, gen_ppo, gen_value,
-                gen_kl, gen_gae, gen_whiten, gen_group]:
+                gen_kl, gen_gae, gen_whiten, gen_group, gen_logprobs, gen_logprobs_lowp, gen_dpo_logits,
+                gen_ppo_logits]:
         gen()
 
 

@@ -163,14 +163,17 @@ using PpoResult = TokenLossResult<S, M, detail::PpoParams<S>, PpoMetrics<S>, In>
 
 namespace detail {
 
-/// Validates every argument, then runs the forward, fused with the gradient into *grad_out when
-/// it is given (checked before anything is computed).
-template <bool HasRef, class In, class LT, class OT, class AT, class RT, class M, class G>
-PpoResult<typename In::compute_type, M, In> ppo_clip_impl(const Matrix<LT>& lp, const Matrix<OT>& old,
-                                                          const Matrix<AT>& adv, const Matrix<M>& mask,
-                                                          const Matrix<RT>* ref, const PpoOptions& opt, G* grad_out) {
-  using S = typename In::compute_type;
-  constexpr const char* fn = "ppo_clip";
+/// The checked aggregation and kernel parameters of a ppo_clip call.
+template <class S>
+struct PpoPlan {
+  AggregationSpec spec;
+  PpoParams<S> params;
+};
+
+/// Validates every option and token argument of a ppo_clip call (nothing is read but the masks).
+template <class S, class LT, class OT, class AT, class RT, class M>
+PpoPlan<S> ppo_prepare(const Matrix<LT>& lp, const Matrix<OT>& old, const Matrix<AT>& adv, const Matrix<M>& mask,
+                       const Matrix<RT>* ref, const PpoOptions& opt, const char* fn) {
   // The ratio is positive, so a lower bound 1 - clip_low below 0 never binds: clip_low = 1 turns
   // the lower clip off, and anything larger only hides a typo.
   require_option(opt.clip_low >= 0 && opt.clip_low <= 1, fn, "clip_low", "in [0, 1]", opt.clip_low);
@@ -185,8 +188,9 @@ PpoResult<typename In::compute_type, M, In> ppo_clip_impl(const Matrix<LT>& lp, 
   if (opt.kl_coef > 0 && ref == nullptr)
     throw option_error(std::string(fn) + ": option 'kl_coef' is " + fmt(opt.kl_coef) +
                        " but no 'ref_logp' was given (pass ref_logp or set kl_coef = 0)");
-  const AggregationSpec spec = aggregation_spec(opt, lp.rows, lp.packed() ? packed_rows : lp.cols);
-  validate_aggregation<S>(fn, spec);
+  PpoPlan<S> plan;
+  plan.spec = aggregation_spec(opt, lp.rows, lp.packed() ? packed_rows : lp.cols);
+  validate_aggregation<S>(fn, plan.spec);
 
   require_same_shape(fn, "old_logp", old, "logp", lp);
   require_same_shape(fn, "advantages", adv, "logp", lp);
@@ -195,7 +199,7 @@ PpoResult<typename In::compute_type, M, In> ppo_clip_impl(const Matrix<LT>& lp, 
   require_weights<S>(mask, fn, "mask");
   require_nonempty(fn, "logp", lp.rows);
 
-  PpoParams<S> p;
+  PpoParams<S>& p = plan.params;
   p.lo = static_cast<S>(1.0 - opt.clip_low);
   p.hi = static_cast<S>(1.0 + opt.clip_high);
   p.dual = opt.dual_clip > 1;
@@ -204,6 +208,20 @@ PpoResult<typename In::compute_type, M, In> ppo_clip_impl(const Matrix<LT>& lp, 
   p.kl_coef = static_cast<S>(opt.kl_coef);
   p.estimator = opt.kl_estimator;
   p.kl = kl_params<S>(opt);
+  return plan;
+}
+
+/// Validates every argument, then runs the forward, fused with the gradient into *grad_out when
+/// it is given (checked before anything is computed).
+template <bool HasRef, class In, class LT, class OT, class AT, class RT, class M, class G>
+PpoResult<typename In::compute_type, M, In> ppo_clip_impl(const Matrix<LT>& lp, const Matrix<OT>& old,
+                                                          const Matrix<AT>& adv, const Matrix<M>& mask,
+                                                          const Matrix<RT>* ref, const PpoOptions& opt, G* grad_out) {
+  using S = typename In::compute_type;
+  constexpr const char* fn = "ppo_clip";
+  const PpoPlan<S> plan = ppo_prepare<S>(lp, old, adv, mask, ref, opt, fn);
+  const AggregationSpec& spec = plan.spec;
+  const PpoParams<S>& p = plan.params;
 
   In in;
   set_input(in, 0, lp.data);

@@ -101,20 +101,6 @@ class PlainMatrix {
 // after it has read that example's rows, so its outputs must be checked in full first, and must
 // not share memory with anything it has yet to read.
 
-/// @brief Marks the function that does all of a loss's arithmetic. The two-pass and the fused
-/// form call this one compiled body (the fused form with non-null gradient views), so their
-/// results are the same bits: two inlined copies may be optimized differently (which products
-/// are fused into an FMA, which constants are folded) and round differently in the last place.
-#if defined(__clang__)
-#define PREFLOSS_DETAIL_ONE_BODY __attribute__((noinline))
-#elif defined(__GNUC__)
-#define PREFLOSS_DETAIL_ONE_BODY __attribute__((noipa))
-#elif defined(_MSC_VER)
-#define PREFLOSS_DETAIL_ONE_BODY __declspec(noinline)
-#else
-#define PREFLOSS_DETAIL_ONE_BODY
-#endif
-
 /// Write view of a sequence input's gradient: [batch, tokens] for an expression, [batch] for a
 /// plain tensor.
 template <class Seq>
