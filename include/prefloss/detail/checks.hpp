@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 
 #include "../config.hpp"
@@ -65,6 +66,21 @@ inline void require_enum(bool ok, const char* fn, const char* name, int value) {
 /// Losses average over the batch: an empty batch has no defined loss.
 inline void require_nonempty(const char* fn, const char* name, Index batch) {
   if (batch == 0) throw shape_error(std::string(fn) + ": argument '" + name + "' has an empty batch (shape [0])");
+}
+
+/// @brief The divisor of a batch-mean loss: the option batch_count (the examples of the global
+/// batch, checked: finite, >= 1 and >= this call's batch), else this call's batch, which must
+/// then be nonempty. With batch_count an empty shard is allowed: it contributes 0.
+inline double batch_divisor(const char* fn, const char* name, Index batch, const std::optional<double>& batch_count) {
+  if (!batch_count) {
+    require_nonempty(fn, name, batch);
+    return static_cast<double>(batch);
+  }
+  const double n = *batch_count;
+  if (!(std::isfinite(n) && n >= 1 && n >= static_cast<double>(batch)))
+    throw option_error(std::string(fn) + ": option 'batch_count' must be finite, >= 1 and >= this call's batch (" +
+                       std::to_string(batch) + "), got " + fmt(n));
+  return n;
 }
 
 }  // namespace prefloss::detail

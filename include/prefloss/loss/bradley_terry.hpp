@@ -22,6 +22,9 @@ namespace prefloss {
 /// Options of bradley_terry(). Defaults are TRL's RewardConfig.
 struct BradleyTerryOptions {
   double center_coef = 0.0;  ///< >= 0: weight of mean((r_c + r_r)^2) (TRL center_rewards_coefficient)
+  /// Examples in the global batch: loss = sum(losses) / batch_count, gradients to match (see
+  /// DpoOptions::batch_count). Unset: this call's batch.
+  std::optional<double> batch_count = std::nullopt;
 };
 
 namespace detail {
@@ -41,10 +44,10 @@ auto bradley_terry_impl(const C& r_chosen, const R& r_rejected, const M* margin,
     m.emplace(as_sequence(*margin, fn, "margin"));
     require_batch(fn, "margin", *m, "r_chosen", B, c.shape());
   }
-  require_nonempty(fn, "r_chosen", B);
+  const double count = batch_divisor(fn, "r_chosen", B, opt.batch_count);
   const std::vector<double> vc = values_of(c), vr = values_of(r);
   const double k = opt.center_coef;
-  auto result = pairwise_loss<PreferenceMetrics<S>>(fn, std::move(c), std::move(r), [&](Index i) {
+  auto result = pairwise_loss<PreferenceMetrics<S>>(fn, std::move(c), std::move(r), count, [&](Index i) {
     const std::size_t u = static_cast<std::size_t>(i);
     const double z = vc[u] - vr[u] - (m ? m->value(i) : 0.0);
     const auto ls = log_sigmoid_and_grad(z);
@@ -110,11 +113,11 @@ auto bradley_terry_ranking(const X& rewards, const BradleyTerryOptions& opt = {}
   if (K < 2)
     throw shape_error(std::string(fn) + ": argument 'rewards' must have shape [batch, K] with K >= 2, got " +
                       in.shape());
-  detail::require_nonempty(fn, "rewards", B);
+  const double count = detail::batch_divisor(fn, "rewards", B, opt.batch_count);
 
   const double k = opt.center_coef;
   const double pairs = static_cast<double>(K) * static_cast<double>(K - 1) / 2;
-  const double inv_pairs = 1.0 / pairs, inv_b = 1.0 / static_cast<double>(B);
+  const double inv_pairs = 1.0 / pairs, inv_b = 1.0 / count;
   SequenceResult<RankingMetrics<S>, detail::PlainMatrix<S>> out(fn, "grad", in);
   out.losses = Eigen::Tensor<S, 1>(B);
   out.d_ = Eigen::Tensor<S, 1>(B * K);
@@ -143,9 +146,11 @@ auto bradley_terry_ranking(const X& rewards, const BradleyTerryOptions& opt = {}
       out.d_(i * K + a) = static_cast<S>(d[static_cast<std::size_t>(a)] * inv_pairs * inv_b);
   }
   out.loss = static_cast<S>(total * inv_b);
-  out.metrics.accuracy = static_cast<S>(correct / (pairs * static_cast<double>(B)));
-  out.metrics.reward_margin = static_cast<S>(margin / (pairs * static_cast<double>(B)));
-  out.metrics.reward_mean = static_cast<S>(sum_r / (static_cast<double>(K) * static_cast<double>(B)));
+  if (B > 0) {
+    out.metrics.accuracy = static_cast<S>(correct / (pairs * static_cast<double>(B)));
+    out.metrics.reward_margin = static_cast<S>(margin / (pairs * static_cast<double>(B)));
+    out.metrics.reward_mean = static_cast<S>(sum_r / (static_cast<double>(K) * static_cast<double>(B)));
+  }
   return out;
 }
 

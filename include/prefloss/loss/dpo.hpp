@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <utility>
 
 #include "../detail/checks.hpp"
@@ -30,6 +31,10 @@ struct DpoOptions {
   double label_smoothing = 0.0;
   DpoVariant variant = DpoVariant::sigmoid;
   bool reference_free = false;  ///< true: rho = 0, the reference inputs are ignored
+  /// Examples in the global batch (every rank and micro-batch): the loss is sum(losses) /
+  /// batch_count and the gradients scale with it, so shards add up to the whole batch. Unset:
+  /// this call's batch. Finite, >= 1 and >= this call's batch; an empty shard is then allowed.
+  std::optional<double> batch_count = std::nullopt;
 };
 
 namespace detail {
@@ -44,7 +49,7 @@ auto dpo_inputs(const C& chosen, const R& rejected, const RC& ref_chosen, const 
   require_enum(
       opt.variant == DpoVariant::sigmoid || opt.variant == DpoVariant::robust || opt.variant == DpoVariant::hinge, fn,
       "variant", static_cast<int>(opt.variant));
-  return pair_inputs(fn, chosen, rejected, ref_chosen, ref_rejected, opt.reference_free);
+  return pair_inputs(fn, chosen, rejected, ref_chosen, ref_rejected, opt.reference_free, opt.batch_count);
 }
 
 /// dpo's arithmetic, one body for both forms; grads is null for the two-pass form.
@@ -53,7 +58,7 @@ PREFLOSS_DETAIL_ONE_BODY auto dpo_run(In in, const DpoOptions& opt, const typena
   using S = typename decltype(in.chosen)::Scalar;
   const double b = opt.beta, e = opt.label_smoothing;
   auto result = pairwise_loss<PreferenceMetrics<S>>(
-      "dpo", in.chosen, in.rejected,
+      "dpo", in.chosen, in.rejected, in.count,
       [&](Index i) {
         in.load(i);
         const double z = b * (in.uc[static_cast<std::size_t>(i)] - in.ur[static_cast<std::size_t>(i)]);

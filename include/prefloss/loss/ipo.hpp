@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -17,6 +18,9 @@ namespace prefloss {
 struct IpoOptions {
   double beta = 0.1;            ///< > 0 and finite: the regularization tau; the target margin is 1/(2 beta)
   bool reference_free = false;  ///< true: rho = 0, the reference inputs are ignored
+  /// Examples in the global batch: loss = sum(losses) / batch_count, gradients to match (see
+  /// DpoOptions::batch_count). Unset: this call's batch.
+  std::optional<double> batch_count = std::nullopt;
 };
 
 namespace detail {
@@ -26,7 +30,7 @@ PREFLOSS_DETAIL_ONE_BODY auto ipo_run(In in, const IpoOptions& opt, const typena
   using S = typename decltype(in.chosen)::Scalar;
   const double target = 1.0 / (2.0 * opt.beta);
   auto result = pairwise_loss<PreferenceMetrics<S>>(
-      "ipo", in.chosen, in.rejected,
+      "ipo", in.chosen, in.rejected, in.count,
       [&](Index i) {
         in.load(i);
         const double h = in.uc[static_cast<std::size_t>(i)] - in.ur[static_cast<std::size_t>(i)] - target;
@@ -58,8 +62,9 @@ PREFLOSS_DETAIL_ONE_BODY auto ipo_run(In in, const IpoOptions& opt, const typena
 template <class C, class R, class RC, class RR>
 auto ipo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const IpoOptions& opt = {}) {
   detail::require_beta("ipo", opt.beta);
-  return detail::ipo_run(detail::pair_inputs("ipo", chosen, rejected, ref_chosen, ref_rejected, opt.reference_free),
-                         opt, nullptr);
+  return detail::ipo_run(
+      detail::pair_inputs("ipo", chosen, rejected, ref_chosen, ref_rejected, opt.reference_free, opt.batch_count), opt,
+      nullptr);
 }
 
 /// @brief ipo() fused with its backward: the same result, and d loss / d chosen and d loss /
@@ -75,7 +80,7 @@ template <class C, class R, class RC, class RR, class GC, class GR>
 auto ipo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const IpoOptions& opt,
          GC&& grad_chosen, GR&& grad_rejected) {
   detail::require_beta("ipo", opt.beta);
-  auto in = detail::pair_inputs("ipo", chosen, rejected, ref_chosen, ref_rejected, opt.reference_free);
+  auto in = detail::pair_inputs("ipo", chosen, rejected, ref_chosen, ref_rejected, opt.reference_free, opt.batch_count);
   const auto grads = detail::pair_grads("ipo", in, grad_chosen, grad_rejected);
   return detail::ipo_run(std::move(in), opt, &grads);
 }

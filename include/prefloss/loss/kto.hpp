@@ -30,6 +30,10 @@ struct KtoOptions {
   /// this value as given, not clamped. For data-parallel training pass TRL's value: the mean
   /// over ranks of each rank's metrics.kl_mean, clamped at 0.
   std::optional<double> reference_point = std::nullopt;
+  /// Examples in the global batch: loss = sum(losses) / batch_count, gradients to match (see
+  /// DpoOptions::batch_count; shards are then exact when they share reference_point). Unset:
+  /// this call's batch.
+  std::optional<double> batch_count = std::nullopt;
 };
 
 /// @brief Metrics of kto(): TRL's KTOTrainer set ("kl", "count/chosen", "rewards/chosen_sum",
@@ -107,7 +111,7 @@ auto kto_inputs(const P& policy, const R& ref, const D& desirable, const KP& kl_
                       detail::shape_str(lab.size) + ") but 'policy' has batch " + std::to_string(B) + " (shape " +
                       s.shape() + ")");
   detail::require_batch(fn, "kl_ref", kr, "kl_policy", kp.size(), kp.shape());
-  detail::require_nonempty(fn, "policy", B);
+  (void)detail::batch_divisor(fn, "policy", B, opt.batch_count);
   const Index K = kp.size();
   if (K == 0 && !opt.reference_point)
     throw shape_error(std::string(fn) + ": argument 'kl_policy' has an empty batch (shape " + kp.shape() +
@@ -141,7 +145,7 @@ PREFLOSS_DETAIL_ONE_BODY auto kto_run(const In& in, const KtoOptions& opt,
   std::vector<double> u(static_cast<std::size_t>(B)), sv(static_cast<std::size_t>(B));
   const double b = opt.beta, wd = opt.desirable_weight, wu = opt.undesirable_weight;
   auto result = detail::single_loss<KtoMetrics<S>>(
-      fn, "grad_policy", s, static_cast<double>(B),
+      fn, "grad_policy", s, opt.batch_count ? *opt.batch_count : static_cast<double>(B),
       [&](Index i) {
         const std::size_t k = static_cast<std::size_t>(i);
         sv[k] = s.value(i);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -19,6 +20,9 @@ namespace prefloss {
 struct OrpoOptions {
   double beta = 0.1;        ///< > 0 and finite: weight of the odds-ratio term (the paper's lambda)
   double nll_weight = 1.0;  ///< >= 0 and finite: weight w of the chosen NLL term (0: odds term only)
+  /// Examples in the global batch: loss = sum(losses) / batch_count, gradients to match (see
+  /// DpoOptions::batch_count). Unset: this call's batch.
+  std::optional<double> batch_count = std::nullopt;
 };
 
 /// Metrics of orpo(): TRL's ORPOTrainer set. Rewards are beta * s (no reference).
@@ -37,7 +41,7 @@ auto orpo_inputs(const C& chosen, const R& rejected, const OrpoOptions& opt) {
   require_beta(fn, opt.beta);
   require_option(opt.nll_weight >= 0 && std::isfinite(opt.nll_weight), fn, "nll_weight", ">= 0 and finite",
                  opt.nll_weight);
-  return pair_inputs(fn, chosen, rejected);
+  return pair_inputs(fn, chosen, rejected, opt.batch_count);
 }
 
 /// orpo's arithmetic, one body for both forms; grads is null for the two-pass form.
@@ -48,7 +52,7 @@ PREFLOSS_DETAIL_ONE_BODY auto orpo_run(In in, const OrpoOptions& opt, const type
   const double b = opt.beta, w = opt.nll_weight;
   double sum_ratio = 0, sum_log_odds = 0, nll = 0;
   auto result = pairwise_loss<OrpoMetrics<S>>(
-      fn, in.chosen, in.rejected,
+      fn, in.chosen, in.rejected, in.count,
       [&](Index i) {
         const std::size_t k = static_cast<std::size_t>(i);
         in.load(i);
@@ -68,11 +72,13 @@ PREFLOSS_DETAIL_ONE_BODY auto orpo_run(In in, const OrpoOptions& opt, const type
         return PairTerm{-w * xc - b * ratio, dc, dr};
       },
       grads);
-  const double n = static_cast<double>(in.uc.size());
   static_cast<PreferenceMetrics<S>&>(result.metrics) = preference_metrics<S>(in.uc, in.ur, b);
-  result.metrics.log_odds_ratio = static_cast<S>(sum_ratio / n);
-  result.metrics.log_odds_chosen = static_cast<S>(sum_log_odds / n);
-  result.metrics.nll_loss = static_cast<S>(nll / n);
+  if (!in.uc.empty()) {
+    const double n = static_cast<double>(in.uc.size());
+    result.metrics.log_odds_ratio = static_cast<S>(sum_ratio / n);
+    result.metrics.log_odds_chosen = static_cast<S>(sum_log_odds / n);
+    result.metrics.nll_loss = static_cast<S>(nll / n);
+  }
   return result;
 }
 }  // namespace detail

@@ -5,6 +5,7 @@
 /// d loss / d sequence value so backward() is one streaming write per side.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -106,15 +107,16 @@ struct PairGradViews {
 };
 
 /// @brief Runs a pairwise loss over the batch. term(i) gives example i's PairTerm, and reads
-/// example i's values then (not before); the batch loss is the mean, so the stored value
-/// gradients are d term / d value divided by the batch size. Each is known as soon as its
+/// example i's values then (not before); the batch loss is the sum of the terms divided by
+/// count (the batch size, or the options' batch_count), so the stored value gradients are
+/// d term / d value divided by count. Each is known as soon as its
 /// example is, so with gradient views (the fused form) example i's two gradient rows are written
 /// right after term(i): one pass over the tokens, the masks re-read from cache, the rows written
 /// by the kernel and with the scale backward() uses (the same bits). grads null: the two-pass
 /// form (backward() writes later).
 template <class Metrics, class SeqC, class SeqR, class Term>
-PairwiseResult<Metrics, SeqC, SeqR> pairwise_loss(const char* fn, const SeqC& c, const SeqR& r, Term&& term,
-                                                  const PairGradViews<SeqC, SeqR>* grads = nullptr) {
+PairwiseResult<Metrics, SeqC, SeqR> pairwise_loss(const char* fn, const SeqC& c, const SeqR& r, double count,
+                                                  Term&& term, const PairGradViews<SeqC, SeqR>* grads = nullptr) {
   using S = typename SeqC::Scalar;
   const Index B = c.size();
   PairwiseResult<Metrics, SeqC, SeqR> out(fn, c, r);
@@ -122,7 +124,7 @@ PairwiseResult<Metrics, SeqC, SeqR> pairwise_loss(const char* fn, const SeqC& c,
   out.dc_ = Eigen::Tensor<S, 1>(B);
   out.dr_ = Eigen::Tensor<S, 1>(B);
   double total = 0;
-  const double inv_b = 1.0 / static_cast<double>(B);
+  const double inv_b = 1.0 / count;
   const bool stream_c = grads && grad_streams(c), stream_r = grads && grad_streams(r);
   for (Index i = 0; i < B; ++i) {
     const PairTerm t = term(i);
@@ -146,6 +148,7 @@ template <class S>
 PreferenceMetrics<S> preference_metrics(const std::vector<double>& u_c, const std::vector<double>& u_r,
                                         double scale = 1.0) {
   PreferenceMetrics<S> m;
+  if (u_c.empty()) return m;  // an empty shard (batch_count given): no example to average
   const double n = static_cast<double>(u_c.size());
   double rc = 0, rr = 0, acc = 0;
   for (std::size_t i = 0; i < u_c.size(); ++i) {
@@ -197,6 +200,7 @@ struct PairInputs {
   RefR ref_rejected;
   bool subtract_ref;
   std::vector<double> uc, ur;  ///< filled by load(i)
+  double count;                ///< the batch loss's divisor (batch_divisor)
 
   /// Reads example i's values into uc[i], ur[i].
   void load(Index i) noexcept {
@@ -221,22 +225,22 @@ struct PairInputs {
 };
 
 template <class C, class R>
-auto pair_inputs(const char* fn, const C& chosen, const R& rejected) {
+auto pair_inputs(const char* fn, const C& chosen, const R& rejected, const std::optional<double>& batch_count) {
   require_same_scalar<C, R>();
   auto c = as_sequence(chosen, fn, "chosen");
   auto r = as_sequence(rejected, fn, "rejected");
   require_batch(fn, "rejected", r, "chosen", c.size(), c.shape());
-  require_nonempty(fn, "chosen", c.size());
+  const double count = batch_divisor(fn, "chosen", c.size(), batch_count);
   const auto n = static_cast<std::size_t>(c.size());
-  return PairInputs<sequence_t<C>, sequence_t<R>>{std::move(c),           std::move(r),          {}, {}, false,
-                                                  std::vector<double>(n), std::vector<double>(n)};
+  return PairInputs<sequence_t<C>, sequence_t<R>>{std::move(c),           std::move(r),           {},   {}, false,
+                                                  std::vector<double>(n), std::vector<double>(n), count};
 }
 
 /// The same with reference values (rho = 0 when reference_free; the references are still
 /// checked). All checks run before any value is read.
 template <class C, class R, class RC, class RR>
 auto pair_inputs(const char* fn, const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected,
-                 bool reference_free) {
+                 bool reference_free, const std::optional<double>& batch_count) {
   require_same_scalar<C, R>();
   require_same_scalar<C, RC>();
   require_same_scalar<C, RR>();
@@ -247,13 +251,13 @@ auto pair_inputs(const char* fn, const C& chosen, const R& rejected, const RC& r
   require_batch(fn, "rejected", r, "chosen", c.size(), c.shape());
   require_batch(fn, "ref_chosen", rc, "chosen", c.size(), c.shape());
   require_batch(fn, "ref_rejected", rr, "chosen", c.size(), c.shape());
-  require_nonempty(fn, "chosen", c.size());
+  const double count = batch_divisor(fn, "chosen", c.size(), batch_count);
   const auto n = static_cast<std::size_t>(c.size());
   // The vectors are built in place (no moved-from temporaries: GCC 12 then reports a false
   // -Wmismatched-new-delete where operator new is replaced).
   return PairInputs<sequence_t<C>, sequence_t<R>, sequence_t<RC>, sequence_t<RR>>{
-      std::move(c),    std::move(r),           std::move(rc),         std::move(rr),
-      !reference_free, std::vector<double>(n), std::vector<double>(n)};
+      std::move(c),    std::move(r),           std::move(rc),          std::move(rr),
+      !reference_free, std::vector<double>(n), std::vector<double>(n), count};
 }
 
 /// @brief Checks a fused call's gradient outputs before anything is computed or written: each

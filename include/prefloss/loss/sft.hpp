@@ -27,6 +27,9 @@ struct NllOptions {
   /// masked_sum inputs, which gives torch's token-mean cross-entropy (TRL's SFT loss) exactly,
   /// also across data-parallel ranks and accumulation steps.
   std::optional<double> normalizer = std::nullopt;
+  /// Examples in the global batch: the mean over them (see DpoOptions::batch_count); not with
+  /// normalizer. With either set, an empty shard is allowed and contributes 0.
+  std::optional<double> batch_count = std::nullopt;
 };
 
 /// Metrics of nll().
@@ -42,8 +45,12 @@ auto nll_input(const X& logp_sequence, const NllOptions& opt) {
   constexpr const char* fn = "nll";
   using S = typename sequence_t<X>::Scalar;
   if (opt.normalizer) require_normalizer<S>(fn, "normalizer", *opt.normalizer);
+  if (opt.normalizer && opt.batch_count)
+    throw option_error(std::string(fn) + ": options 'normalizer' and 'batch_count' are both set (" +
+                       fmt(*opt.normalizer) + ", " + fmt(*opt.batch_count) +
+                       "); the loss has one divisor: set one of them");
   auto s = as_sequence(logp_sequence, fn, "logp_sequence");
-  require_nonempty(fn, "logp_sequence", s.size());
+  if (!opt.normalizer) (void)batch_divisor(fn, "logp_sequence", s.size(), opt.batch_count);
   return s;
 }
 
@@ -53,7 +60,7 @@ PREFLOSS_DETAIL_ONE_BODY auto nll_run(const Seq& s, const NllOptions& opt, const
   using S = typename Seq::Scalar;
   const Index B = s.size();
   std::vector<double> v(static_cast<std::size_t>(B));
-  const double norm = opt.normalizer ? *opt.normalizer : static_cast<double>(B);
+  const double norm = opt.normalizer ? *opt.normalizer : opt.batch_count ? *opt.batch_count : static_cast<double>(B);
   auto result = single_loss<NllMetrics<S>>(
       "nll", "grad", s, norm,
       [&](Index i) {
@@ -63,7 +70,7 @@ PREFLOSS_DETAIL_ONE_BODY auto nll_run(const Seq& s, const NllOptions& opt, const
       grad);
   double sum = 0;
   for (double x : v) sum += x;
-  result.metrics.mean_logp = static_cast<S>(sum / static_cast<double>(B));
+  if (B > 0) result.metrics.mean_logp = static_cast<S>(sum / static_cast<double>(B));
   return result;
 }
 }  // namespace detail

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -20,6 +21,9 @@ struct SimpoOptions {
   double gamma = 0.5;            ///< >= 0 and finite: target reward margin (TRL simpo_gamma;
                                  ///< the SimPO repo's gamma_beta_ratio is gamma / beta)
   double label_smoothing = 0.0;  ///< in [0, 0.5): e, as TRL's CPO applies it to loss_type="simpo"
+  /// Examples in the global batch: loss = sum(losses) / batch_count, gradients to match (see
+  /// DpoOptions::batch_count). Unset: this call's batch.
+  std::optional<double> batch_count = std::nullopt;
 };
 
 namespace detail {
@@ -31,7 +35,7 @@ auto simpo_inputs(const C& chosen, const R& rejected, const SimpoOptions& opt) {
   require_option(opt.gamma >= 0 && std::isfinite(opt.gamma), fn, "gamma", ">= 0 and finite", opt.gamma);
   require_option(opt.label_smoothing >= 0 && opt.label_smoothing < 0.5, fn, "label_smoothing", "in [0, 0.5)",
                  opt.label_smoothing);
-  return pair_inputs(fn, chosen, rejected);
+  return pair_inputs(fn, chosen, rejected, opt.batch_count);
 }
 
 /// simpo's arithmetic, one body for both forms; grads is null for the two-pass form.
@@ -40,7 +44,7 @@ PREFLOSS_DETAIL_ONE_BODY auto simpo_run(In in, const SimpoOptions& opt, const ty
   using S = typename decltype(in.chosen)::Scalar;
   const double b = opt.beta, g = opt.gamma, e = opt.label_smoothing;
   auto result = pairwise_loss<PreferenceMetrics<S>>(
-      "simpo", in.chosen, in.rejected,
+      "simpo", in.chosen, in.rejected, in.count,
       [&](Index i) {
         in.load(i);
         const std::size_t k = static_cast<std::size_t>(i);
