@@ -457,9 +457,9 @@ TEST_CASE("packed: kl_estimate, gae (with and without whitening) and masked_whit
 
 /// The bytes of a value, for bit comparisons of types without std::isnan (bf16).
 template <class S>
-std::uint32_t bits_of(S v) {
-  std::uint32_t b = 0;
-  static_assert(sizeof(S) <= sizeof(b), "bits_of: 16- and 32-bit types only");
+std::uint64_t bits_of(S v) {
+  std::uint64_t b = 0;
+  static_assert(sizeof(S) <= sizeof(b), "bits_of: 16-, 32- and 64-bit types only");
   std::memcpy(&b, &v, sizeof(S));
   return b;
 }

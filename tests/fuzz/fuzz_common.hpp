@@ -336,13 +336,13 @@ struct Record {
   }
   template <class S>
   void add(const pl::PpoMetrics<S>& m) {
-    for (const S v :
-         {m.clip_fraction, m.clip_fraction_low, m.approx_kl, m.ratio_mean, m.ratio_max, m.kl_mean, m.token_weight})
-      add(v);
+    for (const S v : {m.clip_fraction, m.clip_fraction_low, m.approx_kl, m.ratio_mean, m.ratio_max, m.kl_mean}) add(v);
+    add(m.token_weight);
   }
   template <class S>
   void add(const pl::ValueMetrics<S>& m) {
-    for (const S v : {m.clip_fraction, m.value_mean, m.token_weight}) add(v);
+    for (const S v : {m.clip_fraction, m.value_mean}) add(v);
+    add(m.token_weight);
   }
 };
 

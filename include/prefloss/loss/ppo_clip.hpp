@@ -54,7 +54,9 @@ struct PpoMetrics {
   S ratio_mean = 0;         ///< mean of r = exp(logp - old_logp)
   S ratio_max = 0;          ///< max of r over valid tokens (0 when none)
   S kl_mean = 0;            ///< mean of the KL estimate (when ref_logp is given, else 0)
-  S token_weight = 0;       ///< sum of the mask weights (valid tokens): all-reduce it for token_count
+  /// sum of the mask weights (valid tokens), in double: exact for byte-mask counts up to 2^53,
+  /// where float stops at 2^24; all-reduce it for token_count
+  double token_weight = 0;
 };
 
 namespace detail {
@@ -243,7 +245,7 @@ PpoResult<typename In::compute_type, M, In> ppo_clip_impl(const Matrix<LT>& lp, 
   mt.ratio_mean = static_cast<S>(safe_mean(st.sums[3], st.weight));
   mt.ratio_max = static_cast<S>(st.weight != 0 ? st.max : 0.0);
   mt.kl_mean = static_cast<S>(ref ? safe_mean(st.sums[4], st.weight) : 0.0);
-  mt.token_weight = static_cast<S>(st.weight);
+  mt.token_weight = st.weight;
   return result;
 }
 

@@ -33,9 +33,9 @@ struct ValueOptions {
 /// Metrics of value_loss (verl's critic/vf_clipfrac, critic/vpred_mean); masked weighted means.
 template <class S>
 struct ValueMetrics {
-  S clip_fraction = 0;  ///< share of tokens whose clipped error is strictly larger (verl vf_clipfrac)
-  S value_mean = 0;     ///< mean prediction (verl vpred_mean)
-  S token_weight = 0;   ///< sum of the mask weights
+  S clip_fraction = 0;      ///< share of tokens whose clipped error is strictly larger (verl vf_clipfrac)
+  S value_mean = 0;         ///< mean prediction (verl vpred_mean)
+  double token_weight = 0;  ///< sum of the mask weights, in double (exact counts past 2^24)
 };
 
 namespace detail {
@@ -154,7 +154,7 @@ ValueResult<typename In::compute_type, M, In> value_loss_impl(const Matrix<VT>& 
   const TokenStats st = result.template run<AllKernels>(spec, grad_out);
   result.metrics.clip_fraction = static_cast<S>(safe_mean(st.sums[0], st.weight));
   result.metrics.value_mean = static_cast<S>(safe_mean(st.sums[1], st.weight));
-  result.metrics.token_weight = static_cast<S>(st.weight);
+  result.metrics.token_weight = st.weight;
   return result;
 }
 
