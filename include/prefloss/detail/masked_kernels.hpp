@@ -157,6 +157,13 @@ inline RowSums row_sums(const S* x, const M* m, Index n) noexcept {
   return row_sums_as<NeedValue, NeedWeight, S>(x, m, n);
 }
 
+/// Sum of the mask weights of one row: W_i of every normaliser, of the token_weight metric and
+/// of token_counts / row_weights.
+template <class S, class M>
+inline double row_weight(const M* m, Index n) noexcept {
+  return row_sums<false, true, S>(static_cast<const S*>(nullptr), m, n).weight;
+}
+
 /// Largest weight a float mask may hold with S tokens: finite in both types.
 template <class S, class M>
 inline constexpr M max_weight = static_cast<M>(sizeof(S) < sizeof(M) ? std::numeric_limits<S>::max()

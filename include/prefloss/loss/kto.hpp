@@ -27,8 +27,8 @@ struct KtoOptions {
   double desirable_weight = 1.0;    ///< >= 0 and finite: wd, weight of desirable examples' losses
   double undesirable_weight = 1.0;  ///< >= 0 and finite: wu, weight of undesirable examples' losses
   /// Unset: z0 = max(0, mean(kl_policy - kl_ref)) over this call's KL batch. Set (finite): z0 is
-  /// this value as given, not clamped. For data-parallel training pass TRL's value: the mean
-  /// over ranks of each rank's metrics.kl_mean, clamped at 0.
+  /// this value as given, not clamped. For data-parallel training pass the global one: sum
+  /// every rank's kto_reference_sums() and take its reference_point().
   std::optional<double> reference_point = std::nullopt;
   /// Examples in the global batch: loss = sum(losses) / batch_count, gradients to match (see
   /// DpoOptions::batch_count; shards are then exact when they share reference_point). Unset:
@@ -54,6 +54,58 @@ struct KtoMetrics {
   S logps_desirable_sum = 0;     ///< sum of the policy values s over desirable examples (TRL "logps/chosen_sum")
   S logps_undesirable_sum = 0;   ///< sum of s over undesirable examples (TRL "logps/rejected_sum")
 };
+
+/// @brief One shard's share of KTO's reference point: z0 = max(0, sum / count) over the KL
+/// batch of every shard, with sum = sum_j (kl_policy_j - kl_ref_j) in double.
+///
+/// All-reduce `sum` (MPI_DOUBLE) and `count` (MPI_INT64_T) with MPI_SUM, or add shards with
+/// +=, then pass reference_point() as KtoOptions::reference_point on every shard. This is the
+/// mean over the whole KL batch for uneven shards too; TRL's KTOTrainer (kto_trainer.py,
+/// get_batch_loss_metrics at f2cd577) all-gathers each rank's mean and averages the means, which
+/// equals it only when every rank holds the same number of KL examples. One shard's sums give
+/// kto()'s own z0 to the bit.
+struct KtoReferenceSums {
+  double sum = 0;          ///< sum of kl_policy - kl_ref over the KL examples
+  std::int64_t count = 0;  ///< KL examples
+
+  KtoReferenceSums& operator+=(const KtoReferenceSums& o) noexcept {
+    sum += o.sum;
+    count += o.count;
+    return *this;
+  }
+  /// max(0, sum / count), NaN for a NaN sum (as torch's clamp).
+  /// @throws value_error when count is 0: no shard had a KL example, so z0 is undefined.
+  double reference_point() const {
+    if (count <= 0)
+      throw value_error("kto_reference_sums: reference_point() needs KL examples, got count " + std::to_string(count));
+    const double mean = sum / static_cast<double>(count);
+    return std::isnan(mean) ? mean : std::fmax(0.0, mean);
+  }
+};
+
+namespace detail {
+/// The KL batch's log-ratio sum, in double, in order (kto and kto_reference_sums share it).
+template <class KP, class KR>
+double kl_ratio_sum(const KP& kp, const KR& kr) noexcept {
+  double sum = 0;
+  for (Index j = 0; j < kp.size(); ++j) sum += kp.value(j) - kr.value(j);
+  return sum;
+}
+}  // namespace detail
+
+/// @brief This shard's KtoReferenceSums from its KL completions' sequence values (policy and
+/// reference: masked_sum/masked_mean expressions or [batch] tensors, as kto() takes them; an
+/// empty batch gives count 0).
+/// @throws shape_error when the two batches differ.
+template <class KP, class KR>
+KtoReferenceSums kto_reference_sums(const KP& kl_policy, const KR& kl_ref) {
+  constexpr const char* fn = "kto_reference_sums";
+  detail::require_same_scalar<KP, KR>();
+  const auto kp = as_sequence(kl_policy, fn, "kl_policy");
+  const auto kr = as_sequence(kl_ref, fn, "kl_ref");
+  detail::require_batch(fn, "kl_ref", kr, "kl_policy", kp.size(), kp.shape());
+  return {detail::kl_ratio_sum(kp, kr), static_cast<std::int64_t>(kp.size())};
+}
 
 namespace detail {
 /// kto's checked inputs: sequences and the label view; nothing has been read.
@@ -135,11 +187,9 @@ PREFLOSS_DETAIL_ONE_BODY auto kto_run(const In& in, const KtoOptions& opt,
   const auto& lab = in.desirable;
   const Index B = s.size(), K = kp.size();
   // The reference point: the KL batch's mean log-ratio (double accumulation), clamped at 0.
-  double kl_sum = 0;
-  for (Index j = 0; j < K; ++j) kl_sum += kp.value(j) - kr.value(j);
-  const double kl_mean = K > 0 ? kl_sum / static_cast<double>(K) : 0.0;
-  const double z0 =
-      opt.reference_point ? *opt.reference_point : (std::isnan(kl_mean) ? kl_mean : std::fmax(0.0, kl_mean));
+  const KtoReferenceSums kl{kl_ratio_sum(kp, kr), static_cast<std::int64_t>(K)};
+  const double kl_mean = K > 0 ? kl.sum / static_cast<double>(K) : 0.0;
+  const double z0 = opt.reference_point ? *opt.reference_point : kl.reference_point();
 
   // Example i's values are read by its term, just before its gradient row is written.
   std::vector<double> u(static_cast<std::size_t>(B)), sv(static_cast<std::size_t>(B));

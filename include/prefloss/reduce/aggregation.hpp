@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "../config.hpp"
 #include "../detail/checks.hpp"
@@ -38,9 +39,16 @@ enum class Aggregation {
 ///   of this call's batch (same purpose).
 /// - `std::optional<double> token_sum_norm`: seq_mean_token_sum_norm: the constant C (Dr.GRPO's
 ///   generation budget); unset = this call's tokens per row, as verl's loss_agg_mode does (a
-///   packed call has no such length and must set it).
+///   packed call has no such length and must set it). A row split over ranks (sequence
+///   parallelism) needs it too: this call's row length is only the rank's slice.
+/// - `std::vector<double> row_weights`: seq_mean_token_mean only: W_i, the weight of every whole
+///   row (one entry per row of the call, >= 0 and finite), instead of this call's own row weights.
+///   For sequence parallelism, where a row's tokens are split over ranks: each rank passes the
+///   sum over ranks of its row_weights(mask) (reduce/counts.hpp), so a split row gets the scale
+///   1 / (B W_i) of the unsplit row and the ranks' losses and gradients add up to the unsplit
+///   call's. Empty (the default): this call's own row weights.
 ///
-/// Each must be finite and > 0 when set, with a reciprocal finite in the token type
+/// The scalar normalizers must be finite and > 0 when set, with a reciprocal finite in the token type
 /// (option_error otherwise: the gradient scale would overflow). They are direct members, not a
 /// base class or a member struct, so that C++20 designated initializers can name every field of
 /// the options (`pl::PpoOptions{.clip_high = 0.28, .token_count = 4096}`): a base class's members
@@ -50,6 +58,7 @@ enum class Aggregation {
   std::optional<double> token_count = std::nullopt;    \
   std::optional<double> sequence_count = std::nullopt; \
   std::optional<double> token_sum_norm = std::nullopt; \
+  std::vector<double> row_weights = {};                \
   static constexpr bool prefloss_aggregation_normalizers = true
 
 namespace detail {
@@ -62,6 +71,7 @@ struct AggregationSpec {
   std::optional<double> token_count = std::nullopt;     ///< token_mean: global normaliser instead of sum_i W_i
   std::optional<double> sequence_count = std::nullopt;  ///< seq_* modes: global number of sequences instead of B
   std::optional<double> token_sum_norm = std::nullopt;  ///< seq_mean_token_sum_norm: C instead of `tokens`
+  const double* row_weights = nullptr;  ///< seq_mean_token_mean: [batch] whole-row weights instead of W_i; null: W_i
 };
 
 /// AggregationSpec::tokens of a packed call: there is no one row length to default C to.
@@ -83,6 +93,17 @@ void validate_aggregation(const char* fn, const AggregationSpec& s) {
   positive(s.token_count, "token_count");
   positive(s.sequence_count, "sequence_count");
   positive(s.token_sum_norm, "token_sum_norm");
+  if (s.row_weights) {
+    if (s.mode != Aggregation::seq_mean_token_mean)
+      throw option_error(std::string(fn) + ": option 'row_weights' is set (" + std::to_string(s.batch) +
+                         " entries) but aggregation is not seq_mean_token_mean, the one mode that uses it");
+    for (Index i = 0; i < s.batch; ++i) {
+      const double w = s.row_weights[i];
+      if (!(w >= 0 && w < HUGE_VAL))
+        throw option_error(std::string(fn) + ": option 'row_weights' must hold finite weights >= 0, got " + fmt(w) +
+                           " at row " + std::to_string(i));
+    }
+  }
   // "Tokens per row" is the padded length, which a packed batch does not have (and its longest
   // row would make the loss depend on how the batch happened to be packed): ask for C.
   if (s.mode == Aggregation::seq_mean_token_sum_norm && !s.token_sum_norm && s.tokens == packed_rows)
@@ -104,9 +125,10 @@ inline bool needs_row_weight(const AggregationSpec& s) noexcept { return s.mode 
 /// @brief d loss / d S_i: the factor that turns row i's weighted token-loss sum into its
 /// contribution to the batch loss. Every mode is linear in the S_i, so
 /// loss = sum_i row_scale_i * S_i and d loss / d l[i,t] = row_scale_i * w[i,t].
-/// @param row_weight W_i (used by seq_mean_token_mean)
+/// @param i the row (its entry of row_weights, when given, replaces row_weight)
+/// @param row_weight W_i of this call (used by seq_mean_token_mean)
 /// @param total_weight sum_i W_i of this call (used by token_mean without token_count)
-inline double row_scale(const AggregationSpec& s, double row_weight, double total_weight) noexcept {
+inline double row_scale(const AggregationSpec& s, Index i, double row_weight, double total_weight) noexcept {
   const double seqs = s.sequence_count ? *s.sequence_count : static_cast<double>(s.batch);
   switch (s.mode) {
     case Aggregation::token_mean: {
@@ -115,8 +137,10 @@ inline double row_scale(const AggregationSpec& s, double row_weight, double tota
     }
     case Aggregation::seq_mean_token_sum:
       return 1.0 / seqs;
-    case Aggregation::seq_mean_token_mean:
-      return row_weight != 0 ? 1.0 / (seqs * row_weight) : 0.0;
+    case Aggregation::seq_mean_token_mean: {
+      const double w = s.row_weights ? s.row_weights[i] : row_weight;
+      return w != 0 ? 1.0 / (seqs * w) : 0.0;
+    }
     case Aggregation::seq_mean_token_sum_norm: {
       const double c = s.token_sum_norm ? *s.token_sum_norm : static_cast<double>(s.tokens);
       return c != 0 ? 1.0 / (seqs * c) : 0.0;
@@ -127,9 +151,10 @@ inline double row_scale(const AggregationSpec& s, double row_weight, double tota
 
 /// The aggregation of a token loss call: the options' `aggregation` mode and the normalizers they
 /// declare with PREFLOSS_AGGREGATION_NORMALIZERS, with this call's extents
-/// (tokens: the padded row length, or packed_rows).
+/// (tokens: the padded row length, or packed_rows). The spec points into opt.row_weights, so opt
+/// must outlive it; a row_weights of the wrong length throws option_error here.
 template <class Opt>
-AggregationSpec aggregation_spec(const Opt& opt, Index batch, Index tokens) {
+AggregationSpec aggregation_spec(const char* fn, const Opt& opt, Index batch, Index tokens) {
   static_assert(Opt::prefloss_aggregation_normalizers, "options must declare PREFLOSS_AGGREGATION_NORMALIZERS");
   static_assert(std::is_same_v<decltype(Opt::aggregation), Aggregation>, "options need an Aggregation mode");
   AggregationSpec s;
@@ -139,6 +164,12 @@ AggregationSpec aggregation_spec(const Opt& opt, Index batch, Index tokens) {
   s.token_count = opt.token_count;
   s.sequence_count = opt.sequence_count;
   s.token_sum_norm = opt.token_sum_norm;
+  if (!opt.row_weights.empty()) {
+    if (static_cast<Index>(opt.row_weights.size()) != batch)
+      throw option_error(std::string(fn) + ": option 'row_weights' must have one entry per row (" +
+                         std::to_string(batch) + "), got " + std::to_string(opt.row_weights.size()));
+    s.row_weights = opt.row_weights.data();
+  }
   return s;
 }
 
