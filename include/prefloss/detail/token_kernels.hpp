@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../config.hpp"
+#include "../parallel.hpp"
 #include "../reduce/aggregation.hpp"
 #include "eigen.hpp"
 #include "exp_log.hpp"
@@ -240,36 +241,49 @@ struct TokenInputs {
   }
 };
 
-/// Sum of the mask weights of one row: W_i of every normaliser and of the token_weight metric.
-template <class S, class M>
-inline double row_weight(const M* m, Index n) noexcept {
-  return row_sums<false, true, S>(static_cast<const S*>(nullptr), m, n).weight;
+/// Rows a token-loss block takes: about 32K tokens (see row_grain).
+template <class In>
+Index token_grain(const In& in) noexcept {
+  return row_grain(in.rows, in.layout().count());
 }
 
 /// @brief Forward of a token loss: fills scales[i] = d loss / d S_i (see row_scale) and
 /// losses[i] = scales[i] * S_i, and returns the merged stats of the call with `loss` replaced by
 /// the aggregated batch loss. Every row weight W_i comes from row_weight() and they are added in
-/// row order, here and in token_forward_fused, so the two forms agree to the bit.
+/// row order, here and in token_forward_fused, so the two forms agree to the bit. With threads
+/// the rows' stats are computed in blocks on the pool and merged here in row order: the same
+/// bits.
 template <class Kernel, class In, class S = typename In::compute_type>
-TokenStats token_forward(const Kernel& k, const In& in, const AggregationSpec& spec, double* scales, S* losses) {
+TokenStats token_forward(const Kernel& k, const In& in, const AggregationSpec& spec, double* scales, S* losses,
+                         const Threads& threads = {}) {
   const Index B = in.rows;
   TokenStats total;
   // Row sums first, the normalisers afterwards. losses[] holds nothing yet, so the row sums and
   // weights wait in scales[] and a [batch] vector.
   std::vector<double> weights(static_cast<std::size_t>(B));
-  for (Index i = 0; i < B; ++i) {
-    const Index T = in.len(i);
-    const double w = row_weight<S>(in.mask_row(i), T);
+  const auto row = [&](Index i) {
     TokenStats st = in.template row<true, false, false>(k, i, S(0), static_cast<typename In::grad_type*>(nullptr));
-    st.weight = w;
+    st.weight = row_weight<S>(in.mask_row(i), in.len(i));
+    return st;
+  };
+  const auto keep = [&](Index i, const TokenStats& st) {
     scales[i] = st.loss;
-    weights[static_cast<std::size_t>(i)] = w;
+    weights[static_cast<std::size_t>(i)] = st.weight;
     total.merge(st);
+  };
+  if (threads.count() > 1) {
+    std::vector<TokenStats> rows(static_cast<std::size_t>(B));
+    threads.for_rows(B, token_grain(in), [&](Index b, Index e) {
+      for (Index i = b; i < e; ++i) rows[static_cast<std::size_t>(i)] = row(i);
+    });
+    for (Index i = 0; i < B; ++i) keep(i, rows[static_cast<std::size_t>(i)]);
+  } else {
+    for (Index i = 0; i < B; ++i) keep(i, row(i));
   }
   double loss = 0;
   for (Index i = 0; i < B; ++i) {
     const double row_loss = scales[i];
-    scales[i] = row_scale(spec, weights[static_cast<std::size_t>(i)], total.weight);
+    scales[i] = row_scale(spec, i, weights[static_cast<std::size_t>(i)], total.weight);
     const double contribution = scales[i] * row_loss;
     losses[i] = static_cast<S>(contribution);
     loss += contribution;
@@ -281,59 +295,81 @@ TokenStats token_forward(const Kernel& k, const In& in, const AggregationSpec& s
 /// @brief token_forward and the token gradient in one pass over the inputs (grad fully
 /// overwritten). A row's gradient scale must be known before the row streams, so token_mean
 /// sums the masks first (the row weights wait in scales[]) and the other modes sum each row's
-/// mask just before it (still in cache for the main pass).
+/// mask just before it (still in cache for the main pass). With threads, blocks of rows stream
+/// on the pool (each block fences its own streaming stores) and their stats are merged here in
+/// row order.
 template <class Kernel, class In, class S = typename In::compute_type>
 TokenStats token_forward_fused(const Kernel& k, const In& in, const AggregationSpec& spec, double* scales, S* losses,
-                               const MatrixOut<typename In::grad_type>& grad) {
+                               const MatrixOut<typename In::grad_type>& grad, const Threads& threads = {}) {
   const Index B = in.rows;
-  TokenStats total;
-  double loss = 0;
   const bool all_first = needs_total_weight(spec);
+  const bool pooled = threads.count() > 1;
+  const Index grain = token_grain(in);
   double total_weight = 0;
-  if (all_first)
+  if (all_first) {
+    if (pooled)
+      threads.for_rows(B, grain, [&](Index b, Index e) {
+        for (Index i = b; i < e; ++i) scales[i] = row_weight<S>(in.mask_row(i), in.len(i));
+      });
     for (Index i = 0; i < B; ++i) {
-      scales[i] = row_weight<S>(in.mask_row(i), in.len(i));
+      if (!pooled) scales[i] = row_weight<S>(in.mask_row(i), in.len(i));
       total_weight += scales[i];
     }
-  const auto rows = [&](auto stream) {
-    for (Index i = 0; i < B; ++i) {
-      const Index T = in.len(i);
-      const double w = all_first ? scales[i] : row_weight<S>(in.mask_row(i), T);
-      scales[i] = row_scale(spec, w, total_weight);
-      TokenStats st =
-          in.template row<true, true, decltype(stream)::value>(k, i, static_cast<S>(scales[i]), grad.row(i));
-      st.weight = w;
-      const double contribution = scales[i] * st.loss;
-      losses[i] = static_cast<S>(contribution);
-      loss += contribution;
-      total.merge(st);
+  }
+  const bool stream = use_stream_store<typename In::grad_type>(static_cast<std::size_t>(in.layout().count()));
+  // Row i's stats, its scale left in scales[i].
+  const auto row = [&](Index i, auto streaming) {
+    const double w = all_first ? scales[i] : row_weight<S>(in.mask_row(i), in.len(i));
+    scales[i] = row_scale(spec, i, w, total_weight);
+    TokenStats st =
+        in.template row<true, true, decltype(streaming)::value>(k, i, static_cast<S>(scales[i]), grad.row(i));
+    st.weight = w;
+    return st;
+  };
+  const auto rows_of = [&](Index b, Index e, const auto& each) {
+    if (stream) {
+      for (Index i = b; i < e; ++i) each(i, row(i, std::true_type{}));
+      stream_fence();
+    } else {
+      for (Index i = b; i < e; ++i) each(i, row(i, std::false_type{}));
     }
   };
-  if (use_stream_store<typename In::grad_type>(static_cast<std::size_t>(in.layout().count()))) {
-    rows(std::true_type{});
-    stream_fence();
+  TokenStats total;
+  double loss = 0;
+  const auto keep = [&](Index i, const TokenStats& st) {
+    const double contribution = scales[i] * st.loss;
+    losses[i] = static_cast<S>(contribution);
+    loss += contribution;
+    total.merge(st);
+  };
+  if (pooled) {
+    std::vector<TokenStats> stats(static_cast<std::size_t>(B));
+    threads.for_rows(B, grain, [&](Index b, Index e) {
+      rows_of(b, e, [&](Index i, const TokenStats& st) { stats[static_cast<std::size_t>(i)] = st; });
+    });
+    for (Index i = 0; i < B; ++i) keep(i, stats[static_cast<std::size_t>(i)]);
   } else {
-    rows(std::false_type{});
+    rows_of(0, B, keep);
   }
   total.loss = loss;
   return total;
 }
 
-/// Writes the token gradient of a finished forward: grad[i, t] = scales[i] * w * d l / d input0.
+/// Writes the token gradient of a finished forward: grad[i, t] = scales[i] * w * d l / d input0
+/// (blocks of rows on the pool with threads: each row is written by the same code).
 template <class Kernel, class In>
-void token_backward(const Kernel& k, const In& in, const double* scales,
-                    const MatrixOut<typename In::grad_type>& grad) noexcept {
+void token_backward(const Kernel& k, const In& in, const double* scales, const MatrixOut<typename In::grad_type>& grad,
+                    const Threads& threads = {}) {
   using S = typename In::compute_type;
-  const auto rows = [&](auto stream) {
-    for (Index i = 0; i < in.rows; ++i)
-      in.template row<false, true, decltype(stream)::value>(k, i, static_cast<S>(scales[i]), grad.row(i));
-  };
-  if (use_stream_store<typename In::grad_type>(static_cast<std::size_t>(in.layout().count()))) {
-    rows(std::true_type{});
-    stream_fence();
-  } else {
-    rows(std::false_type{});
-  }
+  const bool stream = use_stream_store<typename In::grad_type>(static_cast<std::size_t>(in.layout().count()));
+  threads.for_rows(in.rows, token_grain(in), [&](Index b, Index e) {
+    if (stream) {
+      for (Index i = b; i < e; ++i) in.template row<false, true, true>(k, i, static_cast<S>(scales[i]), grad.row(i));
+      stream_fence();
+    } else {
+      for (Index i = b; i < e; ++i) in.template row<false, true, false>(k, i, static_cast<S>(scales[i]), grad.row(i));
+    }
+  });
 }
 
 /// Tags an entry point passes for an absent reference policy / gradient output: compile-time, so

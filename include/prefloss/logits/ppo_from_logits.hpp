@@ -39,7 +39,7 @@ namespace detail {
 template <bool HasRef, class Z, class Lab, class M, class S, class RT>
 PpoLogitsResult<S> ppo_from_logits_impl(const LogitsArgs<S, Z, Lab, M>& a, const Matrix<S>& old, const Matrix<S>& adv,
                                         const Matrix<RT>* ref, const PpoOptions& popt, double entropy_coef,
-                                        Z* grad_logits) {
+                                        Z* grad_logits, const Threads& threads) {
   constexpr const char* fn = "ppo_clip_from_logits";
   const Index B = a.z.B, T = a.z.T_, V = a.z.V;
   PpoLogitsResult<S> r;
@@ -56,64 +56,68 @@ PpoLogitsResult<S> ppo_from_logits_impl(const LogitsArgs<S, Z, Lab, M>& a, const
     total_weight += scales[static_cast<std::size_t>(i)];
   }
   for (Index i = 0; i < B; ++i)
-    scales[static_cast<std::size_t>(i)] = row_scale(plan.spec, scales[static_cast<std::size_t>(i)], total_weight);
+    scales[static_cast<std::size_t>(i)] = row_scale(plan.spec, i, scales[static_cast<std::size_t>(i)], total_weight);
 
   std::vector<double> ent_sums(static_cast<std::size_t>(B), 0.0);
-  LogitScratch<S> sc(V, is_lowp_v<Z>, true);
   constexpr Index W = static_cast<Index>(lanes<S>);
   const Index N = B * T;
   r.logp.setZero();  // token_row reads a whole batch of log-probs; the later ones are filled as it goes
   using Sel = std::bool_constant<HasRef>;
-  plan.params.template visit<Sel>([&](const auto& kernel) {
-    with_logit_stores<Z>(a.logit_bytes() / sizeof(Z), [&](auto stream) {
-      constexpr bool Stream = decltype(stream)::value;
-      alignas(64) S g[lanes<S>];
-      Index next = 0;  // the next selected token at or after the current one: its row is prefetched
-      const auto next_selected = [&](Index from) {
-        if (next < from) next = from;
-        while (next < N && !selected<S>(a.mask.data[next])) ++next;
-        return next < N && !is_lowp_v<Z> ? a.z.data + next * V : nullptr;
-      };
-      for (Index i = 0; i < B; ++i) {
-        const double scale = scales[static_cast<std::size_t>(i)];
-        // Batches of tokens from the row's start: token_row then forms d loss / d logp from the
-        // same batches, so the same bits, as ppo_clip's backward. It runs once a token, after the
-        // token's row has given its log-prob, so the row is still in cache for its gradient.
-        for (Index t0 = 0; t0 < T; t0 += W) {
-          const Index n = T - t0 < W ? T - t0 : W, k0 = i * T + t0;
-          const S* in[4] = {r.logp.data() + k0, old.data + k0, adv.data + k0, nullptr};
-          if constexpr (HasRef) in[3] = ref->data + k0;
-          for (Index j = 0; j < n; ++j) {
-            const Index k = k0 + j;
-            Z* o = grad_logits + k * V;
-            const M w = a.mask.data[k];
-            if (!selected<S>(w)) {
-              if (a.entropy) r.entropy.data()[k] = S(0);
-              zero_logit_row<Stream>(o, V);
-              continue;
-            }
-            const auto y = static_cast<Index>(a.labels.data[k]);
-            const LogitRowStats st = logit_row_of<true>(a.z.data + k * V, V, y, a.k, a.entropy, sc);
-            r.logp.data()[k] = static_cast<S>(st.logp);
-            const double wd = weight_of<S>(w);
-            if (a.entropy) {
-              r.entropy.data()[k] = static_cast<S>(st.entropy);
-              ent_sums[static_cast<std::size_t>(i)] += wd * static_cast<double>(r.entropy.data()[k]);
-            }
-            token_row<false, true, false>(kernel, in, a.mask.data + k0, n, static_cast<S>(scale), g);
-            const Z* pf = next_selected(k + 1);
-            if (entropy_coef != 0) {
-              // grad_entropy as a caller of token_logprobs' backward would pass it: rounded to S.
-              const double gh = static_cast<double>(static_cast<S>(-entropy_coef * scale * wd));
-              logit_grad_row<true, Stream, true>(a.z.data + k * V, V, y, a.k, st, static_cast<double>(g[j]), gh, o, sc,
-                                                 pf);
-            } else {
-              logit_grad_row<false, Stream, true>(a.z.data + k * V, V, y, a.k, st, static_cast<double>(g[j]), 0.0, o,
-                                                  sc, pf);
+  // Rows are independent here (each writes its own log-probs, entropies, ent_sums entry and
+  // gradient rows), so blocks of rows may run on any thread: the same bits.
+  threads.for_rows(B, logit_grain(B, N * V), [&](Index b, Index e) {
+    LogitScratch<S> sc(V, is_lowp_v<Z>, true);
+    plan.params.template visit<Sel>([&](const auto& kernel) {
+      with_logit_stores<Z>(a.logit_bytes() / sizeof(Z), [&](auto stream) {
+        constexpr bool Stream = decltype(stream)::value;
+        alignas(64) S g[lanes<S>];
+        Index next = b * T;  // the next selected token at or after the current one: its row is prefetched
+        const auto next_selected = [&](Index from) {
+          if (next < from) next = from;
+          while (next < N && !selected<S>(a.mask.data[next])) ++next;
+          return next < N && !is_lowp_v<Z> ? a.z.data + next * V : nullptr;
+        };
+        for (Index i = b; i < e; ++i) {
+          const double scale = scales[static_cast<std::size_t>(i)];
+          // Batches of tokens from the row's start: token_row then forms d loss / d logp from the
+          // same batches, so the same bits, as ppo_clip's backward. It runs once a token, after the
+          // token's row has given its log-prob, so the row is still in cache for its gradient.
+          for (Index t0 = 0; t0 < T; t0 += W) {
+            const Index n = T - t0 < W ? T - t0 : W, k0 = i * T + t0;
+            const S* in[4] = {r.logp.data() + k0, old.data + k0, adv.data + k0, nullptr};
+            if constexpr (HasRef) in[3] = ref->data + k0;
+            for (Index j = 0; j < n; ++j) {
+              const Index k = k0 + j;
+              Z* o = grad_logits + k * V;
+              const M w = a.mask.data[k];
+              if (!selected<S>(w)) {
+                if (a.entropy) r.entropy.data()[k] = S(0);
+                zero_logit_row<Stream>(o, V);
+                continue;
+              }
+              const auto y = static_cast<Index>(a.labels.data[k]);
+              const LogitRowStats st = logit_row_of<true>(a.z.data + k * V, V, y, a.k, a.entropy, sc);
+              r.logp.data()[k] = static_cast<S>(st.logp);
+              const double wd = weight_of<S>(w);
+              if (a.entropy) {
+                r.entropy.data()[k] = static_cast<S>(st.entropy);
+                ent_sums[static_cast<std::size_t>(i)] += wd * static_cast<double>(r.entropy.data()[k]);
+              }
+              token_row<false, true, false>(kernel, in, a.mask.data + k0, n, static_cast<S>(scale), g);
+              const Z* pf = next_selected(k + 1);
+              if (entropy_coef != 0) {
+                // grad_entropy as a caller of token_logprobs' backward would pass it: rounded to S.
+                const double gh = static_cast<double>(static_cast<S>(-entropy_coef * scale * wd));
+                logit_grad_row<true, Stream, true>(a.z.data + k * V, V, y, a.k, st, static_cast<double>(g[j]), gh, o,
+                                                   sc, pf);
+              } else {
+                logit_grad_row<false, Stream, true>(a.z.data + k * V, V, y, a.k, st, static_cast<double>(g[j]), 0.0, o,
+                                                    sc, pf);
+              }
             }
           }
         }
-      }
+      });
     });
   });
 
@@ -165,8 +169,11 @@ auto ppo_from_logits_views(const X& logits, const Y& labels, const OLP& old_logp
   require_apart(fn, "grad_logits", out, gb, "old_logp", old.data, bytes(old));
   require_apart(fn, "grad_logits", out, gb, "advantages", adv.data, bytes(adv));
   if constexpr (HasRef) require_apart(fn, "grad_logits", out, gb, "ref_logp", ref.data, bytes(ref));
+  // The logits passes take LogprobOptions' threads, or PpoOptions' when only those are set; the
+  // token aggregation after them takes PpoOptions'.
+  const Threads threads = lopt.threads.count() > 1 ? lopt.threads : popt.threads;
   return ppo_from_logits_impl<HasRef>(a, old, adv, HasRef ? &ref : static_cast<const Matrix<S>*>(nullptr), popt,
-                                      lopt.entropy_coef, out);
+                                      lopt.entropy_coef, out, threads);
 }
 
 }  // namespace detail
@@ -198,7 +205,8 @@ auto ppo_from_logits_views(const X& logits, const Y& labels, const OLP& old_logp
 /// @param old_logp, advantages (and ref_logp) [batch, tokens] of the log-probs' type (float
 ///   unless the logits are double)
 /// @param popt ppo_clip's options; lopt the temperature, entropy (also computed when
-///   entropy_coef != 0) and entropy_coef (>= 0)
+///   entropy_coef != 0) and entropy_coef (>= 0). Threads: the passes over the logits split
+///   rows over lopt.threads, or popt.threads when only that is set; the same bits either way.
 /// @throws everything token_logprobs and ppo_clip throw, with "ppo_clip_from_logits" in the
 ///   message, and shape_error/layout_error for grad_logits (shape, alignment, overlapping an
 ///   input). Nothing is written then.

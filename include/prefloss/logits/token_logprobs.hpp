@@ -46,6 +46,7 @@
 #include "../detail/simd.hpp"
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
+#include "../parallel.hpp"
 
 namespace prefloss {
 
@@ -57,6 +58,9 @@ struct LogprobOptions {
   /// aggregated entropy (verl's entropy_coeff); >= 0 and finite. token_logprobs itself has no
   /// loss to add it to and requires 0 (its backward takes grad_entropy instead).
   double entropy_coef = 0.0;
+  /// Threads the call and its backward() may split tokens over; the same bits for any count
+  /// (see prefloss::Threads). Default: this thread.
+  Threads threads = {};
 };
 
 namespace detail {
@@ -445,6 +449,12 @@ void with_logit_stores(std::size_t count, F&& rows) {
 
 struct LogprobBuilder;
 
+/// Tokens a block of a call from logits takes: about 2^18 logits (1 MiB of float), so a block's
+/// scheduling is noise next to its rows and its scratch row is allocated once a block.
+inline Index logit_grain(Index tokens, Index vocab) noexcept {
+  return row_grain(tokens, tokens * vocab, Index{1} << 18);
+}
+
 }  // namespace detail
 
 /// @brief The result of token_logprobs: per-token log-probs (and entropy), and the backward.
@@ -512,30 +522,33 @@ class LogprobResult {
       detail::require_apart(fn, "grad_logits", out, args_.logit_bytes(), "grad_entropy", gh.data, bytes);
     const auto& z = args_.z;
     const Index V = z.V;
-    detail::LogitScratch<S> sc(V, detail::is_lowp_v<Z>, false);
-    detail::with_logit_stores<Z>(args_.logit_bytes() / sizeof(Z), [&](auto stream) {
-      const Index n = z.B * z.T_;
-      Index next = 0;  // the next selected token after a masked-out one: prefetched meanwhile
-      for (Index k = 0; k < n; ++k) {
-        Z* o = out + k * V;
-        if (!detail::selected<S>(args_.mask.data[k])) {
-          if (next <= k) {
-            next = k + 1;
-            while (next < n && !detail::selected<S>(args_.mask.data[next])) ++next;
+    const Index n = z.B * z.T_;
+    threads_.for_rows(n, detail::logit_grain(n, V), [&](Index b, Index e) {
+      detail::LogitScratch<S> sc(V, detail::is_lowp_v<Z>, false);
+      detail::with_logit_stores<Z>(args_.logit_bytes() / sizeof(Z), [&](auto stream) {
+        Index next = b;  // the next selected token after a masked-out one: prefetched meanwhile
+        for (Index k = b; k < e; ++k) {
+          Z* o = out + k * V;
+          if (!detail::selected<S>(args_.mask.data[k])) {
+            if (next <= k) {
+              next = k + 1;
+              while (next < n && !detail::selected<S>(args_.mask.data[next])) ++next;
+            }
+            detail::zero_logit_row<decltype(stream)::value>(o, V, next < n ? z.data + next * V : nullptr);
+            continue;
           }
-          detail::zero_logit_row<decltype(stream)::value>(o, V, next < n ? z.data + next * V : nullptr);
-          continue;
+          detail::logit_grad_row<Ent, decltype(stream)::value, false>(
+              z.data + k * V, V, static_cast<Index>(args_.labels.data[k]), args_.k, stats_[static_cast<std::size_t>(k)],
+              static_cast<double>(gl.data[k]), Ent ? static_cast<double>(gh.data[k]) : 0.0, o, sc,
+              static_cast<const Z*>(nullptr));
         }
-        detail::logit_grad_row<Ent, decltype(stream)::value, false>(
-            z.data + k * V, V, static_cast<Index>(args_.labels.data[k]), args_.k, stats_[static_cast<std::size_t>(k)],
-            static_cast<double>(gl.data[k]), Ent ? static_cast<double>(gh.data[k]) : 0.0, o, sc,
-            static_cast<const Z*>(nullptr));
-      }
+      });
     });
   }
 
   Args args_;
   std::vector<detail::LogitRowStats> stats_;
+  Threads threads_;
 };
 
 namespace detail {
@@ -544,7 +557,8 @@ namespace detail {
 /// writing logp (and entropy) to lp_out (ent_out), or to the result's own tensors when null.
 struct LogprobBuilder {
   template <class S, class Z, class Lab, class M>
-  static LogprobResult<S, Z, Lab, M> make(const LogitsArgs<S, Z, Lab, M>& a, S* lp_out, S* ent_out) {
+  static LogprobResult<S, Z, Lab, M> make(const LogitsArgs<S, Z, Lab, M>& a, S* lp_out, S* ent_out,
+                                          const Threads& threads) {
     LogprobResult<S, Z, Lab, M> r(a);
     const auto& z = a.z;
     const Index n = z.B * z.T_;
@@ -557,15 +571,18 @@ struct LogprobBuilder {
       ent_out = r.entropy.data();
     }
     r.stats_.resize(static_cast<std::size_t>(n));
-    LogitScratch<S> sc(z.V, is_lowp_v<Z>, false);
-    for (Index i = 0; i < n; ++i) {
-      LogitRowStats st;
-      if (selected<S>(a.mask.data[i]))
-        st = logit_row_of<false>(z.data + i * z.V, z.V, static_cast<Index>(a.labels.data[i]), a.k, a.entropy, sc);
-      r.stats_[static_cast<std::size_t>(i)] = st;
-      lp_out[i] = static_cast<S>(st.logp);
-      if (a.entropy) ent_out[i] = static_cast<S>(st.entropy);
-    }
+    r.threads_ = threads;
+    threads.for_rows(n, logit_grain(n, z.V), [&](Index b, Index e) {
+      LogitScratch<S> sc(z.V, is_lowp_v<Z>, false);
+      for (Index i = b; i < e; ++i) {
+        LogitRowStats st;
+        if (selected<S>(a.mask.data[i]))
+          st = logit_row_of<false>(z.data + i * z.V, z.V, static_cast<Index>(a.labels.data[i]), a.k, a.entropy, sc);
+        r.stats_[static_cast<std::size_t>(i)] = st;
+        lp_out[i] = static_cast<S>(st.logp);
+        if (a.entropy) ent_out[i] = static_cast<S>(st.entropy);
+      }
+    });
     return r;
   }
 };
@@ -598,7 +615,7 @@ template <class X, class Y, class K>
 auto token_logprobs(const X& logits, const Y& labels, const K& mask, const LogprobOptions& opt = {}) {
   const auto a = detail::logits_args(logits, labels, mask, opt, "token_logprobs", false);
   using S = detail::compute_t<detail::tensor_scalar_t<X>>;
-  return detail::LogprobBuilder::make<S>(a, nullptr, nullptr);
+  return detail::LogprobBuilder::make<S>(a, nullptr, nullptr, opt.threads);
 }
 
 /// @brief token_logprobs writing logp into the caller's [batch, tokens] tensor or map
@@ -617,7 +634,7 @@ auto token_logprobs(const X& logits, const Y& labels, const K& mask, const Logpr
     throw option_error(std::string(fn) +
                        ": option 'entropy' is true but no 'entropy_out' was given (pass both outputs, or neither)");
   S* lp = detail::logits_token_out<S>(logp_out, a, fn, "logp_out");
-  return detail::LogprobBuilder::make<S>(a, lp, nullptr);
+  return detail::LogprobBuilder::make<S>(a, lp, nullptr, opt.threads);
 }
 
 /// @brief token_logprobs writing logp and the entropy into the caller's [batch, tokens] tensors
@@ -635,7 +652,7 @@ auto token_logprobs(const X& logits, const Y& labels, const K& mask, const Logpr
   S* lp = detail::logits_token_out<S>(logp_out, a, fn, "logp_out");
   S* en = detail::logits_token_out<S>(entropy_out, a, fn, "entropy_out");
   detail::require_disjoint(fn, "logp_out", logp_out, "entropy_out", entropy_out);
-  return detail::LogprobBuilder::make<S>(a, lp, en);
+  return detail::LogprobBuilder::make<S>(a, lp, en, opt.threads);
 }
 
 // A result over a temporary owning tensor would dangle: backward() reads the logits, labels and

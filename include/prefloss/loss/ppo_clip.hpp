@@ -16,6 +16,7 @@
 #include "../detail/simd.hpp"
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
+#include "../parallel.hpp"
 #include "../reduce/aggregation.hpp"
 #include "../rl/kl.hpp"
 #include "token_loss.hpp"
@@ -33,7 +34,7 @@ struct PpoOptions {
   Aggregation aggregation = Aggregation::token_mean;
   double kl_coef = 0.0;  ///< >= 0: weight of the per-token KL penalty (needs ref_logp when > 0)
   KlEstimator kl_estimator = KlEstimator::k3;
-  /// token_count, sequence_count, token_sum_norm: the global normalizers (see
+  /// token_count, sequence_count, token_sum_norm, row_weights: the global normalizers (see
   /// PREFLOSS_AGGREGATION_NORMALIZERS; token_count is the valid-token count summed over ranks).
   PREFLOSS_AGGREGATION_NORMALIZERS;
   /// verl clamps logp - old_logp to [-c, c] before exp (c = 20); the clamped value also feeds
@@ -41,6 +42,9 @@ struct PpoOptions {
   std::optional<double> log_ratio_clamp = 20.0;
   /// k3_log_ratio_clamp, k3_clamp: the KL term's guards (see PREFLOSS_K3_CLAMPS; verl: 20, 10).
   PREFLOSS_K3_CLAMPS;
+  /// Threads the call (and its result's backward()) may split rows over; the same bits for any
+  /// count (see prefloss::Threads). Default: this thread.
+  Threads threads = {};
 };
 
 /// @brief Metrics of ppo_clip (verl's actor/pg_clipfrac, pg_clipfrac_lower, ppo_kl, ...). All
@@ -191,7 +195,7 @@ PpoPlan<S> ppo_prepare(const Matrix<LT>& lp, const Matrix<OT>& old, const Matrix
     throw option_error(std::string(fn) + ": option 'kl_coef' is " + fmt(opt.kl_coef) +
                        " but no 'ref_logp' was given (pass ref_logp or set kl_coef = 0)");
   PpoPlan<S> plan;
-  plan.spec = aggregation_spec(opt, lp.rows, lp.packed() ? packed_rows : lp.cols);
+  plan.spec = aggregation_spec(fn, opt, lp.rows, lp.packed() ? packed_rows : lp.cols);
   validate_aggregation<S>(fn, plan.spec);
 
   require_same_shape(fn, "old_logp", old, "logp", lp);
@@ -236,7 +240,7 @@ PpoResult<typename In::compute_type, M, In> ppo_clip_impl(const Matrix<LT>& lp, 
   in.off = lp.off;
 
   using Sel = std::bool_constant<HasRef>;
-  PpoResult<S, M, In> result(fn, in, p, "grad", Sel{});
+  PpoResult<S, M, In> result(fn, in, p, "grad", Sel{}, opt.threads);
   const TokenStats st = result.template run<Sel>(spec, grad_out);
   PpoMetrics<S>& mt = result.metrics;
   mt.clip_fraction = static_cast<S>(safe_mean(st.sums[0], st.weight));

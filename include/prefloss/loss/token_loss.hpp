@@ -14,6 +14,7 @@
 #include "../detail/lowp_tokens.hpp"
 #include "../detail/tensor.hpp"
 #include "../detail/token_kernels.hpp"
+#include "../parallel.hpp"
 #include "../reduce/aggregation.hpp"
 
 namespace prefloss {
@@ -45,14 +46,18 @@ class TokenLossResult {
   Eigen::Tensor<Scalar, 1> losses;  ///< per-sequence contributions [batch]; loss = sum(losses)
   Metrics metrics;
 
+  /// threads: where the forward and every backward() run their rows (see prefloss::Threads;
+  /// the pool must outlive this result).
   template <class Sel>
-  TokenLossResult(const char* fn, const TokenInputs& in, const Params& params, const char* grad_name, Sel)
+  TokenLossResult(const char* fn, const TokenInputs& in, const Params& params, const char* grad_name, Sel,
+                  Threads threads = {})
       : losses(in.rows),
         fn_(fn),
         grad_name_(grad_name),
         in_(in),
         params_(params),
         scales_(static_cast<std::size_t>(in.rows)),
+        threads_(threads),
         backward_(&backward_of<Sel>) {}
 
   /// @brief Writes d loss / d (first token input) into grad ([batch, tokens] row-major tensor or
@@ -66,7 +71,7 @@ class TokenLossResult {
     static_assert(std::is_same_v<detail::tensor_scalar_t<G>, Grad>,
                   "prefloss: gradient tensor must have the differentiated input's scalar type (bf16 in: bf16 out)");
     const detail::MatrixOut<Grad> g = detail::matrix_out(std::forward<G>(grad), in_.layout(), fn_, grad_name_);
-    backward_(params_, in_, scales_.data(), g);
+    backward_(params_, in_, scales_.data(), g, threads_);
   }
 
   /// d loss / d S_i per row, where S_i is row i's weighted token-loss sum (the aggregation
@@ -88,8 +93,9 @@ class TokenLossResult {
   template <class Sel>
   TokenStats forward(const AggregationSpec& spec) {
     TokenStats st;
-    params_.template visit<Sel>(
-        [&](const auto& kernel) { st = detail::token_forward(kernel, in_, spec, scales_.data(), losses.data()); });
+    params_.template visit<Sel>([&](const auto& kernel) {
+      st = detail::token_forward(kernel, in_, spec, scales_.data(), losses.data(), threads_);
+    });
     loss = static_cast<S>(st.loss);
     return st;
   }
@@ -97,17 +103,18 @@ class TokenLossResult {
   TokenStats forward_fused(const AggregationSpec& spec, const detail::MatrixOut<Grad>& grad) {
     TokenStats st;
     params_.template visit<Sel>([&](const auto& kernel) {
-      st = detail::token_forward_fused(kernel, in_, spec, scales_.data(), losses.data(), grad);
+      st = detail::token_forward_fused(kernel, in_, spec, scales_.data(), losses.data(), grad, threads_);
     });
     loss = static_cast<S>(st.loss);
     return st;
   }
 
-  using BackwardFn = void (*)(const Params&, const TokenInputs&, const double*, const detail::MatrixOut<Grad>&);
+  using BackwardFn = void (*)(const Params&, const TokenInputs&, const double*, const detail::MatrixOut<Grad>&,
+                              const Threads&);
   template <class Sel>
   static void backward_of(const Params& p, const TokenInputs& in, const double* scales,
-                          const detail::MatrixOut<Grad>& g) {
-    p.template visit<Sel>([&](const auto& kernel) { detail::token_backward(kernel, in, scales, g); });
+                          const detail::MatrixOut<Grad>& g, const Threads& threads) {
+    p.template visit<Sel>([&](const auto& kernel) { detail::token_backward(kernel, in, scales, g, threads); });
   }
 
   const char* fn_;
@@ -115,6 +122,7 @@ class TokenLossResult {
   TokenInputs in_;
   Params params_;
   std::vector<double> scales_;
+  Threads threads_;
   BackwardFn backward_;
 };
 

@@ -13,6 +13,7 @@
 #include "../detail/simd.hpp"
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
+#include "../parallel.hpp"
 #include "../reduce/aggregation.hpp"
 #include "token_loss.hpp"
 
@@ -25,9 +26,11 @@ struct ValueOptions {
   /// config defaults to 0.5. std::nullopt: no clipping, l = (v - R)^2 / 2.
   std::optional<double> clip = 0.2;
   Aggregation aggregation = Aggregation::token_mean;
-  /// token_count, sequence_count, token_sum_norm: the global normalizers (see
+  /// token_count, sequence_count, token_sum_norm, row_weights: the global normalizers (see
   /// PREFLOSS_AGGREGATION_NORMALIZERS).
   PREFLOSS_AGGREGATION_NORMALIZERS;
+  /// Threads the call and its backward() may split rows over (see PpoOptions::threads).
+  Threads threads = {};
 };
 
 /// Metrics of value_loss (verl's critic/vf_clipfrac, critic/vpred_mean); masked weighted means.
@@ -131,7 +134,7 @@ ValueResult<typename In::compute_type, M, In> value_loss_impl(const Matrix<VT>& 
   using S = typename In::compute_type;
   constexpr const char* fn = "value_loss";
   if (opt.clip) require_option(*opt.clip >= 0 && std::isfinite(*opt.clip), fn, "clip", ">= 0 and finite", *opt.clip);
-  const AggregationSpec spec = aggregation_spec(opt, v.rows, v.packed() ? packed_rows : v.cols);
+  const AggregationSpec spec = aggregation_spec(fn, opt, v.rows, v.packed() ? packed_rows : v.cols);
   validate_aggregation<S>(fn, spec);
   require_same_shape(fn, "old_values", old, "values", v);
   require_same_shape(fn, "returns", ret, "values", v);
@@ -150,7 +153,7 @@ ValueResult<typename In::compute_type, M, In> value_loss_impl(const Matrix<VT>& 
   in.rows = v.rows;
   in.cols = v.cols;
   in.off = v.off;
-  ValueResult<S, M, In> result(fn, in, p, "grad", AllKernels{});
+  ValueResult<S, M, In> result(fn, in, p, "grad", AllKernels{}, opt.threads);
   const TokenStats st = result.template run<AllKernels>(spec, grad_out);
   result.metrics.clip_fraction = static_cast<S>(safe_mean(st.sums[0], st.weight));
   result.metrics.value_mean = static_cast<S>(safe_mean(st.sums[1], st.weight));

@@ -12,6 +12,7 @@
 #include "../detail/masked_kernels.hpp"
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
+#include "../parallel.hpp"
 
 namespace prefloss {
 
@@ -69,15 +70,22 @@ class MaskedReduction {
     return detail::masked_row_sums<false, true>(static_cast<const S*>(nullptr), m_.row(i), x_.len(i)).weight == 0;
   }
 
-  /// Writes all [batch] values to out (no checks; out holds size() elements).
-  void eval_to(Scalar* out) const noexcept {
-    for (Index i = 0; i < x_.rows; ++i) out[i] = static_cast<Scalar>(value(i));
+  /// Writes all [batch] values to out (no checks; out holds size() elements); blocks of rows on
+  /// `threads` when given (each value is the same bits whichever thread computes it).
+  void eval_to(Scalar* out, const Threads& threads = {}) const {
+    threads.for_rows(x_.rows, grain(), [&](Index b, Index e) {
+      for (Index i = b; i < e; ++i) out[i] = static_cast<Scalar>(value(i));
+    });
   }
 
-  /// The [batch] values as a new tensor (float for 16-bit tokens).
-  Eigen::Tensor<Scalar, 1> eval() const {
+  /// @brief The [batch] values as a new tensor (float for 16-bit tokens).
+  /// @param threads rows split over a pool (see prefloss::Threads); the same bits for any count.
+  /// For the DPO family on several threads: evaluate each side's values with eval(threads), pass
+  /// them to the loss as [batch] tensors, and write the token gradients with
+  /// backward(result.grad_chosen_value(), grad, threads).
+  Eigen::Tensor<Scalar, 1> eval(const Threads& threads = {}) const {
     Eigen::Tensor<Scalar, 1> out(x_.rows);
-    eval_to(out.data());
+    eval_to(out.data(), threads);
     return out;
   }
 
@@ -93,13 +101,16 @@ class MaskedReduction {
 
   /// grad[i, t] = upstream[i] * d value_i / d x[i, t]: upstream times the weight (divided by
   /// the row's total weight for a mean), 0 where the mask is 0. Overwrites every element.
-  void backward_to(const Scalar* upstream, detail::MatrixOut<S> grad) const noexcept {
-    if (streams()) {
-      backward_rows<true>(upstream, grad);
-      detail::stream_fence();
-    } else {
-      backward_rows<false>(upstream, grad);
-    }
+  void backward_to(const Scalar* upstream, detail::MatrixOut<S> grad, const Threads& threads = {}) const {
+    const bool stream = streams();
+    threads.for_rows(x_.rows, grain(), [&](Index b, Index e) {
+      if (stream) {
+        backward_rows<true>(upstream, grad, b, e);
+        detail::stream_fence();
+      } else {
+        backward_rows<false>(upstream, grad, b, e);
+      }
+    });
   }
 
   /// @brief Scale of row i's gradient for an upstream u = d loss / d value_i: u for a sum,
@@ -138,23 +149,25 @@ class MaskedReduction {
   /// @param grad [batch, tokens] row-major tensor or map of the tokens' storage type (packed
   /// tokens: rank-1 [total_tokens] or pl::packed(grad, cu)), fully overwritten (16-bit: the float
   /// gradient rounded once to nearest even).
+  /// @param threads rows split over a pool (see prefloss::Threads); the same bits for any count.
   /// @throws shape_error if either shape is wrong (nothing is written then).
   template <class U, class G>
-  void backward(const U& upstream, G&& grad) const {
+  void backward(const U& upstream, G&& grad, const Threads& threads = {}) const {
     const auto up = detail::vector_view(upstream, "backward", "upstream");
     static_assert(std::is_same_v<detail::tensor_scalar_t<U>, Scalar>,
                   "prefloss: upstream must have the sequence scalar type (float for bf16/half tokens)");
     if (up.size != x_.rows)
       throw shape_error(std::string("backward: argument 'upstream' must have shape ") + detail::shape_str(x_.rows) +
                         ", got " + detail::shape_str(up.size));
-    backward_to(up.data, grad_view(std::forward<G>(grad), "backward", "grad"));
+    backward_to(up.data, grad_view(std::forward<G>(grad), "backward", "grad"), threads);
   }
 
  private:
   template <bool Stream>
-  void backward_rows(const Scalar* upstream, detail::MatrixOut<S> grad) const noexcept {
-    for (Index i = 0; i < x_.rows; ++i) backward_row<Stream>(i, upstream[i], grad);
+  void backward_rows(const Scalar* upstream, detail::MatrixOut<S> grad, Index b, Index e) const noexcept {
+    for (Index i = b; i < e; ++i) backward_row<Stream>(i, upstream[i], grad);
   }
+  Index grain() const noexcept { return detail::row_grain(x_.rows, x_.count()); }
 
   detail::Matrix<S> x_;
   detail::Matrix<M> m_;
