@@ -1,7 +1,10 @@
-# Finds prefloss's two dependencies; shared by the build and by the installed package config.
+# Finds prefloss's dependencies; shared by the build and by the installed package config.
+# Threads: prefloss/thread_pool.hpp starts std::threads (Eigen's pool); -pthread where the libc
+# still needs it (glibc < 2.34), nothing elsewhere.
 include(CMakeFindDependencyMacro)
 find_dependency(Eigen3 3.4 NO_MODULE)
 find_dependency(xsimd 8.1)
+find_dependency(Threads)
 
 # Debian's xsimd 8.1 was built with xtl, so its exported target carries the bare name "xtl" in
 # INTERFACE_LINK_LIBRARIES, yet its config never looks for xtl. Without an xtl target that name
