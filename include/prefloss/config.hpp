@@ -49,6 +49,17 @@
 #define PREFLOSS_KERNELS_END
 #endif
 
+/// @brief Forces inlining of the small helpers and lambdas inside a row kernel. GCC fuses a
+/// product into a following add (FMA contraction, its default outside ISO C) only when both sit
+/// in one function after inlining, and whether a helper is inlined depends on limits that count
+/// the whole translation unit: without this, two kernels that must agree to the bit (a row's
+/// statistics with and without keeping exp(u - m)) could round differently in a larger program.
+#if defined(__GNUC__)
+#define PREFLOSS_DETAIL_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define PREFLOSS_DETAIL_ALWAYS_INLINE
+#endif
+
 /// @brief Marks a function whose one compiled body every entry point calls (a loss's arithmetic
 /// for its two-pass and fused forms, a logit row's statistics and gradient), so their results
 /// are the same bits: two inlined copies may be optimized differently (which products

@@ -126,7 +126,7 @@ inline HiLo<xsimd::batch<T, A>> exp_hilo(const xsimd::batch<T, A>& x) noexcept {
 /// the same one-rounding vscalefps/pd scaling as exp_hilo, which handles overflow (+inf exactly
 /// where std::exp overflows) and gradual underflow. NaN in -> NaN out, exp(-inf) = 0.
 template <class T, class A>
-inline xsimd::batch<T, A> exp(const xsimd::batch<T, A>& x) noexcept {
+PREFLOSS_DETAIL_ALWAYS_INLINE inline xsimd::batch<T, A> exp(const xsimd::batch<T, A>& x) noexcept {
   if constexpr (has_scalef<A>) {
     using B = xsimd::batch<T, A>;
     // Clamp first (exp is 0 / inf beyond); AVX-512 max(lo, x) / min(hi, .) return x itself

@@ -33,12 +33,6 @@
 #include "simd.hpp"
 #include "tensor.hpp"
 
-#if defined(__GNUC__)
-#define PREFLOSS_DETAIL_ALWAYS_INLINE __attribute__((always_inline))
-#else
-#define PREFLOSS_DETAIL_ALWAYS_INLINE
-#endif
-
 PREFLOSS_KERNELS_BEGIN
 namespace prefloss::detail {
 

@@ -98,7 +98,7 @@ Logits3<tensor_scalar_t<X>> logits_view(const X& z, const char* fn, const char* 
 /// Calls f(u, v) for the lanes-wide batches u of n values at p times k (v: the first one's
 /// index), and for the tail padded with `pad` (the identity of the caller's reduction).
 template <class C, class F>
-inline void for_batches(const C* p, Index n, C k, C pad, F&& f) noexcept {
+PREFLOSS_DETAIL_ALWAYS_INLINE inline void for_batches(const C* p, Index n, C k, C pad, F&& f) noexcept {
   using Bt = batch<C>;
   constexpr Index W = static_cast<Index>(lanes<C>);
   const Bt kb(k);
@@ -114,12 +114,12 @@ inline void for_batches(const C* p, Index n, C k, C pad, F&& f) noexcept {
 
 /// max_v p[v] * k over n >= 1 values, and whether any is NaN.
 template <class C>
-inline C row_max(const C* p, Index n, C k, bool& nan) noexcept {
+PREFLOSS_DETAIL_ALWAYS_INLINE inline C row_max(const C* p, Index n, C k, bool& nan) noexcept {
   using Bt = batch<C>;
   constexpr C ninf = -std::numeric_limits<C>::infinity();
   Bt mx(ninf);
   auto bad = Bt(C(0)) != Bt(C(0));
-  for_batches<C>(p, n, k, ninf, [&](const Bt& u, Index) {
+  for_batches<C>(p, n, k, ninf, [&](const Bt& u, Index) PREFLOSS_DETAIL_ALWAYS_INLINE {
     bad = bad | xsimd::isnan(u);
     mx = xsimd::max(mx, u);
   });
@@ -134,13 +134,14 @@ inline C row_max(const C* p, Index n, C k, bool& nan) noexcept {
 /// sum_v exp(p[v] k - m) over n values (and, with Ent, sum_v exp(d_v) d_v, d_v = p[v] k - m, a
 /// -inf d_v adding 0), into double. Keep: also stores each exp(d_v) to e[v].
 template <bool Ent, bool Keep, class C>
-inline void row_exp_sums(const C* p, Index n, C k, C m, double& s, double& t, C* e_out) noexcept {
+PREFLOSS_DETAIL_ALWAYS_INLINE inline void row_exp_sums(const C* p, Index n, C k, C m, double& s, double& t,
+                                                       C* e_out) noexcept {
   using Bt = batch<C>;
   constexpr C ninf = -std::numeric_limits<C>::infinity();
   LaneSum<C> es, ed;
   const Bt mb(m), zero(C(0));
   int since_flush = 0;
-  for_batches<C>(p, n, k, ninf, [&](const Bt& u, Index v) {
+  for_batches<C>(p, n, k, ninf, [&](const Bt& u, Index v) PREFLOSS_DETAIL_ALWAYS_INLINE {
     const Bt d = u - mb;
     const Bt e = detail::exp<C, arch>(d);
     if constexpr (Keep) {
@@ -249,7 +250,7 @@ PREFLOSS_DETAIL_ONE_BODY void logit_row_grad(const C* z, Index V, Index y, C k, 
   const Bt c(static_cast<C>(-g_h * static_cast<double>(k)));   // entropy: -p_v (log p_v + H)
   const Bt h(static_cast<C>(st.entropy)), kb(k);
   // x: the batch of logits at v (unscaled), ev: its exp(u - m) when kept.
-  const auto grad = [&](const C* x, const C* ev) {
+  const auto grad = [&](const C* x, const C* ev) PREFLOSS_DETAIL_ALWAYS_INLINE {
     Bt ex, d;
     if constexpr (Ent || !Kept) d = load_u<C, arch>(x) * kb - mb;
     if constexpr (Kept) {
