@@ -291,3 +291,25 @@ TEST_CASE("row_weights: bad values throw naming the option", "[counts][errors]")
   CHECK(g(0, 0) == 7.f);
   CHECK(g(4, 36) == 7.f);
 }
+
+TEST_CASE("ppo_clip / value_loss: an empty shard with the global normalizer gives 0", "[counts]") {
+  const Tok<float> none(0, 5);
+  const Tok<std::uint8_t> mnone(0, 5);
+  Tok<float> g(0, 5);
+  pl::PpoOptions opt;
+  opt.token_count = 12;
+  const auto r = pl::ppo_clip(none, none, none, mnone, opt, g);
+  CHECK(r.loss == 0.f);
+  CHECK(r.losses.size() == 0);
+  CHECK(r.metrics.token_weight == 0.0);
+  pl::ValueOptions vopt;
+  vopt.aggregation = pl::Aggregation::seq_mean_token_mean;
+  vopt.sequence_count = 4;
+  CHECK(pl::value_loss(none, none, none, mnone, vopt).loss == 0.f);
+  // Without it the mean of nothing is undefined.
+  expect_throw<pl::shape_error>([&] { (void)pl::ppo_clip(none, none, none, mnone); }, "ppo_clip",
+                                {"logp", "empty batch", "[0, 5]", "token_count"});
+  vopt.sequence_count.reset();
+  expect_throw<pl::shape_error>([&] { (void)pl::value_loss(none, none, none, mnone, vopt); }, "value_loss",
+                                {"values", "empty batch", "sequence_count"});
+}

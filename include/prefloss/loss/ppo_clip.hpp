@@ -203,7 +203,7 @@ PpoPlan<S> ppo_prepare(const Matrix<LT>& lp, const Matrix<OT>& old, const Matrix
   require_same_shape(fn, "mask", mask, "logp", lp);
   if (ref) require_same_shape(fn, "ref_logp", *ref, "logp", lp);
   require_weights<S>(mask, fn, "mask");
-  require_nonempty(fn, "logp", lp.rows);
+  require_rows_or_globals(fn, "logp", plan.spec);
 
   PpoParams<S>& p = plan.params;
   p.lo = static_cast<S>(1.0 - opt.clip_low);
@@ -335,7 +335,8 @@ auto ppo_clip_views(const LP& logp, const OLP& old_logp, const AD& advantages, c
 /// @param old_logp, advantages constants of the rollout, same shape
 /// @param mask same shape: bool/uint8 (nonzero selects) or float/double (weights)
 /// @return PpoResult; holds views of the inputs until backward() has run.
-/// @throws shape_error naming the argument (shape mismatch, empty batch, invalid or differing
+/// @throws shape_error naming the argument (shape mismatch, an empty batch without the mode's
+/// global normalizer — with token_count or sequence_count an empty shard gives 0 —, invalid or differing
 /// cu_seqlens, packed and padded arguments mixed); layout_error for a
 /// tensor whose data is not aligned to its element type; value_error for a float mask weight
 /// that is negative, NaN or infinite; option_error for clip_high < 0, clip_low outside [0, 1],

@@ -140,7 +140,7 @@ ValueResult<typename In::compute_type, M, In> value_loss_impl(const Matrix<VT>& 
   require_same_shape(fn, "returns", ret, "values", v);
   require_same_shape(fn, "mask", mask, "values", v);
   require_weights<S>(mask, fn, "mask");
-  require_nonempty(fn, "values", v.rows);
+  require_rows_or_globals(fn, "values", spec);
 
   ValueParams<S> p;
   p.clipped = opt.clip.has_value();

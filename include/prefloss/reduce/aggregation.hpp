@@ -113,6 +113,19 @@ void validate_aggregation(const char* fn, const AggregationSpec& s) {
         "(its default, the tokens per row of a padded batch, has no meaning for packed rows), got unset");
 }
 
+/// @brief A token loss over zero rows is an empty shard: allowed when the mode's global
+/// normalizer is given (token_count for token_mean, sequence_count for the seq_* modes), where it
+/// contributes loss 0; otherwise the batch mean of nothing is undefined (shape_error).
+inline void require_rows_or_globals(const char* fn, const char* name, const AggregationSpec& s) {
+  if (s.batch != 0) return;
+  const bool global = s.mode == Aggregation::token_mean ? s.token_count.has_value() : s.sequence_count.has_value();
+  if (!global)
+    throw shape_error(std::string(fn) + ": argument '" + name + "' has an empty batch (shape " +
+                      (s.tokens == packed_rows ? std::string("[0]") : "[0, " + std::to_string(s.tokens) + "]") +
+                      "); an empty shard needs the global " +
+                      (s.mode == Aggregation::token_mean ? "token_count" : "sequence_count") + " option");
+}
+
 /// True when the gradient scale of every row depends on the total weight of the whole call
 /// (token_mean without token_count): a fused pass must sum the mask first.
 inline bool needs_total_weight(const AggregationSpec& s) noexcept {
