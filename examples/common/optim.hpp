@@ -13,7 +13,9 @@ class Adam {
   explicit Adam(double lr, double weight_decay = 0.0, double beta1 = 0.9, double beta2 = 0.999, double eps = 1e-8)
       : lr_(lr), wd_(weight_decay), b1_(beta1), b2_(beta2), eps_(eps) {}
 
-  void step(std::vector<float>& params, const std::vector<float>& grad) {
+  /// One step; grad is float, or double when it was kept unrounded.
+  template <class G>
+  void step(std::vector<float>& params, const std::vector<G>& grad) {
     if (m_.size() != params.size()) {
       m_.assign(params.size(), 0.0);
       v_.assign(params.size(), 0.0);
@@ -22,7 +24,7 @@ class Adam {
     const double c1 = 1.0 - std::pow(b1_, static_cast<double>(t_));
     const double c2 = 1.0 - std::pow(b2_, static_cast<double>(t_));
     for (std::size_t k = 0; k < params.size(); ++k) {
-      const double g = grad[k];
+      const double g = static_cast<double>(grad[k]);
       m_[k] = b1_ * m_[k] + (1 - b1_) * g;
       v_[k] = b2_ * v_[k] + (1 - b2_) * g * g;
       const double update = (m_[k] / c1) / (std::sqrt(v_[k] / c2) + eps_) + wd_ * params[k];

@@ -11,6 +11,7 @@
 #include <prefloss/prefloss.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -40,7 +41,11 @@ class TabularPolicy {
   /// double and added to grad_logits once. (Summed in float, the rows of a batch whose terms
   /// cancel exactly, as IPO's chosen and rejected sides do at step 0, leave rounding noise of
   /// ~1e-8 that Adam's first step, g / (|g| + 1e-8), turns into a step of up to lr.)
-  void backward(const Sequences& seq, const Tokens& grad_logp, std::vector<float>& grad_logits) const {
+  ///
+  /// grad_logits may be float, or double to keep the gradient unrounded (mpi_data_parallel sums
+  /// it over ranks).
+  template <class G>
+  void backward(const Sequences& seq, const Tokens& grad_logp, std::vector<G>& grad_logits) const {
     const Logits z = token_rows(seq);
     // The forward again: a trainer keeps the result of its forward pass (it holds views of z,
     // tokens and mask); here the forward is cheap.
@@ -61,7 +66,21 @@ class TabularPolicy {
         for (std::size_t v = 0; v < V; ++v) acc[row + v] += static_cast<double>(gr[v]);
       }
     for (std::size_t k = 0; k < acc.size(); ++k)
-      if (touched[k / V]) grad_logits[k] += static_cast<float>(acc[k]);
+      if (touched[k / V]) grad_logits[k] += static_cast<G>(acc[k]);
+  }
+
+  /// Adds to magnitude[k], for every entry k of the table, a bound on the sum of |the terms|
+  /// backward() adds into it (what bounds the rounding error of that sum): each term is
+  /// (onehot - p) * grad_logp[b, l] of a token that reads the entry's row, at most
+  /// |grad_logp[b, l]| since |onehot - p| <= 1.
+  void gradient_magnitude(const Sequences& seq, const Tokens& grad_logp, std::vector<double>& magnitude) const {
+    const auto V = static_cast<std::size_t>(shape.V);
+    for (Index b = 0; b < seq.size(); ++b)
+      for (int l = 0; l < shape.L; ++l) {
+        if (!seq.mask(b, l)) continue;
+        const std::size_t row = shape.row(seq.prompt[static_cast<std::size_t>(b)], l);
+        for (std::size_t v = 0; v < V; ++v) magnitude[row + v] += std::abs(static_cast<double>(grad_logp(b, l)));
+      }
   }
 
   Dist dist() const { return dist_from_logits(shape, logits); }

@@ -204,6 +204,24 @@ Eigen::Tensor<T, 2, Eigen::RowMajor> select_rows(const Eigen::Tensor<T, 2, Eigen
   return out;
 }
 
+/// Rows [b, e) of a batch as they are, masks included (select() rebuilds a row's mask from its
+/// prompt; a shard keeps the batch's own, an emptied row stays empty).
+inline Sequences slice(const Sequences& s, Index b, Index e) {
+  Sequences out;
+  out.prompt.assign(s.prompt.begin() + b, s.prompt.begin() + e);
+  const Eigen::array<Index, 2> at{b, 0}, extent{e - b, s.tok.dimension(1)};
+  out.tok = s.tok.slice(at, extent);
+  out.mask = s.mask.slice(at, extent);
+  return out;
+}
+
+/// Rows [b, e) of a [batch, tokens] tensor.
+template <class T>
+Eigen::Tensor<T, 2, Eigen::RowMajor> slice_rows(const Eigen::Tensor<T, 2, Eigen::RowMajor>& x, Index b, Index e) {
+  const Eigen::array<Index, 2> at{b, 0}, extent{e - b, x.dimension(1)};
+  return x.slice(at, extent);
+}
+
 /// The rows of a followed by the rows of b.
 inline Sequences concat(const Task& t, const Sequences& a, const Sequences& b) {
   Sequences out = Sequences::empty(t, a.size() + b.size());
@@ -246,6 +264,7 @@ inline Pairs preference_pairs(const Task& t, Index n, Rng& rng, Labels labels = 
 inline Pairs select(const Task& t, const Pairs& p, const std::vector<int>& idx) {
   return Pairs{select(t, p.chosen, idx), select(t, p.rejected, idx)};
 }
+inline Pairs slice(const Pairs& p, Index b, Index e) { return Pairs{slice(p.chosen, b, e), slice(p.rejected, b, e)}; }
 
 /// Fraction of pairs whose chosen response has the higher true reward (ties count half): how
 /// often the labels agree with the truth, the ceiling of any accuracy measured on the labels.
