@@ -25,6 +25,7 @@
 #include "math/sigmoid.hpp"
 #include "math/softplus.hpp"
 #include "math/value_grad.hpp"
+#include "metrics.hpp"
 #include "packed.hpp"
 #include "parallel.hpp"
 #include "reduce/aggregation.hpp"

@@ -17,6 +17,7 @@
 #include "../config.hpp"
 #include "../detail/token_kernels.hpp"
 #include "../loss/ppo_clip.hpp"
+#include "../metrics.hpp"
 #include "token_logprobs.hpp"
 
 namespace prefloss {
@@ -27,11 +28,14 @@ struct PpoLogitsResult {
   using Tokens = Eigen::Tensor<S, 2, Eigen::RowMajor>;
   S loss = 0;                  ///< policy_loss - entropy_coef * entropy_loss
   Eigen::Tensor<S, 1> losses;  ///< per-sequence contributions [batch]; loss = sum(losses)
-  PpoMetrics<S> metrics;       ///< ppo_clip's metrics over logp
+  PpoMetrics<S> metrics;       ///< ppo_clip's metrics over logp (metric_sums.metrics())
   S policy_loss = 0;           ///< ppo_clip's loss over logp (with its KL term)
   S entropy_loss = 0;          ///< the entropy aggregated as the loss is (verl's actor/entropy); 0 without entropy
   Tokens logp;                 ///< [batch, tokens] token log-probs, 0 at masked-out tokens
   Tokens entropy;              ///< [batch, tokens] with LogprobOptions::entropy or entropy_coef != 0, else empty
+  /// ppo_clip's metric sums over logp, which metrics is finalized from: merge them across
+  /// shards for the whole batch's metrics
+  MetricSums<PpoMetrics<S>> metric_sums;
 };
 
 namespace detail {
@@ -125,6 +129,7 @@ PpoLogitsResult<S> ppo_from_logits_impl(const LogitsArgs<S, Z, Lab, M>& a, const
   using In = TokenInputs<S, M>;
   const auto ppo = ppo_clip_impl<HasRef, In>(lp, old, adv, a.mask, ref, popt, &no_grad);
   r.metrics = ppo.metrics;
+  r.metric_sums = ppo.metric_sums;
   r.policy_loss = ppo.loss;
   r.losses = Eigen::Tensor<S, 1>(B);
   double ent_loss = 0, loss = 0;

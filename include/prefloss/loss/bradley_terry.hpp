@@ -4,7 +4,9 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstddef>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -13,6 +15,7 @@
 #include "../detail/checks.hpp"
 #include "../detail/tensor.hpp"
 #include "../math/log_sigmoid.hpp"
+#include "../metrics.hpp"
 #include "../reduce/sequence.hpp"
 #include "pairwise.hpp"
 #include "sequence_loss.hpp"
@@ -56,7 +59,7 @@ auto bradley_terry_impl(const C& r_chosen, const R& r_rejected, const M* margin,
     const double kc = k * center;
     return PairTerm{-ls.value + kc * center, -ls.grad + 2 * kc, ls.grad + 2 * kc};
   });
-  result.metrics = preference_metrics<S>(vc, vr);
+  set_preference_metrics(result, vc, vr);
   return result;
 }
 }  // namespace detail
@@ -87,6 +90,37 @@ struct RankingMetrics {
   S reward_mean = 0;    ///< mean of all rewards
   S reward_margin = 0;  ///< mean over pairs i < j of r_i - r_j
 };
+
+/// @brief Entries of MetricSums<RankingMetrics<S>>: five sums, no maxima. The two counts are
+/// C(K,2) and K per row, summed: the denominators of the means, so shards of one K merge exactly.
+struct RankingMetricEntries {
+  static constexpr std::size_t accurate = 0;      ///< sums: pairs i < j with r_i > r_j
+  static constexpr std::size_t margin = 1;        ///< sums: r_i - r_j over pairs i < j
+  static constexpr std::size_t reward = 2;        ///< sums: every reward
+  static constexpr std::size_t pair_count = 3;    ///< sums: pairs, C(K,2) a row
+  static constexpr std::size_t reward_count = 4;  ///< sums: rewards, K a row
+  static constexpr std::size_t n_sums = 5;
+  static constexpr std::size_t n_maxima = 0;
+};
+
+namespace detail {
+template <class S>
+struct metric_layout<RankingMetrics<S>> {
+  using Entries = RankingMetricEntries;
+  static constexpr std::size_t n_sums = Entries::n_sums, n_maxima = Entries::n_maxima;
+  static RankingMetrics<S> finalize(const std::array<double, n_sums>& sums,
+                                    const std::array<double, n_maxima>&) noexcept {
+    using E = Entries;
+    RankingMetrics<S> m;
+    if (sums[E::pair_count] != 0) {
+      m.accuracy = static_cast<S>(sums[E::accurate] / sums[E::pair_count]);
+      m.reward_margin = static_cast<S>(sums[E::margin] / sums[E::pair_count]);
+      m.reward_mean = static_cast<S>(sums[E::reward] / sums[E::reward_count]);
+    }
+    return m;
+  }
+};
+}  // namespace detail
 
 /// @brief Bradley-Terry loss over K-way rankings (InstructGPT): for each row of K rewards
 /// ordered best to worst, the mean over the C(K,2) pairs i < j of the pairwise loss
@@ -146,11 +180,13 @@ auto bradley_terry_ranking(const X& rewards, const BradleyTerryOptions& opt = {}
       out.d_(i * K + a) = static_cast<S>(d[static_cast<std::size_t>(a)] * inv_pairs * inv_b);
   }
   out.loss = static_cast<S>(total * inv_b);
-  if (B > 0) {
-    out.metrics.accuracy = static_cast<S>(correct / (pairs * static_cast<double>(B)));
-    out.metrics.reward_margin = static_cast<S>(margin / (pairs * static_cast<double>(B)));
-    out.metrics.reward_mean = static_cast<S>(sum_r / (static_cast<double>(K) * static_cast<double>(B)));
-  }
+  auto& sums = out.metric_sums.sums;
+  sums[RankingMetricEntries::accurate] = correct;
+  sums[RankingMetricEntries::margin] = margin;
+  sums[RankingMetricEntries::reward] = sum_r;
+  sums[RankingMetricEntries::pair_count] = pairs * static_cast<double>(B);
+  sums[RankingMetricEntries::reward_count] = static_cast<double>(K) * static_cast<double>(B);
+  out.metrics = out.metric_sums.metrics();
   return out;
 }
 

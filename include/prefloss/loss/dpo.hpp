@@ -77,7 +77,7 @@ PREFLOSS_DETAIL_ONE_BODY auto dpo_run(In in, const DpoOptions& opt, const typena
         return PairTerm{l.value, b * l.slope, -b * l.slope};
       },
       grads);
-  result.metrics = preference_metrics<S>(in.uc, in.ur, b);
+  set_preference_metrics(result, in.uc, in.ur, b);
   return result;
 }
 }  // namespace detail

@@ -37,7 +37,7 @@ PREFLOSS_DETAIL_ONE_BODY auto ipo_run(In in, const IpoOptions& opt, const typena
         return PairTerm{h * h, 2 * h, -2 * h};
       },
       grads);
-  result.metrics = preference_metrics<S>(in.uc, in.ur, opt.beta);
+  set_preference_metrics(result, in.uc, in.ur, opt.beta);
   return result;
 }
 }  // namespace detail

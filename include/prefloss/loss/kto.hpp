@@ -4,8 +4,11 @@
 /// measured against a reference point z0 estimated from mismatched (KL) completions.
 #pragma once
 
+#include <array>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -15,6 +18,7 @@
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
 #include "../math/sigmoid.hpp"
+#include "../metrics.hpp"
 #include "../reduce/sequence.hpp"
 #include "pairwise.hpp"
 #include "sequence_loss.hpp"
@@ -107,7 +111,57 @@ KtoReferenceSums kto_reference_sums(const KP& kl_policy, const KR& kl_ref) {
   return {detail::kl_ratio_sum(kp, kr), static_cast<std::int64_t>(kp.size())};
 }
 
+/// @brief Entries of MetricSums<KtoMetrics<S>>: eight sums and one maximum. The class counts are
+/// doubles in the sums (exact to 2^53) and Index again in the metrics.
+///
+/// z0 is not a sum: it sits in `maxima`, so that merging keeps it. In a sharded run z0 must be
+/// the global one, passed to every shard as KtoOptions::reference_point (the double z0 of a call
+/// is `maxima[reference_point]`, unrounded), so every shard holds the same value and the max is
+/// that value. A shard without examples still holds its z0. The KL sums give the kl_mean of all
+/// shards' KL batches together.
+struct KtoMetricEntries {
+  static constexpr std::size_t kl = 0;                  ///< sums: kl_policy - kl_ref over the KL batch
+  static constexpr std::size_t kl_count = 1;            ///< sums: KL examples
+  static constexpr std::size_t count_desirable = 2;     ///< sums: desirable examples
+  static constexpr std::size_t count_undesirable = 3;   ///< sums: undesirable examples
+  static constexpr std::size_t reward_desirable = 4;    ///< sums: b u over desirable examples
+  static constexpr std::size_t reward_undesirable = 5;  ///< sums: b u over undesirable examples
+  static constexpr std::size_t logps_desirable = 6;     ///< sums: s over desirable examples
+  static constexpr std::size_t logps_undesirable = 7;   ///< sums: s over undesirable examples
+  static constexpr std::size_t n_sums = 8;
+  static constexpr std::size_t reference_point = 0;  ///< maxima: z0 (-inf: no call merged in yet)
+  static constexpr std::size_t n_maxima = 1;
+};
+
 namespace detail {
+template <class S>
+struct metric_layout<KtoMetrics<S>> {
+  using Entries = KtoMetricEntries;
+  static constexpr std::size_t n_sums = Entries::n_sums, n_maxima = Entries::n_maxima;
+  static KtoMetrics<S> finalize(const std::array<double, n_sums>& sums,
+                                const std::array<double, n_maxima>& maxima) noexcept {
+    using E = Entries;
+    KtoMetrics<S> m;
+    const double z0 = maxima[E::reference_point];
+    // z0 is finite when given and >= 0 (or NaN) when estimated, so -inf can only be the empty merge.
+    m.reference_point = static_cast<S>(z0 == -std::numeric_limits<double>::infinity() ? 0.0 : z0);
+    m.kl_mean = static_cast<S>(mean_or_zero(sums[E::kl], sums[E::kl_count]));
+    m.count_desirable = static_cast<Index>(sums[E::count_desirable]);
+    m.count_undesirable = static_cast<Index>(sums[E::count_undesirable]);
+    const double rd = sums[E::reward_desirable], ru = sums[E::reward_undesirable];
+    const double mean_d = mean_or_zero(rd, sums[E::count_desirable]);
+    const double mean_u = mean_or_zero(ru, sums[E::count_undesirable]);
+    m.reward_desirable_sum = static_cast<S>(rd);
+    m.reward_undesirable_sum = static_cast<S>(ru);
+    m.reward_desirable = static_cast<S>(mean_d);
+    m.reward_undesirable = static_cast<S>(mean_u);
+    m.reward_margin = static_cast<S>(mean_d - mean_u);
+    m.logps_desirable_sum = static_cast<S>(sums[E::logps_desirable]);
+    m.logps_undesirable_sum = static_cast<S>(sums[E::logps_undesirable]);
+    return m;
+  }
+};
+
 /// kto's checked inputs: sequences and the label view; nothing has been read.
 template <class Seq, class Ref, class KP, class KR, class DS>
 struct KtoInputs {
@@ -188,7 +242,6 @@ PREFLOSS_DETAIL_ONE_BODY auto kto_run(const In& in, const KtoOptions& opt,
   const Index B = s.size(), K = kp.size();
   // The reference point: the KL batch's mean log-ratio (double accumulation), clamped at 0.
   const KtoReferenceSums kl{kl_ratio_sum(kp, kr), static_cast<std::int64_t>(K)};
-  const double kl_mean = K > 0 ? kl.sum / static_cast<double>(K) : 0.0;
   const double z0 = opt.reference_point ? *opt.reference_point : kl.reference_point();
 
   // Example i's values are read by its term, just before its gradient row is written.
@@ -213,7 +266,6 @@ PREFLOSS_DETAIL_ONE_BODY auto kto_run(const In& in, const KtoOptions& opt,
       },
       grad);
 
-  KtoMetrics<S>& m = result.metrics;
   double rd = 0, ru = 0, ld = 0, lu = 0;
   Index nd = 0, nu = 0;
   for (Index i = 0; i < B; ++i) {
@@ -228,18 +280,18 @@ PREFLOSS_DETAIL_ONE_BODY auto kto_run(const In& in, const KtoOptions& opt,
       lu += sv[k];
     }
   }
-  const double mean_d = nd ? rd / static_cast<double>(nd) : 0.0, mean_u = nu ? ru / static_cast<double>(nu) : 0.0;
-  m.reference_point = static_cast<S>(z0);
-  m.kl_mean = static_cast<S>(kl_mean);
-  m.count_desirable = nd;
-  m.count_undesirable = nu;
-  m.reward_desirable_sum = static_cast<S>(rd);
-  m.reward_undesirable_sum = static_cast<S>(ru);
-  m.reward_desirable = static_cast<S>(mean_d);
-  m.reward_undesirable = static_cast<S>(mean_u);
-  m.reward_margin = static_cast<S>(mean_d - mean_u);
-  m.logps_desirable_sum = static_cast<S>(ld);
-  m.logps_undesirable_sum = static_cast<S>(lu);
+  using E = KtoMetricEntries;
+  auto& sums = result.metric_sums.sums;
+  sums[E::kl] = kl.sum;
+  sums[E::kl_count] = static_cast<double>(K);
+  sums[E::count_desirable] = static_cast<double>(nd);
+  sums[E::count_undesirable] = static_cast<double>(nu);
+  sums[E::reward_desirable] = rd;
+  sums[E::reward_undesirable] = ru;
+  sums[E::logps_desirable] = ld;
+  sums[E::logps_undesirable] = lu;
+  result.metric_sums.maxima[E::reference_point] = z0;
+  result.metrics = result.metric_sums.metrics();
   return result;
 }
 

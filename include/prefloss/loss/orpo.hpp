@@ -3,7 +3,9 @@
 /// on the chosen response plus a log-odds-ratio preference term.
 #pragma once
 
+#include <array>
 #include <cmath>
+#include <cstddef>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -11,6 +13,7 @@
 #include "../detail/checks.hpp"
 #include "../math/log1mexp.hpp"
 #include "../math/log_sigmoid.hpp"
+#include "../metrics.hpp"
 #include "../reduce/sequence.hpp"
 #include "pairwise.hpp"
 
@@ -33,7 +36,36 @@ struct OrpoMetrics : PreferenceMetrics<S> {
   S nll_loss = 0;         ///< batch mean of -s_c (TRL "nll_loss")
 };
 
+/// @brief Entries of MetricSums<OrpoMetrics<S>>: PreferenceMetricEntries' four sums (rewards
+/// beta s), then the odds-ratio sums, all over examples (an empty pair adds 0 to each and 1 to
+/// count); no maxima.
+struct OrpoMetricEntries : PreferenceMetricEntries {
+  static constexpr std::size_t log_odds_ratio = 4;   ///< sums: logsig(L)
+  static constexpr std::size_t log_odds_chosen = 5;  ///< sums: the log odds ratio L
+  static constexpr std::size_t nll = 6;              ///< sums: -s_c
+  static constexpr std::size_t n_sums = 7;
+  static constexpr std::size_t n_maxima = 0;
+};
+
 namespace detail {
+template <class S>
+struct metric_layout<OrpoMetrics<S>> {
+  using Entries = OrpoMetricEntries;
+  static constexpr std::size_t n_sums = Entries::n_sums, n_maxima = Entries::n_maxima;
+  static OrpoMetrics<S> finalize(const std::array<double, n_sums>& sums, const std::array<double, n_maxima>&) noexcept {
+    using E = Entries;
+    OrpoMetrics<S> m;
+    static_cast<PreferenceMetrics<S>&>(m) = preference_finalize<S>(sums.data());
+    const double n = sums[E::count];
+    if (n != 0) {
+      m.log_odds_ratio = static_cast<S>(sums[E::log_odds_ratio] / n);
+      m.log_odds_chosen = static_cast<S>(sums[E::log_odds_chosen] / n);
+      m.nll_loss = static_cast<S>(sums[E::nll] / n);
+    }
+    return m;
+  }
+};
+
 /// orpo's checks (options, then inputs); nothing is read.
 template <class C, class R>
 auto orpo_inputs(const C& chosen, const R& rejected, const OrpoOptions& opt) {
@@ -72,13 +104,12 @@ PREFLOSS_DETAIL_ONE_BODY auto orpo_run(In in, const OrpoOptions& opt, const type
         return PairTerm{-w * xc - b * ratio, dc, dr};
       },
       grads);
-  static_cast<PreferenceMetrics<S>&>(result.metrics) = preference_metrics<S>(in.uc, in.ur, b);
-  if (!in.uc.empty()) {
-    const double n = static_cast<double>(in.uc.size());
-    result.metrics.log_odds_ratio = static_cast<S>(sum_ratio / n);
-    result.metrics.log_odds_chosen = static_cast<S>(sum_log_odds / n);
-    result.metrics.nll_loss = static_cast<S>(nll / n);
-  }
+  auto& sums = result.metric_sums.sums;
+  add_preference_sums(sums, in.uc, in.ur, b);
+  sums[OrpoMetricEntries::log_odds_ratio] = sum_ratio;
+  sums[OrpoMetricEntries::log_odds_chosen] = sum_log_odds;
+  sums[OrpoMetricEntries::nll] = nll;
+  result.metrics = result.metric_sums.metrics();
   return result;
 }
 }  // namespace detail

@@ -5,6 +5,8 @@
 /// d loss / d sequence value so backward() is one streaming write per side.
 #pragma once
 
+#include <array>
+#include <cstddef>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -17,6 +19,7 @@
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
 #include "../math/log_sigmoid.hpp"
+#include "../metrics.hpp"
 #include "../reduce/sequence.hpp"
 #include "sequence_loss.hpp"
 
@@ -31,6 +34,46 @@ struct PreferenceMetrics {
   S reward_accuracy = 0;  ///< fraction of pairs with chosen reward strictly greater
 };
 
+/// @brief Entries of MetricSums<PreferenceMetrics<S>> (bradley_terry, dpo, ipo, simpo): four
+/// sums, no maxima. Rewards are the loss's (beta u, or the raw rewards of bradley_terry).
+struct PreferenceMetricEntries {
+  static constexpr std::size_t reward_chosen = 0;    ///< sums: chosen rewards
+  static constexpr std::size_t reward_rejected = 1;  ///< sums: rejected rewards
+  static constexpr std::size_t accurate = 2;         ///< sums: pairs with chosen reward strictly greater
+  static constexpr std::size_t count = 3;            ///< sums: examples (pairs)
+  static constexpr std::size_t n_sums = 4;
+  static constexpr std::size_t n_maxima = 0;
+};
+
+namespace detail {
+/// The preference means of sums laid out as PreferenceMetricEntries (ORPO's sums start so
+/// too); all 0 without examples. reward_margin divides the difference of the two sums, as
+/// TRL's mean of the margins would up to rounding.
+template <class S>
+PreferenceMetrics<S> preference_finalize(const double* sums) noexcept {
+  using E = PreferenceMetricEntries;
+  PreferenceMetrics<S> m;
+  const double n = sums[E::count];
+  if (n == 0) return m;
+  const double rc = sums[E::reward_chosen], rr = sums[E::reward_rejected];
+  m.reward_chosen = static_cast<S>(rc / n);
+  m.reward_rejected = static_cast<S>(rr / n);
+  m.reward_margin = static_cast<S>((rc - rr) / n);
+  m.reward_accuracy = static_cast<S>(sums[E::accurate] / n);
+  return m;
+}
+
+template <class S>
+struct metric_layout<PreferenceMetrics<S>> {
+  using Entries = PreferenceMetricEntries;
+  static constexpr std::size_t n_sums = Entries::n_sums, n_maxima = Entries::n_maxima;
+  static PreferenceMetrics<S> finalize(const std::array<double, n_sums>& sums,
+                                       const std::array<double, n_maxima>&) noexcept {
+    return preference_finalize<S>(sums.data());
+  }
+};
+}  // namespace detail
+
 /// @brief Result of a pairwise loss: the batch loss, per-example losses, metrics, and the
 /// gradient with respect to both policy inputs.
 ///
@@ -42,7 +85,9 @@ class PairwiseResult {
   using Scalar = typename SeqC::Scalar;
   Scalar loss = 0;                  ///< batch loss (mean of losses unless the loss says otherwise)
   Eigen::Tensor<Scalar, 1> losses;  ///< per-example losses [batch]
-  Metrics metrics;
+  Metrics metrics;                  ///< this call's metrics: metric_sums.metrics()
+  /// the sums metrics is finalized from: merge them across shards for the whole batch's metrics
+  MetricSums<Metrics> metric_sums;
 
   PairwiseResult(const char* fn, SeqC c, SeqR r) : fn_(fn), c_(std::move(c)), r_(std::move(r)) {}
 
@@ -143,13 +188,13 @@ PairwiseResult<Metrics, SeqC, SeqR> pairwise_loss(const char* fn, const SeqC& c,
   return out;
 }
 
-/// TRL's reward metrics from per-example values u: the rewards are scale * u.
-template <class S>
-PreferenceMetrics<S> preference_metrics(const std::vector<double>& u_c, const std::vector<double>& u_r,
-                                        double scale = 1.0) {
-  PreferenceMetrics<S> m;
-  if (u_c.empty()) return m;  // an empty shard (batch_count given): no example to average
-  const double n = static_cast<double>(u_c.size());
+/// @brief Adds TRL's reward sums of per-example values u (the rewards are scale * u) into the
+/// first PreferenceMetricEntries::n_sums entries of `sums`, in example order.
+template <std::size_t N>
+void add_preference_sums(std::array<double, N>& sums, const std::vector<double>& u_c, const std::vector<double>& u_r,
+                         double scale = 1.0) noexcept {
+  static_assert(N >= PreferenceMetricEntries::n_sums, "prefloss: a preference layout starts with its four sums");
+  using E = PreferenceMetricEntries;
   double rc = 0, rr = 0, acc = 0;
   for (std::size_t i = 0; i < u_c.size(); ++i) {
     const double wc = scale * u_c[i], wr = scale * u_r[i];
@@ -157,11 +202,19 @@ PreferenceMetrics<S> preference_metrics(const std::vector<double>& u_c, const st
     rr += wr;
     acc += wc > wr ? 1.0 : 0.0;
   }
-  m.reward_chosen = static_cast<S>(rc / n);
-  m.reward_rejected = static_cast<S>(rr / n);
-  m.reward_margin = static_cast<S>((rc - rr) / n);
-  m.reward_accuracy = static_cast<S>(acc / n);
-  return m;
+  sums[E::reward_chosen] += rc;
+  sums[E::reward_rejected] += rr;
+  sums[E::accurate] += acc;
+  sums[E::count] += static_cast<double>(u_c.size());
+}
+
+/// A pairwise result's metric sums from its per-example values, and its metrics from them.
+template <class Metrics, class SeqC, class SeqR>
+void set_preference_metrics(PairwiseResult<Metrics, SeqC, SeqR>& r, const std::vector<double>& u_c,
+                            const std::vector<double>& u_r, double scale = 1.0) noexcept {
+  r.metric_sums = {};
+  add_preference_sums(r.metric_sums.sums, u_c, u_r, scale);
+  r.metrics = r.metric_sums.metrics();
 }
 
 /// -(1-e) logsig(z) - e logsig(-z) and its derivative in z: the label-smoothed logistic loss of

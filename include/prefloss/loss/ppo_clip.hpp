@@ -5,7 +5,9 @@
 /// or both in one streaming pass.
 #pragma once
 
+#include <array>
 #include <cmath>
+#include <cstddef>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -16,6 +18,7 @@
 #include "../detail/simd.hpp"
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
+#include "../metrics.hpp"
 #include "../parallel.hpp"
 #include "../reduce/aggregation.hpp"
 #include "../rl/kl.hpp"
@@ -63,7 +66,41 @@ struct PpoMetrics {
   double token_weight = 0;
 };
 
+/// @brief Entries of MetricSums<PpoMetrics<S>>: six sums and one maximum, each sum weighted by
+/// the mask as the means are. The means divide by `weight`, this call's (or the merged calls')
+/// own mask weight, not by PpoOptions::token_count.
+struct PpoMetricEntries {
+  static constexpr std::size_t weight = 0;       ///< sums: mask weight of the valid tokens (token_weight)
+  static constexpr std::size_t clipped = 1;      ///< sums: tokens whose clipped branch is strictly larger
+  static constexpr std::size_t clipped_low = 2;  ///< sums: A < 0 tokens capped by dual clip
+  static constexpr std::size_t approx_kl = 3;    ///< sums: old_logp - logp, after log_ratio_clamp
+  static constexpr std::size_t ratio = 4;        ///< sums: r
+  static constexpr std::size_t kl = 5;           ///< sums: the KL estimate (0 without ref_logp)
+  static constexpr std::size_t n_sums = 6;
+  static constexpr std::size_t ratio_max = 0;  ///< maxima: r over valid tokens (-inf: none)
+  static constexpr std::size_t n_maxima = 1;
+};
+
 namespace detail {
+template <class S>
+struct metric_layout<PpoMetrics<S>> {
+  using Entries = PpoMetricEntries;
+  static constexpr std::size_t n_sums = Entries::n_sums, n_maxima = Entries::n_maxima;
+  static PpoMetrics<S> finalize(const std::array<double, n_sums>& sums,
+                                const std::array<double, n_maxima>& maxima) noexcept {
+    using E = Entries;
+    const double w = sums[E::weight];
+    PpoMetrics<S> m;
+    m.clip_fraction = static_cast<S>(safe_mean(sums[E::clipped], w));
+    m.clip_fraction_low = static_cast<S>(safe_mean(sums[E::clipped_low], w));
+    m.approx_kl = static_cast<S>(safe_mean(sums[E::approx_kl], w));
+    m.ratio_mean = static_cast<S>(safe_mean(sums[E::ratio], w));
+    m.ratio_max = static_cast<S>(w != 0 ? maxima[E::ratio_max] : 0.0);
+    m.kl_mean = static_cast<S>(safe_mean(sums[E::kl], w));
+    m.token_weight = w;
+    return m;
+  }
+};
 
 /// The per-token PPO loss l and d l / d logp, with torch autograd's conventions for verl's
 /// formula: torch.clamp passes the gradient on [lo, hi] inclusive; torch.maximum/minimum split it
@@ -242,14 +279,17 @@ PpoResult<typename In::compute_type, M, In> ppo_clip_impl(const Matrix<LT>& lp, 
   using Sel = std::bool_constant<HasRef>;
   PpoResult<S, M, In> result(fn, in, p, "grad", Sel{}, opt.threads);
   const TokenStats st = result.template run<Sel>(spec, grad_out);
-  PpoMetrics<S>& mt = result.metrics;
-  mt.clip_fraction = static_cast<S>(safe_mean(st.sums[0], st.weight));
-  mt.clip_fraction_low = static_cast<S>(safe_mean(st.sums[1], st.weight));
-  mt.approx_kl = static_cast<S>(safe_mean(st.sums[2], st.weight));
-  mt.ratio_mean = static_cast<S>(safe_mean(st.sums[3], st.weight));
-  mt.ratio_max = static_cast<S>(st.weight != 0 ? st.max : 0.0);
-  mt.kl_mean = static_cast<S>(ref ? safe_mean(st.sums[4], st.weight) : 0.0);
-  mt.token_weight = st.weight;
+  using E = PpoMetricEntries;
+  auto& sums = result.metric_sums.sums;
+  sums[E::weight] = st.weight;
+  sums[E::clipped] = st.sums[0];
+  sums[E::clipped_low] = st.sums[1];
+  sums[E::approx_kl] = st.sums[2];
+  sums[E::ratio] = st.sums[3];
+  sums[E::kl] = ref ? st.sums[4] : 0.0;
+  // Without a valid token the max is the kernel's -inf already: the merge identity.
+  result.metric_sums.maxima[E::ratio_max] = st.max;
+  result.metrics = result.metric_sums.metrics();
   return result;
 }
 

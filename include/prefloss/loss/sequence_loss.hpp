@@ -17,6 +17,7 @@
 #include "../detail/simd.hpp"
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
+#include "../metrics.hpp"
 #include "../reduce/masked.hpp"
 #include "../reduce/sequence.hpp"
 
@@ -33,7 +34,9 @@ class SequenceResult {
   using Scalar = typename Input::Scalar;
   Scalar loss = 0;                  ///< batch loss
   Eigen::Tensor<Scalar, 1> losses;  ///< per-example losses [batch]
-  Metrics metrics;
+  Metrics metrics;                  ///< this call's metrics: metric_sums.metrics()
+  /// the sums metrics is finalized from: merge them across shards for the whole batch's metrics
+  MetricSums<Metrics> metric_sums;
 
   SequenceResult(const char* fn, const char* grad_name, Input in)
       : fn_(fn), grad_name_(grad_name), in_(std::move(in)) {}

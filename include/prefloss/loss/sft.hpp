@@ -3,13 +3,16 @@
 /// ORPO add it to a preference loss).
 #pragma once
 
+#include <array>
 #include <cmath>
+#include <cstddef>
 #include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "../config.hpp"
 #include "../detail/checks.hpp"
+#include "../metrics.hpp"
 #include "../reduce/sequence.hpp"
 #include "pairwise.hpp"
 #include "sequence_loss.hpp"
@@ -38,7 +41,26 @@ struct NllMetrics {
   S mean_logp = 0;  ///< batch mean of the sequence values s (TRL "logps/chosen" for the chosen side)
 };
 
+/// Entries of MetricSums<NllMetrics<S>>: two sums, no maxima.
+struct NllMetricEntries {
+  static constexpr std::size_t logp = 0;   ///< sums: the sequence values s
+  static constexpr std::size_t count = 1;  ///< sums: examples (not the normalizer: mean_logp is over examples)
+  static constexpr std::size_t n_sums = 2;
+  static constexpr std::size_t n_maxima = 0;
+};
+
 namespace detail {
+template <class S>
+struct metric_layout<NllMetrics<S>> {
+  using Entries = NllMetricEntries;
+  static constexpr std::size_t n_sums = Entries::n_sums, n_maxima = Entries::n_maxima;
+  static NllMetrics<S> finalize(const std::array<double, n_sums>& sums, const std::array<double, n_maxima>&) noexcept {
+    NllMetrics<S> m;
+    if (sums[Entries::count] != 0) m.mean_logp = static_cast<S>(sums[Entries::logp] / sums[Entries::count]);
+    return m;
+  }
+};
+
 /// nll's checks (options, then the input); nothing is read.
 template <class X>
 auto nll_input(const X& logp_sequence, const NllOptions& opt) {
@@ -70,7 +92,9 @@ PREFLOSS_DETAIL_ONE_BODY auto nll_run(const Seq& s, const NllOptions& opt, const
       grad);
   double sum = 0;
   for (double x : v) sum += x;
-  if (B > 0) result.metrics.mean_logp = static_cast<S>(sum / static_cast<double>(B));
+  result.metric_sums.sums[NllMetricEntries::logp] = sum;
+  result.metric_sums.sums[NllMetricEntries::count] = static_cast<double>(B);
+  result.metrics = result.metric_sums.metrics();
   return result;
 }
 }  // namespace detail

@@ -52,7 +52,7 @@ PREFLOSS_DETAIL_ONE_BODY auto simpo_run(In in, const SimpoOptions& opt, const ty
         return PairTerm{l.value, b * l.slope, -b * l.slope};
       },
       grads);
-  result.metrics = preference_metrics<S>(in.uc, in.ur, b);
+  set_preference_metrics(result, in.uc, in.ur, b);
   return result;
 }
 }  // namespace detail

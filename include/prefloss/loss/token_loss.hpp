@@ -14,6 +14,7 @@
 #include "../detail/lowp_tokens.hpp"
 #include "../detail/tensor.hpp"
 #include "../detail/token_kernels.hpp"
+#include "../metrics.hpp"
 #include "../parallel.hpp"
 #include "../reduce/aggregation.hpp"
 
@@ -44,7 +45,9 @@ class TokenLossResult {
   using Scalar = S;
   Scalar loss = 0;                  ///< the batch loss
   Eigen::Tensor<Scalar, 1> losses;  ///< per-sequence contributions [batch]; loss = sum(losses)
-  Metrics metrics;
+  Metrics metrics;                  ///< this call's metrics: metric_sums.metrics()
+  /// the sums metrics is finalized from: merge them across shards for the whole batch's metrics
+  MetricSums<Metrics> metric_sums;
 
   /// threads: where the forward and every backward() run their rows (see prefloss::Threads;
   /// the pool must outlive this result).

@@ -2,7 +2,9 @@
 /// PPO's clipped value-function (critic) loss at token level, aggregated like ppo_clip.
 #pragma once
 
+#include <array>
 #include <cmath>
+#include <cstddef>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -13,6 +15,7 @@
 #include "../detail/simd.hpp"
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
+#include "../metrics.hpp"
 #include "../parallel.hpp"
 #include "../reduce/aggregation.hpp"
 #include "token_loss.hpp"
@@ -41,7 +44,31 @@ struct ValueMetrics {
   double token_weight = 0;  ///< sum of the mask weights, in double (exact counts past 2^24)
 };
 
+/// @brief Entries of MetricSums<ValueMetrics<S>>: three sums weighted by the mask, no maxima;
+/// the means divide by `weight` (this call's mask weight, not ValueOptions::token_count).
+struct ValueMetricEntries {
+  static constexpr std::size_t weight = 0;   ///< sums: mask weight of the valid tokens (token_weight)
+  static constexpr std::size_t clipped = 1;  ///< sums: tokens whose clipped error is strictly larger
+  static constexpr std::size_t value = 2;    ///< sums: the predictions v
+  static constexpr std::size_t n_sums = 3;
+  static constexpr std::size_t n_maxima = 0;
+};
+
 namespace detail {
+template <class S>
+struct metric_layout<ValueMetrics<S>> {
+  using Entries = ValueMetricEntries;
+  static constexpr std::size_t n_sums = Entries::n_sums, n_maxima = Entries::n_maxima;
+  static ValueMetrics<S> finalize(const std::array<double, n_sums>& sums,
+                                  const std::array<double, n_maxima>&) noexcept {
+    using E = Entries;
+    ValueMetrics<S> m;
+    m.clip_fraction = static_cast<S>(safe_mean(sums[E::clipped], sums[E::weight]));
+    m.value_mean = static_cast<S>(safe_mean(sums[E::value], sums[E::weight]));
+    m.token_weight = sums[E::weight];
+    return m;
+  }
+};
 
 /// Per-token 0.5 * max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2) and d / d v, with
 /// verl's clip_by_value = max(min(v, hi), lo) and torch autograd's tie rule (equal split) for
@@ -155,9 +182,11 @@ ValueResult<typename In::compute_type, M, In> value_loss_impl(const Matrix<VT>& 
   in.off = v.off;
   ValueResult<S, M, In> result(fn, in, p, "grad", AllKernels{}, opt.threads);
   const TokenStats st = result.template run<AllKernels>(spec, grad_out);
-  result.metrics.clip_fraction = static_cast<S>(safe_mean(st.sums[0], st.weight));
-  result.metrics.value_mean = static_cast<S>(safe_mean(st.sums[1], st.weight));
-  result.metrics.token_weight = st.weight;
+  auto& sums = result.metric_sums.sums;
+  sums[ValueMetricEntries::weight] = st.weight;
+  sums[ValueMetricEntries::clipped] = st.sums[0];
+  sums[ValueMetricEntries::value] = st.sums[1];
+  result.metrics = result.metric_sums.metrics();
   return result;
 }
 
