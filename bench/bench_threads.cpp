@@ -4,9 +4,9 @@
 // core helps only as far as one core could not already saturate the memory bus; the logits
 // kernels do ~10 flops a logit and scale further.
 //   ppo_fused      ppo_clip(logp, old, adv, mask, opt, g), 256 x 65536 tokens (17 bytes a token)
-//   dpo_threads    the DPO family's threaded recipe: masked_sum(...).eval(threads) on both sides,
-//                  dpo on the [batch] values, masked_sum backward(grad_value, g, threads) on
-//                  both sides; 256 x 65536 tokens a side
+//   dpo_fused      dpo(masked_sum(c), masked_sum(r), ref_c, ref_r, opt, g_c, g_r), 256 x 65536
+//                  tokens a side (9 bytes a token and side); on a pool the values are read in
+//                  blocks, then the gradient rows written in blocks (the masks read twice)
 //   logprobs       token_logprobs forward + backward, [4, 512, 32000] float
 //
 //   build/bench/bench_threads
@@ -59,14 +59,11 @@ void BM_dpo(benchmark::State& st, int threads) {
   pb::fill_logp(ref_r.data(), kBatch, 34, -500.0, -100.0);
   const pb::SeqMap<const float> rc(ref_c.data(), kBatch), rr(ref_r.data(), kBatch);
   pb::TokenMap<float> gcm(gc.data(), kBatch, c.tokens), grm(gr.data(), kBatch, r.tokens);
-  const pl::Threads th = pool(threads);
+  pl::DpoOptions opt;
+  opt.threads = pool(threads);
   for (auto _ : st) {
-    const auto sc = pl::masked_sum(c.values(), c.masks());
-    const auto sr = pl::masked_sum(r.values(), r.masks());
-    const Eigen::Tensor<float, 1> vc = sc.eval(th), vr = sr.eval(th);
-    const auto res = pl::dpo(vc, vr, rc, rr);
-    sc.backward(res.grad_chosen_value(), gcm, th);
-    sr.backward(res.grad_rejected_value(), grm, th);
+    const auto res =
+        pl::dpo(pl::masked_sum(c.values(), c.masks()), pl::masked_sum(r.values(), r.masks()), rc, rr, opt, gcm, grm);
     benchmark::DoNotOptimize(res.loss);
     benchmark::ClobberMemory();
   }
@@ -111,7 +108,7 @@ PREFLOSS_BENCH_REGISTER(register_threads) {
         "ppo_fused/f32_u8/B256" + t, [n](benchmark::State& st) { BM_ppo(st, n); }, one, kBatch)
         ->UseRealTime();
     pb::add(
-        "dpo_threads/f32_u8/B256" + t, [n](benchmark::State& st) { BM_dpo(st, n); }, one, kBatch)
+        "dpo_fused/f32_u8/B256" + t, [n](benchmark::State& st) { BM_dpo(st, n); }, one, kBatch)
         ->UseRealTime();
     pb::add("logprobs_fwd_bwd/f32/N2048_V32000" + t, [n](benchmark::State& st) { BM_logprobs(st, n); },
             {kN * kV, kN * kV})

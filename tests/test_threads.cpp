@@ -37,6 +37,14 @@ template <class X>
 bool same_bits(const X& a, const X& b) {
   return a.size() == b.size() && same_bits(a.data(), b.data(), a.size());
 }
+template <class T>
+bool same_value(const T& a, const T& b) {
+  return std::memcmp(&a, &b, sizeof(T)) == 0;
+}
+template <class T>
+bool same_vec(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), sizeof(T) * a.size()) == 0);
+}
 template <class M>
 bool same_metrics(const M& a, const M& b) {
   return std::memcmp(&a, &b, sizeof(M)) == 0;
@@ -242,6 +250,126 @@ TEMPLATE_TEST_CASE("token_logprobs and ppo_clip_from_logits: the same bits for e
         CHECK(same_bits(q.logp, q0.logp));
         CHECK(same_metrics(q.metrics, q0.metrics));
         CHECK(same_bits(p, p0));
+      }
+    }
+  }
+  stream_bytes = std::size_t{32} << 20;
+}
+
+TEMPLATE_TEST_CASE("the DPO family, KTO, nll and bradley_terry: the same bits for every thread count", "[threads]",
+                   float, double) {
+  using S = TestType;
+  Pools pools;
+  const Batch<S> c(1000, 97), r(1001, 97);  // row_grain: 337 rows a block, three blocks
+  const Index B = 1000, T = 97;
+  Tok<S> rl(B, T);
+  Tok<std::uint8_t> rm(B, T);
+  std::memcpy(rl.data(), r.logp.data(), sizeof(S) * static_cast<std::size_t>(B * T));
+  std::memcpy(rm.data(), r.mask.data(), static_cast<std::size_t>(B * T));
+  Eigen::Tensor<S, 1> rc(B), rr(B);
+  Eigen::Tensor<bool, 1> des(B);
+  for (Index i = 0; i < B; ++i) {
+    rc(i) = static_cast<S>(-30 + 0.01 * static_cast<double>(i % 17));
+    rr(i) = static_cast<S>(-31 + 0.02 * static_cast<double>(i % 13));
+    des(i) = i % 3 != 0;
+  }
+  // Every loss as a closure over its options: loss, losses, metric sums and both gradients,
+  // fused and two-pass.
+  struct Out {
+    double loss = 0;
+    std::vector<S> losses, g1, g2, b1, b2;
+    std::vector<double> sums;
+  };
+  const auto pack = [&](const auto& res, Tok<S>& g1, Tok<S>& g2, Tok<S>& b1, Tok<S>& b2) {
+    Out o;
+    o.loss = static_cast<double>(res.loss);
+    o.losses.assign(res.losses.data(), res.losses.data() + res.losses.size());
+    o.sums.assign(res.metric_sums.sums.begin(), res.metric_sums.sums.end());
+    o.g1.assign(g1.data(), g1.data() + g1.size());
+    o.g2.assign(g2.data(), g2.data() + g2.size());
+    o.b1.assign(b1.data(), b1.data() + b1.size());
+    o.b2.assign(b2.data(), b2.data() + b2.size());
+    return o;
+  };
+  const auto run = [&](int which, const pl::Threads& th) {
+    Tok<S> g1(B, T), g2(B, T), b1(B, T), b2(B, T);
+    g2.setZero();
+    b2.setZero();
+    const auto sc = pl::masked_sum(c.logp, c.mask);
+    const auto sr = pl::masked_sum(rl, rm);
+    const auto mc = pl::masked_mean(c.logp, c.weights);
+    const auto mr = pl::masked_mean(rl, rm);
+    switch (which) {
+      case 0: {
+        pl::DpoOptions o;
+        o.label_smoothing = 0.1;
+        o.threads = th;
+        const auto f = pl::dpo(sc, sr, rc, rr, o, g1, g2);
+        pl::dpo(sc, sr, rc, rr, o).backward(b1, b2);
+        return pack(f, g1, g2, b1, b2);
+      }
+      case 1: {
+        pl::IpoOptions o;
+        o.threads = th;
+        const auto f = pl::ipo(mc, mr, rc, rr, o, g1, g2);
+        pl::ipo(mc, mr, rc, rr, o).backward(b1, b2);
+        return pack(f, g1, g2, b1, b2);
+      }
+      case 2: {
+        pl::SimpoOptions o;
+        o.threads = th;
+        const auto f = pl::simpo(mc, mr, o, g1, g2);
+        pl::simpo(mc, mr, o).backward(b1, b2);
+        return pack(f, g1, g2, b1, b2);
+      }
+      case 3: {
+        pl::OrpoOptions o;
+        o.threads = th;
+        const auto f = pl::orpo(mc, mr, o, g1, g2);
+        pl::orpo(mc, mr, o).backward(b1, b2);
+        return pack(f, g1, g2, b1, b2);
+      }
+      case 4: {
+        pl::KtoOptions o;
+        o.threads = th;
+        const auto f = pl::kto(sc, rc, des, sr, rr, o, g1);
+        pl::kto(sc, rc, des, sr, rr, o).backward(b1);
+        CHECK(pl::kto_reference_sums(sr, rr, th).sum == pl::kto_reference_sums(sr, rr).sum);
+        return pack(f, g1, g2, b1, b2);
+      }
+      case 5: {
+        pl::NllOptions o;
+        o.threads = th;
+        const auto f = pl::nll(mc, o, g1);
+        pl::nll(mc, o).backward(b1);
+        return pack(f, g1, g2, b1, b2);
+      }
+      default: {
+        pl::BradleyTerryOptions o;
+        o.center_coef = 0.01;
+        o.threads = th;
+        const auto f = pl::bradley_terry(mc, mr, o);
+        f.backward(g1, g2);
+        f.backward(b1, b2);
+        return pack(f, g1, g2, b1, b2);
+      }
+    }
+  };
+  for (const std::size_t sb : {std::size_t{32} << 20, std::size_t{0}}) {
+    stream_bytes = sb;
+    for (int which = 0; which < 7; ++which) {
+      const Out want = run(which, pl::Threads{});
+      CHECK(same_vec(want.g1, want.b1));
+      for (const pl::Threads& th : pools.all()) {
+        CAPTURE(sb, which, th.count());
+        const Out got = run(which, th);
+        CHECK(same_value(got.loss, want.loss));
+        CHECK(same_vec(got.losses, want.losses));
+        CHECK(same_vec(got.sums, want.sums));
+        CHECK(same_vec(got.g1, want.g1));
+        CHECK(same_vec(got.g2, want.g2));
+        CHECK(same_vec(got.b1, want.b1));
+        CHECK(same_vec(got.b2, want.b2));
       }
     }
   }

@@ -28,6 +28,10 @@ struct BradleyTerryOptions {
   /// Examples in the global batch: loss = sum(losses) / batch_count, gradients to match (see
   /// DpoOptions::batch_count). Unset: this call's batch.
   std::optional<double> batch_count = std::nullopt;
+  /// Threads bradley_terry may split reward rows over when the rewards are sequence expressions
+  /// (see DpoOptions::threads). bradley_terry_ranking's [batch, K] scores have no token work and
+  /// run on the calling thread.
+  Threads threads = {};
 };
 
 namespace detail {
@@ -48,17 +52,20 @@ auto bradley_terry_impl(const C& r_chosen, const R& r_rejected, const M* margin,
     require_batch(fn, "margin", *m, "r_chosen", B, c.shape());
   }
   const double count = batch_divisor(fn, "r_chosen", B, opt.batch_count);
-  const std::vector<double> vc = values_of(c), vr = values_of(r);
+  const std::vector<double> vc = values_of(c, opt.threads), vr = values_of(r, opt.threads);
   const double k = opt.center_coef;
-  auto result = pairwise_loss<PreferenceMetrics<S>>(fn, std::move(c), std::move(r), count, [&](Index i) {
-    const std::size_t u = static_cast<std::size_t>(i);
-    const double z = vc[u] - vr[u] - (m ? m->value(i) : 0.0);
-    const auto ls = log_sigmoid_and_grad(z);
-    // k * center first: with k near DBL_MAX, 2 * k alone overflows and meets center = 0 as inf * 0.
-    const double center = vc[u] + vr[u];
-    const double kc = k * center;
-    return PairTerm{-ls.value + kc * center, -ls.grad + 2 * kc, ls.grad + 2 * kc};
-  });
+  auto result = pairwise_loss<PreferenceMetrics<S>>(
+      fn, std::move(c), std::move(r), count,
+      [&](Index i) {
+        const std::size_t u = static_cast<std::size_t>(i);
+        const double z = vc[u] - vr[u] - (m ? m->value(i) : 0.0);
+        const auto ls = log_sigmoid_and_grad(z);
+        // k * center first: with k near DBL_MAX, 2 * k alone overflows and meets center = 0 as inf * 0.
+        const double center = vc[u] + vr[u];
+        const double kc = k * center;
+        return PairTerm{-ls.value + kc * center, -ls.grad + 2 * kc, ls.grad + 2 * kc};
+      },
+      static_cast<const PairGradViews<sequence_t<C>, sequence_t<R>>*>(nullptr), opt.threads);
   set_preference_metrics(result, vc, vr);
   return result;
 }

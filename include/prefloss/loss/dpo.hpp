@@ -10,6 +10,7 @@
 
 #include "../detail/checks.hpp"
 #include "../math/log_sigmoid.hpp"
+#include "../parallel.hpp"
 #include "../reduce/sequence.hpp"
 #include "pairwise.hpp"
 
@@ -34,7 +35,11 @@ struct DpoOptions {
   /// Examples in the global batch (every rank and micro-batch): the loss is sum(losses) /
   /// batch_count and the gradients scale with it, so shards add up to the whole batch. Unset:
   /// this call's batch. Finite, >= 1 and >= this call's batch; an empty shard is then allowed.
-  std::optional<double> batch_count = std::nullopt;
+  std::optional<double> batch_count =
+      std::nullopt;  /// Threads the call (and its result's backward()) may split the sequence rows over: the values
+  /// are read in blocks of rows and the per-example terms run in order on the calling thread,
+  /// the same bits for any count (see prefloss::Threads). Default: this thread.
+  Threads threads = {};
 };
 
 namespace detail {
@@ -57,6 +62,7 @@ template <class In>
 PREFLOSS_DETAIL_ONE_BODY auto dpo_run(In in, const DpoOptions& opt, const typename In::Grads* grads) {
   using S = typename decltype(in.chosen)::Scalar;
   const double b = opt.beta, e = opt.label_smoothing;
+  in.preload(opt.threads);
   auto result = pairwise_loss<PreferenceMetrics<S>>(
       "dpo", in.chosen, in.rejected, in.count,
       [&](Index i) {
@@ -76,7 +82,7 @@ PREFLOSS_DETAIL_ONE_BODY auto dpo_run(In in, const DpoOptions& opt, const typena
         }
         return PairTerm{l.value, b * l.slope, -b * l.slope};
       },
-      grads);
+      grads, opt.threads);
   set_preference_metrics(result, in.uc, in.ur, b);
   return result;
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
+#include "../parallel.hpp"
 #include "../reduce/sequence.hpp"
 #include "pairwise.hpp"
 
@@ -20,7 +21,11 @@ struct IpoOptions {
   bool reference_free = false;  ///< true: rho = 0, the reference inputs are ignored
   /// Examples in the global batch: loss = sum(losses) / batch_count, gradients to match (see
   /// DpoOptions::batch_count). Unset: this call's batch.
-  std::optional<double> batch_count = std::nullopt;
+  std::optional<double> batch_count =
+      std::nullopt;  /// Threads the call (and its result's backward()) may split the sequence rows over: the values
+  /// are read in blocks of rows and the per-example terms run in order on the calling thread,
+  /// the same bits for any count (see prefloss::Threads). Default: this thread.
+  Threads threads = {};
 };
 
 namespace detail {
@@ -29,6 +34,7 @@ template <class In>
 PREFLOSS_DETAIL_ONE_BODY auto ipo_run(In in, const IpoOptions& opt, const typename In::Grads* grads) {
   using S = typename decltype(in.chosen)::Scalar;
   const double target = 1.0 / (2.0 * opt.beta);
+  in.preload(opt.threads);
   auto result = pairwise_loss<PreferenceMetrics<S>>(
       "ipo", in.chosen, in.rejected, in.count,
       [&](Index i) {
@@ -36,7 +42,7 @@ PREFLOSS_DETAIL_ONE_BODY auto ipo_run(In in, const IpoOptions& opt, const typena
         const double h = in.uc[static_cast<std::size_t>(i)] - in.ur[static_cast<std::size_t>(i)] - target;
         return PairTerm{h * h, 2 * h, -2 * h};
       },
-      grads);
+      grads, opt.threads);
   set_preference_metrics(result, in.uc, in.ur, opt.beta);
   return result;
 }

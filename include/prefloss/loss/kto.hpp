@@ -38,6 +38,9 @@ struct KtoOptions {
   /// DpoOptions::batch_count; shards are then exact when they share reference_point). Unset:
   /// this call's batch.
   std::optional<double> batch_count = std::nullopt;
+  /// Threads the call (and its backward()) may split the policy, reference and KL rows over
+  /// (see DpoOptions::threads). Default: this thread.
+  Threads threads = {};
 };
 
 /// @brief Metrics of kto(): TRL's KTOTrainer set ("kl", "count/chosen", "rewards/chosen_sum",
@@ -88,27 +91,33 @@ struct KtoReferenceSums {
 };
 
 namespace detail {
-/// The KL batch's log-ratio sum, in double, in order (kto and kto_reference_sums share it).
+/// The KL batch's log-ratio sum, in double, in order (kto and kto_reference_sums share it). On a
+/// pool the values are read in blocks of rows first and summed in order here: the same bits.
 template <class KP, class KR>
-double kl_ratio_sum(const KP& kp, const KR& kr) noexcept {
+double kl_ratio_sum(const KP& kp, const KR& kr, const Threads& threads = {}) {
   double sum = 0;
-  for (Index j = 0; j < kp.size(); ++j) sum += kp.value(j) - kr.value(j);
+  if (threads.count() == 1) {
+    for (Index j = 0; j < kp.size(); ++j) sum += kp.value(j) - kr.value(j);
+    return sum;
+  }
+  std::vector<double> p = values_of(kp, threads), r = values_of(kr, threads);
+  for (std::size_t j = 0; j < p.size(); ++j) sum += p[j] - r[j];
   return sum;
 }
 }  // namespace detail
 
 /// @brief This shard's KtoReferenceSums from its KL completions' sequence values (policy and
 /// reference: masked_sum/masked_mean expressions or [batch] tensors, as kto() takes them; an
-/// empty batch gives count 0).
+/// empty batch gives count 0); threads: rows split over a pool, the same bits.
 /// @throws shape_error when the two batches differ.
 template <class KP, class KR>
-KtoReferenceSums kto_reference_sums(const KP& kl_policy, const KR& kl_ref) {
+KtoReferenceSums kto_reference_sums(const KP& kl_policy, const KR& kl_ref, const Threads& threads = {}) {
   constexpr const char* fn = "kto_reference_sums";
   detail::require_same_scalar<KP, KR>();
   const auto kp = as_sequence(kl_policy, fn, "kl_policy");
   const auto kr = as_sequence(kl_ref, fn, "kl_ref");
   detail::require_batch(fn, "kl_ref", kr, "kl_policy", kp.size(), kp.shape());
-  return {detail::kl_ratio_sum(kp, kr), static_cast<std::int64_t>(kp.size())};
+  return {detail::kl_ratio_sum(kp, kr, threads), static_cast<std::int64_t>(kp.size())};
 }
 
 /// @brief Entries of MetricSums<KtoMetrics<S>>: eight sums and one maximum. The class counts are
@@ -241,20 +250,25 @@ PREFLOSS_DETAIL_ONE_BODY auto kto_run(const In& in, const KtoOptions& opt,
   const auto& lab = in.desirable;
   const Index B = s.size(), K = kp.size();
   // The reference point: the KL batch's mean log-ratio (double accumulation), clamped at 0.
-  const KtoReferenceSums kl{kl_ratio_sum(kp, kr), static_cast<std::int64_t>(K)};
+  const KtoReferenceSums kl{kl_ratio_sum(kp, kr, opt.threads), static_cast<std::int64_t>(K)};
   const double z0 = opt.reference_point ? *opt.reference_point : kl.reference_point();
 
-  // Example i's values are read by its term, just before its gradient row is written.
+  // Example i's values are read by its term, just before its gradient row is written (on a
+  // pool: all of them first, in blocks of rows).
   std::vector<double> u(static_cast<std::size_t>(B)), sv(static_cast<std::size_t>(B));
+  const auto load = [&](Index i) {
+    const std::size_t k = static_cast<std::size_t>(i);
+    sv[k] = s.value(i);
+    u[k] = sv[k];
+    u[k] -= rho.value(i);
+  };
+  const bool preloaded = preload_values(opt.threads, s, load);
   const double b = opt.beta, wd = opt.desirable_weight, wu = opt.undesirable_weight;
   auto result = detail::single_loss<KtoMetrics<S>>(
       fn, "grad_policy", s, opt.batch_count ? *opt.batch_count : static_cast<double>(B),
       [&](Index i) {
-        const std::size_t k = static_cast<std::size_t>(i);
-        sv[k] = s.value(i);
-        u[k] = sv[k];
-        u[k] -= rho.value(i);
-        const double ui = u[k];
+        if (!preloaded) load(i);
+        const double ui = u[static_cast<std::size_t>(i)];
         if (lab.data[i] != DS(0)) {
           // wd (1 - sig(x)) = wd sig(-x), x = b (u - z0); d/du = -wd b sig(x) sig(-x).
           const auto t = sigmoid_and_grad(-b * (ui - z0));
@@ -264,7 +278,7 @@ PREFLOSS_DETAIL_ONE_BODY auto kto_run(const In& in, const KtoOptions& opt,
         const auto t = sigmoid_and_grad(-b * (z0 - ui));
         return detail::SingleTerm{wu * t.value, wu * b * t.grad};
       },
-      grad);
+      grad, opt.threads);
 
   double rd = 0, ru = 0, ld = 0, lu = 0;
   Index nd = 0, nu = 0;

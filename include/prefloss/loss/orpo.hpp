@@ -14,6 +14,7 @@
 #include "../math/log1mexp.hpp"
 #include "../math/log_sigmoid.hpp"
 #include "../metrics.hpp"
+#include "../parallel.hpp"
 #include "../reduce/sequence.hpp"
 #include "pairwise.hpp"
 
@@ -25,7 +26,11 @@ struct OrpoOptions {
   double nll_weight = 1.0;  ///< >= 0 and finite: weight w of the chosen NLL term (0: odds term only)
   /// Examples in the global batch: loss = sum(losses) / batch_count, gradients to match (see
   /// DpoOptions::batch_count). Unset: this call's batch.
-  std::optional<double> batch_count = std::nullopt;
+  std::optional<double> batch_count =
+      std::nullopt;  /// Threads the call (and its result's backward()) may split the sequence rows over: the values
+  /// are read in blocks of rows and the per-example terms run in order on the calling thread,
+  /// the same bits for any count (see prefloss::Threads). Default: this thread.
+  Threads threads = {};
 };
 
 /// Metrics of orpo(): TRL's ORPOTrainer set. Rewards are beta * s (no reference).
@@ -83,6 +88,7 @@ PREFLOSS_DETAIL_ONE_BODY auto orpo_run(In in, const OrpoOptions& opt, const type
   using S = typename decltype(in.chosen)::Scalar;
   const double b = opt.beta, w = opt.nll_weight;
   double sum_ratio = 0, sum_log_odds = 0, nll = 0;
+  in.preload(opt.threads);
   auto result = pairwise_loss<OrpoMetrics<S>>(
       fn, in.chosen, in.rejected, in.count,
       [&](Index i) {
@@ -103,7 +109,7 @@ PREFLOSS_DETAIL_ONE_BODY auto orpo_run(In in, const OrpoOptions& opt, const type
         const double dr = b / (-std::expm1(xr) + std::exp(xc - xr + 2 * l1r - l1c));
         return PairTerm{-w * xc - b * ratio, dc, dr};
       },
-      grads);
+      grads, opt.threads);
   auto& sums = result.metric_sums.sums;
   add_preference_sums(sums, in.uc, in.ur, b);
   sums[OrpoMetricEntries::log_odds_ratio] = sum_ratio;

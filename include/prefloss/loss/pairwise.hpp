@@ -20,6 +20,7 @@
 #include "../errors.hpp"
 #include "../math/log_sigmoid.hpp"
 #include "../metrics.hpp"
+#include "../parallel.hpp"
 #include "../reduce/sequence.hpp"
 #include "sequence_loss.hpp"
 
@@ -89,7 +90,10 @@ class PairwiseResult {
   /// the sums metrics is finalized from: merge them across shards for the whole batch's metrics
   MetricSums<Metrics> metric_sums;
 
-  PairwiseResult(const char* fn, SeqC c, SeqR r) : fn_(fn), c_(std::move(c)), r_(std::move(r)) {}
+  /// threads: where backward() writes its rows (see prefloss::Threads; the pool must outlive
+  /// this result).
+  PairwiseResult(const char* fn, SeqC c, SeqR r, Threads threads = {})
+      : fn_(fn), c_(std::move(c)), r_(std::move(r)), threads_(threads) {}
 
   /// @brief Writes d loss / d chosen and d loss / d rejected. Each output is shaped like its
   /// input's leaves: [batch, tokens] for a masked_sum/masked_mean expression (0 at masked-out
@@ -102,8 +106,8 @@ class PairwiseResult {
     const auto gc = c_.grad_view(std::forward<GC>(grad_chosen), fn_, "grad_chosen");
     const auto gr = r_.grad_view(std::forward<GR>(grad_rejected), fn_, "grad_rejected");
     detail::require_disjoint(fn_, "grad_chosen", grad_chosen, "grad_rejected", grad_rejected);
-    c_.backward_to(dc_.data(), gc);
-    r_.backward_to(dr_.data(), gr);
+    c_.backward_to(dc_.data(), gc, threads_);
+    r_.backward_to(dr_.data(), gr, threads_);
   }
 
   /// d loss / d chosen sequence value, per example (the upstream of the token gradient).
@@ -118,6 +122,7 @@ class PairwiseResult {
   const char* fn_;
   SeqC c_;
   SeqR r_;
+  Threads threads_;
 };
 
 namespace detail {
@@ -138,9 +143,11 @@ void require_batch(const char* fn, const char* name, const Seq& s, const char* f
 }
 
 template <class Seq>
-std::vector<double> values_of(const Seq& s) {
+std::vector<double> values_of(const Seq& s, const Threads& threads = {}) {
   std::vector<double> v(static_cast<std::size_t>(s.size()));
-  for (Index i = 0; i < s.size(); ++i) v[static_cast<std::size_t>(i)] = s.value(i);
+  threads.for_rows(s.size(), seq_grain(s), [&](Index b, Index e) {
+    for (Index i = b; i < e; ++i) v[static_cast<std::size_t>(i)] = s.value(i);
+  });
   return v;
 }
 
@@ -161,29 +168,37 @@ struct PairGradViews {
 /// form (backward() writes later).
 template <class Metrics, class SeqC, class SeqR, class Term>
 PairwiseResult<Metrics, SeqC, SeqR> pairwise_loss(const char* fn, const SeqC& c, const SeqR& r, double count,
-                                                  Term&& term, const PairGradViews<SeqC, SeqR>* grads = nullptr) {
+                                                  Term&& term, const PairGradViews<SeqC, SeqR>* grads = nullptr,
+                                                  const Threads& threads = {}) {
   using S = typename SeqC::Scalar;
   const Index B = c.size();
-  PairwiseResult<Metrics, SeqC, SeqR> out(fn, c, r);
+  PairwiseResult<Metrics, SeqC, SeqR> out(fn, c, r, threads);
   out.losses = Eigen::Tensor<S, 1>(B);
   out.dc_ = Eigen::Tensor<S, 1>(B);
   out.dr_ = Eigen::Tensor<S, 1>(B);
   double total = 0;
   const double inv_b = 1.0 / count;
-  const bool stream_c = grads && grad_streams(c), stream_r = grads && grad_streams(r);
+  // On a pool the rows are written after every term (the values were read before, in
+  // parallel: see PairInputs::preload): the same rows, by the same kernel, with the same scales.
+  const bool pooled = threads.count() > 1;
+  const bool stream_c = grads && !pooled && grad_streams(c), stream_r = grads && !pooled && grad_streams(r);
   for (Index i = 0; i < B; ++i) {
     const PairTerm t = term(i);
     out.losses(i) = static_cast<S>(t.loss);
     out.dc_(i) = static_cast<S>(t.d_chosen * inv_b);
     out.dr_(i) = static_cast<S>(t.d_rejected * inv_b);
     total += t.loss;
-    if (grads) {
+    if (grads && !pooled) {
       // Rejected first: its mask is the one read last.
       write_grad_row(r, stream_r, i, out.dr_(i), grads->rejected);
       write_grad_row(c, stream_c, i, out.dc_(i), grads->chosen);
     }
   }
   if (stream_c || stream_r) stream_fence();
+  if (grads && pooled) {
+    c.backward_to(out.dc_.data(), grads->chosen, threads);
+    r.backward_to(out.dr_.data(), grads->rejected, threads);
+  }
   out.loss = static_cast<S>(total * inv_b);
   return out;
 }
@@ -254,9 +269,20 @@ struct PairInputs {
   bool subtract_ref;
   std::vector<double> uc, ur;  ///< filled by load(i)
   double count;                ///< the batch loss's divisor (batch_divisor)
+  bool preloaded = false;      ///< uc, ur hold every example's values (preload on a pool)
 
-  /// Reads example i's values into uc[i], ur[i].
+  /// Reads example i's values into uc[i], ur[i] (nothing to do after preload).
   void load(Index i) noexcept {
+    if (!preloaded) fetch(i);
+  }
+
+  /// On a pool, reads every example's values in blocks of rows, so the terms after it (in order,
+  /// on the calling thread) read none; without one, does nothing.
+  void preload(const Threads& threads) {
+    preloaded = preload_values(threads, chosen, [&](Index i) { fetch(i); });
+  }
+
+  void fetch(Index i) noexcept {
     const auto k = static_cast<std::size_t>(i);
     uc[k] = chosen.value(i);
     ur[k] = rejected.value(i);

@@ -18,6 +18,7 @@
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
 #include "../metrics.hpp"
+#include "../parallel.hpp"
 #include "../reduce/masked.hpp"
 #include "../reduce/sequence.hpp"
 
@@ -38,8 +39,10 @@ class SequenceResult {
   /// the sums metrics is finalized from: merge them across shards for the whole batch's metrics
   MetricSums<Metrics> metric_sums;
 
-  SequenceResult(const char* fn, const char* grad_name, Input in)
-      : fn_(fn), grad_name_(grad_name), in_(std::move(in)) {}
+  /// threads: where backward() writes its rows (see prefloss::Threads; the pool must outlive
+  /// this result).
+  SequenceResult(const char* fn, const char* grad_name, Input in, Threads threads = {})
+      : fn_(fn), grad_name_(grad_name), in_(std::move(in)), threads_(threads) {}
 
   /// @brief Writes d loss / d input, shaped like the input's leaves: [batch, tokens] for a
   /// masked_sum/masked_mean expression (0 at masked-out tokens), [batch] for a plain sequence
@@ -48,7 +51,7 @@ class SequenceResult {
   template <class G>
   void backward(G&& grad) const {
     const auto g = in_.grad_view(std::forward<G>(grad), fn_, grad_name_);
-    in_.backward_to(d_.data(), g);
+    in_.backward_to(d_.data(), g, threads_);
   }
 
   /// d loss / d input value (per example for a sequence; row-major [batch * K] for scores).
@@ -61,6 +64,7 @@ class SequenceResult {
   const char* fn_;
   const char* grad_name_;
   Input in_;
+  Threads threads_;
 };
 
 namespace detail {
@@ -90,7 +94,7 @@ class PlainMatrix {
     static_assert(std::is_same_v<tensor_scalar_t<G>, S>, "prefloss: gradient tensor must have the scores' scalar type");
     return matrix_out(std::forward<G>(grad), m_.rows, m_.cols, fn, name);
   }
-  void backward_to(const S* upstream, MatrixOut<S> grad) const noexcept {
+  void backward_to(const S* upstream, MatrixOut<S> grad, const Threads& = {}) const noexcept {
     std::copy(upstream, upstream + m_.rows * m_.cols, grad.data);
   }
 
@@ -182,6 +186,30 @@ void write_grad_row(const PlainSequence<S>&, bool, Index i, S upstream, S* grad)
   grad[i] = upstream;
 }
 
+/// Rows a block of a sequence input's work takes on a pool (see row_grain); plain [batch]
+/// values are one block.
+template <class S, class M, Reduction R>
+Index seq_grain(const MaskedReduction<S, M, R>& s) noexcept {
+  return row_grain(s.size(), s.tokens_view().count());
+}
+template <class S>
+Index seq_grain(const PlainSequence<S>& s) noexcept {
+  return s.size() > 0 ? s.size() : 1;
+}
+
+/// @brief On a pool, fills the per-example values a loss's terms read (load(i) for every i, in
+/// blocks of rows) and returns true; the terms then run in order on the calling thread and read
+/// them instead of the tokens. Without a pool it does nothing and returns false: the terms read
+/// each example's tokens themselves, right before its gradient row is written.
+template <class Seq, class Load>
+bool preload_values(const Threads& threads, const Seq& s, Load&& load) {
+  if (threads.count() == 1) return false;
+  threads.for_rows(s.size(), seq_grain(s), [&](Index b, Index e) {
+    for (Index i = b; i < e; ++i) load(i);
+  });
+  return true;
+}
+
 /// Checks a fused call's gradient output for a one-input loss (shape, alignment, not over any
 /// input: `inputs` calls its argument with (name, input) for each) and returns its write view.
 template <class Seq, class G, class Inputs>
@@ -199,23 +227,27 @@ grad_out_t<Seq> single_grad_view(const char* fn, const char* name, const Seq& s,
 /// kernel and with the scale backward() uses.
 template <class Metrics, class Seq, class Term>
 SequenceResult<Metrics, Seq> single_loss(const char* fn, const char* grad_name, const Seq& s, double normalizer,
-                                         Term&& term, const grad_out_t<Seq>* grad) {
+                                         Term&& term, const grad_out_t<Seq>* grad, const Threads& threads = {}) {
   using S = typename Seq::Scalar;
   const Index B = s.size();
-  SequenceResult<Metrics, Seq> out(fn, grad_name, s);
+  SequenceResult<Metrics, Seq> out(fn, grad_name, s, threads);
   out.losses = Eigen::Tensor<S, 1>(B);
   out.d_ = Eigen::Tensor<S, 1>(B);
   const double inv = 1.0 / normalizer;
   double total = 0;
-  const bool stream = grad && grad_streams(s);
+  // On a pool the rows are written after every term (the values were read before, in
+  // parallel: see preload_values): the same rows, by the same kernel, with the same scales.
+  const bool pooled = threads.count() > 1;
+  const bool stream = grad && !pooled && grad_streams(s);
   for (Index i = 0; i < B; ++i) {
     const SingleTerm t = term(i);
     out.losses(i) = static_cast<S>(t.loss);
     out.d_(i) = static_cast<S>(t.d * inv);
     total += t.loss;
-    if (grad) write_grad_row(s, stream, i, out.d_(i), *grad);
+    if (grad && !pooled) write_grad_row(s, stream, i, out.d_(i), *grad);
   }
   if (stream) stream_fence();
+  if (grad && pooled) s.backward_to(out.d_.data(), *grad, threads);
   out.loss = static_cast<S>(total * inv);
   return out;
 }

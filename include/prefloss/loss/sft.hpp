@@ -33,6 +33,9 @@ struct NllOptions {
   /// Examples in the global batch: the mean over them (see DpoOptions::batch_count); not with
   /// normalizer. With either set, an empty shard is allowed and contributes 0.
   std::optional<double> batch_count = std::nullopt;
+  /// Threads the call (and its backward()) may split the sequence rows over (see
+  /// DpoOptions::threads). Default: this thread.
+  Threads threads = {};
 };
 
 /// Metrics of nll().
@@ -83,13 +86,15 @@ PREFLOSS_DETAIL_ONE_BODY auto nll_run(const Seq& s, const NllOptions& opt, const
   const Index B = s.size();
   std::vector<double> v(static_cast<std::size_t>(B));
   const double norm = opt.normalizer ? *opt.normalizer : opt.batch_count ? *opt.batch_count : static_cast<double>(B);
+  const auto load = [&](Index i) { v[static_cast<std::size_t>(i)] = s.value(i); };
+  const bool preloaded = preload_values(opt.threads, s, load);
   auto result = single_loss<NllMetrics<S>>(
       "nll", "grad", s, norm,
       [&](Index i) {
-        v[static_cast<std::size_t>(i)] = s.value(i);
+        if (!preloaded) load(i);
         return SingleTerm{-v[static_cast<std::size_t>(i)], -1.0};
       },
-      grad);
+      grad, opt.threads);
   double sum = 0;
   for (double x : v) sum += x;
   result.metric_sums.sums[NllMetricEntries::logp] = sum;

@@ -10,6 +10,7 @@
 
 #include "../detail/checks.hpp"
 #include "../math/log_sigmoid.hpp"
+#include "../parallel.hpp"
 #include "../reduce/sequence.hpp"
 #include "pairwise.hpp"
 
@@ -23,7 +24,11 @@ struct SimpoOptions {
   double label_smoothing = 0.0;  ///< in [0, 0.5): e, as TRL's CPO applies it to loss_type="simpo"
   /// Examples in the global batch: loss = sum(losses) / batch_count, gradients to match (see
   /// DpoOptions::batch_count). Unset: this call's batch.
-  std::optional<double> batch_count = std::nullopt;
+  std::optional<double> batch_count =
+      std::nullopt;  /// Threads the call (and its result's backward()) may split the sequence rows over: the values
+  /// are read in blocks of rows and the per-example terms run in order on the calling thread,
+  /// the same bits for any count (see prefloss::Threads). Default: this thread.
+  Threads threads = {};
 };
 
 namespace detail {
@@ -43,6 +48,7 @@ template <class In>
 PREFLOSS_DETAIL_ONE_BODY auto simpo_run(In in, const SimpoOptions& opt, const typename In::Grads* grads) {
   using S = typename decltype(in.chosen)::Scalar;
   const double b = opt.beta, g = opt.gamma, e = opt.label_smoothing;
+  in.preload(opt.threads);
   auto result = pairwise_loss<PreferenceMetrics<S>>(
       "simpo", in.chosen, in.rejected, in.count,
       [&](Index i) {
@@ -51,7 +57,7 @@ PREFLOSS_DETAIL_ONE_BODY auto simpo_run(In in, const SimpoOptions& opt, const ty
         const auto l = smoothed_logistic(b * (in.uc[k] - in.ur[k]) - g, e);
         return PairTerm{l.value, b * l.slope, -b * l.slope};
       },
-      grads);
+      grads, opt.threads);
   set_preference_metrics(result, in.uc, in.ur, b);
   return result;
 }

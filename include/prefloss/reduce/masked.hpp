@@ -80,9 +80,7 @@ class MaskedReduction {
 
   /// @brief The [batch] values as a new tensor (float for 16-bit tokens).
   /// @param threads rows split over a pool (see prefloss::Threads); the same bits for any count.
-  /// For the DPO family on several threads: evaluate each side's values with eval(threads), pass
-  /// them to the loss as [batch] tensors, and write the token gradients with
-  /// backward(result.grad_chosen_value(), grad, threads).
+  /// (A loss given this expression splits it by its own options' threads.)
   Eigen::Tensor<Scalar, 1> eval(const Threads& threads = {}) const {
     Eigen::Tensor<Scalar, 1> out(x_.rows);
     eval_to(out.data(), threads);

@@ -11,6 +11,7 @@
 #include "../config.hpp"
 #include "../detail/tensor.hpp"
 #include "../errors.hpp"
+#include "../parallel.hpp"
 #include "masked.hpp"
 
 namespace prefloss {
@@ -38,7 +39,10 @@ class PlainSequence {
                   "prefloss: gradient tensor must have the sequence tensor's scalar type");
     return detail::vector_out(std::forward<G>(grad), v_.size, fn, name);
   }
-  void backward_to(const S* upstream, S* grad) const noexcept { std::copy(upstream, upstream + v_.size, grad); }
+  /// A copy of the upstream: nothing for threads to split.
+  void backward_to(const S* upstream, S* grad, const Threads& = {}) const noexcept {
+    std::copy(upstream, upstream + v_.size, grad);
+  }
   /// The [batch] values this sequence views (for the fused losses' aliasing checks).
   const detail::Vector<S>& view() const noexcept { return v_; }
 
