@@ -301,12 +301,14 @@ struct Record {
   void add(const Eigen::Tensor<S, 1>& t) {
     for (Index i = 0; i < t.size(); ++i) add(static_cast<double>(t(i)));
   }
-  /// A loss result: its loss, per-example losses and metrics.
+  /// A loss result: its loss, per-example losses, metrics and the metrics' partial sums.
   template <class R>
   auto add(const R& r) -> decltype(void(r.metrics)) {
     add(r.loss);
     add(r.losses);
     add(r.metrics);
+    for (const double v : r.metric_sums.sums) add(v);
+    for (const double v : r.metric_sums.maxima) add(v);
   }
   template <class S>
   void add(const pl::PreferenceMetrics<S>& m) {
