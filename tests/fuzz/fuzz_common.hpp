@@ -301,11 +301,16 @@ struct Record {
   void add(const Eigen::Tensor<S, 1>& t) {
     for (Index i = 0; i < t.size(); ++i) add(static_cast<double>(t(i)));
   }
-  /// A loss result: its loss, per-example losses, metrics and the metrics' partial sums.
+  /// A loss result: its loss, per-example losses, then add_metrics.
   template <class R>
   auto add(const R& r) -> decltype(void(r.metrics)) {
     add(r.loss);
     add(r.losses);
+    add_metrics(r);
+  }
+  /// A result's metrics and their partial sums.
+  template <class R>
+  void add_metrics(const R& r) {
     add(r.metrics);
     for (const double v : r.metric_sums.sums) add(v);
     for (const double v : r.metric_sums.maxima) add(v);

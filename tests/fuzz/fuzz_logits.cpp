@@ -509,7 +509,7 @@ void ppo(Decoder& d, Batch<Z, M, Lab>& x) {
       // grad_logits.
       const auto Bn = static_cast<std::size_t>(s.B), n = Bn * T;
       Record ref_metrics;
-      ref_metrics.add(pp.metrics);
+      ref_metrics.add_metrics(pp);
       const std::size_t nm = ref_metrics.values.size();
       const std::vector<double>& f = fused.values;
       const std::size_t at_policy = 1 + Bn + nm, at_logp = at_policy + 2, at_ent = at_logp + n,
