@@ -377,8 +377,5 @@ struct AllKernels {};
 template <class G>
 inline constexpr bool is_no_grad_v = std::is_same_v<std::remove_const_t<G>, NoGrad>;
 
-/// Weighted mean of a metric sum: 0 when nothing is selected.
-inline double safe_mean(double sum, double weight) noexcept { return weight != 0 ? sum / weight : 0.0; }
-
 }  // namespace prefloss::detail
 PREFLOSS_KERNELS_END

@@ -91,12 +91,12 @@ struct metric_layout<PpoMetrics<S>> {
     using E = Entries;
     const double w = sums[E::weight];
     PpoMetrics<S> m;
-    m.clip_fraction = static_cast<S>(safe_mean(sums[E::clipped], w));
-    m.clip_fraction_low = static_cast<S>(safe_mean(sums[E::clipped_low], w));
-    m.approx_kl = static_cast<S>(safe_mean(sums[E::approx_kl], w));
-    m.ratio_mean = static_cast<S>(safe_mean(sums[E::ratio], w));
+    m.clip_fraction = static_cast<S>(mean_or_zero(sums[E::clipped], w));
+    m.clip_fraction_low = static_cast<S>(mean_or_zero(sums[E::clipped_low], w));
+    m.approx_kl = static_cast<S>(mean_or_zero(sums[E::approx_kl], w));
+    m.ratio_mean = static_cast<S>(mean_or_zero(sums[E::ratio], w));
     m.ratio_max = static_cast<S>(w != 0 ? maxima[E::ratio_max] : 0.0);
-    m.kl_mean = static_cast<S>(safe_mean(sums[E::kl], w));
+    m.kl_mean = static_cast<S>(mean_or_zero(sums[E::kl], w));
     m.token_weight = w;
     return m;
   }

@@ -63,8 +63,8 @@ struct metric_layout<ValueMetrics<S>> {
                                   const std::array<double, n_maxima>&) noexcept {
     using E = Entries;
     ValueMetrics<S> m;
-    m.clip_fraction = static_cast<S>(safe_mean(sums[E::clipped], sums[E::weight]));
-    m.value_mean = static_cast<S>(safe_mean(sums[E::value], sums[E::weight]));
+    m.clip_fraction = static_cast<S>(mean_or_zero(sums[E::clipped], sums[E::weight]));
+    m.value_mean = static_cast<S>(mean_or_zero(sums[E::value], sums[E::weight]));
     m.token_weight = sums[E::weight];
     return m;
   }

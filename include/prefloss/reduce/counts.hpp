@@ -49,6 +49,16 @@ namespace detail {
 template <class M>
 using mask_sum_t = std::conditional_t<is_real_v<M>, M, float>;
 
+/// A mask argument's view, its weights checked as the losses check them.
+template <class Mk>
+Matrix<tensor_scalar_t<Mk>> checked_mask(const Mk& mask, const char* fn) {
+  using M = tensor_scalar_t<Mk>;
+  static_assert(is_mask_v<M>, "prefloss: masks must be bool, uint8_t, float or double");
+  const Matrix<M> m = matrix_view(mask, fn, "mask");
+  require_weights<mask_sum_t<M>>(m, fn, "mask");
+  return m;
+}
+
 template <class M>
 std::int64_t selected_in_row(const M* m, Index n) noexcept {
   if constexpr (sizeof(M) == 1) {
@@ -67,12 +77,9 @@ std::int64_t selected_in_row(const M* m, Index n) noexcept {
 /// reject it too); layout_error for misaligned data; shape_error for invalid cu_seqlens.
 template <class Mk>
 TokenCounts token_counts(const Mk& mask) {
-  constexpr const char* fn = "token_counts";
   using M = detail::tensor_scalar_t<Mk>;
-  static_assert(detail::is_mask_v<M>, "prefloss: masks must be bool, uint8_t, float or double");
   using S = detail::mask_sum_t<M>;
-  const detail::Matrix<M> m = detail::matrix_view(mask, fn, "mask");
-  detail::require_weights<S>(m, fn, "mask");
+  const detail::Matrix<M> m = detail::checked_mask(mask, "token_counts");
   TokenCounts c;
   c.rows = static_cast<std::int64_t>(m.rows);
   for (Index i = 0; i < m.rows; ++i) {
@@ -94,12 +101,8 @@ TokenCounts token_counts(const Mk& mask) {
 /// @throws as token_counts.
 template <class Mk>
 Eigen::Tensor<double, 1> row_weights(const Mk& mask) {
-  constexpr const char* fn = "row_weights";
-  using M = detail::tensor_scalar_t<Mk>;
-  static_assert(detail::is_mask_v<M>, "prefloss: masks must be bool, uint8_t, float or double");
-  using S = detail::mask_sum_t<M>;
-  const detail::Matrix<M> m = detail::matrix_view(mask, fn, "mask");
-  detail::require_weights<S>(m, fn, "mask");
+  using S = detail::mask_sum_t<detail::tensor_scalar_t<Mk>>;
+  const auto m = detail::checked_mask(mask, "row_weights");
   Eigen::Tensor<double, 1> w(m.rows);
   for (Index i = 0; i < m.rows; ++i) w(i) = detail::row_weight<S>(m.row(i), m.len(i));
   return w;
