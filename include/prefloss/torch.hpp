@@ -1,0 +1,895 @@
+/// @file torch.hpp
+/// @brief The libtorch adapter: prefloss's losses as autograd functions over CPU at::Tensors.
+///
+/// `#include <prefloss/torch.hpp>` (CMake target prefloss::torch, defined when libtorch is
+/// found; not part of prefloss.hpp). Every function mirrors the core's name and argument order
+/// with at::Tensor arguments and returns tensors that carry autograd history:
+///
+/// @code
+/// namespace pt = prefloss::torch;
+/// auto r = pt::dpo(pt::masked_sum(logp_c, mask_c), pt::masked_sum(logp_r, mask_r), ref_c, ref_r, opt);
+/// (r.loss + 0.1 * pt::nll(pt::masked_mean(logp_c, mask_c)).loss).backward();
+/// @endcode
+///
+/// How it maps onto the core:
+/// - Tensors are read in place through Eigen maps of their storage (view(), mutable_view()):
+///   CPU, strided, row-major contiguous; float32, float64, bfloat16 or float16 values, bool,
+///   uint8 or floating masks (a floating mask has the values' compute dtype: float32 for 16-bit
+///   values), int32 or int64 labels. Anything else throws before anything is computed:
+///   tensor_error for an undefined tensor, a device other than the CPU or a wrong dtype,
+///   shape_error for a wrong rank or extent, layout_error for a layout the core cannot read
+///   without a copy (the message says which call makes one, e.g. `.contiguous()`).
+/// - masked_sum / masked_mean are their own autograd nodes from [batch, tokens] to [batch]; the
+///   sequence losses (dpo, ipo, simpo, orpo, kto, bradley_terry, bradley_terry_ranking, nll)
+///   take [batch] tensors (any differentiable tensor, a masked_sum among them); the token losses
+///   (ppo_clip, value_loss) and token_logprobs / ppo_clip_from_logits take the token tensors.
+/// - Every result has `.loss` (0-dim, differentiable), `.losses` (per example or per sequence,
+///   differentiable: loss = sum(losses) / n, with n the loss's divisor: the batch, batch_count,
+///   NllOptions::normalizer; 1 for the token losses), `.metrics` and `.metric_sums` as the core
+///   computes them, finalized in double (a float32 call's core metrics are these rounded to
+///   float).
+/// - Backward runs the core's closed-form gradient. It honours any upstream gradient of loss
+///   and losses, computes a gradient only for inputs that require one, and never for
+///   references, old log-probs, advantages, returns, labels or masks. A node's forward keeps
+///   references to the tensors its backward reads again; modifying one in place before backward
+///   is a tensor_error then.
+/// - Allocation: the forward allocates O(batch); the backward allocates the gradient tensor it
+///   hands to autograd and O(batch) besides (ppo_clip_from_logits, which is fused, allocates its
+///   [batch, tokens, vocab] gradient in the forward). A token loss whose upstream gradient is
+///   not exactly 1 (or whose losses get one) scales its gradient rows in place: one more pass.
+///
+/// Threads: the options' `threads` is the core's (prefloss::Threads); libtorch's own intra-op
+/// pool is not used.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "prefloss.hpp"
+
+namespace prefloss::torch {
+
+/// @brief A tensor the adapter cannot take as it is: undefined, not on the CPU, of the wrong
+/// dtype or layout kind, or modified in place between a forward and its backward (the message
+/// names the argument and what was seen).
+class tensor_error : public prefloss::error {
+ public:
+  using error::error;
+};
+
+namespace detail {
+
+template <class T>
+struct dtype_of;
+template <>
+struct dtype_of<float> {
+  static constexpr at::ScalarType value = at::kFloat;
+};
+template <>
+struct dtype_of<double> {
+  static constexpr at::ScalarType value = at::kDouble;
+};
+template <>
+struct dtype_of<Eigen::bfloat16> {
+  static constexpr at::ScalarType value = at::kBFloat16;
+};
+template <>
+struct dtype_of<Eigen::half> {
+  static constexpr at::ScalarType value = at::kHalf;
+};
+template <>
+struct dtype_of<bool> {
+  static constexpr at::ScalarType value = at::kBool;
+};
+template <>
+struct dtype_of<std::uint8_t> {
+  static constexpr at::ScalarType value = at::kByte;
+};
+template <>
+struct dtype_of<std::int32_t> {
+  static constexpr at::ScalarType value = at::kInt;
+};
+template <>
+struct dtype_of<std::int64_t> {
+  static constexpr at::ScalarType value = at::kLong;
+};
+static_assert(sizeof(Eigen::bfloat16) == sizeof(c10::BFloat16) && sizeof(Eigen::half) == sizeof(at::Half),
+              "prefloss: 16-bit floats must have the same storage in Eigen and ATen");
+
+inline std::string list_str(at::IntArrayRef a) {
+  std::string s = "[";
+  for (std::size_t k = 0; k < a.size(); ++k) s += (k ? ", " : "") + std::to_string(a[k]);
+  return s + "]";
+}
+
+/// "float32 [4, 16] on cpu": what a message says a tensor was.
+inline std::string describe(const at::Tensor& t) {
+  return std::string(t.dtype().name()) + " " + list_str(t.sizes()) + " on " + t.device().str();
+}
+
+inline std::string where(const char* fn, const char* name) {
+  return std::string("prefloss::torch::") + fn + ": argument '" + name + "'";
+}
+
+inline void require_defined(const at::Tensor& t, const char* fn, const char* name) {
+  if (!t.defined()) throw tensor_error(where(fn, name) + " is an undefined tensor");
+}
+
+/// Everything but the dtype: defined, CPU, strided, of rank `rank`, row-major contiguous.
+inline void require_readable(const at::Tensor& t, const char* fn, const char* name, std::int64_t rank,
+                             const char* dims) {
+  require_defined(t, fn, name);
+  if (!t.device().is_cpu())
+    throw tensor_error(where(fn, name) + " is on " + t.device().str() +
+                       "; prefloss computes on CPU tensors: pass " + name + ".cpu() and move the results back");
+  if (t.layout() != at::kStrided)
+    throw tensor_error(where(fn, name) + " has a sparse or other non-strided layout (" + describe(t) +
+                       "); pass " + name + ".to_dense()");
+  if (t.dim() != rank)
+    throw shape_error(where(fn, name) + " must have rank " + std::to_string(rank) + " " + dims + ", got " +
+                      describe(t));
+  if (!t.is_contiguous())
+    throw layout_error(where(fn, name) + " is not row-major contiguous (shape " + list_str(t.sizes()) +
+                       ", strides " + list_str(t.strides()) +
+                       "); prefloss reads each row as one block of memory: pass " + name + ".contiguous()");
+}
+
+template <class T>
+void require_dtype(const at::Tensor& t, const char* fn, const char* name, const char* allowed) {
+  if (t.scalar_type() != dtype_of<T>::value)
+    throw tensor_error(where(fn, name) + " must be " + allowed + ", got " + describe(t));
+}
+
+template <class T>
+const char* dtype_name() {
+  return c10::toString(dtype_of<T>::value);
+}
+
+template <class T, int R>
+Eigen::TensorMap<const Eigen::Tensor<T, R, Eigen::RowMajor>> read_map(const at::Tensor& t) {
+  std::array<Eigen::Index, static_cast<std::size_t>(R)> dims{};
+  for (int k = 0; k < R; ++k) dims[static_cast<std::size_t>(k)] = t.size(k);
+  return {static_cast<const T*>(t.data_ptr()), dims};
+}
+template <class T, int R>
+Eigen::TensorMap<Eigen::Tensor<T, R, Eigen::RowMajor>> write_map(const at::Tensor& t) {
+  std::array<Eigen::Index, static_cast<std::size_t>(R)> dims{};
+  for (int k = 0; k < R; ++k) dims[static_cast<std::size_t>(k)] = t.size(k);
+  return {static_cast<T*>(t.data_ptr()), dims};
+}
+
+inline const char* rank_dims(int rank) {
+  return rank == 1 ? "([batch])" : rank == 2 ? "([batch, tokens])" : rank == 3 ? "([batch, tokens, vocab])" : "";
+}
+
+}  // namespace detail
+
+/// @brief A zero-copy read view of a CPU tensor as the row-major Eigen::TensorMap the core
+/// takes.
+/// @tparam T float, double, Eigen::bfloat16, Eigen::half, bool, uint8_t, int32_t or int64_t;
+///   the tensor's dtype must be T's (no conversion is made)
+/// @tparam Rank the tensor's rank
+/// @param name the argument's name in error messages
+/// @throws tensor_error (undefined, not CPU, not strided, other dtype), shape_error (rank),
+///   layout_error (not row-major contiguous: pass `.contiguous()`)
+template <class T, int Rank>
+Eigen::TensorMap<const Eigen::Tensor<T, Rank, Eigen::RowMajor>> view(const at::Tensor& t, const char* name = "tensor") {
+  detail::require_readable(t, "view", name, Rank, detail::rank_dims(Rank));
+  detail::require_dtype<T>(t, "view", name, detail::dtype_name<T>());
+  return detail::read_map<T, Rank>(t);
+}
+
+/// @brief A zero-copy write view (e.g. for the core's fused outputs); the same checks as view().
+template <class T, int Rank>
+Eigen::TensorMap<Eigen::Tensor<T, Rank, Eigen::RowMajor>> mutable_view(const at::Tensor& t,
+                                                                        const char* name = "tensor") {
+  detail::require_readable(t, "mutable_view", name, Rank, detail::rank_dims(Rank));
+  detail::require_dtype<T>(t, "mutable_view", name, detail::dtype_name<T>());
+  return detail::write_map<T, Rank>(t);
+}
+
+/// @brief A loss's outputs: loss and losses carry autograd history; the metrics are the core's,
+/// finalized in double.
+template <class Metrics>
+struct Result {
+  at::Tensor loss;    ///< 0-dim, the values' dtype (float32 for 16-bit values)
+  at::Tensor losses;  ///< [batch]: per example (sequence losses) or per sequence (token losses)
+  Metrics metrics;    ///< metric_sums.metrics()
+  MetricSums<Metrics> metric_sums;  ///< merge across ranks as the core's (see prefloss::MetricSums)
+};
+
+using PreferenceResult = Result<PreferenceMetrics<double>>;  ///< dpo, ipo, simpo, bradley_terry
+using OrpoResult = Result<OrpoMetrics<double>>;              ///< orpo
+using KtoResult = Result<KtoMetrics<double>>;                ///< kto
+using NllResult = Result<NllMetrics<double>>;                ///< nll
+using RankingResult = Result<RankingMetrics<double>>;        ///< bradley_terry_ranking
+using PpoResult = Result<PpoMetrics<double>>;                ///< ppo_clip
+using ValueLossResult = Result<ValueMetrics<double>>;        ///< value_loss
+
+/// Outputs of token_logprobs: both [batch, tokens] of the compute dtype, differentiable to the
+/// logits, 0 at masked-out tokens; entropy is undefined unless LogprobOptions::entropy.
+struct LogprobOutputs {
+  at::Tensor logp;
+  at::Tensor entropy;
+};
+
+/// Outputs of ppo_clip_from_logits: loss and losses differentiable to the logits; logp and
+/// entropy ([batch, tokens], entropy undefined unless computed) are detached.
+struct PpoLogitsOutputs {
+  at::Tensor loss;
+  at::Tensor losses;
+  at::Tensor logp;
+  at::Tensor entropy;
+  double policy_loss = 0;   ///< ppo_clip's loss over logp (with its KL term)
+  double entropy_loss = 0;  ///< the entropy aggregated as the loss is; 0 without entropy
+  PpoMetrics<double> metrics;
+  MetricSums<PpoMetrics<double>> metric_sums;
+};
+
+namespace detail {
+
+using variable_list = ::torch::autograd::variable_list;
+
+/// @brief One adapter call's autograd node: what its backward needs, kept from the forward.
+/// The forward runs before Function::apply (so a rejected call builds no graph); `outputs` is
+/// handed to autograd once and then dropped, so the node never owns its own outputs.
+struct Node : ::torch::CustomClassHolder {
+  struct Kept {
+    at::Tensor tensor;
+    const char* name;
+    std::int64_t version;
+  };
+  const char* fn = "";
+  std::vector<at::Tensor> outputs;
+  std::vector<bool> needs;  ///< per input of apply(): whether it requires a gradient
+  std::vector<Kept> kept;
+
+  ~Node() override = default;
+  /// One gradient per input of apply() (undefined where none is needed); grads has one entry
+  /// per output, undefined where the output got no gradient.
+  virtual std::vector<at::Tensor> backward(const variable_list& grads) = 0;
+
+  /// Keeps `t` alive for backward (the core's views point into it) and remembers its version.
+  void keep(const at::Tensor& t, const char* name) { kept.push_back({t, name, t._version()}); }
+  void check_kept() const {
+    for (const auto& k : kept)
+      if (k.tensor._version() != k.version)
+        throw tensor_error(where(fn, k.name) +
+                           " was modified in place after the forward pass and before backward (its version went "
+                           "from " +
+                           std::to_string(k.version) + " to " + std::to_string(k.tensor._version()) +
+                           "); the gradient reads it again: clone it before modifying it");
+  }
+};
+
+struct Function : ::torch::autograd::Function<Function> {
+  static variable_list forward(::torch::autograd::AutogradContext* ctx, at::TensorList inputs,
+                               const c10::intrusive_ptr<Node>& node) {
+    (void)inputs;
+    ctx->set_materialize_grads(false);  // an unused output must not cost a zero tensor
+    ctx->saved_data["prefloss"] = at::IValue::make_capsule(node);
+    return std::move(node->outputs);
+  }
+  static variable_list backward(::torch::autograd::AutogradContext* ctx, variable_list grads) {
+    auto node = c10::static_intrusive_pointer_cast<Node>(ctx->saved_data["prefloss"].toCapsule());
+    node->check_kept();
+    auto out = node->backward(grads);
+    out.emplace_back();  // the node argument
+    return out;
+  }
+};
+
+/// Attaches `node` (whose outputs are filled) to the graph of `inputs`, the differentiable
+/// inputs; returns the outputs with their history. (Not `apply`: ADL would find std::apply.)
+inline variable_list attach(const std::vector<at::Tensor>& inputs, c10::intrusive_ptr<Node> node) {
+  node->needs.clear();
+  for (const auto& t : inputs) node->needs.push_back(t.requires_grad());
+  return Function::apply(at::TensorList(inputs), node);
+}
+
+/// The gradient of output k, or undefined.
+inline at::Tensor grad_at(const variable_list& grads, std::size_t k) {
+  return k < grads.size() ? grads[k] : at::Tensor();
+}
+
+/// @brief Per-row factor of a loss whose losses are its terms over a divisor n: d/dvalue_i of
+/// (g loss + sum_i gl_i losses_i) = (g + n gl_i) d loss/dvalue_i. Undefined when neither output
+/// got a gradient; g alone stays 0-dim.
+inline at::Tensor row_factor(const variable_list& grads, double n) {
+  const at::Tensor g = grad_at(grads, 0), gl = grad_at(grads, 1);
+  if (!gl.defined()) return g;
+  return g.defined() ? g + gl * n : gl * n;
+}
+
+template <class T>
+struct tag {
+  using type = T;
+};
+
+template <class F>
+decltype(auto) on_real(const at::Tensor& t, const char* fn, const char* name, F&& f) {
+  require_defined(t, fn, name);
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return f(tag<float>{});
+    case at::kDouble:
+      return f(tag<double>{});
+    default:
+      throw tensor_error(where(fn, name) + " must be float32 or float64, got " + describe(t));
+  }
+}
+
+template <class F>
+decltype(auto) on_token(const at::Tensor& t, const char* fn, const char* name, F&& f) {
+  require_defined(t, fn, name);
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return f(tag<float>{});
+    case at::kDouble:
+      return f(tag<double>{});
+    case at::kBFloat16:
+      return f(tag<Eigen::bfloat16>{});
+    case at::kHalf:
+      return f(tag<Eigen::half>{});
+    default:
+      throw tensor_error(where(fn, name) + " must be float32, float64, bfloat16 or float16, got " + describe(t));
+  }
+}
+
+/// A mask of bool, uint8 or the compute dtype C (weights).
+template <class C, class F>
+decltype(auto) on_mask(const at::Tensor& t, const char* fn, const char* name, F&& f) {
+  require_defined(t, fn, name);
+  switch (t.scalar_type()) {
+    case at::kBool:
+      return f(tag<bool>{});
+    case at::kByte:
+      return f(tag<std::uint8_t>{});
+    default:
+      if (t.scalar_type() == dtype_of<C>::value) return f(tag<C>{});
+      throw tensor_error(where(fn, name) + " must be bool, uint8 or " + dtype_name<C>() +
+                         " (weights in the values' compute dtype), got " + describe(t));
+  }
+}
+
+template <class F>
+decltype(auto) on_label(const at::Tensor& t, const char* fn, const char* name, F&& f) {
+  require_defined(t, fn, name);
+  switch (t.scalar_type()) {
+    case at::kLong:
+      return f(tag<std::int64_t>{});
+    case at::kInt:
+      return f(tag<std::int32_t>{});
+    default:
+      throw tensor_error(where(fn, name) + " must be int64 or int32, got " + describe(t));
+  }
+}
+
+/// A read map of an argument whose dtype is fixed by another (T), checked.
+template <class T, int R>
+Eigen::TensorMap<const Eigen::Tensor<T, R, Eigen::RowMajor>> arg(const at::Tensor& t, const char* fn,
+                                                                 const char* name, const char* dtype_rule) {
+  require_readable(t, fn, name, R, rank_dims(R));
+  if (t.scalar_type() != dtype_of<T>::value)
+    throw tensor_error(where(fn, name) + " must be " + dtype_name<T>() + " (" + dtype_rule + "), got " + describe(t));
+  return read_map<T, R>(t);
+}
+
+template <class S>
+at::TensorOptions options_of() {
+  return at::TensorOptions().dtype(dtype_of<S>::value).device(at::kCPU);
+}
+
+template <class S>
+at::Tensor scalar_of(double v) {
+  return at::scalar_tensor(v, options_of<S>());
+}
+
+template <class S>
+at::Tensor copy_of(const Eigen::Tensor<S, 1>& v) {
+  at::Tensor t = at::empty({v.dimension(0)}, options_of<S>());
+  std::copy(v.data(), v.data() + v.size(), t.data_ptr<S>());
+  return t;
+}
+
+/// The core's sums with the scalar type widened; metrics() finalizes them in double.
+template <template <class> class M, class S>
+MetricSums<M<double>> widen(const MetricSums<M<S>>& s) {
+  MetricSums<M<double>> d;
+  static_assert(MetricSums<M<double>>::n_sums == MetricSums<M<S>>::n_sums &&
+                    MetricSums<M<double>>::n_maxima == MetricSums<M<S>>::n_maxima,
+                "prefloss: a metrics layout must not depend on the scalar type");
+  d.sums = s.sums;
+  d.maxima = s.maxima;
+  return d;
+}
+
+template <template <class> class M, class R>
+Result<M<double>> result_of(const R& core, variable_list out) {
+  Result<M<double>> r{std::move(out[0]), std::move(out[1]), {}, widen(core.metric_sums)};
+  r.metrics = r.metric_sums.metrics();
+  return r;
+}
+
+template <class S, int R, std::size_t K, std::size_t... I>
+std::array<Eigen::TensorMap<const Eigen::Tensor<S, R, Eigen::RowMajor>>, K> arg_maps(
+    const std::array<const at::Tensor*, K>& t, const std::array<const char*, K>& names, [[maybe_unused]] const char* fn,
+    [[maybe_unused]] const char* rule, std::index_sequence<I...>) {
+  return {arg<S, R>(*t[I], fn, names[I], rule)...};
+}
+
+/// Node of a loss over sequence values: the core keeps d loss / d value per input (already over
+/// the divisor n), so the backward is a [batch] product per input.
+struct ValueGradNode : Node {
+  std::vector<at::Tensor> d;  ///< per input: d loss / d value, the input's shape
+  double n = 1;
+  std::vector<at::Tensor> backward(const variable_list& grads) override {
+    const at::Tensor u = row_factor(grads, n);
+    std::vector<at::Tensor> out(d.size());
+    if (!u.defined()) return out;
+    for (std::size_t k = 0; k < d.size(); ++k) {
+      if (!needs[k]) continue;
+      out[k] = u.dim() == 0 || d[k].dim() == 1 ? d[k] * u : d[k] * u.unsqueeze(1);
+    }
+    return out;
+  }
+};
+
+/// Runs a loss over K differentiable sequence tensors `diff` (rank R each: 1, or 2 for
+/// ranking scores) and constant [batch] tensors `consts`, all of the first one's dtype: core(diff
+/// maps, const maps) is the core call; grads_of(core result) the per-input d loss / d value.
+template <template <class> class M, int R, std::size_t K, std::size_t C, class Core, class Grads>
+Result<M<double>> sequence_call(const char* fn, const std::array<const at::Tensor*, K>& diff,
+                                const std::array<const char*, K>& diff_names,
+                                const std::array<const at::Tensor*, C>& consts,
+                                const std::array<const char*, C>& const_names, double n_or_zero, Core&& core,
+                                Grads&& grads_of) {
+  return on_real(*diff[0], fn, diff_names[0], [&](auto t) {
+    using S = typename decltype(t)::type;
+    using Map = Eigen::TensorMap<const Eigen::Tensor<S, R, Eigen::RowMajor>>;
+    using CMap = Eigen::TensorMap<const Eigen::Tensor<S, 1, Eigen::RowMajor>>;
+    const std::string rule = std::string("the dtype of '") + diff_names[0] + "'";
+    std::array<Map, K> dm{arg_maps<S, R>(diff, diff_names, fn, rule.c_str(), std::make_index_sequence<K>{})};
+    std::array<CMap, C> cm{arg_maps<S, 1>(consts, const_names, fn, rule.c_str(), std::make_index_sequence<C>{})};
+    const auto res = core(dm, cm);
+    auto node = c10::make_intrusive<ValueGradNode>();
+    node->fn = fn;
+    node->n = n_or_zero > 0 ? n_or_zero : static_cast<double>(diff[0]->size(0));
+    const std::array<const Eigen::Tensor<S, 1>*, K> d = grads_of(res);
+    std::vector<at::Tensor> inputs;
+    for (std::size_t k = 0; k < K; ++k) {
+      inputs.push_back(*diff[k]);
+      node->d.push_back(diff[k]->requires_grad() ? copy_of(*d[k]).view(diff[k]->sizes()) : at::Tensor());
+    }
+    node->outputs = {scalar_of<S>(static_cast<double>(res.loss)), copy_of(res.losses)};
+    return result_of<M>(res, attach(inputs, node));
+  });
+}
+
+/// Node of a masked reduction: the core expression views the tokens and the mask, which it
+/// keeps; the backward is the core adjoint into a new gradient tensor.
+template <class Expr>
+struct MaskedNode : Node {
+  using Scalar = typename Expr::Scalar;
+  using Storage = typename Expr::Storage;
+  Expr expr;
+  explicit MaskedNode(Expr e) : expr(std::move(e)) {}
+  std::vector<at::Tensor> backward(const variable_list& grads) override {
+    const at::Tensor g = grad_at(grads, 0);
+    if (!g.defined() || !needs[0]) return {at::Tensor()};
+    const at::Tensor up = g.to(dtype_of<Scalar>::value).contiguous();
+    const at::Tensor& tokens = kept[0].tensor;
+    at::Tensor grad = at::empty(tokens.sizes(), tokens.options());
+    expr.backward(read_map<Scalar, 1>(up), write_map<Storage, 2>(grad));
+    return {grad};
+  }
+};
+
+template <Reduction Red>
+at::Tensor masked(const char* fn, const at::Tensor& tokens, const at::Tensor& mask) {
+  return on_token(tokens, fn, "tokens", [&](auto t) {
+    using S = typename decltype(t)::type;
+    using C = prefloss::detail::compute_t<S>;
+    require_readable(tokens, fn, "tokens", 2, rank_dims(2));
+    return on_mask<C>(mask, fn, "mask", [&](auto m) {
+      using Mk = typename decltype(m)::type;
+      require_readable(mask, fn, "mask", 2, rank_dims(2));
+      const auto xt = read_map<S, 2>(tokens);
+      const auto mt = read_map<Mk, 2>(mask);
+      using Expr = MaskedReduction<S, Mk, Red>;
+      Expr expr = [&] {
+        if constexpr (Red == Reduction::sum) return prefloss::masked_sum(xt, mt);
+        else return prefloss::masked_mean(xt, mt);
+      }();
+      auto node = c10::make_intrusive<MaskedNode<Expr>>(expr);
+      node->fn = fn;
+      node->keep(tokens, "tokens");
+      node->keep(mask, "mask");
+      at::Tensor values = at::empty({tokens.size(0)}, options_of<C>());
+      expr.eval_to(values.data_ptr<C>());
+      node->outputs = {values};
+      return attach({tokens}, node)[0];
+    });
+  });
+}
+
+/// grad *= u row by row (u 0-dim or [batch]); nothing when u is exactly 1.
+inline void scale_rows(at::Tensor& grad, const at::Tensor& u) {
+  if (u.dim() == 0) {
+    if (u.item<double>() != 1.0) grad.mul_(u);
+    return;
+  }
+  std::vector<std::int64_t> shape(static_cast<std::size_t>(grad.dim()), 1);
+  shape[0] = u.size(0);
+  grad.mul_(u.view(shape));
+}
+
+/// Node of a token loss: the core result views the token tensors (kept); the backward is the
+/// core's into a new [batch, tokens] gradient, rows scaled by the upstream factor unless it is
+/// exactly 1.
+template <class Core>
+struct TokenNode : Node {
+  Core core;
+  explicit TokenNode(Core c) : core(std::move(c)) {}
+  std::vector<at::Tensor> backward(const variable_list& grads) override {
+    const at::Tensor u = row_factor(grads, 1.0);
+    if (!u.defined() || !needs[0]) return {at::Tensor()};
+    const at::Tensor& x = kept[0].tensor;
+    at::Tensor grad = at::empty(x.sizes(), x.options());
+    core.backward(write_map<typename Core::Scalar, 2>(grad));
+    scale_rows(grad, u);
+    return {grad};
+  }
+};
+
+/// The token loss call: x is the differentiated input, `others` the constant token tensors of
+/// its dtype, mask of bool, uint8 or that dtype.
+template <template <class> class M, std::size_t K, class Core>
+Result<M<double>> token_call(const char* fn, const at::Tensor& x, const char* x_name,
+                             const std::array<const at::Tensor*, K>& others, const std::array<const char*, K>& names,
+                             const at::Tensor& mask, Core&& core) {
+  return on_real(x, fn, x_name, [&](auto t) {
+    using S = typename decltype(t)::type;
+    using Map = Eigen::TensorMap<const Eigen::Tensor<S, 2, Eigen::RowMajor>>;
+    require_readable(x, fn, x_name, 2, rank_dims(2));
+    const std::string rule = std::string("the dtype of '") + x_name + "'";
+    std::array<Map, K> om{arg_maps<S, 2>(others, names, fn, rule.c_str(), std::make_index_sequence<K>{})};
+    return on_mask<S>(mask, fn, "mask", [&](auto m) {
+      using Mk = typename decltype(m)::type;
+      require_readable(mask, fn, "mask", 2, rank_dims(2));
+      auto res = core(read_map<S, 2>(x), om, read_map<Mk, 2>(mask));
+      auto node = c10::make_intrusive<TokenNode<decltype(res)>>(res);
+      node->fn = fn;
+      node->keep(x, x_name);
+      for (std::size_t k = 0; k < K; ++k) node->keep(*others[k], names[k]);
+      node->keep(mask, "mask");
+      node->outputs = {scalar_of<S>(static_cast<double>(res.loss)), copy_of(res.losses)};
+      return result_of<M>(res, attach({x}, node));
+    });
+  });
+}
+
+/// Node of token_logprobs: the core result views the logits, labels and mask (kept); the
+/// backward is the core's into a new [batch, tokens, vocab] gradient of the logits' dtype.
+template <class Core, class Z>
+struct LogprobNode : Node {
+  Core core;
+  explicit LogprobNode(Core c) : core(std::move(c)) {}
+  std::vector<at::Tensor> backward(const variable_list& grads) override {
+    using C = prefloss::detail::compute_t<Z>;
+    at::Tensor glp = grad_at(grads, 0), gh = grad_at(grads, 1);
+    if ((!glp.defined() && !gh.defined()) || !needs[0]) return {at::Tensor()};
+    const at::Tensor& z = kept[0].tensor;
+    // Only the entropy got a gradient: the logp upstream is 0 ([batch, tokens], not vocab-sized).
+    glp = glp.defined() ? glp.to(dtype_of<C>::value).contiguous() : at::zeros({z.size(0), z.size(1)}, options_of<C>());
+    at::Tensor grad = at::empty(z.sizes(), z.options());
+    if (gh.defined()) {
+      gh = gh.to(dtype_of<C>::value).contiguous();
+      core.backward(read_map<C, 2>(glp), read_map<C, 2>(gh), write_map<Z, 3>(grad));
+    } else {
+      core.backward(read_map<C, 2>(glp), write_map<Z, 3>(grad));
+    }
+    return {grad};
+  }
+};
+
+/// The ppo_clip_from_logits node: its gradient was written in the forward (the core call is
+/// fused); the backward hands it to autograd once, scaled in place when the upstream is not 1.
+struct HandOverNode : Node {
+  at::Tensor grad;
+  bool handed = false;
+  std::vector<at::Tensor> backward(const variable_list& grads) override {
+    const at::Tensor u = row_factor(grads, 1.0);
+    if (!u.defined() || !needs[0]) return {at::Tensor()};
+    if (handed)
+      throw tensor_error(std::string("prefloss::torch::") + fn +
+                         ": backward ran a second time (retain_graph); this loss computes its gradient in the "
+                         "forward pass and hands it to autograd once: call the loss again instead");
+    handed = true;
+    scale_rows(grad, u);
+    return {std::move(grad)};
+  }
+};
+
+}  // namespace detail
+
+/// @brief Per-sequence masked sum as an autograd node: [batch, tokens] tokens (float32,
+/// float64, bfloat16 or float16) and mask (bool, uint8, or weights in the compute dtype) to
+/// [batch] values (float32 for 16-bit tokens), summed in double; masked-out tokens are never
+/// read, so they may hold inf or NaN. The backward writes upstream times the weight, 0 where
+/// the mask is 0 (prefloss::masked_sum).
+inline at::Tensor masked_sum(const at::Tensor& tokens, const at::Tensor& mask) {
+  return detail::masked<Reduction::sum>("masked_sum", tokens, mask);
+}
+
+/// @brief Per-sequence masked mean (sum of w x over the sum of w; 0 with gradient 0 for a row
+/// with no selected token) as an autograd node; otherwise as masked_sum.
+inline at::Tensor masked_mean(const at::Tensor& tokens, const at::Tensor& mask) {
+  return detail::masked<Reduction::mean>("masked_mean", tokens, mask);
+}
+
+/// @brief DPO (prefloss::dpo) of [batch] policy sequence values against reference values; all
+/// four of one dtype (float32 or float64). Gradients reach chosen and rejected.
+inline PreferenceResult dpo(const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& ref_chosen,
+                            const at::Tensor& ref_rejected, const DpoOptions& opt = {}) {
+  return detail::sequence_call<PreferenceMetrics, 1, 2, 2>(
+      "dpo", {&chosen, &rejected}, {"chosen", "rejected"}, {&ref_chosen, &ref_rejected},
+      {"ref_chosen", "ref_rejected"}, opt.batch_count.value_or(0),
+      [&](const auto& d, const auto& c) { return prefloss::dpo(d[0], d[1], c[0], c[1], opt); },
+      [](const auto& r) { return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()}; });
+}
+
+/// @brief IPO (prefloss::ipo); arguments as dpo.
+inline PreferenceResult ipo(const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& ref_chosen,
+                            const at::Tensor& ref_rejected, const IpoOptions& opt = {}) {
+  return detail::sequence_call<PreferenceMetrics, 1, 2, 2>(
+      "ipo", {&chosen, &rejected}, {"chosen", "rejected"}, {&ref_chosen, &ref_rejected},
+      {"ref_chosen", "ref_rejected"}, opt.batch_count.value_or(0),
+      [&](const auto& d, const auto& c) { return prefloss::ipo(d[0], d[1], c[0], c[1], opt); },
+      [](const auto& r) { return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()}; });
+}
+
+/// @brief SimPO (prefloss::simpo) of [batch] policy values (masked_mean log-probs).
+inline PreferenceResult simpo(const at::Tensor& chosen, const at::Tensor& rejected, const SimpoOptions& opt = {}) {
+  return detail::sequence_call<PreferenceMetrics, 1, 2, 0>(
+      "simpo", {&chosen, &rejected}, {"chosen", "rejected"}, {}, {}, opt.batch_count.value_or(0),
+      [&](const auto& d, const auto&) { return prefloss::simpo(d[0], d[1], opt); },
+      [](const auto& r) { return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()}; });
+}
+
+/// @brief ORPO (prefloss::orpo) of [batch] policy values (masked_mean log-probs).
+inline OrpoResult orpo(const at::Tensor& chosen, const at::Tensor& rejected, const OrpoOptions& opt = {}) {
+  return detail::sequence_call<OrpoMetrics, 1, 2, 0>(
+      "orpo", {&chosen, &rejected}, {"chosen", "rejected"}, {}, {}, opt.batch_count.value_or(0),
+      [&](const auto& d, const auto&) { return prefloss::orpo(d[0], d[1], opt); },
+      [](const auto& r) { return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()}; });
+}
+
+/// @brief Bradley-Terry (prefloss::bradley_terry) of [batch] rewards.
+inline PreferenceResult bradley_terry(const at::Tensor& r_chosen, const at::Tensor& r_rejected,
+                                      const BradleyTerryOptions& opt = {}) {
+  return detail::sequence_call<PreferenceMetrics, 1, 2, 0>(
+      "bradley_terry", {&r_chosen, &r_rejected}, {"r_chosen", "r_rejected"}, {}, {}, opt.batch_count.value_or(0),
+      [&](const auto& d, const auto&) { return prefloss::bradley_terry(d[0], d[1], opt); },
+      [](const auto& r) { return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()}; });
+}
+
+/// @brief Bradley-Terry with a constant per-pair [batch] margin (Llama 2).
+inline PreferenceResult bradley_terry(const at::Tensor& r_chosen, const at::Tensor& r_rejected,
+                                      const at::Tensor& margin, const BradleyTerryOptions& opt = {}) {
+  return detail::sequence_call<PreferenceMetrics, 1, 2, 1>(
+      "bradley_terry", {&r_chosen, &r_rejected}, {"r_chosen", "r_rejected"}, {&margin}, {"margin"},
+      opt.batch_count.value_or(0),
+      [&](const auto& d, const auto& c) { return prefloss::bradley_terry(d[0], d[1], c[0], opt); },
+      [](const auto& r) { return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()}; });
+}
+
+/// @brief Bradley-Terry over K-way rankings (prefloss::bradley_terry_ranking): [batch, K]
+/// rewards, each row best to worst.
+inline RankingResult bradley_terry_ranking(const at::Tensor& rewards, const BradleyTerryOptions& opt = {}) {
+  return detail::sequence_call<RankingMetrics, 2, 1, 0>(
+      "bradley_terry_ranking", {&rewards}, {"rewards"}, {}, {}, opt.batch_count.value_or(0),
+      [&](const auto& d, const auto&) { return prefloss::bradley_terry_ranking(d[0], opt); },
+      [](const auto& r) { return std::array{&r.grad_value()}; });
+}
+
+/// @brief Negative log-likelihood (prefloss::nll) of [batch] sequence values.
+inline NllResult nll(const at::Tensor& logp_sequence, const NllOptions& opt = {}) {
+  const double n = opt.normalizer ? *opt.normalizer : opt.batch_count.value_or(0);
+  return detail::sequence_call<NllMetrics, 1, 1, 0>(
+      "nll", {&logp_sequence}, {"logp_sequence"}, {}, {}, n,
+      [&](const auto& d, const auto&) { return prefloss::nll(d[0], opt); },
+      [](const auto& r) { return std::array{&r.grad_value()}; });
+}
+
+/// @brief KTO (prefloss::kto): [batch] policy and reference values, a [batch] bool or uint8
+/// `desirable`, and the KL batch's [kl_batch] values (constants: z0 is detached), all values of
+/// policy's dtype. Gradients reach policy.
+inline KtoResult kto(const at::Tensor& policy, const at::Tensor& ref, const at::Tensor& desirable,
+                     const at::Tensor& kl_policy, const at::Tensor& kl_ref, const KtoOptions& opt = {}) {
+  constexpr const char* fn = "kto";
+  return detail::sequence_call<KtoMetrics, 1, 1, 1>(
+      fn, {&policy}, {"policy"}, {&ref}, {"ref"}, opt.batch_count.value_or(0),
+      [&](const auto& d, const auto& c) {
+        using S = typename std::decay_t<decltype(d[0])>::Scalar;
+        const auto kp = detail::arg<S, 1>(kl_policy, fn, "kl_policy", "the dtype of 'policy'");
+        const auto kr = detail::arg<S, 1>(kl_ref, fn, "kl_ref", "the dtype of 'policy'");
+        detail::require_readable(desirable, fn, "desirable", 1, detail::rank_dims(1));
+        if (desirable.scalar_type() == at::kBool)
+          return prefloss::kto(d[0], c[0], detail::read_map<bool, 1>(desirable), kp, kr, opt);
+        if (desirable.scalar_type() != at::kByte)
+          throw tensor_error(detail::where(fn, "desirable") + " must be bool or uint8, got " +
+                             detail::describe(desirable));
+        return prefloss::kto(d[0], c[0], detail::read_map<std::uint8_t, 1>(desirable), kp, kr, opt);
+      },
+      [](const auto& r) { return std::array{&r.grad_value()}; });
+}
+
+/// @brief KTO's reference-point sums over a KL batch (prefloss::kto_reference_sums): all-reduce
+/// them across ranks and pass reference_point() as KtoOptions::reference_point.
+inline KtoReferenceSums kto_reference_sums(const at::Tensor& kl_policy, const at::Tensor& kl_ref,
+                                           const Threads& threads = {}) {
+  constexpr const char* fn = "kto_reference_sums";
+  return detail::on_real(kl_policy, fn, "kl_policy", [&](auto t) {
+    using S = typename decltype(t)::type;
+    const auto kp = detail::arg<S, 1>(kl_policy, fn, "kl_policy", detail::dtype_name<S>());
+    const auto kr = detail::arg<S, 1>(kl_ref, fn, "kl_ref", "the dtype of 'kl_policy'");
+    return prefloss::kto_reference_sums(kp, kr, threads);
+  });
+}
+
+/// @brief PPO-clip (prefloss::ppo_clip) over [batch, tokens] logp, old_logp and advantages of
+/// one dtype (float32 or float64) and a mask. Gradients reach logp.
+inline PpoResult ppo_clip(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                          const at::Tensor& mask, const PpoOptions& opt = {}) {
+  return detail::token_call<PpoMetrics, 2>(
+      "ppo_clip", logp, "logp", {&old_logp, &advantages}, {"old_logp", "advantages"}, mask,
+      [&](const auto& x, const auto& o, const auto& m) { return prefloss::ppo_clip(x, o[0], o[1], m, opt); });
+}
+
+/// @brief ppo_clip with a reference policy's [batch, tokens] log-probs for the KL term.
+inline PpoResult ppo_clip(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                          const at::Tensor& mask, const at::Tensor& ref_logp, const PpoOptions& opt = {}) {
+  return detail::token_call<PpoMetrics, 3>(
+      "ppo_clip", logp, "logp", {&old_logp, &advantages, &ref_logp}, {"old_logp", "advantages", "ref_logp"}, mask,
+      [&](const auto& x, const auto& o, const auto& m) { return prefloss::ppo_clip(x, o[0], o[1], m, o[2], opt); });
+}
+
+/// @brief The clipped value loss (prefloss::value_loss) over [batch, tokens] values, old values
+/// and returns of one dtype and a mask. Gradients reach values.
+inline ValueLossResult value_loss(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+                                  const at::Tensor& mask, const ValueOptions& opt = {}) {
+  return detail::token_call<ValueMetrics, 2>(
+      "value_loss", values, "values", {&old_values, &returns}, {"old_values", "returns"}, mask,
+      [&](const auto& x, const auto& o, const auto& m) { return prefloss::value_loss(x, o[0], o[1], m, opt); });
+}
+
+/// @brief Token log-probs (and the entropy with LogprobOptions::entropy) from [batch, tokens,
+/// vocab] logits (float32, float64, bfloat16 or float16), [batch, tokens] int64 or int32 labels
+/// and a mask (prefloss::token_logprobs), as an autograd node to the logits. Masked-out tokens'
+/// logits are never read and get a zero gradient row.
+inline LogprobOutputs token_logprobs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& mask,
+                                     const LogprobOptions& opt = {}) {
+  constexpr const char* fn = "token_logprobs";
+  return detail::on_token(logits, fn, "logits", [&](auto zt) {
+    using Z = typename decltype(zt)::type;
+    using C = prefloss::detail::compute_t<Z>;
+    detail::require_readable(logits, fn, "logits", 3, detail::rank_dims(3));
+    return detail::on_label(labels, fn, "labels", [&](auto yt) {
+      using Y = typename decltype(yt)::type;
+      detail::require_readable(labels, fn, "labels", 2, detail::rank_dims(2));
+      return detail::on_mask<C>(mask, fn, "mask", [&](auto mt) {
+        using Mk = typename decltype(mt)::type;
+        detail::require_readable(mask, fn, "mask", 2, detail::rank_dims(2));
+        const auto z = detail::read_map<Z, 3>(logits);
+        const auto y = detail::read_map<Y, 2>(labels);
+        const auto m = detail::read_map<Mk, 2>(mask);
+        at::Tensor logp = at::empty({logits.size(0), logits.size(1)}, detail::options_of<C>());
+        at::Tensor entropy = opt.entropy ? at::empty_like(logp) : at::Tensor();
+        auto res = opt.entropy ? prefloss::token_logprobs(z, y, m, opt, detail::write_map<C, 2>(logp),
+                                                          detail::write_map<C, 2>(entropy))
+                               : prefloss::token_logprobs(z, y, m, opt, detail::write_map<C, 2>(logp));
+        auto node = c10::make_intrusive<detail::LogprobNode<decltype(res), Z>>(std::move(res));
+        node->fn = fn;
+        node->keep(logits, "logits");
+        node->keep(labels, "labels");
+        node->keep(mask, "mask");
+        node->outputs = {logp};
+        if (opt.entropy) node->outputs.push_back(entropy);
+        auto out = detail::attach({logits}, node);
+        return LogprobOutputs{out[0], opt.entropy ? out[1] : at::Tensor()};
+      });
+    });
+  });
+}
+
+namespace detail {
+/// An owning Eigen tensor handed to ATen without a copy: the tensor's deleter frees it.
+template <class C>
+at::Tensor adopt(Eigen::Tensor<C, 2, Eigen::RowMajor>&& t) {
+  if (t.size() == 0) return at::Tensor();
+  auto* owner = new Eigen::Tensor<C, 2, Eigen::RowMajor>(std::move(t));
+  return at::from_blob(
+      owner->data(), {owner->dimension(0), owner->dimension(1)},
+      [owner](void*) { delete owner; }, options_of<C>());
+}
+
+template <class Core>
+PpoLogitsOutputs ppo_from_logits(const char* fn, const at::Tensor& logits, const at::Tensor& labels,
+                                 const std::vector<std::pair<const at::Tensor*, const char*>>& tokens,
+                                 const at::Tensor& mask, Core&& core) {
+  return on_token(logits, fn, "logits", [&](auto zt) {
+    using Z = typename decltype(zt)::type;
+    using C = prefloss::detail::compute_t<Z>;
+    require_readable(logits, fn, "logits", 3, rank_dims(3));
+    const std::string rule = std::string("the log-probs' dtype, ") + dtype_name<C>() + " for these logits";
+    std::vector<Eigen::TensorMap<const Eigen::Tensor<C, 2, Eigen::RowMajor>>> maps;
+    for (const auto& [t, name] : tokens) maps.push_back(arg<C, 2>(*t, fn, name, rule.c_str()));
+    return on_label(labels, fn, "labels", [&](auto yt) {
+      using Y = typename decltype(yt)::type;
+      require_readable(labels, fn, "labels", 2, rank_dims(2));
+      return on_mask<C>(mask, fn, "mask", [&](auto mt) {
+        using Mk = typename decltype(mt)::type;
+        require_readable(mask, fn, "mask", 2, rank_dims(2));
+        at::Tensor grad = at::empty(logits.sizes(), logits.options());
+        auto res = core(read_map<Z, 3>(logits), read_map<Y, 2>(labels), maps, read_map<Mk, 2>(mask),
+                        write_map<Z, 3>(grad));
+        auto node = c10::make_intrusive<HandOverNode>();
+        node->fn = fn;
+        node->grad = std::move(grad);
+        node->outputs = {scalar_of<C>(static_cast<double>(res.loss)), copy_of(res.losses)};
+        auto out = attach({logits}, node);
+        PpoLogitsOutputs r;
+        r.loss = std::move(out[0]);
+        r.losses = std::move(out[1]);
+        r.logp = adopt(std::move(res.logp));
+        r.entropy = adopt(std::move(res.entropy));
+        r.policy_loss = static_cast<double>(res.policy_loss);
+        r.entropy_loss = static_cast<double>(res.entropy_loss);
+        r.metric_sums = widen(res.metric_sums);
+        r.metrics = r.metric_sums.metrics();
+        return r;
+      });
+    });
+  });
+}
+}  // namespace detail
+
+/// @brief PPO-clip from logits (prefloss::ppo_clip_from_logits): the token log-probs, the
+/// optional entropy bonus and the loss in the core's fused passes; [batch, tokens] old_logp and
+/// advantages of the log-probs' dtype. The gradient to the logits is computed in the forward
+/// (the core call is fused) and handed to autograd by the backward, once.
+inline PpoLogitsOutputs ppo_clip_from_logits(const at::Tensor& logits, const at::Tensor& labels,
+                                             const at::Tensor& old_logp, const at::Tensor& advantages,
+                                             const at::Tensor& mask, const PpoOptions& popt = {},
+                                             const LogprobOptions& lopt = {}) {
+  return detail::ppo_from_logits(
+      "ppo_clip_from_logits", logits, labels, {{&old_logp, "old_logp"}, {&advantages, "advantages"}}, mask,
+      [&](const auto& z, const auto& y, const auto& o, const auto& m, auto g) {
+        return prefloss::ppo_clip_from_logits(z, y, o[0], o[1], m, popt, lopt, g);
+      });
+}
+
+/// @brief ppo_clip_from_logits with a reference policy's [batch, tokens] log-probs (KL term).
+inline PpoLogitsOutputs ppo_clip_from_logits(const at::Tensor& logits, const at::Tensor& labels,
+                                             const at::Tensor& old_logp, const at::Tensor& advantages,
+                                             const at::Tensor& mask, const at::Tensor& ref_logp,
+                                             const PpoOptions& popt = {}, const LogprobOptions& lopt = {}) {
+  return detail::ppo_from_logits(
+      "ppo_clip_from_logits", logits, labels,
+      {{&old_logp, "old_logp"}, {&advantages, "advantages"}, {&ref_logp, "ref_logp"}}, mask,
+      [&](const auto& z, const auto& y, const auto& o, const auto& m, auto g) {
+        return prefloss::ppo_clip_from_logits(z, y, o[0], o[1], m, o[2], popt, lopt, g);
+      });
+}
+
+}  // namespace prefloss::torch
