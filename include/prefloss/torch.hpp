@@ -30,9 +30,10 @@
 ///   float).
 /// - Backward runs the core's closed-form gradient. It honours any upstream gradient of loss
 ///   and losses, computes a gradient only for inputs that require one, and never for
-///   references, old log-probs, advantages, returns, labels or masks. A node's forward keeps
-///   references to the tensors its backward reads again; modifying one in place before backward
-///   is a tensor_error then.
+///   references, old log-probs, advantages, returns, labels or masks. The tensors a backward
+///   reads again (tokens, masks, logits) are saved as autograd saves its own, and freed after
+///   the backward unless retain_graph; modifying one in place between the forward and the
+///   backward is a tensor_error naming it.
 /// - Allocation: the forward allocates O(batch); the backward allocates the gradient tensor it
 ///   hands to autograd and O(batch) besides (ppo_clip_from_logits, which is fused, allocates its
 ///   [batch, tokens, vocab] gradient in the forward). A token loss whose upstream gradient is
@@ -241,33 +242,46 @@ using variable_list = ::torch::autograd::variable_list;
 
 /// @brief One adapter call's autograd node: what its backward needs, kept from the forward.
 /// The forward runs before Function::apply (so a rejected call builds no graph); `outputs` is
-/// handed to autograd once and then dropped, so the node never owns its own outputs.
+/// handed to autograd once and then dropped, so the node never owns its own outputs. The tensors
+/// the backward reads again (the core's views point into them) go to ctx->save_for_backward,
+/// so autograd frees them after the backward as it frees its own; the node keeps only weak
+/// references to them, to name one that was modified in place.
 struct Node : ::torch::CustomClassHolder {
+  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
   struct Kept {
-    at::Tensor tensor;
+    Weak tensor;
     const char* name;
     std::int64_t version;
   };
   const char* fn = "";
   std::vector<at::Tensor> outputs;
-  std::vector<bool> needs;  ///< per input of apply(): whether it requires a gradient
-  std::vector<Kept> kept;
+  std::vector<at::Tensor> to_save;  ///< moved to the autograd context by the forward
+  std::vector<bool> needs;          ///< per input of attach(): whether it requires a gradient
+  std::vector<Kept> kept;           ///< one per entry of to_save
 
   ~Node() override = default;
-  /// One gradient per input of apply() (undefined where none is needed); grads has one entry
-  /// per output, undefined where the output got no gradient.
-  virtual std::vector<at::Tensor> backward(const variable_list& grads) = 0;
+  /// One gradient per input of attach() (undefined where none is needed); grads has one entry
+  /// per output, undefined where the output got no gradient; saved holds the kept tensors in
+  /// the order keep() was called.
+  virtual std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& saved) = 0;
 
-  /// Keeps `t` alive for backward (the core's views point into it) and remembers its version.
-  void keep(const at::Tensor& t, const char* name) { kept.push_back({t, name, t._version()}); }
+  /// Keeps `t` for backward and remembers its version.
+  void keep(const at::Tensor& t, const char* name) {
+    to_save.push_back(t);
+    kept.push_back({Weak(t.getIntrusivePtr()), name, t._version()});
+  }
   void check_kept() const {
-    for (const auto& k : kept)
-      if (k.tensor._version() != k.version)
+    for (const auto& k : kept) {
+      const auto t = k.tensor.lock();
+      if (!t) continue;  // freed: autograd reports the second backward itself
+      const auto now = static_cast<std::int64_t>(t->version_counter().current_version());
+      if (now != k.version)
         throw tensor_error(where(fn, k.name) +
                            " was modified in place after the forward pass and before backward (its version went "
                            "from " +
-                           std::to_string(k.version) + " to " + std::to_string(k.tensor._version()) +
+                           std::to_string(k.version) + " to " + std::to_string(now) +
                            "); the gradient reads it again: clone it before modifying it");
+    }
   }
 };
 
@@ -276,13 +290,15 @@ struct Function : ::torch::autograd::Function<Function> {
                                const c10::intrusive_ptr<Node>& node) {
     (void)inputs;
     ctx->set_materialize_grads(false);  // an unused output must not cost a zero tensor
+    ctx->save_for_backward(std::move(node->to_save));
+    node->to_save.clear();
     ctx->saved_data["prefloss"] = at::IValue::make_capsule(node);
     return std::move(node->outputs);
   }
   static variable_list backward(::torch::autograd::AutogradContext* ctx, variable_list grads) {
     auto node = c10::static_intrusive_pointer_cast<Node>(ctx->saved_data["prefloss"].toCapsule());
     node->check_kept();
-    auto out = node->backward(grads);
+    auto out = node->backward(grads, ctx->get_saved_variables());
     out.emplace_back();  // the node argument
     return out;
   }
@@ -432,7 +448,7 @@ std::array<Eigen::TensorMap<const Eigen::Tensor<S, R, Eigen::RowMajor>>, K> arg_
 struct ValueGradNode : Node {
   std::vector<at::Tensor> d;  ///< per input: d loss / d value, the input's shape
   double n = 1;
-  std::vector<at::Tensor> backward(const variable_list& grads) override {
+  std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& /*saved*/) override {
     const at::Tensor u = row_factor(grads, n);
     std::vector<at::Tensor> out(d.size());
     if (!u.defined()) return out;
@@ -483,11 +499,11 @@ struct MaskedNode : Node {
   using Storage = typename Expr::Storage;
   Expr expr;
   explicit MaskedNode(Expr e) : expr(std::move(e)) {}
-  std::vector<at::Tensor> backward(const variable_list& grads) override {
+  std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& saved) override {
     const at::Tensor g = grad_at(grads, 0);
     if (!g.defined() || !needs[0]) return {at::Tensor()};
     const at::Tensor up = g.to(dtype_of<Scalar>::value).contiguous();
-    const at::Tensor& tokens = kept[0].tensor;
+    const at::Tensor& tokens = saved[0];
     at::Tensor grad = at::empty(tokens.sizes(), tokens.options());
     expr.backward(read_map<Scalar, 1>(up), write_map<Storage, 2>(grad));
     return {grad};
@@ -540,10 +556,10 @@ template <class Core>
 struct TokenNode : Node {
   Core core;
   explicit TokenNode(Core c) : core(std::move(c)) {}
-  std::vector<at::Tensor> backward(const variable_list& grads) override {
+  std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& saved) override {
     const at::Tensor u = row_factor(grads, 1.0);
     if (!u.defined() || !needs[0]) return {at::Tensor()};
-    const at::Tensor& x = kept[0].tensor;
+    const at::Tensor& x = saved[0];
     at::Tensor grad = at::empty(x.sizes(), x.options());
     core.backward(write_map<typename Core::Scalar, 2>(grad));
     scale_rows(grad, u);
@@ -584,11 +600,11 @@ template <class Core, class Z>
 struct LogprobNode : Node {
   Core core;
   explicit LogprobNode(Core c) : core(std::move(c)) {}
-  std::vector<at::Tensor> backward(const variable_list& grads) override {
+  std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& saved) override {
     using C = prefloss::detail::compute_t<Z>;
     at::Tensor glp = grad_at(grads, 0), gh = grad_at(grads, 1);
     if ((!glp.defined() && !gh.defined()) || !needs[0]) return {at::Tensor()};
-    const at::Tensor& z = kept[0].tensor;
+    const at::Tensor& z = saved[0];
     // Only the entropy got a gradient: the logp upstream is 0 ([batch, tokens], not vocab-sized).
     glp = glp.defined() ? glp.to(dtype_of<C>::value).contiguous() : at::zeros({z.size(0), z.size(1)}, options_of<C>());
     at::Tensor grad = at::empty(z.sizes(), z.options());
@@ -607,7 +623,7 @@ struct LogprobNode : Node {
 struct HandOverNode : Node {
   at::Tensor grad;
   bool handed = false;
-  std::vector<at::Tensor> backward(const variable_list& grads) override {
+  std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& /*saved*/) override {
     const at::Tensor u = row_factor(grads, 1.0);
     if (!u.defined() || !needs[0]) return {at::Tensor()};
     if (handed)
