@@ -250,7 +250,7 @@ struct Node : ::torch::CustomClassHolder {
   using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
   struct Kept {
     Weak tensor;
-    const char* name;
+    std::string name;
     std::int64_t version;
   };
   const char* fn = "";
@@ -276,7 +276,7 @@ struct Node : ::torch::CustomClassHolder {
       if (!t) continue;  // freed: autograd reports the second backward itself
       const auto now = static_cast<std::int64_t>(t->version_counter().current_version());
       if (now != k.version)
-        throw tensor_error(where(fn, k.name) +
+        throw tensor_error(where(fn, k.name.c_str()) +
                            " was modified in place after the forward pass and before backward (its version went "
                            "from " +
                            std::to_string(k.version) + " to " + std::to_string(now) +
@@ -315,15 +315,6 @@ inline variable_list attach(const std::vector<at::Tensor>& inputs, c10::intrusiv
 /// The gradient of output k, or undefined.
 inline at::Tensor grad_at(const variable_list& grads, std::size_t k) {
   return k < grads.size() ? grads[k] : at::Tensor();
-}
-
-/// @brief Per-row factor of a loss whose losses are its terms over a divisor n: d/dvalue_i of
-/// (g loss + sum_i gl_i losses_i) = (g + n gl_i) d loss/dvalue_i. Undefined when neither output
-/// got a gradient; g alone stays 0-dim.
-inline at::Tensor row_factor(const variable_list& grads, double n) {
-  const at::Tensor g = grad_at(grads, 0), gl = grad_at(grads, 1);
-  if (!gl.defined()) return g;
-  return g.defined() ? g + gl * n : gl * n;
 }
 
 template <class T>
@@ -443,18 +434,95 @@ std::array<Eigen::TensorMap<const Eigen::Tensor<S, R, Eigen::RowMajor>>, K> arg_
   return {arg<S, R>(*t[I], fn, names[I], rule)...};
 }
 
+/// @brief The per-row upstream of a loss whose losses are its terms over a divisor n:
+/// d/dloss_term of (g loss + sum_i gl_i losses_i) is g + n gl_i. Plain numbers, no tensor ops
+/// (each costs microseconds of dispatch): `any` is false when neither output got a gradient,
+/// `one` when the factor is exactly 1 for every row.
+struct RowFactor {
+  bool any = false, one = false;
+  double g = 0, n = 1;
+  at::Tensor gl;  ///< [batch] double, contiguous, or undefined
+  RowFactor(const variable_list& grads, double divisor) : n(divisor) {
+    const at::Tensor gt = grad_at(grads, 0), glt = grad_at(grads, 1);
+    any = gt.defined() || glt.defined();
+    if (gt.defined()) g = gt.item<double>();
+    if (glt.defined()) gl = glt.to(at::kDouble).contiguous();
+    one = any && !gl.defined() && g == 1.0;
+  }
+  double at(std::int64_t i) const { return gl.defined() ? g + n * gl.data_ptr<double>()[i] : g; }
+};
+
+/// @brief A masked_sum / masked_mean node seen by the loss it feeds: the loss takes the tokens
+/// as its own input and writes their gradient through the expression itself, so the masked node
+/// never runs in the backward (one node and one pass over the masks instead of two).
+struct MaskedSource : Node {
+  /// grad = the expression's adjoint of upstream ([batch] of the values' dtype), a new tensor
+  /// shaped and typed like the tokens.
+  virtual at::Tensor adjoint(const void* upstream, const at::Tensor& tokens) const = 0;
+};
+
+/// The masked source behind `values` when `values` is a masked_sum / masked_mean output that
+/// nothing has modified since: the source and the tensors it reads (from its saved variables).
+struct Fused {
+  c10::intrusive_ptr<MaskedSource> source;
+  at::Tensor tokens, mask;
+};
+inline Fused fused_source(const at::Tensor& values) {
+  if (!values.requires_grad() || values.output_nr() != 0 || values._version() != 0) return {};
+  auto* cpp = dynamic_cast<::torch::autograd::CppNode<Function>*>(values.grad_fn().get());
+  if (!cpp) return {};
+  const auto it = cpp->ctx_.saved_data.find("prefloss");
+  if (it == cpp->ctx_.saved_data.end()) return {};
+  auto source = c10::dynamic_intrusive_pointer_cast<MaskedSource>(
+      c10::static_intrusive_pointer_cast<Node>(it->second.toCapsule()));
+  if (!source) return {};
+  // Throws when the tokens or the mask were modified in place since: the masked node's own
+  // backward then reports it, as it would without the fusion.
+  try {
+    const auto saved = cpp->ctx_.get_saved_variables();
+    return {std::move(source), saved[0], saved[1]};
+  } catch (const c10::Error&) {
+    return {};
+  }
+}
+
 /// Node of a loss over sequence values: the core keeps d loss / d value per input (already over
-/// the divisor n), so the backward is a [batch] product per input.
+/// the divisor n). A plain input's gradient is that times the row factor; an input that came
+/// from masked_sum / masked_mean gets its token gradient written directly.
+template <class S>
 struct ValueGradNode : Node {
-  std::vector<at::Tensor> d;  ///< per input: d loss / d value, the input's shape
+  struct Input {
+    Eigen::Tensor<S, 1> d;  ///< d loss / d value, row-major over the input's elements
+    at::IntArrayRef::value_type rows = 0;
+    c10::intrusive_ptr<MaskedSource> source;  ///< set when fused
+    std::size_t saved = 0;                    ///< the fused tokens' index in the saved tensors
+    std::vector<std::int64_t> shape;          ///< the plain input's shape
+  };
+  std::vector<Input> in;
   double n = 1;
-  std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& /*saved*/) override {
-    const at::Tensor u = row_factor(grads, n);
-    std::vector<at::Tensor> out(d.size());
-    if (!u.defined()) return out;
-    for (std::size_t k = 0; k < d.size(); ++k) {
+  std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& saved) override {
+    const RowFactor u(grads, n);
+    std::vector<at::Tensor> out(in.size());
+    if (!u.any) return out;
+    for (std::size_t k = 0; k < in.size(); ++k) {
       if (!needs[k]) continue;
-      out[k] = u.dim() == 0 || d[k].dim() == 1 ? d[k] * u : d[k] * u.unsqueeze(1);
+      const Input& x = in[k];
+      const auto total = static_cast<std::int64_t>(x.d.size());
+      const std::int64_t per = x.rows ? total / x.rows : 0;
+      Eigen::Tensor<S, 1> up;
+      const S* upstream = x.d.data();
+      if (!u.one) {
+        up = Eigen::Tensor<S, 1>(x.d.size());
+        for (std::int64_t j = 0; j < total; ++j)
+          up.data()[j] = static_cast<S>(static_cast<double>(x.d.data()[j]) * u.at(j / per));
+        upstream = up.data();
+      }
+      if (x.source) {
+        out[k] = x.source->adjoint(upstream, saved[x.saved]);
+      } else {
+        out[k] = at::empty(x.shape, options_of<S>());
+        std::copy(upstream, upstream + total, out[k].data_ptr<S>());
+      }
     }
     return out;
   }
@@ -463,6 +531,7 @@ struct ValueGradNode : Node {
 /// Runs a loss over K differentiable sequence tensors `diff` (rank R each: 1, or 2 for
 /// ranking scores) and constant [batch] tensors `consts`, all of the first one's dtype: core(diff
 /// maps, const maps) is the core call; grads_of(core result) the per-input d loss / d value.
+/// A [batch] input that is a masked_sum / masked_mean output is fused (see MaskedSource).
 template <template <class> class M, int R, std::size_t K, std::size_t C, class Core, class Grads>
 Result<M<double>> sequence_call(const char* fn, const std::array<const at::Tensor*, K>& diff,
                                 const std::array<const char*, K>& diff_names,
@@ -477,36 +546,52 @@ Result<M<double>> sequence_call(const char* fn, const std::array<const at::Tenso
     std::array<Map, K> dm{arg_maps<S, R>(diff, diff_names, fn, rule.c_str(), std::make_index_sequence<K>{})};
     std::array<CMap, C> cm{arg_maps<S, 1>(consts, const_names, fn, rule.c_str(), std::make_index_sequence<C>{})};
     const auto res = core(dm, cm);
-    auto node = c10::make_intrusive<ValueGradNode>();
+    auto node = c10::make_intrusive<ValueGradNode<S>>();
     node->fn = fn;
     node->n = n_or_zero > 0 ? n_or_zero : static_cast<double>(diff[0]->size(0));
     const std::array<const Eigen::Tensor<S, 1>*, K> d = grads_of(res);
     std::vector<at::Tensor> inputs;
+    const bool graph = at::GradMode::is_enabled();
     for (std::size_t k = 0; k < K; ++k) {
-      inputs.push_back(*diff[k]);
-      node->d.push_back(diff[k]->requires_grad() ? copy_of(*d[k]).view(diff[k]->sizes()) : at::Tensor());
+      typename ValueGradNode<S>::Input x;
+      x.rows = diff[k]->size(0);
+      Fused f = graph && R == 1 ? fused_source(*diff[k]) : Fused{};
+      if (f.source && f.tokens.requires_grad()) {
+        x.source = std::move(f.source);
+        x.saved = node->kept.size();
+        node->keep(f.tokens, diff_names[k]);
+        node->keep(f.mask, diff_names[k]);
+        inputs.push_back(f.tokens);
+      } else {
+        x.shape = diff[k]->sizes().vec();
+        inputs.push_back(*diff[k]);
+      }
+      if (inputs.back().requires_grad()) x.d = *d[k];
+      node->in.push_back(std::move(x));
     }
     node->outputs = {scalar_of<S>(static_cast<double>(res.loss)), copy_of(res.losses)};
     return result_of<M>(res, attach(inputs, node));
   });
 }
 
-/// Node of a masked reduction: the core expression views the tokens and the mask, which it
-/// keeps; the backward is the core adjoint into a new gradient tensor.
+/// Node of a masked reduction: the core expression views the tokens and the mask (saved); the
+/// backward is the core adjoint into a new gradient tensor.
 template <class Expr>
-struct MaskedNode : Node {
+struct MaskedNode : MaskedSource {
   using Scalar = typename Expr::Scalar;
   using Storage = typename Expr::Storage;
   Expr expr;
   explicit MaskedNode(Expr e) : expr(std::move(e)) {}
+  at::Tensor adjoint(const void* upstream, const at::Tensor& tokens) const override {
+    at::Tensor grad = at::empty(tokens.sizes(), tokens.options());
+    expr.backward_to(static_cast<const Scalar*>(upstream), expr.grad_view(write_map<Storage, 2>(grad), fn, "grad"));
+    return grad;
+  }
   std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& saved) override {
     const at::Tensor g = grad_at(grads, 0);
     if (!g.defined() || !needs[0]) return {at::Tensor()};
     const at::Tensor up = g.to(dtype_of<Scalar>::value).contiguous();
-    const at::Tensor& tokens = saved[0];
-    at::Tensor grad = at::empty(tokens.sizes(), tokens.options());
-    expr.backward(read_map<Scalar, 1>(up), write_map<Storage, 2>(grad));
-    return {grad};
+    return {adjoint(up.data_ptr(), saved[0])};
   }
 };
 
@@ -538,37 +623,45 @@ at::Tensor masked(const char* fn, const at::Tensor& tokens, const at::Tensor& ma
   });
 }
 
-/// grad *= u row by row (u 0-dim or [batch]); nothing when u is exactly 1.
-inline void scale_rows(at::Tensor& grad, const at::Tensor& u) {
-  if (u.dim() == 0) {
-    if (u.item<double>() != 1.0) grad.mul_(u);
+/// grad *= the row factor, row by row (rows are grad's first dimension); nothing when it is
+/// exactly 1, the common case.
+inline void scale_rows(at::Tensor& grad, const RowFactor& u) {
+  if (u.one) return;
+  if (!u.gl.defined()) {
+    grad.mul_(u.g);
     return;
   }
   std::vector<std::int64_t> shape(static_cast<std::size_t>(grad.dim()), 1);
-  shape[0] = u.size(0);
-  grad.mul_(u.view(shape));
+  shape[0] = grad.size(0);
+  grad.mul_((u.gl * u.n + u.g).to(grad.scalar_type()).view(shape));
 }
 
-/// Node of a token loss: the core result views the token tensors (kept); the backward is the
-/// core's into a new [batch, tokens] gradient, rows scaled by the upstream factor unless it is
-/// exactly 1.
+/// @brief Node of a token loss. When the input requires a gradient the forward is the core's
+/// fused call (one pass over the tokens, as the core runs it) and the first backward hands that
+/// gradient to autograd; a later backward (retain_graph) runs the core's backward again from
+/// the saved tensors.
 template <class Core>
 struct TokenNode : Node {
   Core core;
+  at::Tensor grad;  ///< from the fused forward, until the first backward takes it
   explicit TokenNode(Core c) : core(std::move(c)) {}
   std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& saved) override {
-    const at::Tensor u = row_factor(grads, 1.0);
-    if (!u.defined() || !needs[0]) return {at::Tensor()};
-    const at::Tensor& x = saved[0];
-    at::Tensor grad = at::empty(x.sizes(), x.options());
-    core.backward(write_map<typename Core::Scalar, 2>(grad));
-    scale_rows(grad, u);
-    return {grad};
+    const RowFactor u(grads, 1.0);
+    if (!u.any || !needs[0]) return {at::Tensor()};
+    at::Tensor g = std::move(grad);
+    grad = at::Tensor();
+    if (!g.defined()) {
+      g = at::empty(saved[0].sizes(), saved[0].options());
+      core.backward(write_map<typename Core::Scalar, 2>(g));
+    }
+    scale_rows(g, u);
+    return {g};
   }
 };
 
 /// The token loss call: x is the differentiated input, `others` the constant token tensors of
-/// its dtype, mask of bool, uint8 or that dtype.
+/// its dtype, mask of bool, uint8 or that dtype. core(x, others, mask, grad) is the core call,
+/// fused into *grad when grad is not null.
 template <template <class> class M, std::size_t K, class Core>
 Result<M<double>> token_call(const char* fn, const at::Tensor& x, const char* x_name,
                              const std::array<const at::Tensor*, K>& others, const std::array<const char*, K>& names,
@@ -582,9 +675,13 @@ Result<M<double>> token_call(const char* fn, const at::Tensor& x, const char* x_
     return on_mask<S>(mask, fn, "mask", [&](auto m) {
       using Mk = typename decltype(m)::type;
       require_readable(mask, fn, "mask", 2, rank_dims(2));
-      auto res = core(read_map<S, 2>(x), om, read_map<Mk, 2>(mask));
+      const bool fuse = at::GradMode::is_enabled() && x.requires_grad();
+      at::Tensor grad = fuse ? at::empty(x.sizes(), x.options()) : at::Tensor();
+      auto gmap = write_map<S, 2>(fuse ? grad : x);
+      auto res = core(read_map<S, 2>(x), om, read_map<Mk, 2>(mask), fuse ? &gmap : nullptr);
       auto node = c10::make_intrusive<TokenNode<decltype(res)>>(res);
       node->fn = fn;
+      node->grad = std::move(grad);
       node->keep(x, x_name);
       for (std::size_t k = 0; k < K; ++k) node->keep(*others[k], names[k]);
       node->keep(mask, "mask");
@@ -624,8 +721,8 @@ struct HandOverNode : Node {
   at::Tensor grad;
   bool handed = false;
   std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& /*saved*/) override {
-    const at::Tensor u = row_factor(grads, 1.0);
-    if (!u.defined() || !needs[0]) return {at::Tensor()};
+    const RowFactor u(grads, 1.0);
+    if (!u.any || !needs[0]) return {at::Tensor()};
     if (handed)
       throw tensor_error(std::string("prefloss::torch::") + fn +
                          ": backward ran a second time (retain_graph); this loss computes its gradient in the "
@@ -769,7 +866,9 @@ inline PpoResult ppo_clip(const at::Tensor& logp, const at::Tensor& old_logp, co
                           const at::Tensor& mask, const PpoOptions& opt = {}) {
   return detail::token_call<PpoMetrics, 2>(
       "ppo_clip", logp, "logp", {&old_logp, &advantages}, {"old_logp", "advantages"}, mask,
-      [&](const auto& x, const auto& o, const auto& m) { return prefloss::ppo_clip(x, o[0], o[1], m, opt); });
+      [&](const auto& x, const auto& o, const auto& m, auto* g) {
+        return g ? prefloss::ppo_clip(x, o[0], o[1], m, opt, *g) : prefloss::ppo_clip(x, o[0], o[1], m, opt);
+      });
 }
 
 /// @brief ppo_clip with a reference policy's [batch, tokens] log-probs for the KL term.
@@ -777,7 +876,9 @@ inline PpoResult ppo_clip(const at::Tensor& logp, const at::Tensor& old_logp, co
                           const at::Tensor& mask, const at::Tensor& ref_logp, const PpoOptions& opt = {}) {
   return detail::token_call<PpoMetrics, 3>(
       "ppo_clip", logp, "logp", {&old_logp, &advantages, &ref_logp}, {"old_logp", "advantages", "ref_logp"}, mask,
-      [&](const auto& x, const auto& o, const auto& m) { return prefloss::ppo_clip(x, o[0], o[1], m, o[2], opt); });
+      [&](const auto& x, const auto& o, const auto& m, auto* g) {
+        return g ? prefloss::ppo_clip(x, o[0], o[1], m, o[2], opt, *g) : prefloss::ppo_clip(x, o[0], o[1], m, o[2], opt);
+      });
 }
 
 /// @brief The clipped value loss (prefloss::value_loss) over [batch, tokens] values, old values
@@ -786,7 +887,9 @@ inline ValueLossResult value_loss(const at::Tensor& values, const at::Tensor& ol
                                   const at::Tensor& mask, const ValueOptions& opt = {}) {
   return detail::token_call<ValueMetrics, 2>(
       "value_loss", values, "values", {&old_values, &returns}, {"old_values", "returns"}, mask,
-      [&](const auto& x, const auto& o, const auto& m) { return prefloss::value_loss(x, o[0], o[1], m, opt); });
+      [&](const auto& x, const auto& o, const auto& m, auto* g) {
+        return g ? prefloss::value_loss(x, o[0], o[1], m, opt, *g) : prefloss::value_loss(x, o[0], o[1], m, opt);
+      });
 }
 
 /// @brief Token log-probs (and the entropy with LogprobOptions::entropy) from [batch, tokens,
