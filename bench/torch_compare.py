@@ -192,6 +192,41 @@ def _ppo(m, n):
     return step
 
 
+@workload(r"torch_dpo_(adapter|libtorch|core|core2pass)/" + _RED)
+def _torch_dpo(m, n):
+    # bench_torch.cpp's DPO rows ([64, 2048] a side; adapter, libtorch, core): the same TRL
+    # dpo_loss in PyTorch eager as the dpo_fwd_bwd rows, so the torch columns read the Python cost
+    # of the formula the C++ libtorch row runs.
+    return _dpo(m, n)
+
+
+@workload(r"torch_ppo_(adapter|libtorch|core|core2pass)/" + _RED)
+def _torch_ppo(m, n):
+    # bench_torch.cpp's PPO rows: verl compute_policy_loss_vanilla as verl runs it, with the dual
+    # clip (clip_ratio_c 3) and its three metrics, agg_loss token-mean, autograd d/d logp.
+    logp, mask, _ = _tokens(m, n, 41)
+    shape, dt = logp.shape, logp.dtype
+    old = (logp + _uniform(shape, -0.3, 0.3, dt, 43)).detach()
+    adv = _uniform(shape, -2, 2, dt, 42)
+    logp = _grad_leaf(logp)
+
+    def step():
+        neg_kl = torch.clamp(logp - old, -20.0, 20.0)
+        ratio = torch.exp(neg_kl)
+        l1 = -adv * ratio
+        l2 = -adv * torch.clamp(ratio, 0.8, 1.2)
+        clip1 = torch.maximum(l1, l2)
+        l3 = -adv * 3.0
+        pg = torch.where(adv < 0, torch.min(l3, clip1), clip1)
+        denom = mask.sum()
+        loss = (pg * mask).sum() / denom
+        with torch.no_grad():
+            _ = ((-neg_kl * mask).sum() / denom, (torch.gt(l2, l1).float() * mask).sum() / denom,
+                 ((torch.gt(clip1, l3) * (adv < 0).float()) * mask).sum() / denom)
+        return torch.autograd.grad(loss, [logp])
+    return step
+
+
 _LOGITS = r"/f32/N(?P<N>\d+)_V(?P<V>\d+)"
 
 

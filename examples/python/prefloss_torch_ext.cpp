@@ -1,0 +1,354 @@
+// prefloss's libtorch adapter (prefloss/torch.hpp) as a Python module, built by PyTorch's JIT
+// extension loader (torch.utils.cpp_extension.load; see dpo_swap.py for the call):
+//
+//     ext = torch.utils.cpp_extension.load(
+//         name="prefloss_torch_ext", sources=["examples/python/prefloss_torch_ext.cpp"],
+//         extra_include_paths=["include", "/usr/include/eigen3"],
+//         extra_cflags=["-O2", "-march=native", "-std=c++17"])
+//     loss, losses, metrics = ext.dpo(ext.masked_sum(logp_c, mask_c), ext.masked_sum(logp_r, mask_r),
+//                                     ref_c, ref_r, beta=0.1)
+//     loss.backward()
+//
+// Every loss takes its options as keyword arguments with the core's defaults (read from the
+// options structs, so they cannot drift) and returns (loss, losses, metrics): loss 0-dim and
+// losses [batch] (per example) or [batch] (per sequence, the token losses), both differentiable,
+// and the core's metrics as a dict of floats. masked_sum / masked_mean return one tensor,
+// token_logprobs (logp, entropy or None). Enumerations are strings: DPO variants "sigmoid",
+// "robust", "hinge"; aggregation modes verl's loss_agg_mode names "token-mean",
+// "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"; KL estimators verl's
+// kl_penalty names ("k1"/"kl", "k2"/"mse", "k3"/"low_var_kl").
+//
+// Errors: prefloss's exceptions derive from std::invalid_argument, which pybind11's default
+// translator raises as ValueError with the message (dpo_swap.py checks it); an unknown string
+// option is a ValueError too. Gradients run the core's closed form in autograd's backward.
+#include <torch/extension.h>
+
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <prefloss/torch.hpp>
+#include <stdexcept>
+#include <string>
+
+namespace py = pybind11;
+namespace pt = prefloss::torch;
+
+namespace {
+
+using OptD = std::optional<double>;
+using OptT = std::optional<at::Tensor>;
+
+prefloss::DpoVariant dpo_variant(const std::string& s) {
+  if (s == "sigmoid") return prefloss::DpoVariant::sigmoid;
+  if (s == "robust") return prefloss::DpoVariant::robust;
+  if (s == "hinge") return prefloss::DpoVariant::hinge;
+  throw std::invalid_argument("prefloss_torch_ext.dpo: variant must be 'sigmoid', 'robust' or 'hinge', got '" + s +
+                              "'");
+}
+
+prefloss::Aggregation aggregation(const std::string& s, const char* fn) {
+  if (s == "token-mean") return prefloss::Aggregation::token_mean;
+  if (s == "seq-mean-token-mean") return prefloss::Aggregation::seq_mean_token_mean;
+  if (s == "seq-mean-token-sum") return prefloss::Aggregation::seq_mean_token_sum;
+  if (s == "seq-mean-token-sum-norm") return prefloss::Aggregation::seq_mean_token_sum_norm;
+  throw std::invalid_argument(std::string("prefloss_torch_ext.") + fn +
+                              ": aggregation must be 'token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum' or "
+                              "'seq-mean-token-sum-norm', got '" +
+                              s + "'");
+}
+
+const char* aggregation_name(prefloss::Aggregation a) {
+  switch (a) {
+    case prefloss::Aggregation::token_mean:
+      return "token-mean";
+    case prefloss::Aggregation::seq_mean_token_mean:
+      return "seq-mean-token-mean";
+    case prefloss::Aggregation::seq_mean_token_sum:
+      return "seq-mean-token-sum";
+    case prefloss::Aggregation::seq_mean_token_sum_norm:
+      return "seq-mean-token-sum-norm";
+  }
+  return "?";
+}
+
+prefloss::KlEstimator kl_estimator(const std::string& s) {
+  if (s == "k1" || s == "kl") return prefloss::KlEstimator::k1;
+  if (s == "k2" || s == "mse") return prefloss::KlEstimator::k2;
+  if (s == "k3" || s == "low_var_kl") return prefloss::KlEstimator::k3;
+  throw std::invalid_argument(
+      "prefloss_torch_ext.ppo_clip: kl_estimator must be 'k1' ('kl'), 'k2' ('mse') or 'k3' "
+      "('low_var_kl'), got '" +
+      s + "'");
+}
+
+const char* kl_estimator_name(prefloss::KlEstimator k) {
+  return k == prefloss::KlEstimator::k1 ? "k1" : k == prefloss::KlEstimator::k2 ? "k2" : "k3";
+}
+
+// ---- metrics as dicts ---------------------------------------------------------------------------
+
+py::dict metrics(const prefloss::PreferenceMetrics<double>& m) {
+  py::dict d;
+  d["reward_chosen"] = m.reward_chosen;
+  d["reward_rejected"] = m.reward_rejected;
+  d["reward_margin"] = m.reward_margin;
+  d["reward_accuracy"] = m.reward_accuracy;
+  return d;
+}
+
+py::dict metrics(const prefloss::OrpoMetrics<double>& m) {
+  py::dict d = metrics(static_cast<const prefloss::PreferenceMetrics<double>&>(m));
+  d["log_odds_ratio"] = m.log_odds_ratio;
+  d["log_odds_chosen"] = m.log_odds_chosen;
+  d["nll_loss"] = m.nll_loss;
+  return d;
+}
+
+py::dict metrics(const prefloss::RankingMetrics<double>& m) {
+  py::dict d;
+  d["accuracy"] = m.accuracy;
+  d["reward_mean"] = m.reward_mean;
+  d["reward_margin"] = m.reward_margin;
+  return d;
+}
+
+py::dict metrics(const prefloss::NllMetrics<double>& m) {
+  py::dict d;
+  d["mean_logp"] = m.mean_logp;
+  return d;
+}
+
+py::dict metrics(const prefloss::KtoMetrics<double>& m) {
+  py::dict d;
+  d["reference_point"] = m.reference_point;
+  d["kl_mean"] = m.kl_mean;
+  d["count_desirable"] = static_cast<long long>(m.count_desirable);
+  d["count_undesirable"] = static_cast<long long>(m.count_undesirable);
+  d["reward_desirable_sum"] = m.reward_desirable_sum;
+  d["reward_undesirable_sum"] = m.reward_undesirable_sum;
+  d["reward_desirable"] = m.reward_desirable;
+  d["reward_undesirable"] = m.reward_undesirable;
+  d["reward_margin"] = m.reward_margin;
+  d["logps_desirable_sum"] = m.logps_desirable_sum;
+  d["logps_undesirable_sum"] = m.logps_undesirable_sum;
+  return d;
+}
+
+py::dict metrics(const prefloss::PpoMetrics<double>& m) {
+  py::dict d;
+  d["clip_fraction"] = m.clip_fraction;
+  d["clip_fraction_low"] = m.clip_fraction_low;
+  d["approx_kl"] = m.approx_kl;
+  d["ratio_mean"] = m.ratio_mean;
+  d["ratio_max"] = m.ratio_max;
+  d["kl_mean"] = m.kl_mean;
+  d["token_weight"] = m.token_weight;
+  return d;
+}
+
+py::dict metrics(const prefloss::ValueMetrics<double>& m) {
+  py::dict d;
+  d["clip_fraction"] = m.clip_fraction;
+  d["value_mean"] = m.value_mean;
+  d["token_weight"] = m.token_weight;
+  return d;
+}
+
+template <class R>
+py::tuple out(const R& r) {
+  return py::make_tuple(r.loss, r.losses, metrics(r.metrics));
+}
+
+// ---- the bindings -------------------------------------------------------------------------------
+
+py::tuple dpo(const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& ref_chosen,
+              const at::Tensor& ref_rejected, double beta, double label_smoothing, const std::string& variant,
+              bool reference_free, OptD batch_count) {
+  prefloss::DpoOptions o;
+  o.beta = beta;
+  o.label_smoothing = label_smoothing;
+  o.variant = dpo_variant(variant);
+  o.reference_free = reference_free;
+  o.batch_count = batch_count;
+  return out(pt::dpo(chosen, rejected, ref_chosen, ref_rejected, o));
+}
+
+py::tuple ipo(const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& ref_chosen,
+              const at::Tensor& ref_rejected, double beta, bool reference_free, OptD batch_count) {
+  prefloss::IpoOptions o;
+  o.beta = beta;
+  o.reference_free = reference_free;
+  o.batch_count = batch_count;
+  return out(pt::ipo(chosen, rejected, ref_chosen, ref_rejected, o));
+}
+
+py::tuple simpo(const at::Tensor& chosen, const at::Tensor& rejected, double beta, double gamma, double label_smoothing,
+                OptD batch_count) {
+  prefloss::SimpoOptions o;
+  o.beta = beta;
+  o.gamma = gamma;
+  o.label_smoothing = label_smoothing;
+  o.batch_count = batch_count;
+  return out(pt::simpo(chosen, rejected, o));
+}
+
+py::tuple orpo(const at::Tensor& chosen, const at::Tensor& rejected, double beta, double nll_weight, OptD batch_count) {
+  prefloss::OrpoOptions o;
+  o.beta = beta;
+  o.nll_weight = nll_weight;
+  o.batch_count = batch_count;
+  return out(pt::orpo(chosen, rejected, o));
+}
+
+py::tuple kto(const at::Tensor& policy, const at::Tensor& ref, const at::Tensor& desirable, const at::Tensor& kl_policy,
+              const at::Tensor& kl_ref, double beta, double desirable_weight, double undesirable_weight,
+              OptD reference_point, OptD batch_count) {
+  prefloss::KtoOptions o;
+  o.beta = beta;
+  o.desirable_weight = desirable_weight;
+  o.undesirable_weight = undesirable_weight;
+  o.reference_point = reference_point;
+  o.batch_count = batch_count;
+  return out(pt::kto(policy, ref, desirable, kl_policy, kl_ref, o));
+}
+
+py::tuple nll(const at::Tensor& logp_sequence, OptD normalizer, OptD batch_count) {
+  prefloss::NllOptions o;
+  o.normalizer = normalizer;
+  o.batch_count = batch_count;
+  return out(pt::nll(logp_sequence, o));
+}
+
+py::tuple bradley_terry(const at::Tensor& r_chosen, const at::Tensor& r_rejected, const OptT& margin,
+                        double center_coef, OptD batch_count) {
+  prefloss::BradleyTerryOptions o;
+  o.center_coef = center_coef;
+  o.batch_count = batch_count;
+  return margin ? out(pt::bradley_terry(r_chosen, r_rejected, *margin, o))
+                : out(pt::bradley_terry(r_chosen, r_rejected, o));
+}
+
+py::tuple bradley_terry_ranking(const at::Tensor& rewards, double center_coef, OptD batch_count) {
+  prefloss::BradleyTerryOptions o;
+  o.center_coef = center_coef;
+  o.batch_count = batch_count;
+  return out(pt::bradley_terry_ranking(rewards, o));
+}
+
+// The global normalizers both token losses take (PREFLOSS_AGGREGATION_NORMALIZERS).
+template <class O>
+void set_normalizers(O& o, OptD token_count, OptD sequence_count, OptD token_sum_norm,
+                     const std::vector<double>& row_weights) {
+  o.token_count = token_count;
+  o.sequence_count = sequence_count;
+  o.token_sum_norm = token_sum_norm;
+  o.row_weights = row_weights;
+}
+
+py::tuple ppo_clip(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                   const at::Tensor& mask, const OptT& ref_logp, double clip_low, double clip_high, double dual_clip,
+                   const std::string& agg, double kl_coef, const std::string& kl_est, OptD log_ratio_clamp,
+                   OptD k3_log_ratio_clamp, OptD k3_clamp, OptD token_count, OptD sequence_count, OptD token_sum_norm,
+                   const std::vector<double>& row_weights) {
+  prefloss::PpoOptions o;
+  o.clip_low = clip_low;
+  o.clip_high = clip_high;
+  o.dual_clip = dual_clip;
+  o.aggregation = aggregation(agg, "ppo_clip");
+  o.kl_coef = kl_coef;
+  o.kl_estimator = kl_estimator(kl_est);
+  o.log_ratio_clamp = log_ratio_clamp;
+  o.k3_log_ratio_clamp = k3_log_ratio_clamp;
+  o.k3_clamp = k3_clamp;
+  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights);
+  return ref_logp ? out(pt::ppo_clip(logp, old_logp, advantages, mask, *ref_logp, o))
+                  : out(pt::ppo_clip(logp, old_logp, advantages, mask, o));
+}
+
+py::tuple value_loss(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+                     const at::Tensor& mask, OptD clip, const std::string& agg, OptD token_count, OptD sequence_count,
+                     OptD token_sum_norm, const std::vector<double>& row_weights) {
+  prefloss::ValueOptions o;
+  o.clip = clip;
+  o.aggregation = aggregation(agg, "value_loss");
+  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights);
+  return out(pt::value_loss(values, old_values, returns, mask, o));
+}
+
+py::tuple token_logprobs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& mask, double temperature,
+                         bool entropy) {
+  prefloss::LogprobOptions o;
+  o.temperature = temperature;
+  o.entropy = entropy;
+  auto r = pt::token_logprobs(logits, labels, mask, o);
+  return py::make_tuple(r.logp, r.entropy.defined() ? py::cast(r.entropy) : py::none());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using py::arg;
+  m.doc() =
+      "prefloss's libtorch adapter (prefloss/torch.hpp): preference and RL losses as autograd functions with "
+      "closed-form gradients over CPU tensors. Losses return (loss, losses, metrics dict).";
+
+  m.def("masked_sum", &pt::masked_sum, arg("tokens"), arg("mask"),
+        "[batch, tokens] tokens and a bool/uint8/weight mask -> [batch] masked sums (autograd node)");
+  m.def("masked_mean", &pt::masked_mean, arg("tokens"), arg("mask"),
+        "[batch, tokens] -> [batch] masked means (0 for a row without tokens; autograd node)");
+
+  const prefloss::DpoOptions dpo_d;
+  m.def("dpo", &dpo, arg("chosen"), arg("rejected"), arg("ref_chosen"), arg("ref_rejected"), py::kw_only(),
+        arg("beta") = dpo_d.beta, arg("label_smoothing") = dpo_d.label_smoothing, arg("variant") = "sigmoid",
+        arg("reference_free") = dpo_d.reference_free, arg("batch_count") = py::none(),
+        "DPO (prefloss::dpo) of [batch] sequence values; variant 'sigmoid', 'robust' or 'hinge'");
+  const prefloss::IpoOptions ipo_d;
+  m.def("ipo", &ipo, arg("chosen"), arg("rejected"), arg("ref_chosen"), arg("ref_rejected"), py::kw_only(),
+        arg("beta") = ipo_d.beta, arg("reference_free") = ipo_d.reference_free, arg("batch_count") = py::none(),
+        "IPO (prefloss::ipo) of [batch] sequence values");
+  const prefloss::SimpoOptions simpo_d;
+  m.def("simpo", &simpo, arg("chosen"), arg("rejected"), py::kw_only(), arg("beta") = simpo_d.beta,
+        arg("gamma") = simpo_d.gamma, arg("label_smoothing") = simpo_d.label_smoothing, arg("batch_count") = py::none(),
+        "SimPO (prefloss::simpo) of [batch] masked-mean log-probs");
+  const prefloss::OrpoOptions orpo_d;
+  m.def("orpo", &orpo, arg("chosen"), arg("rejected"), py::kw_only(), arg("beta") = orpo_d.beta,
+        arg("nll_weight") = orpo_d.nll_weight, arg("batch_count") = py::none(),
+        "ORPO (prefloss::orpo) of [batch] masked-mean log-probs");
+  const prefloss::KtoOptions kto_d;
+  m.def("kto", &kto, arg("policy"), arg("ref"), arg("desirable"), arg("kl_policy"), arg("kl_ref"), py::kw_only(),
+        arg("beta") = kto_d.beta, arg("desirable_weight") = kto_d.desirable_weight,
+        arg("undesirable_weight") = kto_d.undesirable_weight, arg("reference_point") = py::none(),
+        arg("batch_count") = py::none(), "KTO (prefloss::kto); desirable is a [batch] bool or uint8 tensor");
+  m.def("nll", &nll, arg("logp_sequence"), py::kw_only(), arg("normalizer") = py::none(),
+        arg("batch_count") = py::none(), "negative log-likelihood (prefloss::nll) of [batch] sequence values");
+  const prefloss::BradleyTerryOptions bt_d;
+  m.def("bradley_terry", &bradley_terry, arg("r_chosen"), arg("r_rejected"), arg("margin") = py::none(), py::kw_only(),
+        arg("center_coef") = bt_d.center_coef, arg("batch_count") = py::none(),
+        "Bradley-Terry reward-model loss (prefloss::bradley_terry), optional [batch] margin");
+  m.def("bradley_terry_ranking", &bradley_terry_ranking, arg("rewards"), py::kw_only(),
+        arg("center_coef") = bt_d.center_coef, arg("batch_count") = py::none(),
+        "Bradley-Terry over [batch, K] rankings, best to worst (prefloss::bradley_terry_ranking)");
+
+  const prefloss::PpoOptions ppo_d;
+  m.def("ppo_clip", &ppo_clip, arg("logp"), arg("old_logp"), arg("advantages"), arg("mask"),
+        arg("ref_logp") = py::none(), py::kw_only(), arg("clip_low") = ppo_d.clip_low,
+        arg("clip_high") = ppo_d.clip_high, arg("dual_clip") = ppo_d.dual_clip,
+        arg("aggregation") = aggregation_name(ppo_d.aggregation), arg("kl_coef") = ppo_d.kl_coef,
+        arg("kl_estimator") = kl_estimator_name(ppo_d.kl_estimator), arg("log_ratio_clamp") = ppo_d.log_ratio_clamp,
+        arg("k3_log_ratio_clamp") = ppo_d.k3_log_ratio_clamp, arg("k3_clamp") = ppo_d.k3_clamp,
+        arg("token_count") = py::none(), arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
+        arg("row_weights") = std::vector<double>{},
+        "PPO-clip (prefloss::ppo_clip) over [batch, tokens] tensors; dual_clip 0 = off (verl: 3); ref_logp for "
+        "the KL term (kl_coef > 0)");
+  const prefloss::ValueOptions value_d;
+  m.def("value_loss", &value_loss, arg("values"), arg("old_values"), arg("returns"), arg("mask"), py::kw_only(),
+        arg("clip") = value_d.clip, arg("aggregation") = aggregation_name(value_d.aggregation),
+        arg("token_count") = py::none(), arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
+        arg("row_weights") = std::vector<double>{},
+        "clipped value loss (prefloss::value_loss), 0.5 max((v-R)^2, (clip(v)-R)^2) aggregated; clip None = off");
+  const prefloss::LogprobOptions lp_d;
+  m.def("token_logprobs", &token_logprobs, arg("logits"), arg("labels"), arg("mask"), py::kw_only(),
+        arg("temperature") = lp_d.temperature, arg("entropy") = lp_d.entropy,
+        "[batch, tokens, vocab] logits, [batch, tokens] labels and mask -> (logp, entropy or None), "
+        "differentiable to the logits");
+}
