@@ -24,6 +24,8 @@
 //   ovh_core_us   adapter - fused core call, microseconds
 //   ovh_2pass_us  adapter - two-pass core calls, microseconds (the adapter's own cost: graph
 //                 nodes, tensor allocations, the [batch] products of the backward)
+//   floor_us      an empty custom autograd Function over the same inputs, apply + backward
+//                 (torch_*_autograd_floor): the engine's cost, below which no adapter can go
 // and the end of the run prints one summary line per loss to stderr (the medians over the
 // repetitions' paired measurements; stdout stays pure JSON under --benchmark_format=json).
 //
@@ -70,6 +72,24 @@ at::Tensor seq_tensor(std::uint64_t seed) {
   return t;
 }
 
+/// The floor of any autograd function: a custom Function over the same inputs that computes
+/// nothing and returns no gradient, applied and run backward. The engine's own cost, which no
+/// adapter can go below.
+struct Empty : ::torch::autograd::Function<Empty> {
+  static ::torch::autograd::variable_list forward(::torch::autograd::AutogradContext* ctx, at::TensorList inputs) {
+    (void)inputs;
+    ctx->set_materialize_grads(false);
+    return {at::scalar_tensor(0.0, at::kFloat)};
+  }
+  static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext*,
+                                                   const ::torch::autograd::variable_list&) {
+    return {at::Tensor(), at::Tensor()};
+  }
+};
+void autograd_floor(const std::vector<at::Tensor>& inputs) {
+  Empty::apply(at::TensorList(inputs))[0].backward();
+}
+
 // ---- DPO ----------------------------------------------------------------------------------------
 
 struct DpoInputs {
@@ -102,6 +122,7 @@ struct DpoInputs {
     lc.mutable_grad().reset();
     lr.mutable_grad().reset();
   }
+  void floor() { autograd_floor({lc, lr}); }
   template <bool Fused>
   void core() {
     const auto c = pt::view<float, 2>(lc, "lc"), r = pt::view<float, 2>(lr, "lr");
@@ -158,6 +179,7 @@ struct PpoInputs {
     loss.backward();
     logp.mutable_grad().reset();
   }
+  void floor() { autograd_floor({logp}); }
   template <bool Fused>
   void core() {
     const auto x = pt::view<float, 2>(logp, "logp"), o = pt::view<float, 2>(old, "old");
@@ -178,21 +200,22 @@ struct PpoInputs {
 
 // ---- rows ---------------------------------------------------------------------------------------
 
-enum class Variant { adapter, libtorch, core, core2pass };
+enum class Variant { adapter, libtorch, core, core2pass, floor };
 
 /// Paired measurement: `rounds` rounds, each timing `k` calls of every variant in turn after one
 /// untimed call (CPU time of this thread); per variant the median over rounds, seconds per call.
 struct Paired {
-  double adapter = 0, libtorch = 0, core = 0, core2pass = 0;
+  double adapter = 0, libtorch = 0, core = 0, core2pass = 0, floor = 0;
 };
 
 template <class In>
 Paired paired(In& in, int rounds = 9, int k = 4) {
-  std::vector<double> t[4];
-  const std::function<void()> fns[4] = {[&] { in.adapter(); }, [&] { in.libtorch(); },
-                                        [&] { in.template core<true>(); }, [&] { in.template core<false>(); }};
+  std::vector<double> t[5];
+  const std::function<void()> fns[5] = {[&] { in.adapter(); }, [&] { in.libtorch(); },
+                                        [&] { in.template core<true>(); }, [&] { in.template core<false>(); },
+                                        [&] { in.floor(); }};
   for (int r = 0; r < rounds; ++r)
-    for (int v = 0; v < 4; ++v) {
+    for (int v = 0; v < 5; ++v) {
       fns[v]();  // untimed: the previous variant's allocations and cache lines are not this one's
       const double t0 = pb::thread_seconds();
       for (int i = 0; i < k; ++i) fns[v]();
@@ -202,7 +225,7 @@ Paired paired(In& in, int rounds = 9, int k = 4) {
     std::sort(x.begin(), x.end());
     return x[x.size() / 2];
   };
-  return {median(t[0]), median(t[1]), median(t[2]), median(t[3])};
+  return {median(t[0]), median(t[1]), median(t[2]), median(t[3]), median(t[4])};
 }
 
 /// The paired results of every final run (iterations >= 20; Google Benchmark's shorter probe
@@ -221,6 +244,7 @@ void BM_row(benchmark::State& st, const std::string& loss) {
     if constexpr (V == Variant::libtorch) in.libtorch();
     if constexpr (V == Variant::core) in.template core<true>();
     if constexpr (V == Variant::core2pass) in.template core<false>();
+    if constexpr (V == Variant::floor) in.floor();
   }
   st.counters["tokens"] = benchmark::Counter(static_cast<double>(kN), benchmark::Counter::kIsIterationInvariantRate);
   if constexpr (V == Variant::adapter) {
@@ -228,6 +252,7 @@ void BM_row(benchmark::State& st, const std::string& loss) {
     st.counters["x_libtorch"] = p.libtorch / p.adapter;
     st.counters["ovh_core_us"] = 1e6 * (p.adapter - p.core);
     st.counters["ovh_2pass_us"] = 1e6 * (p.adapter - p.core2pass);
+    st.counters["floor_us"] = 1e6 * p.floor;
     if (st.iterations() >= 20) summary()[loss].push_back(p);
   }
 }
@@ -248,6 +273,9 @@ void add_family(const std::string& loss) {
   pb::add(
       "torch_" + loss + "_core2pass" + v, [loss](benchmark::State& st) { BM_row<In, Variant::core2pass>(st, loss); },
       one, kBatch);
+  pb::add(
+      "torch_" + loss + "_autograd_floor" + v,
+      [loss](benchmark::State& st) { BM_row<In, Variant::floor>(st, loss); }, one, kBatch);
 }
 
 void print_summary() {
@@ -260,14 +288,14 @@ void print_summary() {
       return x[x.size() / 2];
     };
     const double a = median(&Paired::adapter), l = median(&Paired::libtorch), c = median(&Paired::core),
-                 c2 = median(&Paired::core2pass);
+                 c2 = median(&Paired::core2pass), f = median(&Paired::floor);
     std::fprintf(
         stderr,
         "summary %s [%lld, %lld] f32, 1 thread, paired medians over %zu runs: adapter %.1f us, libtorch %.1f us, "
         "core fused %.1f us, core two-pass %.1f us; libtorch/adapter %.2fx; adapter - core fused %.1f us, "
-        "adapter - core two-pass %.1f us (goal < 10 us)\n",
+        "adapter - core two-pass %.1f us (goal < 10 us); an empty autograd function (apply + backward) %.1f us\n",
         loss.c_str(), static_cast<long long>(kBatch), static_cast<long long>(kTokens), runs.size(), 1e6 * a, 1e6 * l,
-        1e6 * c, 1e6 * c2, l / a, 1e6 * (a - c), 1e6 * (a - c2));
+        1e6 * c, 1e6 * c2, l / a, 1e6 * (a - c), 1e6 * (a - c2), 1e6 * f);
   }
 }
 

@@ -456,9 +456,14 @@ struct RowFactor {
 /// as its own input and writes their gradient through the expression itself, so the masked node
 /// never runs in the backward (one node and one pass over the masks instead of two).
 struct MaskedSource : Node {
+  at::ScalarType values_dtype = at::kFloat;  ///< the compute dtype: float32 for 16-bit tokens
   /// grad = the expression's adjoint of upstream ([batch] of the values' dtype), a new tensor
   /// shaped and typed like the tokens.
   virtual at::Tensor adjoint(const void* upstream, const at::Tensor& tokens) const = 0;
+  /// Writes the [batch] values (of values_dtype) to out.
+  virtual void eval(void* out) const = 0;
+  /// A new node over the same expression, to attach to a graph.
+  virtual c10::intrusive_ptr<MaskedSource> fresh() const = 0;
 };
 
 /// The masked source behind `values` when `values` is a masked_sum / masked_mean output that
@@ -485,6 +490,50 @@ inline Fused fused_source(const at::Tensor& values) {
     return {};
   }
 }
+
+}  // namespace detail
+
+/// @brief A sequence loss's argument: [batch] values (any tensor, with its autograd history),
+/// or what masked_sum / masked_mean return, a masked reduction of token tensors that the loss
+/// evaluates itself. A loss given the latter is one autograd node from the tokens to the loss:
+/// the masks are read once in the forward and once in the backward, as the core reads them.
+/// Converts to the [batch] values tensor wherever a tensor is wanted (the conversion attaches a
+/// masked_sum node to the graph, so gradients reach the tokens from there too).
+class Sequence {
+ public:
+  /// [batch] values, e.g. sequence log-probs computed elsewhere.
+  Sequence(at::Tensor values) : values_(std::move(values)) {}  // NOLINT(google-explicit-constructor)
+  /// The values as a tensor: a plain Sequence's own; a masked reduction's evaluated now, as an
+  /// autograd node over the tokens.
+  at::Tensor values() const {
+    if (!source_) return values_;
+    auto node = source_->fresh();
+    node->keep(tokens_, "tokens");
+    node->keep(mask_, "mask");
+    at::Tensor v = at::empty({tokens_.size(0)}, at::TensorOptions().dtype(source_->values_dtype));
+    node->eval(v.data_ptr());
+    node->outputs = {v};
+    return detail::attach({tokens_}, node)[0];
+  }
+  operator at::Tensor() const { return values(); }  // NOLINT(google-explicit-constructor)
+  /// Whether this is a masked reduction not yet evaluated.
+  bool lazy() const noexcept { return static_cast<bool>(source_); }
+  const at::Tensor& tokens() const noexcept { return tokens_; }  ///< a masked reduction's tokens
+  const at::Tensor& mask() const noexcept { return mask_; }      ///< a masked reduction's mask
+  const at::Tensor& plain() const noexcept { return values_; }   ///< plain values (undefined when lazy)
+  /// A masked reduction's expression (the adapter's internals).
+  const c10::intrusive_ptr<detail::MaskedSource>& source() const noexcept { return source_; }
+
+  /// A masked reduction (masked_sum / masked_mean build it, after their checks).
+  Sequence(at::Tensor tokens, at::Tensor mask, c10::intrusive_ptr<detail::MaskedSource> source)
+      : tokens_(std::move(tokens)), mask_(std::move(mask)), source_(std::move(source)) {}
+
+ private:
+  at::Tensor values_, tokens_, mask_;
+  c10::intrusive_ptr<detail::MaskedSource> source_;
+};
+
+namespace detail {
 
 /// Node of a loss over sequence values: the core keeps d loss / d value per input (already over
 /// the divisor n). A plain input's gradient is that times the row factor; an input that came
@@ -528,45 +577,83 @@ struct ValueGradNode : Node {
   }
 };
 
-/// Runs a loss over K differentiable sequence tensors `diff` (rank R each: 1, or 2 for
-/// ranking scores) and constant [batch] tensors `consts`, all of the first one's dtype: core(diff
-/// maps, const maps) is the core call; grads_of(core result) the per-input d loss / d value.
-/// A [batch] input that is a masked_sum / masked_mean output is fused (see MaskedSource).
+template <class D, class F>
+decltype(auto) on_real_type(at::ScalarType st, const char* fn, const char* name, D&& seen, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      return f(tag<float>{});
+    case at::kDouble:
+      return f(tag<double>{});
+    default:
+      throw tensor_error(where(fn, name) + " must be float32 or float64, got " + seen());
+  }
+}
+
+/// Runs a loss over K differentiable sequences `diff` (plain [batch] values, or masked
+/// reductions the call evaluates; rank R: 1, or 2 for ranking scores, always plain) and
+/// constant [batch] tensors `consts`, all of the first one's dtype: core(diff maps, const maps)
+/// is the core call on the values; grads_of(core result) the per-input d loss / d value. A
+/// masked reduction's token gradient is written through its expression, and so is a plain
+/// input's that is an unmodified masked_sum / masked_mean output (see MaskedSource).
 template <template <class> class M, int R, std::size_t K, std::size_t C, class Core, class Grads>
-Result<M<double>> sequence_call(const char* fn, const std::array<const at::Tensor*, K>& diff,
+Result<M<double>> sequence_call(const char* fn, const std::array<const Sequence*, K>& diff,
                                 const std::array<const char*, K>& diff_names,
                                 const std::array<const at::Tensor*, C>& consts,
                                 const std::array<const char*, C>& const_names, double n_or_zero, Core&& core,
                                 Grads&& grads_of) {
-  return on_real(*diff[0], fn, diff_names[0], [&](auto t) {
+  const Sequence& first = *diff[0];
+  if (!first.lazy()) require_defined(first.plain(), fn, diff_names[0]);
+  const at::ScalarType st = first.lazy() ? first.source()->values_dtype : first.plain().scalar_type();
+  return on_real_type(st, fn, diff_names[0], [&] { return describe(first.plain()); }, [&](auto t) {
     using S = typename decltype(t)::type;
     using Map = Eigen::TensorMap<const Eigen::Tensor<S, R, Eigen::RowMajor>>;
     using CMap = Eigen::TensorMap<const Eigen::Tensor<S, 1, Eigen::RowMajor>>;
     const std::string rule = std::string("the dtype of '") + diff_names[0] + "'";
-    std::array<Map, K> dm{arg_maps<S, R>(diff, diff_names, fn, rule.c_str(), std::make_index_sequence<K>{})};
+    std::array<at::Tensor, K> vals;
+    std::array<const at::Tensor*, K> val_ptrs{};
+    for (std::size_t k = 0; k < K; ++k) {
+      const Sequence& x = *diff[k];
+      if (x.lazy()) {
+        if (x.source()->values_dtype != dtype_of<S>::value)
+          throw tensor_error(where(fn, diff_names[k]) + " must have " + dtype_name<S>() + " values (" + rule +
+                             "), got a masked reduction of " + describe(x.tokens()));
+        vals[k] = at::empty({x.tokens().size(0)}, options_of<S>());
+        x.source()->eval(vals[k].data_ptr());
+      } else {
+        vals[k] = x.plain();
+      }
+      val_ptrs[k] = &vals[k];
+    }
+    std::array<Map, K> dm{arg_maps<S, R>(val_ptrs, diff_names, fn, rule.c_str(), std::make_index_sequence<K>{})};
     std::array<CMap, C> cm{arg_maps<S, 1>(consts, const_names, fn, rule.c_str(), std::make_index_sequence<C>{})};
     const auto res = core(dm, cm);
     auto node = c10::make_intrusive<ValueGradNode<S>>();
     node->fn = fn;
-    node->n = n_or_zero > 0 ? n_or_zero : static_cast<double>(diff[0]->size(0));
+    node->n = n_or_zero > 0 ? n_or_zero : static_cast<double>(vals[0].size(0));
     const std::array<const Eigen::Tensor<S, 1>*, K> d = grads_of(res);
     std::vector<at::Tensor> inputs;
     const bool graph = at::GradMode::is_enabled();
     for (std::size_t k = 0; k < K; ++k) {
       typename ValueGradNode<S>::Input x;
-      x.rows = diff[k]->size(0);
-      Fused f = graph && R == 1 ? fused_source(*diff[k]) : Fused{};
-      if (f.source && f.tokens.requires_grad()) {
+      x.rows = vals[k].size(0);
+      Fused f;
+      if (diff[k]->lazy())
+        f = {diff[k]->source(), diff[k]->tokens(), diff[k]->mask()};
+      else if (graph && R == 1)
+        f = fused_source(vals[k]);
+      if (f.source) {
         x.source = std::move(f.source);
-        x.saved = node->kept.size();
-        node->keep(f.tokens, diff_names[k]);
-        node->keep(f.mask, diff_names[k]);
+        if (graph && f.tokens.requires_grad()) {
+          x.saved = node->kept.size();
+          node->keep(f.tokens, diff_names[k]);
+          node->keep(f.mask, diff_names[k]);
+        }
         inputs.push_back(f.tokens);
       } else {
-        x.shape = diff[k]->sizes().vec();
-        inputs.push_back(*diff[k]);
+        x.shape = vals[k].sizes().vec();
+        inputs.push_back(vals[k]);
       }
-      if (inputs.back().requires_grad()) x.d = *d[k];
+      if (graph && inputs.back().requires_grad()) x.d = *d[k];
       node->in.push_back(std::move(x));
     }
     node->outputs = {scalar_of<S>(static_cast<double>(res.loss)), copy_of(res.losses)};
@@ -582,6 +669,13 @@ struct MaskedNode : MaskedSource {
   using Storage = typename Expr::Storage;
   Expr expr;
   explicit MaskedNode(Expr e) : expr(std::move(e)) {}
+  void eval(void* out) const override { expr.eval_to(static_cast<Scalar*>(out)); }
+  c10::intrusive_ptr<MaskedSource> fresh() const override {
+    auto node = c10::make_intrusive<MaskedNode>(expr);
+    node->fn = fn;
+    node->values_dtype = values_dtype;
+    return node;
+  }
   at::Tensor adjoint(const void* upstream, const at::Tensor& tokens) const override {
     at::Tensor grad = at::empty(tokens.sizes(), tokens.options());
     expr.backward_to(static_cast<const Scalar*>(upstream), expr.grad_view(write_map<Storage, 2>(grad), fn, "grad"));
@@ -596,7 +690,7 @@ struct MaskedNode : MaskedSource {
 };
 
 template <Reduction Red>
-at::Tensor masked(const char* fn, const at::Tensor& tokens, const at::Tensor& mask) {
+Sequence masked(const char* fn, const at::Tensor& tokens, const at::Tensor& mask) {
   return on_token(tokens, fn, "tokens", [&](auto t) {
     using S = typename decltype(t)::type;
     using C = prefloss::detail::compute_t<S>;
@@ -613,12 +707,8 @@ at::Tensor masked(const char* fn, const at::Tensor& tokens, const at::Tensor& ma
       }();
       auto node = c10::make_intrusive<MaskedNode<Expr>>(expr);
       node->fn = fn;
-      node->keep(tokens, "tokens");
-      node->keep(mask, "mask");
-      at::Tensor values = at::empty({tokens.size(0)}, options_of<C>());
-      expr.eval_to(values.data_ptr<C>());
-      node->outputs = {values};
-      return attach({tokens}, node)[0];
+      node->values_dtype = dtype_of<C>::value;
+      return Sequence(tokens, mask, std::move(node));
     });
   });
 }
@@ -735,24 +825,28 @@ struct HandOverNode : Node {
 
 }  // namespace detail
 
-/// @brief Per-sequence masked sum as an autograd node: [batch, tokens] tokens (float32,
+/// @brief Per-sequence masked sum (prefloss::masked_sum): [batch, tokens] tokens (float32,
 /// float64, bfloat16 or float16) and mask (bool, uint8, or weights in the compute dtype) to
 /// [batch] values (float32 for 16-bit tokens), summed in double; masked-out tokens are never
-/// read, so they may hold inf or NaN. The backward writes upstream times the weight, 0 where
-/// the mask is 0 (prefloss::masked_sum).
-inline at::Tensor masked_sum(const at::Tensor& tokens, const at::Tensor& mask) {
+/// read, so they may hold inf or NaN, and get gradient 0.
+///
+/// Returns a Sequence: passed to a loss, the loss evaluates it and writes the token gradient
+/// itself (one autograd node); converted to at::Tensor (or `.values()`), it is an autograd node
+/// of its own whose backward writes upstream times the weight. The shapes, dtypes and layouts
+/// are checked here.
+inline Sequence masked_sum(const at::Tensor& tokens, const at::Tensor& mask) {
   return detail::masked<Reduction::sum>("masked_sum", tokens, mask);
 }
 
 /// @brief Per-sequence masked mean (sum of w x over the sum of w; 0 with gradient 0 for a row
-/// with no selected token) as an autograd node; otherwise as masked_sum.
-inline at::Tensor masked_mean(const at::Tensor& tokens, const at::Tensor& mask) {
+/// with no selected token); otherwise as masked_sum.
+inline Sequence masked_mean(const at::Tensor& tokens, const at::Tensor& mask) {
   return detail::masked<Reduction::mean>("masked_mean", tokens, mask);
 }
 
 /// @brief DPO (prefloss::dpo) of [batch] policy sequence values against reference values; all
 /// four of one dtype (float32 or float64). Gradients reach chosen and rejected.
-inline PreferenceResult dpo(const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& ref_chosen,
+inline PreferenceResult dpo(const Sequence& chosen, const Sequence& rejected, const at::Tensor& ref_chosen,
                             const at::Tensor& ref_rejected, const DpoOptions& opt = {}) {
   return detail::sequence_call<PreferenceMetrics, 1, 2, 2>(
       "dpo", {&chosen, &rejected}, {"chosen", "rejected"}, {&ref_chosen, &ref_rejected},
@@ -762,7 +856,7 @@ inline PreferenceResult dpo(const at::Tensor& chosen, const at::Tensor& rejected
 }
 
 /// @brief IPO (prefloss::ipo); arguments as dpo.
-inline PreferenceResult ipo(const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& ref_chosen,
+inline PreferenceResult ipo(const Sequence& chosen, const Sequence& rejected, const at::Tensor& ref_chosen,
                             const at::Tensor& ref_rejected, const IpoOptions& opt = {}) {
   return detail::sequence_call<PreferenceMetrics, 1, 2, 2>(
       "ipo", {&chosen, &rejected}, {"chosen", "rejected"}, {&ref_chosen, &ref_rejected},
@@ -772,7 +866,7 @@ inline PreferenceResult ipo(const at::Tensor& chosen, const at::Tensor& rejected
 }
 
 /// @brief SimPO (prefloss::simpo) of [batch] policy values (masked_mean log-probs).
-inline PreferenceResult simpo(const at::Tensor& chosen, const at::Tensor& rejected, const SimpoOptions& opt = {}) {
+inline PreferenceResult simpo(const Sequence& chosen, const Sequence& rejected, const SimpoOptions& opt = {}) {
   return detail::sequence_call<PreferenceMetrics, 1, 2, 0>(
       "simpo", {&chosen, &rejected}, {"chosen", "rejected"}, {}, {}, opt.batch_count.value_or(0),
       [&](const auto& d, const auto&) { return prefloss::simpo(d[0], d[1], opt); },
@@ -780,7 +874,7 @@ inline PreferenceResult simpo(const at::Tensor& chosen, const at::Tensor& reject
 }
 
 /// @brief ORPO (prefloss::orpo) of [batch] policy values (masked_mean log-probs).
-inline OrpoResult orpo(const at::Tensor& chosen, const at::Tensor& rejected, const OrpoOptions& opt = {}) {
+inline OrpoResult orpo(const Sequence& chosen, const Sequence& rejected, const OrpoOptions& opt = {}) {
   return detail::sequence_call<OrpoMetrics, 1, 2, 0>(
       "orpo", {&chosen, &rejected}, {"chosen", "rejected"}, {}, {}, opt.batch_count.value_or(0),
       [&](const auto& d, const auto&) { return prefloss::orpo(d[0], d[1], opt); },
@@ -788,7 +882,7 @@ inline OrpoResult orpo(const at::Tensor& chosen, const at::Tensor& rejected, con
 }
 
 /// @brief Bradley-Terry (prefloss::bradley_terry) of [batch] rewards.
-inline PreferenceResult bradley_terry(const at::Tensor& r_chosen, const at::Tensor& r_rejected,
+inline PreferenceResult bradley_terry(const Sequence& r_chosen, const Sequence& r_rejected,
                                       const BradleyTerryOptions& opt = {}) {
   return detail::sequence_call<PreferenceMetrics, 1, 2, 0>(
       "bradley_terry", {&r_chosen, &r_rejected}, {"r_chosen", "r_rejected"}, {}, {}, opt.batch_count.value_or(0),
@@ -797,7 +891,7 @@ inline PreferenceResult bradley_terry(const at::Tensor& r_chosen, const at::Tens
 }
 
 /// @brief Bradley-Terry with a constant per-pair [batch] margin (Llama 2).
-inline PreferenceResult bradley_terry(const at::Tensor& r_chosen, const at::Tensor& r_rejected,
+inline PreferenceResult bradley_terry(const Sequence& r_chosen, const Sequence& r_rejected,
                                       const at::Tensor& margin, const BradleyTerryOptions& opt = {}) {
   return detail::sequence_call<PreferenceMetrics, 1, 2, 1>(
       "bradley_terry", {&r_chosen, &r_rejected}, {"r_chosen", "r_rejected"}, {&margin}, {"margin"},
@@ -809,14 +903,15 @@ inline PreferenceResult bradley_terry(const at::Tensor& r_chosen, const at::Tens
 /// @brief Bradley-Terry over K-way rankings (prefloss::bradley_terry_ranking): [batch, K]
 /// rewards, each row best to worst.
 inline RankingResult bradley_terry_ranking(const at::Tensor& rewards, const BradleyTerryOptions& opt = {}) {
+  const Sequence scores(rewards);
   return detail::sequence_call<RankingMetrics, 2, 1, 0>(
-      "bradley_terry_ranking", {&rewards}, {"rewards"}, {}, {}, opt.batch_count.value_or(0),
+      "bradley_terry_ranking", {&scores}, {"rewards"}, {}, {}, opt.batch_count.value_or(0),
       [&](const auto& d, const auto&) { return prefloss::bradley_terry_ranking(d[0], opt); },
       [](const auto& r) { return std::array{&r.grad_value()}; });
 }
 
 /// @brief Negative log-likelihood (prefloss::nll) of [batch] sequence values.
-inline NllResult nll(const at::Tensor& logp_sequence, const NllOptions& opt = {}) {
+inline NllResult nll(const Sequence& logp_sequence, const NllOptions& opt = {}) {
   const double n = opt.normalizer ? *opt.normalizer : opt.batch_count.value_or(0);
   return detail::sequence_call<NllMetrics, 1, 1, 0>(
       "nll", {&logp_sequence}, {"logp_sequence"}, {}, {}, n,
@@ -827,7 +922,7 @@ inline NllResult nll(const at::Tensor& logp_sequence, const NllOptions& opt = {}
 /// @brief KTO (prefloss::kto): [batch] policy and reference values, a [batch] bool or uint8
 /// `desirable`, and the KL batch's [kl_batch] values (constants: z0 is detached), all values of
 /// policy's dtype. Gradients reach policy.
-inline KtoResult kto(const at::Tensor& policy, const at::Tensor& ref, const at::Tensor& desirable,
+inline KtoResult kto(const Sequence& policy, const at::Tensor& ref, const at::Tensor& desirable,
                      const at::Tensor& kl_policy, const at::Tensor& kl_ref, const KtoOptions& opt = {}) {
   constexpr const char* fn = "kto";
   return detail::sequence_call<KtoMetrics, 1, 1, 1>(
