@@ -250,7 +250,7 @@ struct Node : ::torch::CustomClassHolder {
   using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
   struct Kept {
     Weak tensor;
-    std::string name;
+    std::string name;  ///< e.g. "argument 'mask'"
     std::int64_t version;
   };
   const char* fn = "";
@@ -266,9 +266,11 @@ struct Node : ::torch::CustomClassHolder {
   virtual std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& saved) = 0;
 
   /// Keeps `t` for backward and remembers its version.
-  void keep(const at::Tensor& t, const char* name) {
+  void keep(const at::Tensor& t, const char* name) { keep_as(t, std::string("argument '") + name + "'"); }
+  /// The same, named in messages by `label` ("the mask of argument 'chosen'").
+  void keep_as(const at::Tensor& t, std::string label) {
     to_save.push_back(t);
-    kept.push_back({Weak(t.getIntrusivePtr()), name, t._version()});
+    kept.push_back({Weak(t.getIntrusivePtr()), std::move(label), t._version()});
   }
   void check_kept() const {
     for (const auto& k : kept) {
@@ -276,7 +278,7 @@ struct Node : ::torch::CustomClassHolder {
       if (!t) continue;  // freed: autograd reports the second backward itself
       const auto now = static_cast<std::int64_t>(t->version_counter().current_version());
       if (now != k.version)
-        throw tensor_error(where(fn, k.name.c_str()) +
+        throw tensor_error(std::string("prefloss::torch::") + fn + ": " + k.name +
                            " was modified in place after the forward pass and before backward (its version went "
                            "from " +
                            std::to_string(k.version) + " to " + std::to_string(now) +
@@ -645,8 +647,9 @@ Result<M<double>> sequence_call(const char* fn, const std::array<const Sequence*
         x.source = std::move(f.source);
         if (graph && f.tokens.requires_grad()) {
           x.saved = node->kept.size();
-          node->keep(f.tokens, diff_names[k]);
-          node->keep(f.mask, diff_names[k]);
+          const char* of = diff[k]->lazy() ? "' (a masked reduction)" : "' (a masked_sum/masked_mean output)";
+          node->keep_as(f.tokens, std::string("the tokens of argument '") + diff_names[k] + of);
+          node->keep_as(f.mask, std::string("the mask of argument '") + diff_names[k] + of);
         }
         inputs.push_back(f.tokens);
       } else {
