@@ -86,9 +86,7 @@ struct Empty : ::torch::autograd::Function<Empty> {
     return {at::Tensor(), at::Tensor()};
   }
 };
-void autograd_floor(const std::vector<at::Tensor>& inputs) {
-  Empty::apply(at::TensorList(inputs))[0].backward();
-}
+void autograd_floor(const std::vector<at::Tensor>& inputs) { Empty::apply(at::TensorList(inputs))[0].backward(); }
 
 // ---- DPO ----------------------------------------------------------------------------------------
 
@@ -274,8 +272,8 @@ void add_family(const std::string& loss) {
       "torch_" + loss + "_core2pass" + v, [loss](benchmark::State& st) { BM_row<In, Variant::core2pass>(st, loss); },
       one, kBatch);
   pb::add(
-      "torch_" + loss + "_autograd_floor" + v,
-      [loss](benchmark::State& st) { BM_row<In, Variant::floor>(st, loss); }, one, kBatch);
+      "torch_" + loss + "_autograd_floor" + v, [loss](benchmark::State& st) { BM_row<In, Variant::floor>(st, loss); },
+      one, kBatch);
 }
 
 void print_summary() {

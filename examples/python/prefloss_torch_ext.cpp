@@ -292,10 +292,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "prefloss's libtorch adapter (prefloss/torch.hpp): preference and RL losses as autograd functions with "
       "closed-form gradients over CPU tensors. Losses return (loss, losses, metrics dict).";
 
-  m.def("masked_sum", &pt::masked_sum, arg("tokens"), arg("mask"),
-        "[batch, tokens] tokens and a bool/uint8/weight mask -> [batch] masked sums (autograd node)");
-  m.def("masked_mean", &pt::masked_mean, arg("tokens"), arg("mask"),
-        "[batch, tokens] -> [batch] masked means (0 for a row without tokens; autograd node)");
+  // A tensor here (Python has no use for the lazy pt::Sequence); a loss given one straight from
+  // masked_sum still writes the token gradient itself, in one node.
+  m.def(
+      "masked_sum",
+      [](const at::Tensor& tokens, const at::Tensor& mask) { return pt::masked_sum(tokens, mask).values(); },
+      arg("tokens"), arg("mask"),
+      "[batch, tokens] tokens and a bool/uint8/weight mask -> [batch] masked sums (autograd node)");
+  m.def(
+      "masked_mean",
+      [](const at::Tensor& tokens, const at::Tensor& mask) { return pt::masked_mean(tokens, mask).values(); },
+      arg("tokens"), arg("mask"),
+      "[batch, tokens] -> [batch] masked means (0 for a row without tokens; autograd node)");
 
   const prefloss::DpoOptions dpo_d;
   m.def("dpo", &dpo, arg("chosen"), arg("rejected"), arg("ref_chosen"), arg("ref_rejected"), py::kw_only(),

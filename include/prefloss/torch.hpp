@@ -130,18 +130,18 @@ inline void require_readable(const at::Tensor& t, const char* fn, const char* na
                              const char* dims) {
   require_defined(t, fn, name);
   if (!t.device().is_cpu())
-    throw tensor_error(where(fn, name) + " is on " + t.device().str() +
-                       "; prefloss computes on CPU tensors: pass " + name + ".cpu() and move the results back");
+    throw tensor_error(where(fn, name) + " is on " + t.device().str() + "; prefloss computes on CPU tensors: pass " +
+                       name + ".cpu() and move the results back");
   if (t.layout() != at::kStrided)
-    throw tensor_error(where(fn, name) + " has a sparse or other non-strided layout (" + describe(t) +
-                       "); pass " + name + ".to_dense()");
+    throw tensor_error(where(fn, name) + " has a sparse or other non-strided layout (" + describe(t) + "); pass " +
+                       name + ".to_dense()");
   if (t.dim() != rank)
     throw shape_error(where(fn, name) + " must have rank " + std::to_string(rank) + " " + dims + ", got " +
                       describe(t));
   if (!t.is_contiguous())
-    throw layout_error(where(fn, name) + " is not row-major contiguous (shape " + list_str(t.sizes()) +
-                       ", strides " + list_str(t.strides()) +
-                       "); prefloss reads each row as one block of memory: pass " + name + ".contiguous()");
+    throw layout_error(where(fn, name) + " is not row-major contiguous (shape " + list_str(t.sizes()) + ", strides " +
+                       list_str(t.strides()) + "); prefloss reads each row as one block of memory: pass " + name +
+                       ".contiguous()");
 }
 
 template <class T>
@@ -192,7 +192,7 @@ Eigen::TensorMap<const Eigen::Tensor<T, Rank, Eigen::RowMajor>> view(const at::T
 /// @brief A zero-copy write view (e.g. for the core's fused outputs); the same checks as view().
 template <class T, int Rank>
 Eigen::TensorMap<Eigen::Tensor<T, Rank, Eigen::RowMajor>> mutable_view(const at::Tensor& t,
-                                                                        const char* name = "tensor") {
+                                                                       const char* name = "tensor") {
   detail::require_readable(t, "mutable_view", name, Rank, detail::rank_dims(Rank));
   detail::require_dtype<T>(t, "mutable_view", name, detail::dtype_name<T>());
   return detail::write_map<T, Rank>(t);
@@ -202,9 +202,9 @@ Eigen::TensorMap<Eigen::Tensor<T, Rank, Eigen::RowMajor>> mutable_view(const at:
 /// finalized in double.
 template <class Metrics>
 struct Result {
-  at::Tensor loss;    ///< 0-dim, the values' dtype (float32 for 16-bit values)
-  at::Tensor losses;  ///< [batch]: per example (sequence losses) or per sequence (token losses)
-  Metrics metrics;    ///< metric_sums.metrics()
+  at::Tensor loss;                  ///< 0-dim, the values' dtype (float32 for 16-bit values)
+  at::Tensor losses;                ///< [batch]: per example (sequence losses) or per sequence (token losses)
+  Metrics metrics;                  ///< metric_sums.metrics()
   MetricSums<Metrics> metric_sums;  ///< merge across ranks as the core's (see prefloss::MetricSums)
 };
 
@@ -385,8 +385,8 @@ decltype(auto) on_label(const at::Tensor& t, const char* fn, const char* name, F
 
 /// A read map of an argument whose dtype is fixed by another (T), checked.
 template <class T, int R>
-Eigen::TensorMap<const Eigen::Tensor<T, R, Eigen::RowMajor>> arg(const at::Tensor& t, const char* fn,
-                                                                 const char* name, const char* dtype_rule) {
+Eigen::TensorMap<const Eigen::Tensor<T, R, Eigen::RowMajor>> arg(const at::Tensor& t, const char* fn, const char* name,
+                                                                 const char* dtype_rule) {
   require_readable(t, fn, name, R, rank_dims(R));
   if (t.scalar_type() != dtype_of<T>::value)
     throw tensor_error(where(fn, name) + " must be " + dtype_name<T>() + " (" + dtype_rule + "), got " + describe(t));
@@ -606,62 +606,64 @@ Result<M<double>> sequence_call(const char* fn, const std::array<const Sequence*
   const Sequence& first = *diff[0];
   if (!first.lazy()) require_defined(first.plain(), fn, diff_names[0]);
   const at::ScalarType st = first.lazy() ? first.source()->values_dtype : first.plain().scalar_type();
-  return on_real_type(st, fn, diff_names[0], [&] { return describe(first.plain()); }, [&](auto t) {
-    using S = typename decltype(t)::type;
-    using Map = Eigen::TensorMap<const Eigen::Tensor<S, R, Eigen::RowMajor>>;
-    using CMap = Eigen::TensorMap<const Eigen::Tensor<S, 1, Eigen::RowMajor>>;
-    const std::string rule = std::string("the dtype of '") + diff_names[0] + "'";
-    std::array<at::Tensor, K> vals;
-    std::array<const at::Tensor*, K> val_ptrs{};
-    for (std::size_t k = 0; k < K; ++k) {
-      const Sequence& x = *diff[k];
-      if (x.lazy()) {
-        if (x.source()->values_dtype != dtype_of<S>::value)
-          throw tensor_error(where(fn, diff_names[k]) + " must have " + dtype_name<S>() + " values (" + rule +
-                             "), got a masked reduction of " + describe(x.tokens()));
-        vals[k] = at::empty({x.tokens().size(0)}, options_of<S>());
-        x.source()->eval(vals[k].data_ptr());
-      } else {
-        vals[k] = x.plain();
-      }
-      val_ptrs[k] = &vals[k];
-    }
-    std::array<Map, K> dm{arg_maps<S, R>(val_ptrs, diff_names, fn, rule.c_str(), std::make_index_sequence<K>{})};
-    std::array<CMap, C> cm{arg_maps<S, 1>(consts, const_names, fn, rule.c_str(), std::make_index_sequence<C>{})};
-    const auto res = core(dm, cm);
-    auto node = c10::make_intrusive<ValueGradNode<S>>();
-    node->fn = fn;
-    node->n = n_or_zero > 0 ? n_or_zero : static_cast<double>(vals[0].size(0));
-    const std::array<const Eigen::Tensor<S, 1>*, K> d = grads_of(res);
-    std::vector<at::Tensor> inputs;
-    const bool graph = at::GradMode::is_enabled();
-    for (std::size_t k = 0; k < K; ++k) {
-      typename ValueGradNode<S>::Input x;
-      x.rows = vals[k].size(0);
-      Fused f;
-      if (diff[k]->lazy())
-        f = {diff[k]->source(), diff[k]->tokens(), diff[k]->mask()};
-      else if (graph && R == 1)
-        f = fused_source(vals[k]);
-      if (f.source) {
-        x.source = std::move(f.source);
-        if (graph && f.tokens.requires_grad()) {
-          x.saved = node->kept.size();
-          const char* of = diff[k]->lazy() ? "' (a masked reduction)" : "' (a masked_sum/masked_mean output)";
-          node->keep_as(f.tokens, std::string("the tokens of argument '") + diff_names[k] + of);
-          node->keep_as(f.mask, std::string("the mask of argument '") + diff_names[k] + of);
+  return on_real_type(
+      st, fn, diff_names[0], [&] { return describe(first.plain()); },
+      [&](auto t) {
+        using S = typename decltype(t)::type;
+        using Map = Eigen::TensorMap<const Eigen::Tensor<S, R, Eigen::RowMajor>>;
+        using CMap = Eigen::TensorMap<const Eigen::Tensor<S, 1, Eigen::RowMajor>>;
+        const std::string rule = std::string("the dtype of '") + diff_names[0] + "'";
+        std::array<at::Tensor, K> vals;
+        std::array<const at::Tensor*, K> val_ptrs{};
+        for (std::size_t k = 0; k < K; ++k) {
+          const Sequence& x = *diff[k];
+          if (x.lazy()) {
+            if (x.source()->values_dtype != dtype_of<S>::value)
+              throw tensor_error(where(fn, diff_names[k]) + " must have " + dtype_name<S>() + " values (" + rule +
+                                 "), got a masked reduction of " + describe(x.tokens()));
+            vals[k] = at::empty({x.tokens().size(0)}, options_of<S>());
+            x.source()->eval(vals[k].data_ptr());
+          } else {
+            vals[k] = x.plain();
+          }
+          val_ptrs[k] = &vals[k];
         }
-        inputs.push_back(f.tokens);
-      } else {
-        x.shape = vals[k].sizes().vec();
-        inputs.push_back(vals[k]);
-      }
-      if (graph && inputs.back().requires_grad()) x.d = *d[k];
-      node->in.push_back(std::move(x));
-    }
-    node->outputs = {scalar_of<S>(static_cast<double>(res.loss)), copy_of(res.losses)};
-    return result_of<M>(res, attach(inputs, node));
-  });
+        std::array<Map, K> dm{arg_maps<S, R>(val_ptrs, diff_names, fn, rule.c_str(), std::make_index_sequence<K>{})};
+        std::array<CMap, C> cm{arg_maps<S, 1>(consts, const_names, fn, rule.c_str(), std::make_index_sequence<C>{})};
+        const auto res = core(dm, cm);
+        auto node = c10::make_intrusive<ValueGradNode<S>>();
+        node->fn = fn;
+        node->n = n_or_zero > 0 ? n_or_zero : static_cast<double>(vals[0].size(0));
+        const std::array<const Eigen::Tensor<S, 1>*, K> d = grads_of(res);
+        std::vector<at::Tensor> inputs;
+        const bool graph = at::GradMode::is_enabled();
+        for (std::size_t k = 0; k < K; ++k) {
+          typename ValueGradNode<S>::Input x;
+          x.rows = vals[k].size(0);
+          Fused f;
+          if (diff[k]->lazy())
+            f = {diff[k]->source(), diff[k]->tokens(), diff[k]->mask()};
+          else if (graph && R == 1)
+            f = fused_source(vals[k]);
+          if (f.source) {
+            x.source = std::move(f.source);
+            if (graph && f.tokens.requires_grad()) {
+              x.saved = node->kept.size();
+              const char* of = diff[k]->lazy() ? "' (a masked reduction)" : "' (a masked_sum/masked_mean output)";
+              node->keep_as(f.tokens, std::string("the tokens of argument '") + diff_names[k] + of);
+              node->keep_as(f.mask, std::string("the mask of argument '") + diff_names[k] + of);
+            }
+            inputs.push_back(f.tokens);
+          } else {
+            x.shape = vals[k].sizes().vec();
+            inputs.push_back(vals[k]);
+          }
+          if (graph && inputs.back().requires_grad()) x.d = *d[k];
+          node->in.push_back(std::move(x));
+        }
+        node->outputs = {scalar_of<S>(static_cast<double>(res.loss)), copy_of(res.losses)};
+        return result_of<M>(res, attach(inputs, node));
+      });
 }
 
 /// Node of a masked reduction: the core expression views the tokens and the mask (saved); the
@@ -705,8 +707,10 @@ Sequence masked(const char* fn, const at::Tensor& tokens, const at::Tensor& mask
       const auto mt = read_map<Mk, 2>(mask);
       using Expr = MaskedReduction<S, Mk, Red>;
       Expr expr = [&] {
-        if constexpr (Red == Reduction::sum) return prefloss::masked_sum(xt, mt);
-        else return prefloss::masked_mean(xt, mt);
+        if constexpr (Red == Reduction::sum)
+          return prefloss::masked_sum(xt, mt);
+        else
+          return prefloss::masked_mean(xt, mt);
       }();
       auto node = c10::make_intrusive<MaskedNode<Expr>>(expr);
       node->fn = fn;
@@ -852,20 +856,24 @@ inline Sequence masked_mean(const at::Tensor& tokens, const at::Tensor& mask) {
 inline PreferenceResult dpo(const Sequence& chosen, const Sequence& rejected, const at::Tensor& ref_chosen,
                             const at::Tensor& ref_rejected, const DpoOptions& opt = {}) {
   return detail::sequence_call<PreferenceMetrics, 1, 2, 2>(
-      "dpo", {&chosen, &rejected}, {"chosen", "rejected"}, {&ref_chosen, &ref_rejected},
-      {"ref_chosen", "ref_rejected"}, opt.batch_count.value_or(0),
+      "dpo", {&chosen, &rejected}, {"chosen", "rejected"}, {&ref_chosen, &ref_rejected}, {"ref_chosen", "ref_rejected"},
+      opt.batch_count.value_or(0),
       [&](const auto& d, const auto& c) { return prefloss::dpo(d[0], d[1], c[0], c[1], opt); },
-      [](const auto& r) { return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()}; });
+      [](const auto& r) {
+        return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()};
+      });
 }
 
 /// @brief IPO (prefloss::ipo); arguments as dpo.
 inline PreferenceResult ipo(const Sequence& chosen, const Sequence& rejected, const at::Tensor& ref_chosen,
                             const at::Tensor& ref_rejected, const IpoOptions& opt = {}) {
   return detail::sequence_call<PreferenceMetrics, 1, 2, 2>(
-      "ipo", {&chosen, &rejected}, {"chosen", "rejected"}, {&ref_chosen, &ref_rejected},
-      {"ref_chosen", "ref_rejected"}, opt.batch_count.value_or(0),
+      "ipo", {&chosen, &rejected}, {"chosen", "rejected"}, {&ref_chosen, &ref_rejected}, {"ref_chosen", "ref_rejected"},
+      opt.batch_count.value_or(0),
       [&](const auto& d, const auto& c) { return prefloss::ipo(d[0], d[1], c[0], c[1], opt); },
-      [](const auto& r) { return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()}; });
+      [](const auto& r) {
+        return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()};
+      });
 }
 
 /// @brief SimPO (prefloss::simpo) of [batch] policy values (masked_mean log-probs).
@@ -873,7 +881,9 @@ inline PreferenceResult simpo(const Sequence& chosen, const Sequence& rejected, 
   return detail::sequence_call<PreferenceMetrics, 1, 2, 0>(
       "simpo", {&chosen, &rejected}, {"chosen", "rejected"}, {}, {}, opt.batch_count.value_or(0),
       [&](const auto& d, const auto&) { return prefloss::simpo(d[0], d[1], opt); },
-      [](const auto& r) { return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()}; });
+      [](const auto& r) {
+        return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()};
+      });
 }
 
 /// @brief ORPO (prefloss::orpo) of [batch] policy values (masked_mean log-probs).
@@ -881,7 +891,9 @@ inline OrpoResult orpo(const Sequence& chosen, const Sequence& rejected, const O
   return detail::sequence_call<OrpoMetrics, 1, 2, 0>(
       "orpo", {&chosen, &rejected}, {"chosen", "rejected"}, {}, {}, opt.batch_count.value_or(0),
       [&](const auto& d, const auto&) { return prefloss::orpo(d[0], d[1], opt); },
-      [](const auto& r) { return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()}; });
+      [](const auto& r) {
+        return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()};
+      });
 }
 
 /// @brief Bradley-Terry (prefloss::bradley_terry) of [batch] rewards.
@@ -890,17 +902,21 @@ inline PreferenceResult bradley_terry(const Sequence& r_chosen, const Sequence& 
   return detail::sequence_call<PreferenceMetrics, 1, 2, 0>(
       "bradley_terry", {&r_chosen, &r_rejected}, {"r_chosen", "r_rejected"}, {}, {}, opt.batch_count.value_or(0),
       [&](const auto& d, const auto&) { return prefloss::bradley_terry(d[0], d[1], opt); },
-      [](const auto& r) { return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()}; });
+      [](const auto& r) {
+        return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()};
+      });
 }
 
 /// @brief Bradley-Terry with a constant per-pair [batch] margin (Llama 2).
-inline PreferenceResult bradley_terry(const Sequence& r_chosen, const Sequence& r_rejected,
-                                      const at::Tensor& margin, const BradleyTerryOptions& opt = {}) {
+inline PreferenceResult bradley_terry(const Sequence& r_chosen, const Sequence& r_rejected, const at::Tensor& margin,
+                                      const BradleyTerryOptions& opt = {}) {
   return detail::sequence_call<PreferenceMetrics, 1, 2, 1>(
       "bradley_terry", {&r_chosen, &r_rejected}, {"r_chosen", "r_rejected"}, {&margin}, {"margin"},
       opt.batch_count.value_or(0),
       [&](const auto& d, const auto& c) { return prefloss::bradley_terry(d[0], d[1], c[0], opt); },
-      [](const auto& r) { return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()}; });
+      [](const auto& r) {
+        return std::array{&r.grad_chosen_value(), &r.grad_rejected_value()};
+      });
 }
 
 /// @brief Bradley-Terry over K-way rankings (prefloss::bradley_terry_ranking): [batch, K]
@@ -972,11 +988,12 @@ inline PpoResult ppo_clip(const at::Tensor& logp, const at::Tensor& old_logp, co
 /// @brief ppo_clip with a reference policy's [batch, tokens] log-probs for the KL term.
 inline PpoResult ppo_clip(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
                           const at::Tensor& mask, const at::Tensor& ref_logp, const PpoOptions& opt = {}) {
-  return detail::token_call<PpoMetrics, 3>(
-      "ppo_clip", logp, "logp", {&old_logp, &advantages, &ref_logp}, {"old_logp", "advantages", "ref_logp"}, mask,
-      [&](const auto& x, const auto& o, const auto& m, auto* g) {
-        return g ? prefloss::ppo_clip(x, o[0], o[1], m, o[2], opt, *g) : prefloss::ppo_clip(x, o[0], o[1], m, o[2], opt);
-      });
+  return detail::token_call<PpoMetrics, 3>("ppo_clip", logp, "logp", {&old_logp, &advantages, &ref_logp},
+                                           {"old_logp", "advantages", "ref_logp"}, mask,
+                                           [&](const auto& x, const auto& o, const auto& m, auto* g) {
+                                             return g ? prefloss::ppo_clip(x, o[0], o[1], m, o[2], opt, *g)
+                                                      : prefloss::ppo_clip(x, o[0], o[1], m, o[2], opt);
+                                           });
 }
 
 /// @brief The clipped value loss (prefloss::value_loss) over [batch, tokens] values, old values
@@ -1036,8 +1053,7 @@ at::Tensor adopt(Eigen::Tensor<C, 2, Eigen::RowMajor>&& t) {
   if (t.size() == 0) return at::Tensor();
   auto* owner = new Eigen::Tensor<C, 2, Eigen::RowMajor>(std::move(t));
   return at::from_blob(
-      owner->data(), {owner->dimension(0), owner->dimension(1)},
-      [owner](void*) { delete owner; }, options_of<C>());
+      owner->data(), {owner->dimension(0), owner->dimension(1)}, [owner](void*) { delete owner; }, options_of<C>());
 }
 
 template <class Core>
@@ -1058,8 +1074,8 @@ PpoLogitsOutputs ppo_from_logits(const char* fn, const at::Tensor& logits, const
         using Mk = typename decltype(mt)::type;
         require_readable(mask, fn, "mask", 2, rank_dims(2));
         at::Tensor grad = at::empty(logits.sizes(), logits.options());
-        auto res = core(read_map<Z, 3>(logits), read_map<Y, 2>(labels), maps, read_map<Mk, 2>(mask),
-                        write_map<Z, 3>(grad));
+        auto res =
+            core(read_map<Z, 3>(logits), read_map<Y, 2>(labels), maps, read_map<Mk, 2>(mask), write_map<Z, 3>(grad));
         auto node = c10::make_intrusive<HandOverNode>();
         node->fn = fn;
         node->grad = std::move(grad);
@@ -1089,11 +1105,11 @@ inline PpoLogitsOutputs ppo_clip_from_logits(const at::Tensor& logits, const at:
                                              const at::Tensor& old_logp, const at::Tensor& advantages,
                                              const at::Tensor& mask, const PpoOptions& popt = {},
                                              const LogprobOptions& lopt = {}) {
-  return detail::ppo_from_logits(
-      "ppo_clip_from_logits", logits, labels, {{&old_logp, "old_logp"}, {&advantages, "advantages"}}, mask,
-      [&](const auto& z, const auto& y, const auto& o, const auto& m, auto g) {
-        return prefloss::ppo_clip_from_logits(z, y, o[0], o[1], m, popt, lopt, g);
-      });
+  return detail::ppo_from_logits("ppo_clip_from_logits", logits, labels,
+                                 {{&old_logp, "old_logp"}, {&advantages, "advantages"}}, mask,
+                                 [&](const auto& z, const auto& y, const auto& o, const auto& m, auto g) {
+                                   return prefloss::ppo_clip_from_logits(z, y, o[0], o[1], m, popt, lopt, g);
+                                 });
 }
 
 /// @brief ppo_clip_from_logits with a reference policy's [batch, tokens] log-probs (KL term).
@@ -1101,12 +1117,11 @@ inline PpoLogitsOutputs ppo_clip_from_logits(const at::Tensor& logits, const at:
                                              const at::Tensor& old_logp, const at::Tensor& advantages,
                                              const at::Tensor& mask, const at::Tensor& ref_logp,
                                              const PpoOptions& popt = {}, const LogprobOptions& lopt = {}) {
-  return detail::ppo_from_logits(
-      "ppo_clip_from_logits", logits, labels,
-      {{&old_logp, "old_logp"}, {&advantages, "advantages"}, {&ref_logp, "ref_logp"}}, mask,
-      [&](const auto& z, const auto& y, const auto& o, const auto& m, auto g) {
-        return prefloss::ppo_clip_from_logits(z, y, o[0], o[1], m, o[2], popt, lopt, g);
-      });
+  return detail::ppo_from_logits("ppo_clip_from_logits", logits, labels,
+                                 {{&old_logp, "old_logp"}, {&advantages, "advantages"}, {&ref_logp, "ref_logp"}}, mask,
+                                 [&](const auto& z, const auto& y, const auto& o, const auto& m, auto g) {
+                                   return prefloss::ppo_clip_from_logits(z, y, o[0], o[1], m, o[2], popt, lopt, g);
+                                 });
 }
 
 }  // namespace prefloss::torch

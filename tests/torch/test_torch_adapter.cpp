@@ -616,6 +616,8 @@ TEST_CASE("allocation: the forward allocates O(batch); the backward only the gra
       const Tensor lp = (randn_t({B, T}) * 0.1 - 1).contiguous(), old = lp + 0.05 * randn_t({B, T}),
                    adv = randn_t({B, T});
       const Tensor mask = random_mask(B, T);
+      pl::PpoOptions o;
+      o.aggregation = pl::Aggregation::seq_mean_token_mean;
       pt::PpoResult res;
       return measure([&] { res = pt::ppo_clip(lp, old, adv, mask, o); });
     };

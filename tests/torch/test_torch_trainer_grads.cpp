@@ -251,7 +251,7 @@ TEST_CASE("DPO through the adapter takes TRL's step: the same gradients and para
         dtype,
         [&](CausalLm& m) {
           const auto lp = pt::token_logprobs(m->logits(d.both.input), d.both.labels, d.both.mask).logp;
-          const auto seq = pt::masked_sum(lp, d.both.mask).chunk(2);
+          const auto seq = pt::masked_sum(lp, d.both.mask).values().chunk(2);
           pl::DpoOptions o;
           o.beta = beta;
           return pt::dpo(seq[0], seq[1], refs[0].contiguous(), refs[1].contiguous(), o).loss;

@@ -35,8 +35,8 @@ struct DpoOptions {
   /// Examples in the global batch (every rank and micro-batch): the loss is sum(losses) /
   /// batch_count and the gradients scale with it, so shards add up to the whole batch. Unset:
   /// this call's batch. Finite, >= 1 and >= this call's batch; an empty shard is then allowed.
-  std::optional<double> batch_count =
-      std::nullopt;  /// Threads the call (and its result's backward()) may split the sequence rows over: the values
+  std::optional<double> batch_count = std::nullopt;
+  /// Threads the call (and its result's backward()) may split the sequence rows over: the values
   /// are read in blocks of rows and the per-example terms run in order on the calling thread,
   /// the same bits for any count (see prefloss::Threads). Default: this thread.
   Threads threads = {};
