@@ -168,15 +168,20 @@ def _dpo(m, n):
     return step
 
 
-@workload(r"ppo_(fwd_bwd|fused)/" + _RED)
-def _ppo(m, n):
-    # verl compute_policy_loss_vanilla (clip 0.2/0.2, log-ratio clamp 20, no dual clip) with
-    # agg_loss token-mean and its logged metrics (pg_clipfrac, ppo_kl), then autograd d/d logp.
+def _ppo_inputs(m, n):
+    """The PPO rows' inputs: logp (a grad leaf), mask, old_logp within 0.3 of it, advantages."""
     logp, mask, _ = _tokens(m, n, 41)
     shape, dt = logp.shape, logp.dtype
     old = (logp + _uniform(shape, -0.3, 0.3, dt, 43)).detach()
     adv = _uniform(shape, -2, 2, dt, 42)
-    logp = _grad_leaf(logp)
+    return _grad_leaf(logp), mask, old, adv
+
+
+@workload(r"ppo_(fwd_bwd|fused)/" + _RED)
+def _ppo(m, n):
+    # verl compute_policy_loss_vanilla (clip 0.2/0.2, log-ratio clamp 20, no dual clip) with
+    # agg_loss token-mean and its logged metrics (pg_clipfrac, ppo_kl), then autograd d/d logp.
+    logp, mask, old, adv = _ppo_inputs(m, n)
 
     def step():
         neg_kl = torch.clamp(logp - old, -20.0, 20.0)
@@ -204,11 +209,7 @@ def _torch_dpo(m, n):
 def _torch_ppo(m, n):
     # bench_torch.cpp's PPO rows: verl compute_policy_loss_vanilla as verl runs it, with the dual
     # clip (clip_ratio_c 3) and its three metrics, agg_loss token-mean, autograd d/d logp.
-    logp, mask, _ = _tokens(m, n, 41)
-    shape, dt = logp.shape, logp.dtype
-    old = (logp + _uniform(shape, -0.3, 0.3, dt, 43)).detach()
-    adv = _uniform(shape, -2, 2, dt, 42)
-    logp = _grad_leaf(logp)
+    logp, mask, old, adv = _ppo_inputs(m, n)
 
     def step():
         neg_kl = torch.clamp(logp - old, -20.0, 20.0)

@@ -19,10 +19,14 @@
 ///   tensor_error for an undefined tensor, a device other than the CPU or a wrong dtype,
 ///   shape_error for a wrong rank or extent, layout_error for a layout the core cannot read
 ///   without a copy (the message says which call makes one, e.g. `.contiguous()`).
-/// - masked_sum / masked_mean are their own autograd nodes from [batch, tokens] to [batch]; the
-///   sequence losses (dpo, ipo, simpo, orpo, kto, bradley_terry, bradley_terry_ranking, nll)
-///   take [batch] tensors (any differentiable tensor, a masked_sum among them); the token losses
-///   (ppo_clip, value_loss) and token_logprobs / ppo_clip_from_logits take the token tensors.
+/// - The sequence losses (dpo, ipo, simpo, orpo, kto, bradley_terry, bradley_terry_ranking,
+///   nll) take Sequence arguments: [batch] tensors (any differentiable tensor), or what
+///   masked_sum / masked_mean return. Given the latter, the loss evaluates the masked reduction
+///   itself and its backward writes the token gradient: one autograd node from the tokens to the
+///   loss, the masks read once each way, as the core does. A tensor that is an unmodified
+///   masked_sum output (`.values()`, or the Python module's) is recognised and handled the same.
+///   The token losses (ppo_clip, value_loss) and token_logprobs / ppo_clip_from_logits take the
+///   token tensors.
 /// - Every result has `.loss` (0-dim, differentiable), `.losses` (per example or per sequence,
 ///   differentiable: loss = sum(losses) / n, with n the loss's divisor: the batch, batch_count,
 ///   NllOptions::normalizer; 1 for the token losses), `.metrics` and `.metric_sums` as the core
@@ -34,10 +38,13 @@
 ///   reads again (tokens, masks, logits) are saved as autograd saves its own, and freed after
 ///   the backward unless retain_graph; modifying one in place between the forward and the
 ///   backward is a tensor_error naming it.
-/// - Allocation: the forward allocates O(batch); the backward allocates the gradient tensor it
-///   hands to autograd and O(batch) besides (ppo_clip_from_logits, which is fused, allocates its
-///   [batch, tokens, vocab] gradient in the forward). A token loss whose upstream gradient is
-///   not exactly 1 (or whose losses get one) scales its gradient rows in place: one more pass.
+/// - Allocation: nothing proportional to tokens but the gradient tensor autograd receives, and
+///   O(batch) besides. The sequence losses and token_logprobs allocate it in the backward.
+///   ppo_clip and value_loss, when logp (values) requires a gradient, run the core's fused pass
+///   in the forward, so it is allocated there and handed over by the backward (a second
+///   backward under retain_graph recomputes it); so does ppo_clip_from_logits, whose core call
+///   is fused only. A token loss whose upstream gradient is not exactly 1 (or whose losses get
+///   one) scales its gradient rows in place: one more pass.
 ///
 /// Threads: the options' `threads` is the core's (prefloss::Threads); libtorch's own intra-op
 /// pool is not used.
