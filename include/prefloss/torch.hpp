@@ -26,7 +26,7 @@
 ///   loss, the masks read once each way, as the core does. A tensor that is an unmodified
 ///   masked_sum output (`.values()`, or the Python module's) is recognised and handled the same.
 ///   The token losses (ppo_clip, value_loss) and token_logprobs / ppo_clip_from_logits take the
-///   token tensors.
+///   token tensors; linear_logprobs takes the LM head's input and weight.
 /// - Every result has `.loss` (0-dim, differentiable), `.losses` (per example or per sequence,
 ///   differentiable: loss = sum(losses) / n, with n the loss's divisor: the batch, batch_count,
 ///   NllOptions::normalizer; 1 for the token losses), `.metrics` and `.metric_sums` as the core
@@ -39,7 +39,8 @@
 ///   the backward unless retain_graph; modifying one in place between the forward and the
 ///   backward is a tensor_error naming it.
 /// - Allocation: nothing proportional to tokens but the gradient tensor autograd receives, and
-///   O(batch) besides. The sequence losses and token_logprobs allocate it in the backward.
+///   O(batch) besides. The sequence losses, token_logprobs and linear_logprobs allocate it in the
+///   backward (linear_logprobs both of hidden's and weight's: the core writes them together).
 ///   ppo_clip and value_loss, when logp (values) requires a gradient, run the core's fused pass
 ///   in the forward, so it is allocated there and handed over by the backward (a second
 ///   backward under retain_graph recomputes it); so does ppo_clip_from_logits, whose core call
@@ -1054,14 +1055,41 @@ inline LogprobOutputs token_logprobs(const at::Tensor& logits, const at::Tensor&
 }
 
 namespace detail {
-/// An owning Eigen tensor handed to ATen without a copy: the tensor's deleter frees it.
-template <class C>
-at::Tensor adopt(Eigen::Tensor<C, 2, Eigen::RowMajor>&& t) {
+/// An owning Eigen tensor handed to ATen without a copy: the tensor's deleter frees it. An
+/// empty one (not computed) gives an undefined tensor.
+template <class C, int R, int Opt>
+at::Tensor adopt(Eigen::Tensor<C, R, Opt>&& t) {
+  static_assert(R == 1 || Opt == Eigen::RowMajor, "prefloss: only row-major tensors map onto ATen's layout");
   if (t.size() == 0) return at::Tensor();
-  auto* owner = new Eigen::Tensor<C, 2, Eigen::RowMajor>(std::move(t));
+  auto* owner = new Eigen::Tensor<C, R, Opt>(std::move(t));
+  std::vector<std::int64_t> dims(owner->dimensions().begin(), owner->dimensions().end());
   return at::from_blob(
-      owner->data(), {owner->dimension(0), owner->dimension(1)}, [owner](void*) { delete owner; }, options_of<C>());
+      owner->data(), dims, [owner](void*) { delete owner; }, options_of<C>());
 }
+
+/// Node of linear_logprobs: the core result keeps the selected tokens' statistics and views
+/// hidden, weight, labels and mask (saved); the backward is the core's. The core writes the
+/// gradients of hidden and weight together, so both are allocated; one that no input needs is
+/// dropped.
+template <class Core, class S>
+struct LinearNode : Node {
+  Core core;
+  explicit LinearNode(Core c) : core(std::move(c)) {}
+  std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& saved) override {
+    at::Tensor glp = grad_at(grads, 0), gh = grad_at(grads, 1);
+    if ((!glp.defined() && !gh.defined()) || (!needs[0] && !needs[1])) return {at::Tensor(), at::Tensor()};
+    const at::Tensor &h = saved[0], &w = saved[1];
+    glp = glp.defined() ? glp.to(dtype_of<S>::value).contiguous() : at::zeros({h.size(0)}, options_of<S>());
+    at::Tensor dh = at::empty(h.sizes(), h.options()), dw = at::empty(w.sizes(), w.options());
+    if (gh.defined()) {
+      gh = gh.to(dtype_of<S>::value).contiguous();
+      core.backward(read_map<S, 1>(glp), read_map<S, 1>(gh), write_map<S, 2>(dh), write_map<S, 2>(dw));
+    } else {
+      core.backward(read_map<S, 1>(glp), write_map<S, 2>(dh), write_map<S, 2>(dw));
+    }
+    return {needs[0] ? dh : at::Tensor(), needs[1] ? dw : at::Tensor()};
+  }
+};
 
 template <class Core>
 PpoLogitsOutputs ppo_from_logits(const char* fn, const at::Tensor& logits, const at::Tensor& labels,
@@ -1103,6 +1131,45 @@ PpoLogitsOutputs ppo_from_logits(const char* fn, const at::Tensor& logits, const
   });
 }
 }  // namespace detail
+
+/// @brief Token log-probs (and the entropy) through the LM head without the [N, V] logits
+/// (prefloss::linear_logprobs): hidden [N, H] and weight [V, H] of one dtype (float32 or
+/// float64), labels [N] (int64 or int32) and a mask [N]; an autograd node to hidden and weight.
+/// Returns logp and entropy [N] (entropy undefined unless LogprobOptions::entropy); masked-out
+/// tokens' hidden rows and labels are never read.
+inline LogprobOutputs linear_logprobs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                                      const at::Tensor& mask, const LogprobOptions& opt = {}) {
+  constexpr const char* fn = "linear_logprobs";
+  return detail::on_real(hidden, fn, "hidden", [&](auto t) {
+    using S = typename decltype(t)::type;
+    detail::require_readable(hidden, fn, "hidden", 2, "([tokens, hidden])");
+    const auto w = detail::arg<S, 2>(weight, fn, "weight", "the dtype of 'hidden'");
+    return detail::on_label(labels, fn, "labels", [&](auto yt) {
+      using Y = typename decltype(yt)::type;
+      detail::require_readable(labels, fn, "labels", 1, "([tokens])");
+      return detail::on_mask<S>(mask, fn, "mask", [&](auto mt) {
+        using Mk = typename decltype(mt)::type;
+        detail::require_readable(mask, fn, "mask", 1, "([tokens])");
+        auto res = prefloss::linear_logprobs(detail::read_map<S, 2>(hidden), w, detail::read_map<Y, 1>(labels),
+                                             detail::read_map<Mk, 1>(mask), opt);
+        at::Tensor logp = detail::adopt(std::move(res.logp));
+        if (!logp.defined()) logp = at::empty({0}, detail::options_of<S>());
+        at::Tensor entropy = opt.entropy ? detail::adopt(std::move(res.entropy)) : at::Tensor();
+        if (opt.entropy && !entropy.defined()) entropy = at::empty({0}, detail::options_of<S>());
+        auto node = c10::make_intrusive<detail::LinearNode<decltype(res), S>>(std::move(res));
+        node->fn = fn;
+        node->keep(hidden, "hidden");
+        node->keep(weight, "weight");
+        node->keep(labels, "labels");
+        node->keep(mask, "mask");
+        node->outputs = {logp};
+        if (opt.entropy) node->outputs.push_back(entropy);
+        auto out = detail::attach({hidden, weight}, node);
+        return LogprobOutputs{out[0], opt.entropy ? out[1] : at::Tensor()};
+      });
+    });
+  });
+}
 
 /// @brief PPO-clip from logits (prefloss::ppo_clip_from_logits): the token log-probs, the
 /// optional entropy bonus and the loss in the core's fused passes; [batch, tokens] old_logp and

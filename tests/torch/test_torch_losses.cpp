@@ -473,6 +473,51 @@ TEST_CASE("token_logprobs against log_softmax + gather, with the entropy and its
       }
 }
 
+TEST_CASE("linear_logprobs against log_softmax(hidden weight^T / tau) + gather, to hidden and weight",
+          "[torch][logprobs]") {
+  torch::manual_seed(21);
+  const int64_t N = 37, H = 8, V = 19;
+  for (auto dt : real_types)
+    for (bool ent : {false, true})
+      for (double tau : {1.0, 0.6}) {
+        INFO(dtype_str(dt) << ", tau " << tau << (ent ? ", entropy" : ""));
+        Twin h = twin(opts_randn({N, H}, dt)), w = twin(opts_randn({V, H}, dt) * 0.5);
+        const Tensor labels = torch::randint(0, V, {N}, torch::TensorOptions().dtype(torch::kLong));
+        const Tensor mask = random_mask(1, N).reshape({N});
+        // Masked-out tokens' hidden rows hold NaN in ours: never read, zero gradient rows.
+        const Tensor poisoned = torch::where(mask.to(torch::kBool).unsqueeze(1), h.ours.detach(),
+                                             torch::full({N, H}, NAN, h.ours.options().requires_grad(false)));
+        Tensor hp = poisoned.clone().requires_grad_();
+        pl::LogprobOptions o;
+        o.temperature = tau;
+        o.entropy = ent;
+        const auto out = pt::linear_logprobs(hp, w.ours, labels, mask, o);
+        const auto ref =
+            ref_logprobs(torch::matmul(h.ref, w.ref.t()).unsqueeze(0), labels.unsqueeze(0), mask.unsqueeze(0), tau);
+        CHECK_REL(out.logp, ref.logp.squeeze(0), tol_of(dt));
+        const Tensor g1 = opts_randn({N}, dt), g2 = opts_randn({N}, dt);
+        Tensor ours = (out.logp * g1).sum(), theirs = (ref.logp.squeeze(0) * dbl(g1)).sum();
+        if (ent) {
+          CHECK_REL(out.entropy, ref.entropy.squeeze(0), tol_of(dt));
+          ours = ours + (out.entropy * g2).sum();
+          theirs = theirs + (ref.entropy.squeeze(0) * dbl(g2)).sum();
+        } else {
+          CHECK_FALSE(out.entropy.defined());
+        }
+        ours.backward();
+        theirs.backward();
+        CHECK_REL(hp.grad(), h.ref.grad(), tol_of(dt));
+        CHECK_REL(w.ours.grad(), w.ref.grad(), tol_of(dt));
+        CHECK(hp.grad().masked_select(~mask.to(torch::kBool).unsqueeze(1).expand({N, H})).abs().sum().item<double>() ==
+              0);
+      }
+  // Only the weight requires a gradient: hidden gets none.
+  const Tensor h = torch::randn({N, H}, torch::kDouble), w = torch::randn({V, H}, torch::kDouble).requires_grad_();
+  pt::linear_logprobs(h, w, torch::randint(0, V, {N}), torch::ones({N}, torch::kBool)).logp.sum().backward();
+  CHECK(w.grad().defined());
+  CHECK_FALSE(h.grad().defined());
+}
+
 TEST_CASE("ppo_clip_from_logits against log_softmax + verl's policy loss - entropy_coef * agg(entropy)",
           "[torch][ppo][logits]") {
   torch::manual_seed(13);
