@@ -714,7 +714,9 @@ TEST_CASE("metrics: the core's float metrics are the adapter's double metrics ro
     CHECK(core.metrics.ratio_max == f(res.metrics.ratio_max));
     CHECK(core.metrics.kl_mean == f(res.metrics.kl_mean));
     CHECK(core.metrics.token_weight == res.metrics.token_weight);
-    CHECK(res.metrics.token_weight == Approx(mask.to(torch::kDouble).sum().item<double>()).epsilon(1e-12));
+    // Float weights are summed in float lanes widened into double, within 4.2e-7 of the sum of
+    // their magnitudes (prefloss's documented bound; the lanes differ between SSE2 and AVX-512).
+    CHECK(res.metrics.token_weight == Approx(mask.to(torch::kDouble).sum().item<double>()).epsilon(4.2e-7));
     const auto v = pt::value_loss(lp, old, adv, mask);
     const auto vc = pl::value_loss(pt::view<float, 2>(lp), pt::view<float, 2>(old), pt::view<float, 2>(adv),
                                    pt::view<float, 2>(mask));
