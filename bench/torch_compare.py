@@ -177,10 +177,10 @@ def _ppo_inputs(m, n):
     return _grad_leaf(logp), mask, old, adv
 
 
-@workload(r"ppo_(fwd_bwd|fused)/" + _RED)
-def _ppo(m, n):
-    # verl compute_policy_loss_vanilla (clip 0.2/0.2, log-ratio clamp 20, no dual clip) with
-    # agg_loss token-mean and its logged metrics (pg_clipfrac, ppo_kl), then autograd d/d logp.
+def _ppo_step(m, n, dual_clip):
+    # verl compute_policy_loss_vanilla (clip 0.2/0.2, log-ratio clamp 20; dual clip c for A < 0
+    # when given) with agg_loss token-mean and its logged metrics (pg_clipfrac, ppo_kl, and
+    # pg_clipfrac_lower with the dual clip), then autograd d/d logp.
     logp, mask, old, adv = _ppo_inputs(m, n)
 
     def step():
@@ -188,13 +188,24 @@ def _ppo(m, n):
         ratio = torch.exp(neg_kl)
         l1 = -adv * ratio
         l2 = -adv * torch.clamp(ratio, 0.8, 1.2)
-        pg = torch.maximum(l1, l2)
+        pg = clip1 = torch.maximum(l1, l2)
+        if dual_clip is not None:
+            l3 = -adv * dual_clip
+            pg = torch.where(adv < 0, torch.min(l3, clip1), clip1)
         denom = mask.sum()
         loss = (pg * mask).sum() / denom
         with torch.no_grad():
             _ = (torch.gt(l2, l1).float() * mask).sum() / denom, (-neg_kl * mask).sum() / denom
+            if dual_clip is not None:
+                _ = ((torch.gt(clip1, l3) * (adv < 0).float()) * mask).sum() / denom
         return torch.autograd.grad(loss, [logp])
     return step
+
+
+@workload(r"ppo_(fwd_bwd|fused)/" + _RED)
+def _ppo(m, n):
+    # bench_losses.cpp's PPO rows: no dual clip.
+    return _ppo_step(m, n, None)
 
 
 @workload(r"torch_dpo_(adapter|libtorch|core|core2pass)/" + _RED)
@@ -207,25 +218,8 @@ def _torch_dpo(m, n):
 
 @workload(r"torch_ppo_(adapter|libtorch|core|core2pass)/" + _RED)
 def _torch_ppo(m, n):
-    # bench_torch.cpp's PPO rows: verl compute_policy_loss_vanilla as verl runs it, with the dual
-    # clip (clip_ratio_c 3) and its three metrics, agg_loss token-mean, autograd d/d logp.
-    logp, mask, old, adv = _ppo_inputs(m, n)
-
-    def step():
-        neg_kl = torch.clamp(logp - old, -20.0, 20.0)
-        ratio = torch.exp(neg_kl)
-        l1 = -adv * ratio
-        l2 = -adv * torch.clamp(ratio, 0.8, 1.2)
-        clip1 = torch.maximum(l1, l2)
-        l3 = -adv * 3.0
-        pg = torch.where(adv < 0, torch.min(l3, clip1), clip1)
-        denom = mask.sum()
-        loss = (pg * mask).sum() / denom
-        with torch.no_grad():
-            _ = ((-neg_kl * mask).sum() / denom, (torch.gt(l2, l1).float() * mask).sum() / denom,
-                 ((torch.gt(clip1, l3) * (adv < 0).float()) * mask).sum() / denom)
-        return torch.autograd.grad(loss, [logp])
-    return step
+    # bench_torch.cpp's PPO rows: verl's loss as verl runs it, with the dual clip (clip_ratio_c 3).
+    return _ppo_step(m, n, 3.0)
 
 
 _LOGITS = r"/f32/N(?P<N>\d+)_V(?P<V>\d+)"
