@@ -34,29 +34,38 @@
 ///   float).
 /// - Backward runs the core's closed-form gradient. It honours any upstream gradient of loss
 ///   and losses, computes a gradient only for inputs that require one, and never for
-///   references, old log-probs, advantages, returns, labels or masks. The tensors a backward
-///   reads again (tokens, masks, logits) are saved as autograd saves its own, and freed after
-///   the backward unless retain_graph; modifying one in place between the forward and the
-///   backward is a tensor_error naming it.
+///   references, old log-probs, advantages, returns, labels or masks. Each call is one bare
+///   autograd node (named "prefloss::torch::<loss>" in grad_fn), built without a dispatched op.
+///   The tensors a backward reads again (tokens, masks, logits) are kept by the node and freed
+///   after the backward unless retain_graph (a second backward then is a tensor_error, as
+///   autograd's own is an error); modifying one in place between the forward and the backward
+///   is a tensor_error naming it.
 /// - Allocation: nothing proportional to tokens but the gradient tensor autograd receives, and
-///   O(batch) besides. The sequence losses, token_logprobs and linear_logprobs allocate it in the
-///   backward (linear_logprobs both of hidden's and weight's: the core writes them together).
-///   ppo_clip and value_loss, when logp (values) requires a gradient, run the core's fused pass
-///   in the forward, so it is allocated there and handed over by the backward (a second
-///   backward under retain_graph recomputes it); so does ppo_clip_from_logits, whose core call
-///   is fused only. A token loss whose upstream gradient is not exactly 1 (or whose losses get
-///   one) scales its gradient rows in place: one more pass.
+///   O(batch) besides. A gradient of 64 KiB or more reuses the memory of one the trainer freed
+///   (gradient_cache_limit() bytes are kept; set_gradient_cache_limit(0) turns this off), so a
+///   step does not pay the kernel for freshly zeroed pages again. The sequence losses,
+///   token_logprobs and linear_logprobs allocate it in the backward (linear_logprobs both of
+///   hidden's and weight's: the core writes them together). ppo_clip and value_loss, when logp
+///   (values) requires a gradient, run the core's fused pass in the forward, so it is allocated
+///   there and handed over by the backward (a second backward under retain_graph recomputes
+///   it); so does ppo_clip_from_logits, whose core call is fused only. A token loss whose
+///   upstream gradient is not exactly 1 (or whose losses get one) scales its gradient rows in
+///   place: one more pass.
 ///
 /// Threads: the options' `threads` is the core's (prefloss::Threads); libtorch's own intra-op
 /// pool is not used.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -248,78 +257,210 @@ namespace detail {
 
 using variable_list = ::torch::autograd::variable_list;
 
-/// @brief One adapter call's autograd node: what its backward needs, kept from the forward.
-/// The forward runs before Function::apply (so a rejected call builds no graph); `outputs` is
-/// handed to autograd once and then dropped, so the node never owns its own outputs. The tensors
-/// the backward reads again (the core's views point into them) go to ctx->save_for_backward,
-/// so autograd frees them after the backward as it frees its own; the node keeps only weak
-/// references to them, to name one that was modified in place.
-struct Node : ::torch::CustomClassHolder {
-  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+/// @brief The memory of the gradient tensors the adapter hands to autograd: a block of 64 KiB
+/// or more that such a tensor freed is kept and handed to the next gradient of its size class
+/// (a quarter of a power of two: at most 25% unused), up to gradient_cache_limit() bytes in all,
+/// the oldest evicted first. A trainer frees a step's gradients (zero_grad with set_to_none, or
+/// AccumulateGrad after adding them into .grad) and asks for the same shapes at the next step;
+/// glibc returns large freed blocks to the kernel, which zeroes every page again when they are
+/// touched, and that was most of the adapter's cost over the core call (see bench_torch.cpp).
+/// New blocks, and smaller gradients, come from libtorch's CPU allocator, as at::empty's do.
+class GradientCache final : public c10::Allocator {
+ public:
+  static constexpr std::size_t min_bytes = std::size_t{64} << 10;
+
+  /// Never destroyed: a tensor freed during static destruction still returns its block here.
+  static GradientCache& instance() {
+    static auto* cache = new GradientCache();
+    return *cache;
+  }
+
+  c10::DataPtr allocate(std::size_t bytes) const override {
+    if (bytes < min_bytes) return c10::GetCPUAllocator()->allocate(bytes);
+    const std::size_t size = size_class(bytes);
+    auto& self = const_cast<GradientCache&>(*this);  // allocate() is const in c10::Allocator
+    Block* b = self.take(size);
+    if (!b) b = new Block{c10::GetCPUAllocator()->allocate(size), size};
+    return {b->memory.get(), b, &give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  std::size_t limit() const {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return limit_;
+  }
+  std::size_t set_limit(std::size_t bytes) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const std::size_t old = limit_;
+    limit_ = bytes;
+    evict_to(limit_);
+    return old;
+  }
+  std::size_t cached() const {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return cached_;
+  }
+
+ private:
+  struct Block {
+    c10::DataPtr memory;  ///< from libtorch's CPU allocator (any the trainer installed)
+    std::size_t bytes;
+  };
+  GradientCache() = default;
+
+  static std::size_t size_class(std::size_t bytes) {
+    std::size_t top = 1;
+    while (top <= bytes / 2) top <<= 1;  // the highest power of two <= bytes
+    const std::size_t step = top / 4;
+    return (bytes + step - 1) / step * step;
+  }
+  static void give_back(void* ctx) { instance().put(static_cast<Block*>(ctx)); }
+
+  Block* take(std::size_t size) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it)
+      if ((*it)->bytes == size) {
+        Block* b = *it;
+        blocks_.erase(std::next(it).base());
+        cached_ -= size;
+        return b;
+      }
+    return nullptr;
+  }
+  void put(Block* b) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (b->bytes <= limit_) {
+        evict_to(limit_ - b->bytes);
+        blocks_.push_back(b);
+        cached_ += b->bytes;
+        return;
+      }
+    }
+    release(b);
+  }
+  void evict_to(std::size_t bytes) {  // under mutex_
+    std::size_t k = 0;
+    for (; k < blocks_.size() && cached_ > bytes; ++k) {
+      cached_ -= blocks_[k]->bytes;
+      release(blocks_[k]);
+    }
+    blocks_.erase(blocks_.begin(), blocks_.begin() + static_cast<std::ptrdiff_t>(k));
+  }
+  static void release(Block* b) { delete b; }
+
+  mutable std::mutex mutex_;
+  std::vector<Block*> blocks_;  ///< oldest first
+  std::size_t cached_ = 0;
+  std::size_t limit_ = std::size_t{64} << 20;
+};
+
+/// A new uninitialized CPU tensor for a gradient (GradientCache's memory).
+inline at::Tensor gradient(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::Tensor(at::detail::empty_generic(sizes, &GradientCache::instance(),
+                                              c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, c10::nullopt));
+}
+
+}  // namespace detail
+
+/// @brief The most bytes of freed gradient memory the adapter keeps for its next gradients
+/// (default 64 MiB; a freed block larger than this is returned to the system at once).
+inline std::size_t gradient_cache_limit() { return detail::GradientCache::instance().limit(); }
+/// Sets gradient_cache_limit() (0 keeps nothing), freeing the oldest kept blocks beyond it;
+/// returns the previous limit.
+inline std::size_t set_gradient_cache_limit(std::size_t bytes) {
+  return detail::GradientCache::instance().set_limit(bytes);
+}
+/// The bytes of freed gradient memory kept now.
+inline std::size_t gradient_cache_bytes() { return detail::GradientCache::instance().cached(); }
+
+namespace detail {
+
+/// @brief One adapter call's autograd node: a torch::autograd::Node of its own (a custom
+/// Function would add a context, a capsule and saved-variable bookkeeping to every call). The
+/// forward runs before attach(), so a rejected call builds no graph, and the node never holds
+/// its own outputs. It keeps the tensors its backward reads again (the core's views point into
+/// them) and frees them after the backward unless retain_graph, as autograd frees its own.
+struct Node : ::torch::autograd::Node {
+  /// A kept tensor's name in messages: "argument 'name'", or with `part` ("tokens", "mask")
+  /// "the part of argument 'name'" followed by `of`.
   struct Kept {
-    Weak tensor;
-    std::string name;  ///< e.g. "argument 'mask'"
+    const char* name;
+    const char* part;
+    const char* of;
     std::int64_t version;
   };
   const char* fn = "";
-  std::vector<at::Tensor> outputs;
-  std::vector<at::Tensor> to_save;  ///< moved to the autograd context by the forward
-  std::vector<bool> needs;          ///< per input of attach(): whether it requires a gradient
-  std::vector<Kept> kept;           ///< one per entry of to_save
+  variable_list saved_tensors;  ///< the kept tensors, in the order keep() was called
+  std::vector<Kept> kept;       ///< one per entry of saved_tensors
+  std::vector<bool> needs;      ///< per input of attach(): whether this backward computes its gradient
+  bool released = false;        ///< the kept tensors were freed by a backward without retain_graph
 
-  ~Node() override = default;
   /// One gradient per input of attach() (undefined where none is needed); grads has one entry
-  /// per output, undefined where the output got no gradient; saved holds the kept tensors in
-  /// the order keep() was called.
-  virtual std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& saved) = 0;
+  /// per output, undefined where the output got no gradient.
+  virtual variable_list backward(const variable_list& grads, const variable_list& saved) = 0;
 
   /// Keeps `t` for backward and remembers its version.
-  void keep(const at::Tensor& t, const char* name) { keep_as(t, std::string("argument '") + name + "'"); }
-  /// The same, named in messages by `label` ("the mask of argument 'chosen'").
-  void keep_as(const at::Tensor& t, std::string label) {
-    to_save.push_back(t);
-    kept.push_back({Weak(t.getIntrusivePtr()), std::move(label), t._version()});
+  void keep(const at::Tensor& t, const char* name, const char* part = nullptr, const char* of = "") {
+    saved_tensors.push_back(t);
+    kept.push_back({name, part, of, t._version()});
   }
+  /// Whether no kept tensor was modified in place since the forward.
+  bool unchanged() const {
+    for (std::size_t k = 0; k < kept.size(); ++k)
+      if (saved_tensors[k]._version() != kept[k].version) return false;
+    return true;
+  }
+
+  std::string name() const override { return std::string("prefloss::torch::") + fn; }
+  void release_variables() override {
+    released = !saved_tensors.empty();
+    saved_tensors.clear();
+    saved_tensors.shrink_to_fit();
+  }
+  variable_list apply(variable_list&& grads) override {
+    if (released)
+      throw tensor_error(std::string("prefloss::torch::") + fn +
+                         ": backward ran a second time through this graph, whose saved tensors the first "
+                         "backward freed: pass retain_graph=true to the first backward");
+    check_kept();
+    for (std::size_t k = 0; k < needs.size(); ++k) needs[k] = task_should_compute_output(k);
+    return backward(grads, saved_tensors);
+  }
+
+ private:
   void check_kept() const {
-    for (const auto& k : kept) {
-      const auto t = k.tensor.lock();
-      if (!t) continue;  // freed: autograd reports the second backward itself
-      const auto now = static_cast<std::int64_t>(t->version_counter().current_version());
-      if (now != k.version)
-        throw tensor_error(std::string("prefloss::torch::") + fn + ": " + k.name +
-                           " was modified in place after the forward pass and before backward (its version went "
-                           "from " +
-                           std::to_string(k.version) + " to " + std::to_string(now) +
-                           "); the gradient reads it again: clone it before modifying it");
+    for (std::size_t k = 0; k < kept.size(); ++k) {
+      const std::int64_t now = saved_tensors[k]._version();
+      if (now == kept[k].version) continue;
+      const Kept& x = kept[k];
+      const std::string label = x.part ? std::string("the ") + x.part + " of argument '" + x.name + "'" + x.of
+                                       : std::string("argument '") + x.name + "'";
+      throw tensor_error(std::string("prefloss::torch::") + fn + ": " + label +
+                         " was modified in place after the forward pass and before backward (its version went "
+                         "from " +
+                         std::to_string(x.version) + " to " + std::to_string(now) +
+                         "); the gradient reads it again: clone it before modifying it");
     }
   }
 };
 
-struct Function : ::torch::autograd::Function<Function> {
-  static variable_list forward(::torch::autograd::AutogradContext* ctx, at::TensorList inputs,
-                               const c10::intrusive_ptr<Node>& node) {
-    (void)inputs;
-    ctx->set_materialize_grads(false);  // an unused output must not cost a zero tensor
-    ctx->save_for_backward(std::move(node->to_save));
-    node->to_save.clear();
-    ctx->saved_data["prefloss"] = at::IValue::make_capsule(node);
-    return std::move(node->outputs);
-  }
-  static variable_list backward(::torch::autograd::AutogradContext* ctx, variable_list grads) {
-    auto node = c10::static_intrusive_pointer_cast<Node>(ctx->saved_data["prefloss"].toCapsule());
-    node->check_kept();
-    auto out = node->backward(grads, ctx->get_saved_variables());
-    out.emplace_back();  // the node argument
-    return out;
-  }
-};
+/// A new node (deleted as autograd deletes its own: iteratively, however long the graph).
+template <class N, class... A>
+std::shared_ptr<N> make_node(A&&... a) {
+  return std::shared_ptr<N>(new N(std::forward<A>(a)...), ::torch::autograd::deleteNode);
+}
 
-/// Attaches `node` (whose outputs are filled) to the graph of `inputs`, the differentiable
-/// inputs; returns the outputs with their history. (Not `apply`: ADL would find std::apply.)
-inline variable_list attach(const std::vector<at::Tensor>& inputs, c10::intrusive_ptr<Node> node) {
-  node->needs.clear();
-  for (const auto& t : inputs) node->needs.push_back(t.requires_grad());
-  return Function::apply(at::TensorList(inputs), node);
+/// Attaches `node` to the graph of `inputs`, its differentiable inputs, as the grad_fn of
+/// `outputs`; returns them. Without grad mode, or when no input requires a gradient, the
+/// outputs are returned as they are and the node is dropped. (Not `apply`: ADL would find
+/// std::apply.)
+inline variable_list attach(const std::vector<at::Tensor>& inputs, const std::shared_ptr<Node>& node,
+                            variable_list outputs) {
+  if (!::torch::autograd::compute_requires_grad(at::TensorList(inputs))) return outputs;
+  node->needs.assign(inputs.size(), false);
+  node->set_next_edges(::torch::autograd::collect_next_edges(at::TensorList(inputs)));
+  for (auto& o : outputs) ::torch::autograd::set_history(o, node);
+  return outputs;
 }
 
 /// The gradient of output k, or undefined.
@@ -391,13 +532,27 @@ decltype(auto) on_label(const at::Tensor& t, const char* fn, const char* name, F
   }
 }
 
+/// Why an argument must have a dtype, for its message: a text, or "the dtype of 'like'" (built
+/// only when a message is).
+struct DtypeRule {
+  const char* text = nullptr;
+  const char* like = nullptr;
+  DtypeRule(const char* t) : text(t) {}  // NOLINT(google-explicit-constructor)
+  static DtypeRule of(const char* argument) {
+    DtypeRule r(nullptr);
+    r.like = argument;
+    return r;
+  }
+  std::string str() const { return like ? std::string("the dtype of '") + like + "'" : std::string(text); }
+};
+
 /// A read map of an argument whose dtype is fixed by another (T), checked.
 template <class T, int R>
 Eigen::TensorMap<const Eigen::Tensor<T, R, Eigen::RowMajor>> arg(const at::Tensor& t, const char* fn, const char* name,
-                                                                 const char* dtype_rule) {
+                                                                 const DtypeRule& rule) {
   require_readable(t, fn, name, R, rank_dims(R));
   if (t.scalar_type() != dtype_of<T>::value)
-    throw tensor_error(where(fn, name) + " must be " + dtype_name<T>() + " (" + dtype_rule + "), got " + describe(t));
+    throw tensor_error(where(fn, name) + " must be " + dtype_name<T>() + " (" + rule.str() + "), got " + describe(t));
   return read_map<T, R>(t);
 }
 
@@ -406,14 +561,23 @@ at::TensorOptions options_of() {
   return at::TensorOptions().dtype(dtype_of<S>::value).device(at::kCPU);
 }
 
+/// A new CPU tensor, allocated as at::empty allocates (the CPU allocator) without a dispatch:
+/// an adapter call's small outputs cost a microsecond or more each through the dispatcher.
+template <class S>
+at::Tensor new_cpu(at::IntArrayRef sizes) {
+  return at::Tensor(at::detail::empty_cpu(sizes, dtype_of<S>::value, false, c10::nullopt));
+}
+
 template <class S>
 at::Tensor scalar_of(double v) {
-  return at::scalar_tensor(v, options_of<S>());
+  at::Tensor t = new_cpu<S>({});
+  *t.data_ptr<S>() = static_cast<S>(v);
+  return t;
 }
 
 template <class S>
 at::Tensor copy_of(const Eigen::Tensor<S, 1>& v) {
-  at::Tensor t = at::empty({v.dimension(0)}, options_of<S>());
+  at::Tensor t = new_cpu<S>({v.dimension(0)});
   std::copy(v.data(), v.data() + v.size(), t.data_ptr<S>());
   return t;
 }
@@ -437,10 +601,16 @@ Result<M<double>> result_of(const R& core, variable_list out) {
   return r;
 }
 
+/// {f(0), ..., f(K - 1)} (for elements that cannot be default-constructed, such as maps).
+template <std::size_t... I, class F>
+auto array_of(std::index_sequence<I...>, F&& f) {
+  return std::array<decltype(f(std::size_t{0})), sizeof...(I)>{f(I)...};
+}
+
 template <class S, int R, std::size_t K, std::size_t... I>
 std::array<Eigen::TensorMap<const Eigen::Tensor<S, R, Eigen::RowMajor>>, K> arg_maps(
     const std::array<const at::Tensor*, K>& t, const std::array<const char*, K>& names, [[maybe_unused]] const char* fn,
-    [[maybe_unused]] const char* rule, std::index_sequence<I...>) {
+    [[maybe_unused]] const DtypeRule& rule, std::index_sequence<I...>) {
   return {arg<S, R>(*t[I], fn, names[I], rule)...};
 }
 
@@ -449,56 +619,69 @@ std::array<Eigen::TensorMap<const Eigen::Tensor<S, R, Eigen::RowMajor>>, K> arg_
 /// (each costs microseconds of dispatch): `any` is false when neither output got a gradient,
 /// `one` when the factor is exactly 1 for every row.
 struct RowFactor {
+  /// A 0-dim upstream's value: read in place when it is a CPU float or double (item() is a
+  /// dispatch of a microsecond).
+  static double scalar_value(const at::Tensor& t) {
+    if (t.device().is_cpu() && t.numel() == 1) {
+      if (t.scalar_type() == at::kFloat) return *static_cast<const float*>(t.data_ptr());
+      if (t.scalar_type() == at::kDouble) return *static_cast<const double*>(t.data_ptr());
+    }
+    return t.item<double>();
+  }
   bool any = false, one = false;
   double g = 0, n = 1;
   at::Tensor gl;  ///< [batch] double, contiguous, or undefined
   RowFactor(const variable_list& grads, double divisor) : n(divisor) {
     const at::Tensor gt = grad_at(grads, 0), glt = grad_at(grads, 1);
     any = gt.defined() || glt.defined();
-    if (gt.defined()) g = gt.item<double>();
+    if (gt.defined()) g = scalar_value(gt);
     if (glt.defined()) gl = glt.to(at::kDouble).contiguous();
     one = any && !gl.defined() && g == 1.0;
   }
   double at(std::int64_t i) const { return gl.defined() ? g + n * gl.data_ptr<double>()[i] : g; }
 };
 
-/// @brief A masked_sum / masked_mean node seen by the loss it feeds: the loss takes the tokens
-/// as its own input and writes their gradient through the expression itself, so the masked node
-/// never runs in the backward (one node and one pass over the masks instead of two).
-struct MaskedSource : Node {
+/// @brief A masked_sum / masked_mean expression over token and mask tensors (the core's,
+/// viewing them). A loss given one takes the tokens as its own input and writes their gradient
+/// through the expression, so no masked node runs in the backward (one node and one pass over
+/// the masks instead of two).
+struct MaskedExpr {
+  const char* fn = "";
   at::ScalarType values_dtype = at::kFloat;  ///< the compute dtype: float32 for 16-bit tokens
+  virtual ~MaskedExpr() = default;
   /// grad = the expression's adjoint of upstream ([batch] of the values' dtype), a new tensor
   /// shaped and typed like the tokens.
   virtual at::Tensor adjoint(const void* upstream, const at::Tensor& tokens) const = 0;
   /// Writes the [batch] values (of values_dtype) to out.
   virtual void eval(void* out) const = 0;
-  /// A new node over the same expression, to attach to a graph.
-  virtual c10::intrusive_ptr<MaskedSource> fresh() const = 0;
 };
 
-/// The masked source behind `values` when `values` is a masked_sum / masked_mean output that
-/// nothing has modified since: the source and the tensors it reads (from its saved variables).
+/// Node of a masked reduction evaluated as a tensor: the tokens and the mask are kept; the
+/// backward is the expression's adjoint into a new gradient tensor.
+struct MaskedNode : Node {
+  std::shared_ptr<const MaskedExpr> expr;
+  explicit MaskedNode(std::shared_ptr<const MaskedExpr> e) : expr(std::move(e)) { fn = expr->fn; }
+  variable_list backward(const variable_list& grads, const variable_list& saved) override {
+    const at::Tensor g = grad_at(grads, 0);
+    if (!g.defined() || !needs[0]) return {at::Tensor()};
+    const at::Tensor up = g.to(expr->values_dtype).contiguous();
+    return {expr->adjoint(up.data_ptr(), saved[0])};
+  }
+};
+
+/// The masked expression behind `values` when `values` is a masked_sum / masked_mean output
+/// that nothing has modified since, with the tensors it reads.
 struct Fused {
-  c10::intrusive_ptr<MaskedSource> source;
+  std::shared_ptr<const MaskedExpr> source;
   at::Tensor tokens, mask;
 };
 inline Fused fused_source(const at::Tensor& values) {
   if (!values.requires_grad() || values.output_nr() != 0 || values._version() != 0) return {};
-  auto* cpp = dynamic_cast<::torch::autograd::CppNode<Function>*>(values.grad_fn().get());
-  if (!cpp) return {};
-  const auto it = cpp->ctx_.saved_data.find("prefloss");
-  if (it == cpp->ctx_.saved_data.end()) return {};
-  auto source = c10::dynamic_intrusive_pointer_cast<MaskedSource>(
-      c10::static_intrusive_pointer_cast<Node>(it->second.toCapsule()));
-  if (!source) return {};
-  // Throws when the tokens or the mask were modified in place since: the masked node's own
-  // backward then reports it, as it would without the fusion.
-  try {
-    const auto saved = cpp->ctx_.get_saved_variables();
-    return {std::move(source), saved[0], saved[1]};
-  } catch (const c10::Error&) {
-    return {};
-  }
+  const auto* node = dynamic_cast<const MaskedNode*>(values.grad_fn().get());
+  // A modified or freed input is left to the masked node's own backward, which reports it, as
+  // it would without the fusion.
+  if (!node || node->released || !node->unchanged()) return {};
+  return {node->expr, node->saved_tensors[0], node->saved_tensors[1]};
 }
 
 }  // namespace detail
@@ -517,13 +700,12 @@ class Sequence {
   /// autograd node over the tokens.
   at::Tensor values() const {
     if (!source_) return values_;
-    auto node = source_->fresh();
+    auto node = detail::make_node<detail::MaskedNode>(source_);
     node->keep(tokens_, "tokens");
     node->keep(mask_, "mask");
     at::Tensor v = at::empty({tokens_.size(0)}, at::TensorOptions().dtype(source_->values_dtype));
-    node->eval(v.data_ptr());
-    node->outputs = {v};
-    return detail::attach({tokens_}, node)[0];
+    source_->eval(v.data_ptr());
+    return detail::attach({tokens_}, node, {std::move(v)})[0];
   }
   operator at::Tensor() const { return values(); }  // NOLINT(google-explicit-constructor)
   /// Whether this is a masked reduction not yet evaluated.
@@ -532,15 +714,15 @@ class Sequence {
   const at::Tensor& mask() const noexcept { return mask_; }      ///< a masked reduction's mask
   const at::Tensor& plain() const noexcept { return values_; }   ///< plain values (undefined when lazy)
   /// A masked reduction's expression (the adapter's internals).
-  const c10::intrusive_ptr<detail::MaskedSource>& source() const noexcept { return source_; }
+  const std::shared_ptr<const detail::MaskedExpr>& source() const noexcept { return source_; }
 
   /// A masked reduction (masked_sum / masked_mean build it, after their checks).
-  Sequence(at::Tensor tokens, at::Tensor mask, c10::intrusive_ptr<detail::MaskedSource> source)
+  Sequence(at::Tensor tokens, at::Tensor mask, std::shared_ptr<const detail::MaskedExpr> source)
       : tokens_(std::move(tokens)), mask_(std::move(mask)), source_(std::move(source)) {}
 
  private:
   at::Tensor values_, tokens_, mask_;
-  c10::intrusive_ptr<detail::MaskedSource> source_;
+  std::shared_ptr<const detail::MaskedExpr> source_;
 };
 
 namespace detail {
@@ -553,13 +735,13 @@ struct ValueGradNode : Node {
   struct Input {
     Eigen::Tensor<S, 1> d;  ///< d loss / d value, row-major over the input's elements
     at::IntArrayRef::value_type rows = 0;
-    c10::intrusive_ptr<MaskedSource> source;  ///< set when fused
-    std::size_t saved = 0;                    ///< the fused tokens' index in the saved tensors
-    std::vector<std::int64_t> shape;          ///< the plain input's shape
+    std::shared_ptr<const MaskedExpr> source;  ///< set when fused
+    std::size_t saved = 0;                     ///< the fused tokens' index in the saved tensors
+    std::vector<std::int64_t> shape;           ///< the plain input's shape
   };
   std::vector<Input> in;
   double n = 1;
-  std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& saved) override {
+  variable_list backward(const variable_list& grads, const variable_list& saved) override {
     const RowFactor u(grads, n);
     std::vector<at::Tensor> out(in.size());
     if (!u.any) return out;
@@ -579,7 +761,7 @@ struct ValueGradNode : Node {
       if (x.source) {
         out[k] = x.source->adjoint(upstream, saved[x.saved]);
       } else {
-        out[k] = at::empty(x.shape, options_of<S>());
+        out[k] = gradient(x.shape, dtype_of<S>::value);
         std::copy(upstream, upstream + total, out[k].data_ptr<S>());
       }
     }
@@ -604,7 +786,7 @@ decltype(auto) on_real_type(at::ScalarType st, const char* fn, const char* name,
 /// constant [batch] tensors `consts`, all of the first one's dtype: core(diff maps, const maps)
 /// is the core call on the values; grads_of(core result) the per-input d loss / d value. A
 /// masked reduction's token gradient is written through its expression, and so is a plain
-/// input's that is an unmodified masked_sum / masked_mean output (see MaskedSource).
+/// input's that is an unmodified masked_sum / masked_mean output (see MaskedExpr).
 template <template <class> class M, int R, std::size_t K, std::size_t C, class Core, class Grads>
 Result<M<double>> sequence_call(const char* fn, const std::array<const Sequence*, K>& diff,
                                 const std::array<const char*, K>& diff_names,
@@ -620,85 +802,79 @@ Result<M<double>> sequence_call(const char* fn, const std::array<const Sequence*
         using S = typename decltype(t)::type;
         using Map = Eigen::TensorMap<const Eigen::Tensor<S, R, Eigen::RowMajor>>;
         using CMap = Eigen::TensorMap<const Eigen::Tensor<S, 1, Eigen::RowMajor>>;
-        const std::string rule = std::string("the dtype of '") + diff_names[0] + "'";
-        std::array<at::Tensor, K> vals;
-        std::array<const at::Tensor*, K> val_ptrs{};
+        const DtypeRule rule = DtypeRule::of(diff_names[0]);
+        // A masked reduction's values live in `buf` (only the core reads them).
+        std::array<Eigen::Tensor<S, 1>, K> buf;
+        std::array<std::int64_t, K> rows{};
         for (std::size_t k = 0; k < K; ++k) {
           const Sequence& x = *diff[k];
           if (x.lazy()) {
             if (x.source()->values_dtype != dtype_of<S>::value)
-              throw tensor_error(where(fn, diff_names[k]) + " must have " + dtype_name<S>() + " values (" + rule +
+              throw tensor_error(where(fn, diff_names[k]) + " must have " + dtype_name<S>() + " values (" + rule.str() +
                                  "), got a masked reduction of " + describe(x.tokens()));
-            vals[k] = at::empty({x.tokens().size(0)}, options_of<S>());
-            x.source()->eval(vals[k].data_ptr());
-          } else {
-            vals[k] = x.plain();
+            rows[k] = x.tokens().size(0);
+            buf[k].resize(rows[k]);
+            x.source()->eval(buf[k].data());
           }
-          val_ptrs[k] = &vals[k];
         }
-        std::array<Map, K> dm{arg_maps<S, R>(val_ptrs, diff_names, fn, rule.c_str(), std::make_index_sequence<K>{})};
-        std::array<CMap, C> cm{arg_maps<S, 1>(consts, const_names, fn, rule.c_str(), std::make_index_sequence<C>{})};
+        const auto diff_map = [&](std::size_t k) -> Map {
+          if constexpr (R == 1) {
+            if (diff[k]->lazy()) return Map(buf[k].data(), rows[k]);
+          }
+          const Map m = arg<S, R>(diff[k]->plain(), fn, diff_names[k], rule);
+          rows[k] = m.dimension(0);
+          return m;
+        };
+        const std::array<Map, K> dm = array_of(std::make_index_sequence<K>{}, diff_map);
+        std::array<CMap, C> cm{arg_maps<S, 1>(consts, const_names, fn, rule, std::make_index_sequence<C>{})};
         const auto res = core(dm, cm);
-        auto node = c10::make_intrusive<ValueGradNode<S>>();
+        auto node = make_node<ValueGradNode<S>>();
         node->fn = fn;
-        node->n = n_or_zero > 0 ? n_or_zero : static_cast<double>(vals[0].size(0));
+        node->n = n_or_zero > 0 ? n_or_zero : static_cast<double>(rows[0]);
         const std::array<const Eigen::Tensor<S, 1>*, K> d = grads_of(res);
         std::vector<at::Tensor> inputs;
         const bool graph = at::GradMode::is_enabled();
         for (std::size_t k = 0; k < K; ++k) {
           typename ValueGradNode<S>::Input x;
-          x.rows = vals[k].size(0);
+          x.rows = rows[k];
           Fused f;
           if (diff[k]->lazy())
             f = {diff[k]->source(), diff[k]->tokens(), diff[k]->mask()};
           else if (graph && R == 1)
-            f = fused_source(vals[k]);
+            f = fused_source(diff[k]->plain());
           if (f.source) {
             x.source = std::move(f.source);
             if (graph && f.tokens.requires_grad()) {
               x.saved = node->kept.size();
-              const char* of = diff[k]->lazy() ? "' (a masked reduction)" : "' (a masked_sum/masked_mean output)";
-              node->keep_as(f.tokens, std::string("the tokens of argument '") + diff_names[k] + of);
-              node->keep_as(f.mask, std::string("the mask of argument '") + diff_names[k] + of);
+              const char* of = diff[k]->lazy() ? " (a masked reduction)" : " (a masked_sum/masked_mean output)";
+              node->keep(f.tokens, diff_names[k], "tokens", of);
+              node->keep(f.mask, diff_names[k], "mask", of);
             }
             inputs.push_back(f.tokens);
           } else {
-            x.shape = vals[k].sizes().vec();
-            inputs.push_back(vals[k]);
+            x.shape = diff[k]->plain().sizes().vec();
+            inputs.push_back(diff[k]->plain());
           }
           if (graph && inputs.back().requires_grad()) x.d = *d[k];
           node->in.push_back(std::move(x));
         }
-        node->outputs = {scalar_of<S>(static_cast<double>(res.loss)), copy_of(res.losses)};
-        return result_of<M>(res, attach(inputs, node));
+        return result_of<M>(res,
+                            attach(inputs, node, {scalar_of<S>(static_cast<double>(res.loss)), copy_of(res.losses)}));
       });
 }
 
-/// Node of a masked reduction: the core expression views the tokens and the mask (saved); the
-/// backward is the core adjoint into a new gradient tensor.
+/// The core's masked expression, viewing the tokens and the mask.
 template <class Expr>
-struct MaskedNode : MaskedSource {
+struct MaskedExprOf final : MaskedExpr {
   using Scalar = typename Expr::Scalar;
   using Storage = typename Expr::Storage;
   Expr expr;
-  explicit MaskedNode(Expr e) : expr(std::move(e)) {}
+  explicit MaskedExprOf(Expr e) : expr(std::move(e)) {}
   void eval(void* out) const override { expr.eval_to(static_cast<Scalar*>(out)); }
-  c10::intrusive_ptr<MaskedSource> fresh() const override {
-    auto node = c10::make_intrusive<MaskedNode>(expr);
-    node->fn = fn;
-    node->values_dtype = values_dtype;
-    return node;
-  }
   at::Tensor adjoint(const void* upstream, const at::Tensor& tokens) const override {
-    at::Tensor grad = at::empty(tokens.sizes(), tokens.options());
+    at::Tensor grad = gradient(tokens.sizes(), tokens.scalar_type());
     expr.backward_to(static_cast<const Scalar*>(upstream), expr.grad_view(write_map<Storage, 2>(grad), fn, "grad"));
     return grad;
-  }
-  std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& saved) override {
-    const at::Tensor g = grad_at(grads, 0);
-    if (!g.defined() || !needs[0]) return {at::Tensor()};
-    const at::Tensor up = g.to(dtype_of<Scalar>::value).contiguous();
-    return {adjoint(up.data_ptr(), saved[0])};
   }
 };
 
@@ -720,10 +896,10 @@ Sequence masked(const char* fn, const at::Tensor& tokens, const at::Tensor& mask
         else
           return prefloss::masked_mean(xt, mt);
       }();
-      auto node = c10::make_intrusive<MaskedNode<Expr>>(expr);
-      node->fn = fn;
-      node->values_dtype = dtype_of<C>::value;
-      return Sequence(tokens, mask, std::move(node));
+      auto source = std::make_shared<MaskedExprOf<Expr>>(expr);
+      source->fn = fn;
+      source->values_dtype = dtype_of<C>::value;
+      return Sequence(tokens, mask, std::move(source));
     });
   });
 }
@@ -750,13 +926,13 @@ struct TokenNode : Node {
   Core core;
   at::Tensor grad;  ///< from the fused forward, until the first backward takes it
   explicit TokenNode(Core c) : core(std::move(c)) {}
-  std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& saved) override {
+  variable_list backward(const variable_list& grads, const variable_list& saved) override {
     const RowFactor u(grads, 1.0);
     if (!u.any || !needs[0]) return {at::Tensor()};
     at::Tensor g = std::move(grad);
     grad = at::Tensor();
     if (!g.defined()) {
-      g = at::empty(saved[0].sizes(), saved[0].options());
+      g = gradient(saved[0].sizes(), saved[0].scalar_type());
       core.backward(write_map<typename Core::Scalar, 2>(g));
     }
     scale_rows(g, u);
@@ -775,23 +951,21 @@ Result<M<double>> token_call(const char* fn, const at::Tensor& x, const char* x_
     using S = typename decltype(t)::type;
     using Map = Eigen::TensorMap<const Eigen::Tensor<S, 2, Eigen::RowMajor>>;
     require_readable(x, fn, x_name, 2, rank_dims(2));
-    const std::string rule = std::string("the dtype of '") + x_name + "'";
-    std::array<Map, K> om{arg_maps<S, 2>(others, names, fn, rule.c_str(), std::make_index_sequence<K>{})};
+    std::array<Map, K> om{arg_maps<S, 2>(others, names, fn, DtypeRule::of(x_name), std::make_index_sequence<K>{})};
     return on_mask<S>(mask, fn, "mask", [&](auto m) {
       using Mk = typename decltype(m)::type;
       require_readable(mask, fn, "mask", 2, rank_dims(2));
       const bool fuse = at::GradMode::is_enabled() && x.requires_grad();
-      at::Tensor grad = fuse ? at::empty(x.sizes(), x.options()) : at::Tensor();
+      at::Tensor grad = fuse ? gradient(x.sizes(), x.scalar_type()) : at::Tensor();
       auto gmap = write_map<S, 2>(fuse ? grad : x);
       auto res = core(read_map<S, 2>(x), om, read_map<Mk, 2>(mask), fuse ? &gmap : nullptr);
-      auto node = c10::make_intrusive<TokenNode<decltype(res)>>(res);
+      auto node = make_node<TokenNode<decltype(res)>>(res);
       node->fn = fn;
       node->grad = std::move(grad);
       node->keep(x, x_name);
       for (std::size_t k = 0; k < K; ++k) node->keep(*others[k], names[k]);
       node->keep(mask, "mask");
-      node->outputs = {scalar_of<S>(static_cast<double>(res.loss)), copy_of(res.losses)};
-      return result_of<M>(res, attach({x}, node));
+      return result_of<M>(res, attach({x}, node, {scalar_of<S>(static_cast<double>(res.loss)), copy_of(res.losses)}));
     });
   });
 }
@@ -802,14 +976,14 @@ template <class Core, class Z>
 struct LogprobNode : Node {
   Core core;
   explicit LogprobNode(Core c) : core(std::move(c)) {}
-  std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& saved) override {
+  variable_list backward(const variable_list& grads, const variable_list& saved) override {
     using C = prefloss::detail::compute_t<Z>;
     at::Tensor glp = grad_at(grads, 0), gh = grad_at(grads, 1);
     if ((!glp.defined() && !gh.defined()) || !needs[0]) return {at::Tensor()};
     const at::Tensor& z = saved[0];
     // Only the entropy got a gradient: the logp upstream is 0 ([batch, tokens], not vocab-sized).
     glp = glp.defined() ? glp.to(dtype_of<C>::value).contiguous() : at::zeros({z.size(0), z.size(1)}, options_of<C>());
-    at::Tensor grad = at::empty(z.sizes(), z.options());
+    at::Tensor grad = gradient(z.sizes(), z.scalar_type());
     if (gh.defined()) {
       gh = gh.to(dtype_of<C>::value).contiguous();
       core.backward(read_map<C, 2>(glp), read_map<C, 2>(gh), write_map<Z, 3>(grad));
@@ -825,7 +999,7 @@ struct LogprobNode : Node {
 struct HandOverNode : Node {
   at::Tensor grad;
   bool handed = false;
-  std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& /*saved*/) override {
+  variable_list backward(const variable_list& grads, const variable_list& /*saved*/) override {
     const RowFactor u(grads, 1.0);
     if (!u.any || !needs[0]) return {at::Tensor()};
     if (handed)
@@ -1040,14 +1214,14 @@ inline LogprobOutputs token_logprobs(const at::Tensor& logits, const at::Tensor&
         auto res = opt.entropy ? prefloss::token_logprobs(z, y, m, opt, detail::write_map<C, 2>(logp),
                                                           detail::write_map<C, 2>(entropy))
                                : prefloss::token_logprobs(z, y, m, opt, detail::write_map<C, 2>(logp));
-        auto node = c10::make_intrusive<detail::LogprobNode<decltype(res), Z>>(std::move(res));
+        auto node = detail::make_node<detail::LogprobNode<decltype(res), Z>>(std::move(res));
         node->fn = fn;
         node->keep(logits, "logits");
         node->keep(labels, "labels");
         node->keep(mask, "mask");
-        node->outputs = {logp};
-        if (opt.entropy) node->outputs.push_back(entropy);
-        auto out = detail::attach({logits}, node);
+        detail::variable_list outputs{logp};
+        if (opt.entropy) outputs.push_back(entropy);
+        auto out = detail::attach({logits}, node, std::move(outputs));
         return LogprobOutputs{out[0], opt.entropy ? out[1] : at::Tensor()};
       });
     });
@@ -1075,12 +1249,12 @@ template <class Core, class S>
 struct LinearNode : Node {
   Core core;
   explicit LinearNode(Core c) : core(std::move(c)) {}
-  std::vector<at::Tensor> backward(const variable_list& grads, const variable_list& saved) override {
+  variable_list backward(const variable_list& grads, const variable_list& saved) override {
     at::Tensor glp = grad_at(grads, 0), gh = grad_at(grads, 1);
     if ((!glp.defined() && !gh.defined()) || (!needs[0] && !needs[1])) return {at::Tensor(), at::Tensor()};
     const at::Tensor &h = saved[0], &w = saved[1];
     glp = glp.defined() ? glp.to(dtype_of<S>::value).contiguous() : at::zeros({h.size(0)}, options_of<S>());
-    at::Tensor dh = at::empty(h.sizes(), h.options()), dw = at::empty(w.sizes(), w.options());
+    at::Tensor dh = detail::gradient(h.sizes(), h.scalar_type()), dw = detail::gradient(w.sizes(), w.scalar_type());
     if (gh.defined()) {
       gh = gh.to(dtype_of<S>::value).contiguous();
       core.backward(read_map<S, 1>(glp), read_map<S, 1>(gh), write_map<S, 2>(dh), write_map<S, 2>(dw));
@@ -1108,14 +1282,13 @@ PpoLogitsOutputs ppo_from_logits(const char* fn, const at::Tensor& logits, const
       return on_mask<C>(mask, fn, "mask", [&](auto mt) {
         using Mk = typename decltype(mt)::type;
         require_readable(mask, fn, "mask", 2, rank_dims(2));
-        at::Tensor grad = at::empty(logits.sizes(), logits.options());
+        at::Tensor grad = detail::gradient(logits.sizes(), logits.scalar_type());
         auto res =
             core(read_map<Z, 3>(logits), read_map<Y, 2>(labels), maps, read_map<Mk, 2>(mask), write_map<Z, 3>(grad));
-        auto node = c10::make_intrusive<HandOverNode>();
+        auto node = make_node<HandOverNode>();
         node->fn = fn;
         node->grad = std::move(grad);
-        node->outputs = {scalar_of<C>(static_cast<double>(res.loss)), copy_of(res.losses)};
-        auto out = attach({logits}, node);
+        auto out = attach({logits}, node, {scalar_of<C>(static_cast<double>(res.loss)), copy_of(res.losses)});
         PpoLogitsOutputs r;
         r.loss = std::move(out[0]);
         r.losses = std::move(out[1]);
@@ -1156,15 +1329,15 @@ inline LogprobOutputs linear_logprobs(const at::Tensor& hidden, const at::Tensor
         if (!logp.defined()) logp = at::empty({0}, detail::options_of<S>());
         at::Tensor entropy = opt.entropy ? detail::adopt(std::move(res.entropy)) : at::Tensor();
         if (opt.entropy && !entropy.defined()) entropy = at::empty({0}, detail::options_of<S>());
-        auto node = c10::make_intrusive<detail::LinearNode<decltype(res), S>>(std::move(res));
+        auto node = detail::make_node<detail::LinearNode<decltype(res), S>>(std::move(res));
         node->fn = fn;
         node->keep(hidden, "hidden");
         node->keep(weight, "weight");
         node->keep(labels, "labels");
         node->keep(mask, "mask");
-        node->outputs = {logp};
-        if (opt.entropy) node->outputs.push_back(entropy);
-        auto out = detail::attach({hidden, weight}, node);
+        detail::variable_list outputs{logp};
+        if (opt.entropy) outputs.push_back(entropy);
+        auto out = detail::attach({hidden, weight}, node, std::move(outputs));
         return LogprobOutputs{out[0], opt.entropy ? out[1] : at::Tensor()};
       });
     });

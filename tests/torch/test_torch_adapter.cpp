@@ -15,7 +15,9 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 // After the library headers (which declare posix_memalign): the one TU of this executable that
@@ -478,6 +480,15 @@ TEST_CASE("errors: the exact class, and a message naming the argument and what w
                                    {"ppo_clip_from_logits", "second time", "retain_graph"});
     CHECK(same_bits(z.grad(), first));  // nothing was accumulated by the failed call
   }
+  SECTION("a second backward without retain_graph, through a node that keeps tensors") {
+    const Tensor xg = randn_t({3, 4}).requires_grad_();
+    auto res = pt::nll(pt::masked_sum(xg, m));
+    CHECK(res.loss.grad_fn()->name() == "prefloss::torch::nll");
+    res.loss.backward();
+    const Tensor first = xg.grad().clone();
+    expect_error<pt::tensor_error>([&] { res.loss.backward(); }, {"nll", "second time", "retain_graph=true"});
+    CHECK(same_bits(xg.grad(), first));
+  }
   SECTION("nothing is built on a rejected call") {
     const Tensor cg = randn_t({4}).requires_grad_();
     REQUIRE_THROWS(pt::dpo(cg, randn_t({5}), rc, rr));
@@ -530,6 +541,9 @@ Traffic measure(Fn&& f) {
 TEST_CASE("allocation: the forward allocates O(batch); the backward only the gradients autograd receives",
           "[torch][alloc]") {
   const int64_t B = 64;
+  // Cold: no freed gradient memory to reuse, so the gradients' bytes are all new (the cache's
+  // own test below checks what it saves).
+  const std::size_t limit = pt::set_gradient_cache_limit(0);
   struct Run {
     Traffic fwd, both;
   };
@@ -632,6 +646,63 @@ TEST_CASE("allocation: the forward allocates O(batch); the backward only the gra
     CHECK(a.both.heap_bytes - ga <= 32 * B * 8 + 65536);
     CHECK(b.both.heap_bytes - gb == a.both.heap_bytes - ga);
   }
+  pt::set_gradient_cache_limit(limit);
+}
+
+TEST_CASE("the gradient cache: a step reuses the memory of the gradients the trainer freed", "[torch][alloc]") {
+  const int64_t B = 64, T = 2048;
+  const std::size_t bytes = static_cast<std::size_t>(B * T) * sizeof(float);
+  REQUIRE(bytes >= 65536);  // the cache's smallest block
+  pt::set_gradient_cache_limit(0);
+  CHECK(pt::gradient_cache_bytes() == 0);
+  CHECK(pt::set_gradient_cache_limit(std::size_t{64} << 20) == 0);
+  CHECK(pt::gradient_cache_limit() == std::size_t{64} << 20);
+  torch::manual_seed(27);
+  const Tensor xc = randn_t({B, T}).requires_grad_(), xr = randn_t({B, T}).requires_grad_();
+  const Tensor mc = random_mask(B, T), mr = random_mask(B, T), rc = randn_t({B}), rr = randn_t({B});
+  const auto step = [&] { pt::dpo(pt::masked_sum(xc, mc), pt::masked_sum(xr, mr), rc, rr).loss.backward(); };
+
+  step();
+  const Tensor gc = xc.grad().clone(), gr = xr.grad().clone();
+  const void* pc = xc.grad().data_ptr();
+  const void* pr = xr.grad().data_ptr();
+  xc.mutable_grad() = Tensor();  // zero_grad(set_to_none): the blocks go to the cache
+  xr.mutable_grad() = Tensor();
+  CHECK(pt::gradient_cache_bytes() == 2 * bytes);
+
+  SECTION("the next step takes them: no new tensor memory, the same gradients") {
+    const Traffic t = measure(step);
+    CHECK(t.tensor_bytes < 65536);
+    CHECK(pt::gradient_cache_bytes() == 0);
+    const std::set<const void*> freed{pc, pr};
+    CHECK(freed.count(xc.grad().data_ptr()) == 1);
+    CHECK(freed.count(xr.grad().data_ptr()) == 1);
+    CHECK(xc.grad().data_ptr() != xr.grad().data_ptr());
+    CHECK(same_bits(xc.grad(), gc));
+    CHECK(same_bits(xr.grad(), gr));
+  }
+  SECTION("a cached gradient is an ordinary tensor: it resizes, and it may be freed on another thread") {
+    step();
+    Tensor g = xc.grad();
+    xc.mutable_grad() = Tensor();
+    g.resize_({B, 2 * T});
+    g.fill_(1.0f);
+    CHECK(g.sum().item<double>() == static_cast<double>(2 * B * T));
+    std::thread([h = std::move(g)]() mutable { h = Tensor(); }).join();
+    CHECK(pt::gradient_cache_bytes() >= bytes);
+  }
+  SECTION("the limit: 0 frees what is kept; a block larger than the limit is not kept") {
+    CHECK(pt::set_gradient_cache_limit(bytes) == std::size_t{64} << 20);
+    CHECK(pt::gradient_cache_bytes() == bytes);  // the oldest block was freed to fit
+    pt::set_gradient_cache_limit(0);
+    CHECK(pt::gradient_cache_bytes() == 0);
+    pt::set_gradient_cache_limit(bytes - 1);
+    step();
+    xc.mutable_grad() = Tensor();
+    xr.mutable_grad() = Tensor();
+    CHECK(pt::gradient_cache_bytes() == 0);
+  }
+  pt::set_gradient_cache_limit(std::size_t{64} << 20);
 }
 
 // ---- metrics ------------------------------------------------------------------------------------
