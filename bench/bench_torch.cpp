@@ -24,8 +24,12 @@
 //   ovh_core_us   adapter - fused core call, microseconds
 //   ovh_2pass_us  adapter - two-pass core calls, microseconds (the adapter's own cost: graph
 //                 nodes, tensor allocations, the [batch] products of the backward)
-//   floor_us      an empty custom autograd Function over the same inputs, apply + backward
-//                 (torch_*_autograd_floor): the engine's cost, below which no adapter can go
+//   floor_us      an empty autograd node over the same inputs, attached and run backward
+//                 (torch_*_autograd_floor), timed alone: the engine's cost with warm caches
+//   ovh_engine_us adapter - (fused core call + that empty node, in one iteration): the
+//                 adapter's own cost. libtorch's engine, run between kernels that stream
+//                 megabytes, costs far more than floor_us (caches and TLB are cold for it);
+//                 this row puts it where the adapter's is
 // and the end of the run prints one summary line per loss to stderr (the medians over the
 // repetitions' paired measurements; stdout stays pure JSON under --benchmark_format=json).
 //
@@ -34,6 +38,7 @@
 // Rows are "<kernel>/f32_u8/B64/<tokens>" (bench_common.hpp); bench/torch_compare.py has PyTorch
 // eager workloads for the torch_dpo_* and torch_ppo_* kernels.
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <prefloss/torch.hpp>
 
 #include "bench_common.hpp"
@@ -72,21 +77,23 @@ at::Tensor seq_tensor(std::uint64_t seed) {
   return t;
 }
 
-/// The floor of any autograd function: a custom Function over the same inputs that computes
-/// nothing and returns no gradient, applied and run backward. The engine's own cost, which no
+/// The floor of any autograd node: a node over the same inputs that computes nothing and returns
+/// no gradient (a bare torch::autograd::Node, as the adapter's are: a custom Function costs
+/// ~1 us more), attached to a 0-dim output and run backward. The engine's own cost, which no
 /// adapter can go below.
-struct Empty : ::torch::autograd::Function<Empty> {
-  static ::torch::autograd::variable_list forward(::torch::autograd::AutogradContext* ctx, at::TensorList inputs) {
-    (void)inputs;
-    ctx->set_materialize_grads(false);
-    return {at::scalar_tensor(0.0, at::kFloat)};
-  }
-  static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext*,
-                                                   const ::torch::autograd::variable_list&) {
-    return {at::Tensor(), at::Tensor()};
+struct Empty : ::torch::autograd::Node {
+  ::torch::autograd::variable_list apply(::torch::autograd::variable_list&& grads) override {
+    (void)grads;
+    return ::torch::autograd::variable_list(num_outputs());
   }
 };
-void autograd_floor(const std::vector<at::Tensor>& inputs) { Empty::apply(at::TensorList(inputs))[0].backward(); }
+void autograd_floor(const std::vector<at::Tensor>& inputs) {
+  const auto node = std::shared_ptr<Empty>(new Empty(), ::torch::autograd::deleteNode);
+  node->set_next_edges(::torch::autograd::collect_next_edges(at::TensorList(inputs)));
+  at::Tensor out = at::scalar_tensor(0.0, at::kFloat);
+  ::torch::autograd::set_history(out, node);
+  out.backward();
+}
 
 // ---- DPO ----------------------------------------------------------------------------------------
 
@@ -203,17 +210,24 @@ enum class Variant { adapter, libtorch, core, core2pass, floor };
 /// Paired measurement: `rounds` rounds, each timing `k` calls of every variant in turn after one
 /// untimed call (CPU time of this thread); per variant the median over rounds, seconds per call.
 struct Paired {
-  double adapter = 0, libtorch = 0, core = 0, core2pass = 0, floor = 0;
+  double adapter = 0, libtorch = 0, core = 0, core2pass = 0, floor = 0, core_floor = 0;
 };
 
 template <class In>
 Paired paired(In& in, int rounds = 9, int k = 4) {
-  std::vector<double> t[5];
-  const std::function<void()> fns[5] = {[&] { in.adapter(); }, [&] { in.libtorch(); },
-                                        [&] { in.template core<true>(); }, [&] { in.template core<false>(); },
-                                        [&] { in.floor(); }};
+  constexpr int n = 6;
+  std::vector<double> t[n];
+  const std::function<void()> fns[n] = {[&] { in.adapter(); },
+                                        [&] { in.libtorch(); },
+                                        [&] { in.template core<true>(); },
+                                        [&] { in.template core<false>(); },
+                                        [&] { in.floor(); },
+                                        [&] {
+                                          in.template core<true>();
+                                          in.floor();
+                                        }};
   for (int r = 0; r < rounds; ++r)
-    for (int v = 0; v < 5; ++v) {
+    for (int v = 0; v < n; ++v) {
       fns[v]();  // untimed: the previous variant's allocations and cache lines are not this one's
       const double t0 = pb::thread_seconds();
       for (int i = 0; i < k; ++i) fns[v]();
@@ -223,7 +237,7 @@ Paired paired(In& in, int rounds = 9, int k = 4) {
     std::sort(x.begin(), x.end());
     return x[x.size() / 2];
   };
-  return {median(t[0]), median(t[1]), median(t[2]), median(t[3]), median(t[4])};
+  return {median(t[0]), median(t[1]), median(t[2]), median(t[3]), median(t[4]), median(t[5])};
 }
 
 /// The paired results of every final run (iterations >= 20; Google Benchmark's shorter probe
@@ -251,6 +265,7 @@ void BM_row(benchmark::State& st, const std::string& loss) {
     st.counters["ovh_core_us"] = 1e6 * (p.adapter - p.core);
     st.counters["ovh_2pass_us"] = 1e6 * (p.adapter - p.core2pass);
     st.counters["floor_us"] = 1e6 * p.floor;
+    st.counters["ovh_engine_us"] = 1e6 * (p.adapter - p.core_floor);
     if (st.iterations() >= 20) summary()[loss].push_back(p);
   }
 }
@@ -286,14 +301,15 @@ void print_summary() {
       return x[x.size() / 2];
     };
     const double a = median(&Paired::adapter), l = median(&Paired::libtorch), c = median(&Paired::core),
-                 c2 = median(&Paired::core2pass), f = median(&Paired::floor);
+                 c2 = median(&Paired::core2pass), f = median(&Paired::floor), cf = median(&Paired::core_floor);
     std::fprintf(
         stderr,
         "summary %s [%lld, %lld] f32, 1 thread, paired medians over %zu runs: adapter %.1f us, libtorch %.1f us, "
         "core fused %.1f us, core two-pass %.1f us; libtorch/adapter %.2fx; adapter - core fused %.1f us, "
-        "adapter - core two-pass %.1f us (goal < 10 us); an empty autograd function (apply + backward) %.1f us\n",
+        "adapter - core two-pass %.1f us (goal < 10 us); an empty autograd node (attach + backward) %.1f us "
+        "alone, %.1f us after the core call (core + it: %.1f us); adapter - (core + empty node) %.1f us\n",
         loss.c_str(), static_cast<long long>(kBatch), static_cast<long long>(kTokens), runs.size(), 1e6 * a, 1e6 * l,
-        1e6 * c, 1e6 * c2, l / a, 1e6 * (a - c), 1e6 * (a - c2), 1e6 * f);
+        1e6 * c, 1e6 * c2, l / a, 1e6 * (a - c), 1e6 * (a - c2), 1e6 * f, 1e6 * (cf - c), 1e6 * cf, 1e6 * (a - cf));
   }
 }
 
