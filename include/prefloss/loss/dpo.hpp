@@ -92,9 +92,12 @@ PREFLOSS_DETAIL_ONE_BODY auto dpo_run(In in, const DpoOptions& opt, const typena
 ///
 /// Per example, with u = s - rho (rho = 0 when reference_free) and D = u_c - u_r:
 /// sigmoid `-(1-e) logsig(bD) - e logsig(-bD)`, robust `(-(1-e) logsig(bD) + e logsig(-bD)) /
-/// (1-2e)`, hinge `max(0, 1 - bD)`; the batch loss is their mean. This is TRL's dpo_loss with
-/// sequence log-probs summed over completion tokens (pass masked_sum expressions). Rewards are
-/// `b u`; metrics are TRL's rewards/{chosen,rejected,margins,accuracies} (accuracy strict).
+/// (1-2e)`, hinge `max(0, 1 - bD)`; the batch loss is their mean, over sequence log-probs
+/// summed over completion tokens (pass masked_sum expressions). The sigmoid form with e is cDPO,
+/// as OpenRLHF's DPOLoss computes it (openrlhf/models/loss.py); TRL's DPOTrainer._compute_loss
+/// (trl/trainer/dpo_trainer.py, f2cd577) ignores label_smoothing for loss_type="sigmoid", so
+/// TRL's sigmoid loss is this one with e = 0. robust and hinge are TRL's. Rewards are `b u`;
+/// metrics are TRL's rewards/{chosen,rejected,margins,accuracies} (accuracy strict).
 ///
 /// @param chosen, rejected policy values: masked_sum/masked_mean expressions or [batch] tensors
 /// @param ref_chosen, ref_rejected reference values (constants), same forms

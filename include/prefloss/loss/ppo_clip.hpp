@@ -350,9 +350,14 @@ auto ppo_clip_views(const LP& logp, const OLP& old_logp, const AD& advantages, c
 /// The batch loss aggregates w[i,t] l[i,t] over selected tokens (mask != 0; a float mask is the
 /// weight w) by opt.aggregation — see Aggregation; masked-out tokens never influence anything,
 /// even when they hold inf/NaN. This is verl's compute_policy_loss_vanilla + agg_loss (+ the
-/// actor's kl_loss * kl_loss_coef), with three documented differences: dual clip is opt-in;
-/// seq_mean_token_sum_norm divides by the batch as well (sum / (B C), Dr.GRPO and TRL's
-/// dr_grpo; verl's agg_loss omits the B); empty rows and empty batches give 0, not NaN.
+/// actor's kl_loss * kl_loss_coef; verl/trainer/ppo/core_algos.py, 1dda039), with these
+/// differences: dual clip is opt-in (verl always applies clip_ratio_c = 3); the seq_* modes
+/// divide by all B rows (or sequence_count), where verl's agg_loss divides by the rows with a
+/// valid token (or its global_batch_size), so an empty row counts in prefloss's mean and not in
+/// verl's (pass sequence_count = the non-empty rows, summed over ranks, for verl's divisor);
+/// verl's seq-mean-token-mean divides a row by W_i + 1e-8, prefloss by W_i; empty rows and
+/// empty batches give 0, not NaN. seq_mean_token_sum_norm is sum / (B C) as in Dr.GRPO, TRL's
+/// dr_grpo and verl (verl's C: loss_scale_factor, by default the padded length).
 ///
 /// `.losses[i]` is sequence i's contribution to the batch loss: row_scale_i * sum_t w l, so
 /// loss = sum_i losses[i] in every mode (token_mean: sum_t w l / N; seq_mean_token_sum:
