@@ -22,14 +22,15 @@
 // ratios do not depend on what the machine did between rows:
 //   x_libtorch    libtorch time / adapter time (> 1: the adapter is faster)
 //   ovh_core_us   adapter - fused core call, microseconds
-//   ovh_2pass_us  adapter - two-pass core calls, microseconds (the adapter's own cost: graph
-//                 nodes, tensor allocations, the [batch] products of the backward)
+//   ovh_2pass_us  adapter - two-pass core calls, microseconds (the arithmetic the adapter
+//                 runs: its forward and backward are the core's two passes)
 //   floor_us      an empty autograd node over the same inputs, attached and run backward
 //                 (torch_*_autograd_floor), timed alone: the engine's cost with warm caches
 //   ovh_engine_us adapter - (fused core call + that empty node, in one iteration): the
 //                 adapter's own cost. libtorch's engine, run between kernels that stream
-//                 megabytes, costs far more than floor_us (caches and TLB are cold for it);
-//                 this row puts it where the adapter's is
+//                 megabytes, costs 3 to 5 times floor_us (on a Xeon; cold caches and TLB for
+//                 its code, we think: this KVM guest has no counters to show it); this
+//                 variant runs it where the adapter's node runs
 // and the end of the run prints one summary line per loss to stderr (the medians over the
 // repetitions' paired measurements; stdout stays pure JSON under --benchmark_format=json).
 //
