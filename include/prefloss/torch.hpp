@@ -159,6 +159,16 @@ inline void require_readable(const at::Tensor& t, const char* fn, const char* na
     throw layout_error(where(fn, name) + " is not row-major contiguous (shape " + list_str(t.sizes()) + ", strides " +
                        list_str(t.strides()) + "); prefloss reads each row as one block of memory: pass " + name +
                        ".contiguous()");
+  if (t.is_neg())
+    throw layout_error(where(fn, name) + " is a negative view (its values are the negation of its memory, e.g. from " +
+                       "at::_neg_view); prefloss reads the memory: pass " + name + ".resolve_neg()");
+}
+
+/// An upstream gradient as a contiguous tensor of `dtype` whose memory holds its values (a
+/// negative view, which autograd may pass through, is resolved).
+inline at::Tensor upstream_of(const at::Tensor& g, at::ScalarType dtype) {
+  at::Tensor u = g.to(dtype).contiguous();
+  return u.is_neg() ? u.resolve_neg() : u;
 }
 
 template <class T>
@@ -622,7 +632,7 @@ struct RowFactor {
   /// A 0-dim upstream's value: read in place when it is a CPU float or double (item() is a
   /// dispatch of a microsecond).
   static double scalar_value(const at::Tensor& t) {
-    if (t.device().is_cpu() && t.numel() == 1) {
+    if (t.device().is_cpu() && t.numel() == 1 && !t.is_neg()) {
       if (t.scalar_type() == at::kFloat) return *static_cast<const float*>(t.data_ptr());
       if (t.scalar_type() == at::kDouble) return *static_cast<const double*>(t.data_ptr());
     }
@@ -635,7 +645,7 @@ struct RowFactor {
     const at::Tensor gt = grad_at(grads, 0), glt = grad_at(grads, 1);
     any = gt.defined() || glt.defined();
     if (gt.defined()) g = scalar_value(gt);
-    if (glt.defined()) gl = glt.to(at::kDouble).contiguous();
+    if (glt.defined()) gl = upstream_of(glt, at::kDouble);
     one = any && !gl.defined() && g == 1.0;
   }
   double at(std::int64_t i) const { return gl.defined() ? g + n * gl.data_ptr<double>()[i] : g; }
@@ -664,7 +674,7 @@ struct MaskedNode : Node {
   variable_list backward(const variable_list& grads, const variable_list& saved) override {
     const at::Tensor g = grad_at(grads, 0);
     if (!g.defined() || !needs[0]) return {at::Tensor()};
-    const at::Tensor up = g.to(expr->values_dtype).contiguous();
+    const at::Tensor up = upstream_of(g, expr->values_dtype);
     return {expr->adjoint(up.data_ptr(), saved[0])};
   }
 };
@@ -982,10 +992,10 @@ struct LogprobNode : Node {
     if ((!glp.defined() && !gh.defined()) || !needs[0]) return {at::Tensor()};
     const at::Tensor& z = saved[0];
     // Only the entropy got a gradient: the logp upstream is 0 ([batch, tokens], not vocab-sized).
-    glp = glp.defined() ? glp.to(dtype_of<C>::value).contiguous() : at::zeros({z.size(0), z.size(1)}, options_of<C>());
+    glp = glp.defined() ? upstream_of(glp, dtype_of<C>::value) : at::zeros({z.size(0), z.size(1)}, options_of<C>());
     at::Tensor grad = gradient(z.sizes(), z.scalar_type());
     if (gh.defined()) {
-      gh = gh.to(dtype_of<C>::value).contiguous();
+      gh = upstream_of(gh, dtype_of<C>::value);
       core.backward(read_map<C, 2>(glp), read_map<C, 2>(gh), write_map<Z, 3>(grad));
     } else {
       core.backward(read_map<C, 2>(glp), write_map<Z, 3>(grad));
@@ -1253,10 +1263,10 @@ struct LinearNode : Node {
     at::Tensor glp = grad_at(grads, 0), gh = grad_at(grads, 1);
     if ((!glp.defined() && !gh.defined()) || (!needs[0] && !needs[1])) return {at::Tensor(), at::Tensor()};
     const at::Tensor &h = saved[0], &w = saved[1];
-    glp = glp.defined() ? glp.to(dtype_of<S>::value).contiguous() : at::zeros({h.size(0)}, options_of<S>());
+    glp = glp.defined() ? upstream_of(glp, dtype_of<S>::value) : at::zeros({h.size(0)}, options_of<S>());
     at::Tensor dh = detail::gradient(h.sizes(), h.scalar_type()), dw = detail::gradient(w.sizes(), w.scalar_type());
     if (gh.defined()) {
-      gh = gh.to(dtype_of<S>::value).contiguous();
+      gh = upstream_of(gh, dtype_of<S>::value);
       core.backward(read_map<S, 1>(glp), read_map<S, 1>(gh), write_map<S, 2>(dh), write_map<S, 2>(dw));
     } else {
       core.backward(read_map<S, 1>(glp), write_map<S, 2>(dh), write_map<S, 2>(dw));

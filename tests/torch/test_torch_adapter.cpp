@@ -89,6 +89,11 @@ TEST_CASE("upstream gradients other than 1 and gradients through .losses", "[tor
       } else if (how == "w * losses") {
         (w * res.losses).sum().backward();
         (dbl(w) * rl).sum().backward();
+      } else if (how == "negative views") {  // values -0.25 and -w held as their negation in memory
+        torch::autograd::backward(
+            {res.loss, res.losses},
+            {torch::_neg_view(torch::full({}, 0.25, torch::TensorOptions().dtype(dt))), torch::_neg_view(w.clone())});
+        (-0.25 * loss - (dbl(w) * rl).sum()).backward();
       } else {  // both outputs at once
         (res.loss + (w * res.losses).sum()).backward();
         (loss + (dbl(w) * rl).sum()).backward();
@@ -96,10 +101,10 @@ TEST_CASE("upstream gradients other than 1 and gradients through .losses", "[tor
       CHECK_REL(c.ours.grad(), c.ref.grad(), tol);
       CHECK_REL(r.ours.grad(), r.ref.grad(), tol);
     };
-    for (const char* how : {"3 * loss", "full 0.25", "w * losses", "loss + w * losses"}) run(how);
+    for (const char* how : {"3 * loss", "full 0.25", "w * losses", "negative views", "loss + w * losses"}) run(how);
 
     // A token loss: the rows scaled in place by the upstream.
-    for (const char* how : {"3 * loss", "full 0.25", "w * losses"}) {
+    for (const char* how : {"3 * loss", "full 0.25", "w * losses", "negative view"}) {
       INFO("ppo_clip upstream: " << how);
       pl::PpoOptions po;
       po.aggregation = pl::Aggregation::seq_mean_token_mean;
@@ -114,6 +119,9 @@ TEST_CASE("upstream gradients other than 1 and gradients through .losses", "[tor
       } else if (h == "full 0.25") {
         res.loss.backward(torch::full({}, 0.25, torch::TensorOptions().dtype(dt)));
         (0.25 * rows.sum()).backward();
+      } else if (h == "negative view") {
+        res.loss.backward(torch::_neg_view(torch::full({}, 0.25, torch::TensorOptions().dtype(dt))));
+        (-0.25 * rows.sum()).backward();
       } else {
         (w * res.losses).sum().backward();
         (dbl(w) * rows).sum().backward();
@@ -439,6 +447,12 @@ TEST_CASE("errors: the exact class, and a message naming the argument and what w
                                          {"dpo", "'chosen'", "chosen.contiguous()"});
     expect_error<prefloss::layout_error>([&] { pt::ppo_clip(x, x, wide.slice(1, 4, 8), m); },
                                          {"ppo_clip", "'advantages'", "advantages.contiguous()"});
+  }
+  SECTION("a negative view (its memory holds the negated values)") {
+    expect_error<prefloss::layout_error>([&] { pt::masked_sum(torch::_neg_view(x), m); },
+                                         {"masked_sum", "'tokens'", "negative view", "tokens.resolve_neg()"});
+    expect_error<prefloss::layout_error>([&] { pt::dpo(c, r, torch::_neg_view(rc), rr); },
+                                         {"dpo", "'ref_chosen'", "ref_chosen.resolve_neg()"});
   }
   SECTION("option errors pass through") {
     pl::DpoOptions o;
