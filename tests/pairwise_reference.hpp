@@ -63,6 +63,44 @@ inline Ref ref_dpo(Dpo v, ld D, ld b, ld e) {
   return {loss, dD, -dD};
 }
 
+/// The DPO variants of TRL's loss_type names that read u_c and u_r themselves (reverse_kl scores),
+/// straight from their formulas; dc, dr are d loss / d u_c, d u_r. d = bco's shift, tau DiscoPOP's.
+enum class DpoMore { exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop };
+inline Ref ref_dpo_more(DpoMore v, ld uc, ld ur, ld b, ld e, ld d = 0, ld tau = 0.05L) {
+  const ld z = b * (uc - ur);
+  const auto dsig = [](ld x) { return sig(x) * sig(-x); };
+  switch (v) {
+    case DpoMore::exo_pair: {
+      // KL((q, 1-q) || (1-e, e)) with q = sig(z); dL/dq = log(q / (1-q)) - log((1-e) / e) = z - log((1-e)/e).
+      const ld loss = sig(z) * (logsig(z) - std::log1p(-e)) + sig(-z) * (logsig(-z) - std::log(e));
+      const ld dz = dsig(z) * (z - std::log((1 - e) / e));
+      return {loss, b * dz, -b * dz};
+    }
+    case DpoMore::nca_pair:
+      return {-logsig(b * uc) - logsig(-b * uc) / 2 - logsig(-b * ur) / 2, b * (-sig(-b * uc) + sig(b * uc) / 2),
+              b * sig(b * ur) / 2};
+    case DpoMore::bco_pair:
+      return {-logsig(b * uc - d) - logsig(-(b * ur - d)), -b * sig(-(b * uc - d)), b * sig(b * ur - d)};
+    case DpoMore::sppo_hard: {
+      const ld hc = uc - 1 / (2 * b), hr = ur + 1 / (2 * b);
+      return {hc * hc + hr * hr, 2 * hc, 2 * hr};
+    }
+    case DpoMore::apo_zero:
+      return {sig(-b * uc) + sig(b * ur), -b * dsig(b * uc), b * dsig(b * ur)};
+    case DpoMore::apo_down:
+      return {sig(b * uc) + sig(-z), b * dsig(b * uc) - b * dsig(z), b * dsig(z)};
+    case DpoMore::discopop: {
+      // L = -logsig(z) (1 - m) + exp(-z) m, m = sig(z / tau); exp(-z) m taken through logs.
+      const ld m = sig(z / tau), dm = dsig(z / tau) / tau;
+      const ld em = std::exp(-z + logsig(z / tau));
+      const ld dz = -sig(-z) * (1 - m) + logsig(z) * dm - em + std::exp(-z) * dm;
+      const ld dz_safe = std::isfinite(dz) ? dz : -sig(-z) * (1 - m) + logsig(z) * dm - em + em * (1 - m) / tau;
+      return {-logsig(z) * (1 - m) + em, b * dz_safe, -b * dz_safe};
+    }
+  }
+  return {0, 0, 0};
+}
+
 inline Ref ref_ipo(ld D, ld b) {
   const ld h = D - 1 / (2 * b);
   return {h * h, 2 * h, -2 * h};

@@ -177,16 +177,22 @@ void check_pair_losses(const PairData<S, M>& d) {
   const auto c = seq<Mean>(d.xc, d.mc);
   const auto r = seq<Mean>(d.xr, d.mr);
   const Tok<S> g(d.B(), d.T());
-  for (const auto variant : {pl::DpoVariant::sigmoid, pl::DpoVariant::robust, pl::DpoVariant::hinge})
+  for (int k = 0; k <= static_cast<int>(pl::DpoVariant::aot_unpaired); ++k)
     for (const double e : {0.0, 0.2})
       for (const bool ref_free : {false, true}) {
+        const auto variant = static_cast<pl::DpoVariant>(k);
+        if (variant == pl::DpoVariant::exo_pair && e == 0) continue;  // exo_pair needs e > 0
         pl::DpoOptions opt;
         opt.beta = 0.3;
         opt.variant = variant;
         opt.label_smoothing = e;
         opt.reference_free = ref_free;
-        INFO("dpo variant " << static_cast<int>(variant) << ", label_smoothing " << e << ", reference_free "
-                            << ref_free);
+        // One score per variant where it applies, so every divergence goes through the fused form too.
+        if (variant != pl::DpoVariant::apo_zero && variant != pl::DpoVariant::aot &&
+            variant != pl::DpoVariant::aot_unpaired)
+          opt.divergence = static_cast<pl::FDivergence>(k % 4);
+        INFO("dpo variant " << k << ", divergence " << static_cast<int>(opt.divergence) << ", label_smoothing " << e
+                            << ", reference_free " << ref_free);
         check_pair_bits([&] { return pl::dpo(c, r, d.rc, d.rr, opt); },
                         [&](Tok<S>& gc, Tok<S>& gr) { return pl::dpo(c, r, d.rc, d.rr, opt, gc, gr); }, g, g);
       }

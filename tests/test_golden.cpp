@@ -70,8 +70,9 @@ struct Case {
 
 /// Every family the suite compares: each has a TEST_CASE below that loads golden_<family>.txt.
 const char* const families[] = {
-    "bradley_terry", "dpo", "dpo_logits", "gae",      "group_advantages", "ipo",   "kl",         "kto",   "logprobs",
-    "logprobs_lowp", "nll", "orpo",       "ppo_clip", "ppo_logits",       "simpo", "value_loss", "whiten"};
+    "bradley_terry", "dpo",      "dpo_logits", "dpo_variants", "gae",           "group_advantages",
+    "ipo",           "kl",       "kto",        "logprobs",     "logprobs_lowp", "nll",
+    "orpo",          "ppo_clip", "ppo_logits", "simpo",        "value_loss",    "whiten"};
 
 std::vector<Case> load(const std::string& family) {
   const std::string path = std::string(PREFLOSS_TEST_DATA_DIR) + "/golden_" + family + ".txt";
@@ -255,7 +256,24 @@ pl::DpoVariant dpo_variant(const std::string& s) {
   if (s == "sigmoid") return pl::DpoVariant::sigmoid;
   if (s == "robust") return pl::DpoVariant::robust;
   if (s == "hinge") return pl::DpoVariant::hinge;
+  if (s == "exo_pair") return pl::DpoVariant::exo_pair;
+  if (s == "nca_pair") return pl::DpoVariant::nca_pair;
+  if (s == "bco_pair") return pl::DpoVariant::bco_pair;
+  if (s == "sppo_hard") return pl::DpoVariant::sppo_hard;
+  if (s == "apo_zero") return pl::DpoVariant::apo_zero;
+  if (s == "apo_down") return pl::DpoVariant::apo_down;
+  if (s == "discopop") return pl::DpoVariant::discopop;
+  if (s == "aot") return pl::DpoVariant::aot;
+  if (s == "aot_unpaired") return pl::DpoVariant::aot_unpaired;
   throw std::runtime_error("unknown dpo variant " + s);
+}
+
+pl::FDivergence divergence(const std::string& s) {
+  if (s == "reverse_kl") return pl::FDivergence::reverse_kl;
+  if (s == "forward_kl") return pl::FDivergence::forward_kl;
+  if (s == "js_divergence") return pl::FDivergence::js_divergence;
+  if (s == "alpha_divergence") return pl::FDivergence::alpha_divergence;
+  throw std::runtime_error("unknown divergence " + s);
 }
 
 pl::KlEstimator estimator(const std::string& s) {
@@ -281,6 +299,32 @@ TEST_CASE("golden: dpo vs TRL dpo_loss", "[golden][dpo]") {
       o.reference_free = c.num("reference_free") != 0;
       const std::string& v = c.str("variant");
       o.variant = dpo_variant(v);
+      const auto r = pl::dpo(pl::masked_sum(p.xc, p.mc), pl::masked_sum(p.xr, p.mr), rc, rr, o);
+      p.check(c, r);
+      compare(c, "reward_chosen", r.metrics.reward_chosen);
+      compare(c, "reward_rejected", r.metrics.reward_rejected);
+      compare(c, "reward_margin", r.metrics.reward_margin);
+      compare(c, "reward_accuracy", r.metrics.reward_accuracy);
+    });
+  }
+}
+
+TEST_CASE("golden: every dpo variant and f-divergence vs TRL DPOTrainer._compute_loss", "[golden][dpo]") {
+  for (const Case& c : load("dpo_variants")) {
+    for_types([&](auto z) {
+      using T = decltype(z);
+      const PairTokens<T> p(c);
+      const auto rc = vec<T>(c.at("ref_c")), rr = vec<T>(c.at("ref_r"));
+      pl::DpoOptions o;
+      o.variant = dpo_variant(c.str("variant"));
+      o.divergence = divergence(c.str("divergence"));
+      o.beta = c.num("beta");
+      o.label_smoothing = c.num("label_smoothing");
+      o.alpha = c.num("alpha");
+      o.alpha_clamp = c.num("alpha_clamp");
+      o.discopop_tau = c.num("discopop_tau");
+      o.bco_delta = c.num("bco_delta");
+      o.reference_free = c.num("reference_free") != 0;
       const auto r = pl::dpo(pl::masked_sum(p.xc, p.mc), pl::masked_sum(p.xr, p.mr), rc, rr, o);
       p.check(c, r);
       compare(c, "reward_chosen", r.metrics.reward_chosen);

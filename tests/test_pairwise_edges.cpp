@@ -59,10 +59,17 @@ TEMPLATE_TEST_CASE("inf/NaN padding never changes losses or gradients", "[pairwi
   Vec<S> rc(4), rr(4);
   rc.setValues({S(-10), S(-2), S(-7), S(-1)});
   rr.setValues({S(-12), S(-3), S(-5), S(-2)});
-  for (const auto v : {pl::DpoVariant::sigmoid, pl::DpoVariant::robust, pl::DpoVariant::hinge}) {
+  for (int k = 0; k <= static_cast<int>(pl::DpoVariant::aot_unpaired); ++k) {
     pl::DpoOptions opt;
-    opt.variant = v;
-    opt.label_smoothing = v == pl::DpoVariant::hinge ? 0.0 : 0.1;
+    opt.variant = static_cast<pl::DpoVariant>(k);
+    opt.label_smoothing = opt.variant == pl::DpoVariant::hinge ? 0.0 : 0.1;
+    INFO("variant " << k);
+    poison_all_forms<S>([&](const auto& c, const auto& r) { return pl::dpo(c, r, rc, rr, opt); });
+  }
+  for (const auto f :
+       {pl::FDivergence::forward_kl, pl::FDivergence::js_divergence, pl::FDivergence::alpha_divergence}) {
+    pl::DpoOptions opt;
+    opt.divergence = f;
     poison_all_forms<S>([&](const auto& c, const auto& r) { return pl::dpo(c, r, rc, rr, opt); });
   }
   poison_all_forms<S>([&](const auto& c, const auto& r) { return pl::ipo(c, r, rc, rr); });
@@ -264,6 +271,113 @@ TEMPLATE_TEST_CASE("|beta * D| up to 1e5: finite losses, bounded gradients", "[p
       CHECK(std::isfinite(gc(i)));
       CHECK(std::isfinite(gr(i)));
     }
+  }
+}
+
+TEMPLATE_TEST_CASE("the other TRL dpo variants at |beta * D| up to 1e5: finite where the loss is",
+                   "[pairwise][extreme]", float, double) {
+  using S = TestType;
+  constexpr long B = 6;
+  Vec<S> c(B), r(B), zero(B);
+  c.setValues({S(5e5), S(-5e5), S(2.5e5), S(-2.5e5), S(1e4), S(-3e3)});
+  r.setValues({S(-5e5), S(5e5), S(-2.5e5), S(2.5e5), S(-1e4), S(3e3)});
+  zero.setZero();
+  // beta dyadic: the products b u are exact, so exp(b u) near 1e-260 is compared without the
+  // conditioning of a rounded 0.1 times 6e3.
+  const double beta = 0.125, e = 0.01, d = 0.5, tau = 0.05;
+  const std::pair<pl::DpoVariant, DpoMore> variants[] = {
+      {pl::DpoVariant::exo_pair, DpoMore::exo_pair}, {pl::DpoVariant::nca_pair, DpoMore::nca_pair},
+      {pl::DpoVariant::bco_pair, DpoMore::bco_pair}, {pl::DpoVariant::sppo_hard, DpoMore::sppo_hard},
+      {pl::DpoVariant::apo_zero, DpoMore::apo_zero}, {pl::DpoVariant::apo_down, DpoMore::apo_down},
+      {pl::DpoVariant::discopop, DpoMore::discopop}};
+  for (const auto& [v, m] : variants) {
+    pl::DpoOptions opt;
+    opt.beta = beta;
+    opt.variant = v;
+    opt.label_smoothing = e;
+    opt.bco_delta = d;
+    opt.discopop_tau = tau;
+    const auto res = pl::dpo(c, r, zero, zero, opt);
+    Vec<S> gc(B), gr(B);
+    res.backward(gc, gr);
+    CHECK(std::isfinite(res.loss));
+    for (long i = 0; i < B; ++i) {
+      const Ref want = ref_dpo_more(m, c(i), r(i), beta, e, d, tau);
+      INFO("variant " << static_cast<int>(v) << " example " << i);
+      CHECK(std::isfinite(res.losses(i)));
+      CHECK_CLOSE(res.losses(i), want.loss);
+      CHECK(std::isfinite(gc(i)));
+      CHECK(std::isfinite(gr(i)));
+      CHECK_CLOSE(gc(i), want.dc / B, std::fabs(want.dc / B) + 1e-300L);
+      CHECK_CLOSE(gr(i), want.dr / B, std::fabs(want.dr / B) + 1e-300L);
+    }
+  }
+  SECTION("discopop where TRL's exp(-z) * sigmoid(z / tau) is inf * 0") {
+    pl::DpoOptions opt;
+    opt.beta = beta;
+    opt.variant = pl::DpoVariant::discopop;
+    const auto res = pl::dpo(c, r, zero, zero, opt);
+    // z = -1.25e5: the logistic part is 1.25e5 and exp(-z) m = exp(1.25e5 - 2.5e6) is 0.
+    CHECK(res.losses(1) == S(1.25e5));
+    CHECK(res.losses(0) == S(0));
+  }
+  SECTION("aot and aot_unpaired sort: a batch of one is its sigmoid loss") {
+    Vec<S> c1(1), r1(1), rc1(1), rr1(1);
+    c1.setValues({S(-3)});
+    r1.setValues({S(-5)});
+    rc1.setValues({S(-4)});
+    rr1.setValues({S(-4.5)});
+    for (const auto v : {pl::DpoVariant::aot, pl::DpoVariant::aot_unpaired}) {
+      pl::DpoOptions opt;
+      opt.variant = v;
+      opt.label_smoothing = 0.1;
+      const auto res = pl::dpo(c1, r1, rc1, rr1, opt);
+      const Ref want = ref_dpo(Dpo::sigmoid, (-3.0L + 4) - (-5.0L + 4.5L), 0.1L, 0.1L);
+      CHECK_CLOSE(res.loss, want.loss);
+      Vec<S> gc(1), gr(1);
+      res.backward(gc, gr);
+      CHECK_CLOSE(gc(0), want.dc);
+      CHECK_CLOSE(gr(0), want.dr);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("aot: the sorted pairs, ties in example order, NaN last", "[pairwise][aot]", float, double) {
+  using S = TestType;
+  // Policy log-ratios p = c - r = {2, -1, 2, 0.5}; reference q = {0, 1, -2, 0.25}.
+  Vec<S> c(4), r(4), rc(4), rr(4);
+  c.setValues({S(-1), S(-3), S(-2), S(-1.5)});
+  r.setValues({S(-3), S(-2), S(-4), S(-2)});
+  rc.setValues({S(-1), S(-1), S(-3), S(-1)});
+  rr.setValues({S(-1), S(-2), S(-1), S(-1.25)});
+  pl::DpoOptions opt;
+  opt.beta = 0.5;
+  opt.variant = pl::DpoVariant::aot;
+  const auto res = pl::dpo(c, r, rc, rr, opt);
+  // sorted p: -1 (ex 1), 0.5 (ex 3), 2 (ex 0), 2 (ex 2); sorted q: -2, 0, 0.25, 1.
+  const ld p_sorted[] = {-1, 0.5L, 2, 2}, q_sorted[] = {-2, 0, 0.25L, 1};
+  const long rank[] = {2, 0, 3, 1};
+  Vec<S> gc(4), gr(4);
+  res.backward(gc, gr);
+  ld total = 0;
+  for (long i = 0; i < 4; ++i) {
+    const Ref want = ref_dpo(Dpo::sigmoid, p_sorted[rank[i]] - q_sorted[rank[i]], 0.5L, 0);
+    total += want.loss;
+    CHECK_CLOSE(res.losses(i), want.loss);
+    CHECK_CLOSE(gc(i), want.dc / 4);
+    CHECK_CLOSE(gr(i), -want.dc / 4);
+  }
+  CHECK_CLOSE(res.loss, total / 4);
+  SECTION("a NaN log-ratio sorts last and stays in its own term") {
+    Vec<S> cn = c;
+    cn(1) = std::numeric_limits<S>::quiet_NaN();
+    const auto rn = pl::dpo(cn, r, rc, rr, opt);
+    // sorted p: 0.5 (ex 3), 2 (ex 0), 2 (ex 2), NaN (ex 1)
+    const long rank_n[] = {1, 3, 2, 0};
+    const ld p_n[] = {0.5L, 2, 2, 0};
+    for (const long i : {0L, 2L, 3L})
+      CHECK_CLOSE(rn.losses(i), ref_dpo(Dpo::sigmoid, p_n[rank_n[i]] - q_sorted[rank_n[i]], 0.5L, 0).loss);
+    CHECK(std::isnan(rn.losses(1)));
   }
 }
 

@@ -169,8 +169,51 @@ TEST_CASE("out-of-domain options name the option and the value", "[pairwise][err
   }
   {
     pl::DpoOptions d;
-    d.variant = static_cast<pl::DpoVariant>(7);
-    expect_throw<pl::option_error>([&] { (void)pl::dpo(v, v, v, v, d); }, "dpo", {"'variant'", "7"});
+    d.variant = static_cast<pl::DpoVariant>(99);
+    expect_throw<pl::option_error>([&] { (void)pl::dpo(v, v, v, v, d); }, "dpo", {"'variant'", "99"});
+    d.variant = static_cast<pl::DpoVariant>(-1);
+    expect_throw<pl::option_error>([&] { (void)pl::dpo(v, v, v, v, d); }, "dpo", {"'variant'", "-1"});
+  }
+  {
+    pl::DpoOptions d;
+    d.variant = pl::DpoVariant::exo_pair;
+    expect_throw<pl::option_error>([&] { (void)pl::dpo(v, v, v, v, d); }, "dpo",
+                                   {"'label_smoothing'", "exo_pair", "got 0"});
+    d.label_smoothing = 1e-3;
+    CHECK_NOTHROW(pl::dpo(v, v, v, v, d));
+  }
+  {
+    pl::DpoOptions d;
+    d.divergence = static_cast<pl::FDivergence>(4);
+    expect_throw<pl::option_error>([&] { (void)pl::dpo(v, v, v, v, d); }, "dpo", {"'divergence'", "4"});
+    for (const auto var : {pl::DpoVariant::apo_zero, pl::DpoVariant::aot, pl::DpoVariant::aot_unpaired}) {
+      d.variant = var;
+      d.divergence = pl::FDivergence::js_divergence;
+      expect_throw<pl::option_error>([&] { (void)pl::dpo(v, v, v, v, d); }, "dpo",
+                                     {"'divergence'", "reverse_kl", "log-ratios", "got 2"});
+      d.divergence = pl::FDivergence::reverse_kl;
+      CHECK_NOTHROW(pl::dpo(v, v, v, v, d));
+    }
+  }
+  for (const double a : {kInf, -kInf, kNaN}) {
+    pl::DpoOptions d;
+    d.alpha = a;
+    expect_throw<pl::option_error>([&] { (void)pl::dpo(v, v, v, v, d); }, "dpo", {"'alpha'", "finite"});
+    d.alpha = 0.5;
+    d.bco_delta = a;
+    expect_throw<pl::option_error>([&] { (void)pl::dpo(v, v, v, v, d); }, "dpo", {"'bco_delta'", "finite"});
+  }
+  {
+    pl::DpoOptions d;
+    d.alpha_clamp = kNaN;
+    expect_throw<pl::option_error>([&] { (void)pl::dpo(v, v, v, v, d); }, "dpo", {"'alpha_clamp'", "nan"});
+    d.alpha_clamp = kInf;
+    CHECK_NOTHROW(pl::dpo(v, v, v, v, d));
+  }
+  for (const double t : {0.0, -0.05, kInf, kNaN}) {
+    pl::DpoOptions d;
+    d.discopop_tau = t;
+    expect_throw<pl::option_error>([&] { (void)pl::dpo(v, v, v, v, d); }, "dpo", {"'discopop_tau'", "> 0"});
   }
   for (const double g : {-0.5, kInf, kNaN}) {
     pl::SimpoOptions s;

@@ -1,4 +1,4 @@
-// Token-level gradients of the whole pairwise family (DPO sigmoid/robust/hinge with label
+// Token-level gradients of the whole pairwise family (DPO: every variant and f-divergence, label
 // smoothing and reference-free, Bradley-Terry with margin and centering, K-way ranking, IPO,
 // SimPO, ORPO, NLL) against central finite differences in double: masked_sum and masked_mean
 // inputs with uint8, float and double masks, and plain [batch] tensors.
@@ -128,6 +128,56 @@ TEST_CASE("dpo gradients match finite differences", "[pairwise][dpo][fd]") {
         },
         5, -2, 0);
     fd_report().add("dpo sigmoid", err);
+  }
+}
+
+TEST_CASE("every dpo variant and f-divergence matches finite differences", "[pairwise][dpo][fd]") {
+  const Refs ref;
+  using V = pl::DpoVariant;
+  using F = pl::FDivergence;
+  struct Case {
+    const char* name;
+    V v;
+    F f;
+    double e, alpha, clamp;
+    bool free;
+  };
+  const Case cases[] = {
+      {"dpo exo_pair", V::exo_pair, F::reverse_kl, 1e-3, 0.5, 80, false},
+      {"dpo exo_pair e=0.3 js", V::exo_pair, F::js_divergence, 0.3, 0.5, 80, false},
+      {"dpo nca_pair", V::nca_pair, F::reverse_kl, 0, 0.5, 80, false},
+      {"dpo nca_pair forward_kl", V::nca_pair, F::forward_kl, 0, 0.5, 80, false},
+      {"dpo bco_pair", V::bco_pair, F::reverse_kl, 0, 0.5, 80, false},
+      {"dpo sppo_hard", V::sppo_hard, F::reverse_kl, 0, 0.5, 80, false},
+      {"dpo sppo_hard alpha=0.5", V::sppo_hard, F::alpha_divergence, 0, 0.5, 80, false},
+      {"dpo apo_zero", V::apo_zero, F::reverse_kl, 0, 0.5, 80, false},
+      {"dpo apo_zero reference_free", V::apo_zero, F::reverse_kl, 0, 0.5, 80, true},
+      {"dpo apo_down", V::apo_down, F::reverse_kl, 0, 0.5, 80, false},
+      {"dpo apo_down js", V::apo_down, F::js_divergence, 0, 0.5, 80, false},
+      {"dpo discopop", V::discopop, F::reverse_kl, 0, 0.5, 80, false},
+      {"dpo aot", V::aot, F::reverse_kl, 0.2, 0.5, 80, false},
+      {"dpo aot reference_free", V::aot, F::reverse_kl, 0, 0.5, 80, true},
+      {"dpo aot_unpaired", V::aot_unpaired, F::reverse_kl, 0.1, 0.5, 80, false},
+      {"dpo sigmoid forward_kl", V::sigmoid, F::forward_kl, 0, 0.5, 80, false},
+      {"dpo sigmoid js", V::sigmoid, F::js_divergence, 0.1, 0.5, 80, false},
+      {"dpo robust alpha=1.5", V::robust, F::alpha_divergence, 0.2, 1.5, 80, false},
+      {"dpo sigmoid alpha=0.3", V::sigmoid, F::alpha_divergence, 0, 0.3, 80, false},
+  };
+  for (const Case& k : cases) {
+    SECTION(k.name) {
+      pl::DpoOptions opt;
+      opt.beta = 0.4;
+      opt.variant = k.v;
+      opt.divergence = k.f;
+      opt.label_smoothing = k.e;
+      opt.alpha = k.alpha;
+      opt.alpha_clamp = k.clamp;
+      opt.reference_free = k.free;
+      opt.bco_delta = k.v == V::bco_pair ? 0.3 : 0.0;
+      opt.discopop_tau = 0.3;
+      fd_pair_all(
+          k.name, [&](const auto& c, const auto& r) { return pl::dpo(c, r, ref.rc, ref.rr, opt); }, -3, 0, 0.5);
+    }
   }
 }
 

@@ -495,7 +495,10 @@ Run<S> nll_run(const PairData<S>& d, Index b, Index e, const pl::NllOptions& o, 
 }
 
 const char* dpo_name(pl::DpoVariant v) {
-  return v == pl::DpoVariant::sigmoid ? "dpo sigmoid" : (v == pl::DpoVariant::robust ? "dpo robust" : "dpo hinge");
+  static const char* const names[] = {"dpo sigmoid",  "dpo robust",   "dpo hinge",     "dpo exo_pair",
+                                      "dpo nca_pair", "dpo bco_pair", "dpo sppo_hard", "dpo apo_zero",
+                                      "dpo apo_down", "dpo discopop", "dpo aot",       "dpo aot_unpaired"};
+  return names[static_cast<int>(v)];
 }
 
 /// Every loss of sequence inputs (masked_sum or masked_mean of M-masked tokens) over one sharding.
@@ -515,12 +518,18 @@ void sequence_losses(const PairData<S>& d, const Cuts& cuts, std::mt19937& rng, 
     check_batch<S>(family<S>(name), where, B, cuts, whole, shard, Divisor{static_cast<double>(B)}, rng);
   };
 
-  for (const auto variant : {pl::DpoVariant::sigmoid, pl::DpoVariant::robust, pl::DpoVariant::hinge}) {
+  // aot and aot_unpaired sort each call's batch, so their shards are not the whole batch's terms.
+  for (const auto variant :
+       {pl::DpoVariant::sigmoid, pl::DpoVariant::robust, pl::DpoVariant::hinge, pl::DpoVariant::exo_pair,
+        pl::DpoVariant::nca_pair, pl::DpoVariant::bco_pair, pl::DpoVariant::sppo_hard, pl::DpoVariant::apo_zero,
+        pl::DpoVariant::apo_down, pl::DpoVariant::discopop}) {
     pl::DpoOptions o;
     o.variant = variant;
     o.beta = 0.05 + 0.45 * u01(rng);
     o.reference_free = rare(rng);
     if (variant != pl::DpoVariant::hinge && coin(rng)) o.label_smoothing = 0.4 * u01(rng);
+    if (variant == pl::DpoVariant::exo_pair) o.label_smoothing = 0.01 + 0.4 * u01(rng);
+    if (variant != pl::DpoVariant::apo_zero && rare(rng)) o.divergence = pl::FDivergence::js_divergence;
     CAPTURE(dpo_name(variant), o.beta, o.label_smoothing, o.reference_free);
     pairwise(dpo_name(variant), [o](const auto& c, const auto& r, const auto& rc, const auto& rr,
                                     std::optional<double> n, auto& gc, auto& gr, bool fused) {

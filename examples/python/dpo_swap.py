@@ -379,6 +379,12 @@ def check_bindings(ext, checks):
             checks, f"dpo {variant}",
             lambda c, r, ls=ls, variant=variant: ext.dpo(c, r, rc, rr, label_smoothing=ls, variant=variant)[0],
             ref, [c, r])
+    def nca_js_ref(c, r):  # TRL _compute_loss, loss_type "nca_pair", f_divergence_type "js_divergence"
+        cr, rj = 0.1 * F.logsigmoid(c - rc), 0.1 * F.logsigmoid(r - rr)
+        return (-F.logsigmoid(cr) - 0.5 * F.logsigmoid(-cr) - 0.5 * F.logsigmoid(-rj)).mean()
+    res["dpo nca_pair js"] = compare(
+        checks, "dpo nca_pair js_divergence",
+        lambda c, r: ext.dpo(c, r, rc, rr, variant="nca_pair", divergence="js_divergence")[0], nca_js_ref, [c, r])
     res["dpo reference_free, batch_count"] = compare(
         checks, "dpo reference_free batch_count",
         lambda c, r: ext.dpo(c, r, rc, rr, beta=0.05, reference_free=True, batch_count=2 * B)[0],
@@ -437,6 +443,7 @@ def check_bindings(ext, checks):
         ("tensor_error", lambda: ext.dpo(c.float(), r, rc, rr)),
         ("layout_error", lambda: ext.masked_sum(x.t(), mask.t())),
         ("unknown variant", lambda: ext.dpo(c, r, rc, rr, variant="nope")),
+        ("unknown divergence", lambda: ext.dpo(c, r, rc, rr, divergence="kl")),
         ("unknown aggregation", lambda: ext.ppo_clip(x, x, x, mask, aggregation="token-sum")),
     ]
     seen = []

@@ -25,10 +25,12 @@
 
 #include <pybind11/stl.h>
 
+#include <cstddef>
 #include <optional>
 #include <prefloss/torch.hpp>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace py = pybind11;
 namespace pt = prefloss::torch;
@@ -38,12 +40,35 @@ namespace {
 using OptD = std::optional<double>;
 using OptT = std::optional<at::Tensor>;
 
+/// TRL's loss_type and f_divergence_type names, as the enumerators spell them.
+template <class E, std::size_t N>
+E named(const std::pair<const char*, E> (&names)[N], const std::string& s, const char* what) {
+  std::string known;
+  for (const auto& [name, e] : names) {
+    if (s == name) return e;
+    known += std::string(known.empty() ? "'" : ", '") + name + "'";
+  }
+  throw std::invalid_argument(std::string("prefloss_torch_ext.dpo: ") + what + " must be one of " + known + ", got '" +
+                              s + "'");
+}
+
 prefloss::DpoVariant dpo_variant(const std::string& s) {
-  if (s == "sigmoid") return prefloss::DpoVariant::sigmoid;
-  if (s == "robust") return prefloss::DpoVariant::robust;
-  if (s == "hinge") return prefloss::DpoVariant::hinge;
-  throw std::invalid_argument("prefloss_torch_ext.dpo: variant must be 'sigmoid', 'robust' or 'hinge', got '" + s +
-                              "'");
+  using V = prefloss::DpoVariant;
+  static constexpr std::pair<const char*, V> names[] = {
+      {"sigmoid", V::sigmoid},     {"robust", V::robust},     {"hinge", V::hinge},
+      {"exo_pair", V::exo_pair},   {"nca_pair", V::nca_pair}, {"bco_pair", V::bco_pair},
+      {"sppo_hard", V::sppo_hard}, {"apo_zero", V::apo_zero}, {"apo_down", V::apo_down},
+      {"discopop", V::discopop},   {"aot", V::aot},           {"aot_unpaired", V::aot_unpaired}};
+  return named(names, s, "variant");
+}
+
+prefloss::FDivergence divergence(const std::string& s) {
+  using F = prefloss::FDivergence;
+  static constexpr std::pair<const char*, F> names[] = {{"reverse_kl", F::reverse_kl},
+                                                        {"forward_kl", F::forward_kl},
+                                                        {"js_divergence", F::js_divergence},
+                                                        {"alpha_divergence", F::alpha_divergence}};
+  return named(names, s, "divergence");
 }
 
 prefloss::Aggregation aggregation(const std::string& s, const char* fn) {
@@ -163,12 +188,18 @@ py::tuple out(const R& r) {
 
 py::tuple dpo(const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& ref_chosen,
               const at::Tensor& ref_rejected, double beta, double label_smoothing, const std::string& variant,
-              bool reference_free, OptD batch_count) {
+              bool reference_free, const std::string& div, double alpha, double alpha_clamp, double bco_delta,
+              double discopop_tau, OptD batch_count) {
   prefloss::DpoOptions o;
   o.beta = beta;
   o.label_smoothing = label_smoothing;
   o.variant = dpo_variant(variant);
   o.reference_free = reference_free;
+  o.divergence = divergence(div);
+  o.alpha = alpha;
+  o.alpha_clamp = alpha_clamp;
+  o.bco_delta = bco_delta;
+  o.discopop_tau = discopop_tau;
   o.batch_count = batch_count;
   return out(pt::dpo(chosen, rejected, ref_chosen, ref_rejected, o));
 }
@@ -308,8 +339,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const prefloss::DpoOptions dpo_d;
   m.def("dpo", &dpo, arg("chosen"), arg("rejected"), arg("ref_chosen"), arg("ref_rejected"), py::kw_only(),
         arg("beta") = dpo_d.beta, arg("label_smoothing") = dpo_d.label_smoothing, arg("variant") = "sigmoid",
-        arg("reference_free") = dpo_d.reference_free, arg("batch_count") = py::none(),
-        "DPO (prefloss::dpo) of [batch] sequence values; variant 'sigmoid', 'robust' or 'hinge'");
+        arg("reference_free") = dpo_d.reference_free, arg("divergence") = "reverse_kl", arg("alpha") = dpo_d.alpha,
+        arg("alpha_clamp") = dpo_d.alpha_clamp, arg("bco_delta") = dpo_d.bco_delta,
+        arg("discopop_tau") = dpo_d.discopop_tau, arg("batch_count") = py::none(),
+        "DPO (prefloss::dpo) of [batch] sequence values; variant and divergence are TRL's loss_type and "
+        "f_divergence_type names");
   const prefloss::IpoOptions ipo_d;
   m.def("ipo", &ipo, arg("chosen"), arg("rejected"), arg("ref_chosen"), arg("ref_rejected"), py::kw_only(),
         arg("beta") = ipo_d.beta, arg("reference_free") = ipo_d.reference_free, arg("batch_count") = py::none(),

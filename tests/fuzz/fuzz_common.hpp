@@ -70,7 +70,8 @@ inline std::string str(double v) {
 /// How many enumerators each option enum declares.
 constexpr int enumerators(pl::Aggregation) { return 4; }
 constexpr int enumerators(pl::KlEstimator) { return 3; }
-constexpr int enumerators(pl::DpoVariant) { return 3; }
+constexpr int enumerators(pl::DpoVariant) { return 12; }
+constexpr int enumerators(pl::FDivergence) { return 4; }
 
 /// A stream of the fuzzer's bytes; exhausted, it decodes as zeros.
 class Source {
@@ -268,7 +269,10 @@ inline void decode(Decoder& d, pl::PpoOptions& o) {
 inline void decode(Decoder& d, pl::ValueOptions& o) {
   d.fields(o.clip, o.aggregation, o.token_count, o.sequence_count, o.token_sum_norm);
 }
-inline void decode(Decoder& d, pl::DpoOptions& o) { d.fields(o.beta, o.label_smoothing, o.variant, o.reference_free); }
+inline void decode(Decoder& d, pl::DpoOptions& o) {
+  d.fields(o.beta, o.label_smoothing, o.variant, o.reference_free, o.divergence, o.alpha, o.alpha_clamp, o.bco_delta,
+           o.discopop_tau);
+}
 inline void decode(Decoder& d, pl::IpoOptions& o) { d.fields(o.beta, o.reference_free); }
 inline void decode(Decoder& d, pl::SimpoOptions& o) { d.fields(o.beta, o.gamma, o.label_smoothing); }
 inline void decode(Decoder& d, pl::OrpoOptions& o) { d.fields(o.beta, o.nll_weight); }

@@ -250,6 +250,139 @@ def gen_dpo():
     w.write()
 
 
+# ---- TRL DPOTrainer._compute_loss: every loss_type and f_divergence_type ----------------------
+
+def trl_scores(logratios, f_div, alpha, clamp_max):
+    """TRL's f-divergence scores; the alpha clamp is TRL's with its max as a parameter (TRL: 80
+    for float32 / bfloat16, and no entry for float64, which these goldens use)."""
+    F = torch.nn.functional
+    if f_div == "reverse_kl":
+        return logratios
+    if f_div == "forward_kl":
+        return -torch.exp(-logratios)
+    if f_div == "js_divergence":
+        return F.logsigmoid(logratios)
+    if f_div == "alpha_divergence":
+        if abs(alpha - 1.0) < 1e-6:
+            return logratios
+        return torch.exp(torch.clamp((alpha - 1.0) * logratios, max=clamp_max)) * (1.0 / (alpha - 1.0))
+    raise ValueError(f_div)
+
+
+def trl_compute_loss(pc, pr, rc, rr, beta, ls, loss_type, f_div="reverse_kl", alpha=0.5, clamp_max=80.0, tau=0.05,
+                     delta=0.0):
+    """Per-sequence losses of TRL's _compute_loss for one loss_type, in TRL's order (the sorted
+    order for aot / aot_unpaired). sigmoid keeps cDPO's label smoothing (TRL drops it; prefloss
+    keeps OpenRLHF's), and bco_pair subtracts delta from both rewards (TRL's is delta = 0)."""
+    F = torch.nn.functional
+    chosen_logratios, rejected_logratios = pc - rc, pr - rr
+    cs = trl_scores(chosen_logratios, f_div, alpha, clamp_max)
+    rs = trl_scores(rejected_logratios, f_div, alpha, clamp_max)
+    d = cs - rs
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * d) * (1 - ls) - F.logsigmoid(-beta * d) * ls
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * d)
+    if loss_type == "robust":
+        return (-(1 - ls) * F.logsigmoid(beta * d) + ls * F.logsigmoid(-beta * d)) / (1 - 2 * ls)
+    if loss_type == "exo_pair":
+        eps = torch.tensor(ls)
+        return (torch.sigmoid(beta * d) * (F.logsigmoid(beta * d) - torch.log1p(-eps)) +
+                torch.sigmoid(-beta * d) * (F.logsigmoid(-beta * d) - torch.log(eps)))
+    if loss_type == "nca_pair":
+        c, r = beta * cs, beta * rs
+        return -F.logsigmoid(c) - 0.5 * F.logsigmoid(-c) - 0.5 * F.logsigmoid(-r)
+    if loss_type == "bco_pair":
+        c, r = beta * cs, beta * rs
+        return -F.logsigmoid(c - delta) - F.logsigmoid(-(r - delta))
+    if loss_type == "sppo_hard":
+        return (cs - 0.5 / beta) ** 2 + (rs + 0.5 / beta) ** 2
+    if loss_type == "aot":
+        lr, _ = torch.sort(pc - pr, dim=0)
+        ref, _ = torch.sort(rc - rr, dim=0)
+        z = beta * (lr - ref)
+        return -F.logsigmoid(z) * (1 - ls) - F.logsigmoid(-z) * ls
+    if loss_type == "aot_unpaired":
+        c, _ = torch.sort(chosen_logratios, dim=0)
+        r, _ = torch.sort(rejected_logratios, dim=0)
+        z = beta * (c - r)
+        return -F.logsigmoid(z) * (1 - ls) - F.logsigmoid(-z) * ls
+    if loss_type == "apo_zero":
+        return (1 - torch.sigmoid(beta * chosen_logratios)) + torch.sigmoid(beta * rejected_logratios)
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * chosen_logratios) + (1 - torch.sigmoid(beta * d))
+    if loss_type == "discopop":
+        z = d * beta
+        m = torch.sigmoid(z / tau)
+        return -F.logsigmoid(z) * (1 - m) + torch.exp(-z) * m
+    raise ValueError(loss_type)
+
+
+def gen_dpo_variants():
+    w = Writer("dpo_variants", "TRL DPOTrainer._compute_loss: every loss_type x f_divergence_type, masked_sum inputs; "
+               "losses of aot / aot_unpaired by example (the term at the rank of the example's sorted value)")
+    # name, loss_type, beta, label_smoothing, f_divergence, alpha, clamp_max, tau, delta, reference_free
+    cases = [
+        ("exo_pair", "exo_pair", 0.1, 1e-3, "reverse_kl", 0.5, 80.0, 0.05, 0.0, False),
+        ("exo_pair_e0.2", "exo_pair", 0.5, 0.2, "reverse_kl", 0.5, 80.0, 0.05, 0.0, False),
+        ("nca_pair", "nca_pair", 0.1, 0.0, "reverse_kl", 0.5, 80.0, 0.05, 0.0, False),
+        ("nca_pair_js", "nca_pair", 0.5, 0.0, "js_divergence", 0.5, 80.0, 0.05, 0.0, False),
+        ("bco_pair", "bco_pair", 0.1, 0.0, "reverse_kl", 0.5, 80.0, 0.05, 0.0, False),
+        ("bco_pair_delta", "bco_pair", 0.3, 0.0, "reverse_kl", 0.5, 80.0, 0.05, 0.25, False),
+        ("sppo_hard", "sppo_hard", 0.1, 0.0, "reverse_kl", 0.5, 80.0, 0.05, 0.0, False),
+        ("sppo_hard_forward_kl", "sppo_hard", 1.0, 0.0, "forward_kl", 0.5, 80.0, 0.05, 0.0, False),
+        ("apo_zero", "apo_zero", 0.1, 0.0, "reverse_kl", 0.5, 80.0, 0.05, 0.0, False),
+        ("apo_zero_reference_free", "apo_zero", 0.5, 0.0, "reverse_kl", 0.5, 80.0, 0.05, 0.0, True),
+        ("apo_down", "apo_down", 0.1, 0.0, "reverse_kl", 0.5, 80.0, 0.05, 0.0, False),
+        ("apo_down_alpha", "apo_down", 0.5, 0.0, "alpha_divergence", 0.5, 80.0, 0.05, 0.0, False),
+        ("discopop", "discopop", 0.1, 0.0, "reverse_kl", 0.5, 80.0, 0.05, 0.0, False),
+        ("discopop_tau0.5", "discopop", 0.5, 0.0, "reverse_kl", 0.5, 80.0, 0.5, 0.0, False),
+        ("aot", "aot", 0.1, 0.0, "reverse_kl", 0.5, 80.0, 0.05, 0.0, False),
+        ("aot_smoothed", "aot", 0.5, 0.1, "reverse_kl", 0.5, 80.0, 0.05, 0.0, False),
+        ("aot_reference_free", "aot", 0.5, 0.0, "reverse_kl", 0.5, 80.0, 0.05, 0.0, True),
+        ("aot_unpaired", "aot_unpaired", 0.1, 0.0, "reverse_kl", 0.5, 80.0, 0.05, 0.0, False),
+        ("aot_unpaired_smoothed", "aot_unpaired", 0.5, 0.2, "reverse_kl", 0.5, 80.0, 0.05, 0.0, False),
+        ("sigmoid_forward_kl", "sigmoid", 0.1, 0.0, "forward_kl", 0.5, 80.0, 0.05, 0.0, False),
+        ("sigmoid_js", "sigmoid", 0.5, 0.0, "js_divergence", 0.5, 80.0, 0.05, 0.0, False),
+        ("sigmoid_alpha0.5", "sigmoid", 0.1, 0.0, "alpha_divergence", 0.5, 80.0, 0.05, 0.0, False),
+        ("sigmoid_alpha1", "sigmoid", 0.1, 0.0, "alpha_divergence", 1.0, 80.0, 0.05, 0.0, False),
+        ("sigmoid_alpha3_clamped", "sigmoid", 0.1, 0.0, "alpha_divergence", 3.0, 2.0, 0.05, 0.0, False),
+        ("hinge_forward_kl", "hinge", 0.1, 0.0, "forward_kl", 0.5, 80.0, 0.05, 0.0, False),
+        ("robust_js", "robust", 0.5, 0.2, "js_divergence", 0.5, 80.0, 0.05, 0.0, False),
+        ("exo_pair_alpha1.5", "exo_pair", 0.5, 0.1, "alpha_divergence", 1.5, 80.0, 0.05, 0.0, False),
+    ]
+    for k, (name, lt, beta, ls, fdiv, alpha, clamp_max, tau, delta, rf) in enumerate(cases):
+        rng, mc, mr, xc, xr = pair_inputs(1100 + k)
+        lc, lr = leaf(xc), leaf(xr)
+        pc, pr = masked_sum(lc, mc), masked_sum(lr, mr)
+        rc = torch.tensor([f32(v + rng.uniform(-3, 3)) for v in pc.tolist()])
+        rr = torch.tensor([f32(v + rng.uniform(-3, 3)) for v in pr.tolist()])
+        rc_, rr_ = (torch.zeros_like(rc), torch.zeros_like(rr)) if rf else (rc, rr)
+        per_seq = trl_compute_loss(pc, pr, rc_, rr_, beta, ls, lt, fdiv, alpha, clamp_max, tau, delta)
+        loss = per_seq.mean()
+        if lt in ("aot", "aot_unpaired"):
+            key = (pc - pr) if lt == "aot" else (pc - rc_)
+            rank = torch.argsort(torch.argsort(key.detach(), stable=True), stable=True)
+            losses = per_seq[rank]
+        else:
+            losses = per_seq
+        cr, rj = beta * (pc - rc_).detach(), beta * (pr - rr_).detach()
+        w.case(name)
+        w.s("variant", lt)
+        w.s("divergence", fdiv)
+        for lab, v in [("beta", beta), ("label_smoothing", ls), ("alpha", alpha), ("alpha_clamp", clamp_max),
+                       ("discopop_tau", tau), ("bco_delta", delta), ("reference_free", 1 if rf else 0)]:
+            w.t(lab, v)
+        for lab, t_ in [("logp_c", xc), ("mask_c", mc.double()), ("logp_r", xr), ("mask_r", mr.double()),
+                        ("ref_c", rc), ("ref_r", rr), ("loss", loss), ("losses", losses),
+                        ("grad_c", grad_of(loss, lc)), ("grad_r", grad_of(loss, lr)),
+                        ("reward_chosen", cr.mean()), ("reward_rejected", rj.mean()),
+                        ("reward_margin", (cr - rj).mean()), ("reward_accuracy", (cr > rj).double().mean())]:
+            w.t(lab, t_)
+        w.end()
+    w.write()
+
+
 def gen_ipo():
     w = Writer("ipo", "TRL dpo_loss loss_type=ipo (masked_mean inputs) and OpenRLHF's IPO (masked_sum inputs)")
     for k, (name, beta, reduce) in enumerate([("trl_mean", 0.1, "mean"), ("trl_mean_beta1", 1.0, "mean"),
@@ -936,8 +1069,8 @@ def gen_ppo_logits():
 
 def main():
     os.makedirs(OUT, exist_ok=True)
-    for gen in [gen_dpo, gen_ipo, gen_kto, gen_bradley_terry, gen_simpo, gen_orpo, gen_nll, gen_ppo, gen_value,
-                gen_kl, gen_gae, gen_whiten, gen_group, gen_logprobs, gen_logprobs_lowp, gen_dpo_logits,
+    for gen in [gen_dpo, gen_dpo_variants, gen_ipo, gen_kto, gen_bradley_terry, gen_simpo, gen_orpo, gen_nll, gen_ppo,
+                gen_value, gen_kl, gen_gae, gen_whiten, gen_group, gen_logprobs, gen_logprobs_lowp, gen_dpo_logits,
                 gen_ppo_logits]:
         gen()
 

@@ -124,7 +124,7 @@ TEST_CASE("masked_sum and masked_mean of bfloat16 tokens: the float computation 
 
 // ---- the DPO family, Bradley-Terry, nll, KTO --------------------------------------------------------
 
-TEST_CASE("dpo against TRL's dpo_loss: sigmoid, robust, hinge, label smoothing, reference_free, batch_count",
+TEST_CASE("dpo against TRL's _compute_loss: every variant, f-divergences, label smoothing, reference_free, batch_count",
           "[torch][dpo]") {
   torch::manual_seed(3);
   const int64_t B = 16;
@@ -147,6 +147,42 @@ TEST_CASE("dpo against TRL's dpo_loss: sigmoid, robust, hinge, label smoothing, 
     o = {};
     o.batch_count = 40;
     cases.emplace_back("batch_count 40", o);
+    o = {};
+    o.variant = pl::DpoVariant::exo_pair;
+    o.label_smoothing = 1e-3;
+    cases.emplace_back("exo_pair e=1e-3", o);
+    o = {};
+    o.variant = pl::DpoVariant::nca_pair;
+    o.divergence = pl::FDivergence::js_divergence;
+    cases.emplace_back("nca_pair js_divergence", o);
+    o = {};
+    o.variant = pl::DpoVariant::bco_pair;
+    o.bco_delta = 0.2;
+    cases.emplace_back("bco_pair delta=0.2", o);
+    o = {};
+    o.variant = pl::DpoVariant::sppo_hard;
+    o.divergence = pl::FDivergence::alpha_divergence;
+    o.alpha = 1.25;
+    cases.emplace_back("sppo_hard alpha=1.25", o);
+    o = {};
+    o.variant = pl::DpoVariant::apo_zero;
+    cases.emplace_back("apo_zero", o);
+    o = {};
+    o.variant = pl::DpoVariant::apo_down;
+    o.divergence = pl::FDivergence::forward_kl;
+    o.beta = 0.05;
+    cases.emplace_back("apo_down forward_kl", o);
+    o = {};
+    o.variant = pl::DpoVariant::discopop;
+    cases.emplace_back("discopop", o);
+    o = {};
+    o.variant = pl::DpoVariant::aot;
+    o.label_smoothing = 0.1;
+    cases.emplace_back("aot e=0.1", o);
+    o = {};
+    o.variant = pl::DpoVariant::aot_unpaired;
+    o.batch_count = 40;
+    cases.emplace_back("aot_unpaired batch_count 40", o);
   }
   for (auto dt : real_types)
     for (const auto& [name, o] : cases) {

@@ -21,6 +21,7 @@
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <typeinfo>
 #include <vector>
 
@@ -109,19 +110,70 @@ void expect_error(Fn&& f, std::initializer_list<std::string> needles) {
 
 inline Tensor logsig(const Tensor& z) { return torch::log_sigmoid(z); }
 
-/// TRL dpo_loss per example: z = beta * ((c - rc) - (r - rr)) (rc = rr = 0 reference-free).
-inline Tensor dpo_losses(const Tensor& c, const Tensor& r, const Tensor& rc, const Tensor& rr,
+/// TRL's f-divergence score of a log-ratio (DPOTrainer._compute_loss, f_divergence_type), with
+/// the alpha clamp's max taken from the options.
+inline Tensor dpo_score(const Tensor& u, const pl::DpoOptions& o) {
+  switch (o.divergence) {
+    case pl::FDivergence::reverse_kl:
+      return u;
+    case pl::FDivergence::forward_kl:
+      return -torch::exp(-u);
+    case pl::FDivergence::js_divergence:
+      return logsig(u);
+    case pl::FDivergence::alpha_divergence:
+      if (std::fabs(o.alpha - 1) < 1e-6) return u;
+      return torch::exp(torch::clamp((o.alpha - 1) * u, c10::nullopt, o.alpha_clamp)) * (1 / (o.alpha - 1));
+  }
+  return {};
+}
+
+/// TRL DPOTrainer._compute_loss per example, loss_type = o.variant (sigmoid with cDPO's
+/// smoothing, bco_pair with the shift bco_delta). aot / aot_unpaired: TRL's sorted terms, each
+/// given to the example whose sorted value it holds (rc = rr = 0 reference-free).
+inline Tensor dpo_losses(const Tensor& c, const Tensor& r, const Tensor& rc0, const Tensor& rr0,
                          const pl::DpoOptions& o) {
-  const Tensor margin = o.reference_free ? c - r : (c - rc) - (r - rr);
-  const Tensor z = o.beta * margin;
-  const double e = o.label_smoothing;
+  const Tensor rc = o.reference_free ? torch::zeros_like(rc0) : rc0;
+  const Tensor rr = o.reference_free ? torch::zeros_like(rr0) : rr0;
+  const Tensor uc = c - rc, ur = r - rr;
+  const Tensor sc = dpo_score(uc, o), sr = dpo_score(ur, o);
+  const double b = o.beta, e = o.label_smoothing;
+  const Tensor z = b * (sc - sr);
+  const auto smoothed = [&](const Tensor& x) { return -(1 - e) * logsig(x) - e * logsig(-x); };
+  const auto by_example = [](const Tensor& per_sorted, const Tensor& key) {
+    const Tensor order = std::get<1>(at::sort(key.detach(), /*stable=*/true, 0, false));
+    return per_sorted.index_select(0, torch::argsort(order));
+  };
   switch (o.variant) {
     case pl::DpoVariant::sigmoid:
-      return -(1 - e) * logsig(z) - e * logsig(-z);
+      return smoothed(z);
     case pl::DpoVariant::robust:
       return (-(1 - e) * logsig(z) + e * logsig(-z)) / (1 - 2 * e);
     case pl::DpoVariant::hinge:
       return torch::relu(1 - z);
+    case pl::DpoVariant::exo_pair:
+      return torch::sigmoid(z) * (logsig(z) - std::log1p(-e)) + torch::sigmoid(-z) * (logsig(-z) - std::log(e));
+    case pl::DpoVariant::nca_pair:
+      return -logsig(b * sc) - 0.5 * logsig(-b * sc) - 0.5 * logsig(-b * sr);
+    case pl::DpoVariant::bco_pair:
+      return -logsig(b * sc - o.bco_delta) - logsig(-(b * sr - o.bco_delta));
+    case pl::DpoVariant::sppo_hard:
+      return (sc - 0.5 / b).pow(2) + (sr + 0.5 / b).pow(2);
+    case pl::DpoVariant::apo_zero:
+      return (1 - torch::sigmoid(b * uc)) + torch::sigmoid(b * ur);
+    case pl::DpoVariant::apo_down:
+      return torch::sigmoid(b * uc) + (1 - torch::sigmoid(z));
+    case pl::DpoVariant::discopop: {
+      const Tensor m = torch::sigmoid(z / o.discopop_tau);
+      return -logsig(z) * (1 - m) + torch::exp(-z) * m;
+    }
+    case pl::DpoVariant::aot: {
+      const Tensor p = c - r;
+      return by_example(
+          smoothed(b * (std::get<0>(at::sort(p, true, 0, false)) - std::get<0>(at::sort(rc - rr, true, 0, false)))), p);
+    }
+    case pl::DpoVariant::aot_unpaired:
+      return by_example(
+          smoothed(b * (std::get<0>(at::sort(uc, true, 0, false)) - std::get<0>(at::sort(ur, true, 0, false)))), uc);
   }
   return {};
 }

@@ -1,40 +1,101 @@
 /// @file loss/dpo.hpp
-/// Direct Preference Optimization (Rafailov et al. 2023) with TRL's sigmoid / robust / hinge
-/// variants, conservative label smoothing (cDPO) and the reference-free form.
+/// Direct Preference Optimization (Rafailov et al. 2023) and every loss_type of TRL's DPOTrainer
+/// that scores a pair by its log-ratios (sigmoid, robust, hinge, EXO, NCA, BCO, SPPO, APO,
+/// DiscoPOP, AOT), with f-divergence scores, conservative label smoothing (cDPO) and the
+/// reference-free form.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include "../detail/checks.hpp"
 #include "../math/log_sigmoid.hpp"
+#include "../math/sigmoid.hpp"
 #include "../parallel.hpp"
 #include "../reduce/sequence.hpp"
 #include "pairwise.hpp"
 
 namespace prefloss {
 
-/// Which DPO loss of the margin D = (s_c - rho_c) - (s_r - rho_r) to use.
+/// @brief Which DPO-family loss to use: TRL's DPOTrainer loss_type names
+/// (trl/trainer/dpo_trainer.py, DPOTrainer._compute_loss, f2cd577).
+///
+/// u_c = s_c - rho_c and u_r = s_r - rho_r are the log-ratios; f is DpoOptions::divergence's
+/// score (f(u) = u for reverse_kl); z = b (f(u_c) - f(u_r)); e = label_smoothing; sig and logsig
+/// the logistic function and its log. Each formula is one example's loss.
 enum class DpoVariant {
-  sigmoid,  ///< -(1-e) logsig(bD) - e logsig(-bD)  (e = label_smoothing: cDPO)
-  robust,   ///< (-(1-e) logsig(bD) + e logsig(-bD)) / (1-2e)  (Chowdhury et al. 2024)
-  hinge,    ///< max(0, 1 - bD)  (SLiC); derivative 0 at the kink, as torch.relu
+  sigmoid,  ///< -(1-e) logsig(z) - e logsig(-z)  (e > 0: cDPO, see dpo())
+  robust,   ///< (-(1-e) logsig(z) + e logsig(-z)) / (1-2e)  (Chowdhury et al. 2024)
+  hinge,    ///< max(0, 1 - z)  (SLiC); derivative 0 at the kink, as torch.relu
+  /// EXO (Ji et al. 2024, Eq. 16): KL(q || p) of q = (sig(z), sig(-z)) from p = (1-e, e):
+  /// sig(z) (logsig(z) - log(1-e)) + sig(-z) (logsig(-z) - log e). Needs label_smoothing > 0.
+  exo_pair,
+  /// NCA (Chen et al. 2024), with r = b f(u): -logsig(r_c) - logsig(-r_c)/2 - logsig(-r_r)/2
+  nca_pair,
+  /// BCO's pairwise form, with r = b f(u) and the caller's reward shift d (bco_delta):
+  /// -logsig(r_c - d) - logsig(-(r_r - d)). TRL's dpo loss_type="bco_pair" is d = 0; BCOTrainer
+  /// keeps d as a running mean of the rewards, which the caller can carry from the metrics.
+  bco_pair,
+  /// SPPO with hard probabilities (Wu et al. 2024): (f(u_c) - 1/(2b))^2 + (f(u_r) + 1/(2b))^2
+  sppo_hard,
+  /// APO-zero (D'Oosterlinck et al. 2024, Eq. 7): 1 - sig(b u_c) + sig(b u_r), on the log-ratios
+  /// (TRL reads them, not the f-divergence scores: divergence must be reverse_kl)
+  apo_zero,
+  /// APO-down (Eq. 8): sig(b u_c) + 1 - sig(z)
+  apo_down,
+  /// DiscoPOP (Chris Lu et al. 2024, Eq. 5), with m = sig(z / discopop_tau):
+  /// -logsig(z) (1 - m) + exp(-z) m. exp(-z) m is evaluated as exp(-z + logsig(z / tau)), so it
+  /// stays finite where it is (TRL's exp(-z) overflows to inf and times m = 0 gives NaN).
+  discopop,
+  /// AOT paired (Melnyk et al. 2024): the policy log-ratios p_i = s_c,i - s_r,i and the reference
+  /// ones q_i = rho_c,i - rho_r,i are each sorted ascending over this call's batch, and the k-th
+  /// term is the sigmoid loss of z_k = b (p_(k) - q_(k)). The permutation is a constant (torch
+  /// differentiates through torch.sort so). Ties keep example order (a stable sort; NaN sorts
+  /// last, as in torch.sort). losses(i) is the term at the rank of p_i. divergence must be
+  /// reverse_kl (TRL reads the log-probs).
+  aot,
+  /// AOT unpaired: u_c and u_r are each sorted ascending and the k-th term is the sigmoid loss of
+  /// z_k = b (u_c,(k) - u_r,(k)); losses(i) is the term at the rank of u_c,i. As aot otherwise.
+  aot_unpaired,
+};
+
+/// @brief The f-divergence whose derivative scores each log-ratio u before the loss (f-DPO, Wang
+/// et al. 2023), as TRL's DPOTrainer._compute_loss (f_divergence_type) computes it.
+enum class FDivergence {
+  reverse_kl,        ///< f(u) = u: standard DPO
+  forward_kl,        ///< f(u) = -exp(-u)
+  js_divergence,     ///< f(u) = logsig(u)
+  alpha_divergence,  ///< f(u) = exp(min((a-1) u, alpha_clamp)) / (a-1); a = alpha; f(u) = u when |a-1| < 1e-6
 };
 
 /// Options of dpo(). Defaults are TRL's.
 struct DpoOptions {
   double beta = 0.1;  ///< > 0: inverse temperature of the implicit reward
-  /// in [0, 0.5): assumed label-flip probability e. robust divides by 1 - 2e, so its loss and
-  /// gradient grow without bound as e approaches 0.5 (labels that carry no information): that is
-  /// the estimator's value, not a rounding artefact, and prefloss computes it as it is.
+  /// in [0, 0.5): assumed label-flip probability e (sigmoid, robust, aot, aot_unpaired) or EXO's
+  /// target smoothing (exo_pair, where it must be > 0; the paper suggests 1e-3); the other
+  /// variants ignore it. robust divides by 1 - 2e, so its loss and gradient grow without bound as
+  /// e approaches 0.5 (labels that carry no information): that is the estimator's value, not a
+  /// rounding artefact, and prefloss computes it as it is.
   double label_smoothing = 0.0;
   DpoVariant variant = DpoVariant::sigmoid;
   bool reference_free = false;  ///< true: rho = 0, the reference inputs are ignored
+  /// The score of each log-ratio (TRL's f_divergence_type); apo_zero, aot and aot_unpaired take
+  /// only reverse_kl.
+  FDivergence divergence = FDivergence::reverse_kl;
+  double alpha = 0.5;  ///< finite: alpha_divergence's a (TRL's f_alpha_divergence_coef)
+  /// not NaN: the cap on alpha_divergence's exponent (a-1) u, beyond which the score is constant
+  /// and its derivative 0. TRL's is 80 for float32 and bfloat16 (11 for float16); +inf removes it.
+  double alpha_clamp = 80.0;
+  double bco_delta = 0.0;      ///< finite: bco_pair's reward shift d
+  double discopop_tau = 0.05;  ///< > 0 and finite: DiscoPOP's temperature
   /// Examples in the global batch (every rank and micro-batch): the loss is sum(losses) /
   /// batch_count and the gradients scale with it, so shards add up to the whole batch. Unset:
   /// this call's batch. Finite, >= 1 and >= this call's batch; an empty shard is then allowed.
+  /// aot and aot_unpaired sort each call's batch on its own, as TRL sorts each process's batch.
   std::optional<double> batch_count = std::nullopt;
   /// Threads the call (and its result's backward()) may split the sequence rows over: the values
   /// are read in blocks of rows and the per-example terms run in order on the calling thread,
@@ -43,6 +104,17 @@ struct DpoOptions {
 };
 
 namespace detail {
+
+inline bool dpo_variant_known(DpoVariant v) noexcept {
+  return static_cast<int>(v) >= static_cast<int>(DpoVariant::sigmoid) &&
+         static_cast<int>(v) <= static_cast<int>(DpoVariant::aot_unpaired);
+}
+
+/// Variants whose loss reads the log-ratios (or log-probs), not the f-divergence scores.
+inline bool dpo_reads_logratios(DpoVariant v) noexcept {
+  return v == DpoVariant::apo_zero || v == DpoVariant::aot || v == DpoVariant::aot_unpaired;
+}
+
 /// dpo's checks (options, then inputs); nothing is read.
 template <class C, class R, class RC, class RR>
 auto dpo_inputs(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected,
@@ -51,59 +123,220 @@ auto dpo_inputs(const C& chosen, const R& rejected, const RC& ref_chosen, const 
   require_beta(fn, opt.beta);
   require_option(opt.label_smoothing >= 0 && opt.label_smoothing < 0.5, fn, "label_smoothing", "in [0, 0.5)",
                  opt.label_smoothing);
+  require_enum(dpo_variant_known(opt.variant), fn, "variant", static_cast<int>(opt.variant));
+  require_option(opt.variant != DpoVariant::exo_pair || opt.label_smoothing > 0, fn, "label_smoothing",
+                 "> 0 for variant exo_pair (log e is -inf at 0)", opt.label_smoothing);
+  const int div = static_cast<int>(opt.divergence);
   require_enum(
-      opt.variant == DpoVariant::sigmoid || opt.variant == DpoVariant::robust || opt.variant == DpoVariant::hinge, fn,
-      "variant", static_cast<int>(opt.variant));
+      div >= static_cast<int>(FDivergence::reverse_kl) && div <= static_cast<int>(FDivergence::alpha_divergence), fn,
+      "divergence", div);
+  require_option(opt.divergence == FDivergence::reverse_kl || !dpo_reads_logratios(opt.variant), fn, "divergence",
+                 "reverse_kl (0) for variants apo_zero, aot and aot_unpaired, which read the log-ratios", div);
+  require_option(std::isfinite(opt.alpha), fn, "alpha", "finite", opt.alpha);
+  require_option(!std::isnan(opt.alpha_clamp), fn, "alpha_clamp", "a number (+inf removes the clamp)", opt.alpha_clamp);
+  require_option(std::isfinite(opt.bco_delta), fn, "bco_delta", "finite", opt.bco_delta);
+  require_option(opt.discopop_tau > 0 && opt.discopop_tau < HUGE_VAL, fn, "discopop_tau", "> 0 and finite",
+                 opt.discopop_tau);
   return pair_inputs(fn, chosen, rejected, ref_chosen, ref_rejected, opt.reference_free, opt.batch_count);
+}
+
+/// The divergence's score f(u) (value) and f'(u) (slope).
+inline ValueSlope dpo_score(const DpoOptions& opt, double u) noexcept {
+  switch (opt.divergence) {
+    case FDivergence::forward_kl: {
+      const double x = std::exp(-u);
+      return {-x, x};
+    }
+    case FDivergence::js_divergence: {
+      const auto l = log_sigmoid_and_grad(u);
+      return {l.value, l.grad};
+    }
+    case FDivergence::alpha_divergence: {
+      const double a1 = opt.alpha - 1;
+      if (std::fabs(a1) < 1e-6) return {u, 1.0};  // the limit a -> 1 is reverse_kl, as TRL takes it
+      const double t = a1 * u;
+      // torch.clamp passes the gradient at the bound itself and blocks it beyond.
+      if (t > opt.alpha_clamp) return {std::exp(opt.alpha_clamp) / a1, 0.0};
+      const double x = std::exp(t);
+      return {x / a1, x};
+    }
+    case FDivergence::reverse_kl:
+      break;
+  }
+  return {u, 1.0};
+}
+
+/// sig(x) sig(-x), the logistic function's derivative, without cancellation for large |x|.
+inline double sigmoid_slope(double x) noexcept {
+  const double a = std::fabs(x), t = std::exp(-a);
+  return t / ((1 + t) * (1 + t));
+}
+
+/// A loss L(z) of z = b (f(u_c) - f(u_r)) and dL/dz, for the variants that read only z.
+inline ValueSlope dpo_of_margin(const DpoOptions& opt, double z) noexcept {
+  const double e = opt.label_smoothing;
+  switch (opt.variant) {
+    case DpoVariant::hinge:
+      return {std::max(0.0, 1.0 - z), 1.0 - z > 0 ? -1.0 : 0.0};
+    case DpoVariant::robust: {
+      // (-(1-e) logsig(z) + e logsig(-z)) / (1-2e); d logsig(-z)/dz = -sig(z).
+      const auto pos = log_sigmoid_and_grad(z);
+      const auto neg = log_sigmoid_and_grad(-z);
+      return {(-(1 - e) * pos.value + e * neg.value) / (1 - 2 * e), (-(1 - e) * pos.grad - e * neg.grad) / (1 - 2 * e)};
+    }
+    case DpoVariant::exo_pair: {
+      // With q = sig(z): dL/dq = log q - log(1-q) - log(1-e) + log e = z - log((1-e)/e).
+      const auto pos = log_sigmoid_and_grad(z);
+      const auto neg = log_sigmoid_and_grad(-z);
+      const double q = sigmoid(z), ql = sigmoid(-z);
+      return {q * (pos.value - std::log1p(-e)) + ql * (neg.value - std::log(e)),
+              sigmoid_slope(z) * (z - (std::log1p(-e) - std::log(e)))};
+    }
+    case DpoVariant::discopop: {
+      const double tau = opt.discopop_tau;
+      const double a = -log_sigmoid(z), da = -sigmoid(-z);
+      const double one_m = sigmoid(-z / tau), dm = sigmoid_slope(z / tau) / tau;
+      const double x = std::exp(-z + log_sigmoid(z / tau));  // exp(-z) m
+      const double dx = x * (one_m / tau - 1);               // d/dz exp(-z) m = exp(-z) m ((1-m)/tau - 1)
+      return {a * one_m + x, da * one_m - a * dm + dx};
+    }
+    default:
+      return smoothed_logistic(z, e);  // sigmoid, and each sorted term of aot / aot_unpaired
+  }
+}
+
+/// One example's loss and d loss / d u_c, d loss / d u_r, for the variants without a sort.
+inline PairTerm dpo_term(const DpoOptions& opt, double uc, double ur) noexcept {
+  const double b = opt.beta;
+  const ValueSlope fc = dpo_score(opt, uc), fr = dpo_score(opt, ur);
+  switch (opt.variant) {
+    case DpoVariant::nca_pair: {
+      const double rc = b * fc.value, rr = b * fr.value;
+      const auto pc = log_sigmoid_and_grad(rc), nc = log_sigmoid_and_grad(-rc), nr = log_sigmoid_and_grad(-rr);
+      const double drc = -pc.grad + 0.5 * sigmoid(rc), drr = 0.5 * sigmoid(rr);
+      return {-pc.value - 0.5 * nc.value - 0.5 * nr.value, drc * b * fc.slope, drr * b * fr.slope};
+    }
+    case DpoVariant::bco_pair: {
+      const double d = opt.bco_delta;
+      const double xc = b * fc.value - d, xr = b * fr.value - d;
+      const auto pc = log_sigmoid_and_grad(xc), nr = log_sigmoid_and_grad(-xr);
+      return {-pc.value - nr.value, -pc.grad * b * fc.slope, sigmoid(xr) * b * fr.slope};
+    }
+    case DpoVariant::sppo_hard: {
+      const double hc = fc.value - 0.5 / b, hr = fr.value + 0.5 / b;
+      return {hc * hc + hr * hr, 2 * hc * fc.slope, 2 * hr * fr.slope};
+    }
+    case DpoVariant::apo_zero:
+      // 1 - sig(x) written as sig(-x): the same number without cancellation.
+      return {sigmoid(-b * uc) + sigmoid(b * ur), -b * sigmoid_slope(b * uc), b * sigmoid_slope(b * ur)};
+    case DpoVariant::apo_down: {
+      const double z = b * (fc.value - fr.value), s = sigmoid_slope(z);
+      return {sigmoid(b * uc) + sigmoid(-z), b * sigmoid_slope(b * uc) - s * b * fc.slope, s * b * fr.slope};
+    }
+    default: {
+      const ValueSlope l = dpo_of_margin(opt, b * (fc.value - fr.value));
+      return {l.value, l.slope * b * fc.slope, -l.slope * b * fr.slope};
+    }
+  }
+}
+
+/// Ascending ranks of x (rank[i] = position of x[i]): stable, NaN after every number.
+inline std::vector<std::size_t> sort_ranks(const std::vector<double>& x) {
+  std::vector<std::size_t> order(x.size()), rank(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    const bool na = std::isnan(x[a]), nb = std::isnan(x[b]);
+    return na || nb ? !na && nb : x[a] < x[b];
+  });
+  for (std::size_t k = 0; k < order.size(); ++k) rank[order[k]] = k;
+  return rank;
+}
+
+/// aot / aot_unpaired: every example's term, from the batch sorted. Reads every value first.
+template <class In>
+std::vector<PairTerm> aot_terms(In& in, const DpoOptions& opt) {
+  const std::size_t n = in.uc.size();
+  if (!in.preloaded) {
+    for (std::size_t i = 0; i < n; ++i) in.fetch(static_cast<Index>(i));
+    in.preloaded = true;
+  }
+  std::vector<double> a(n), c(n);  // the two sorted sides: aot p and q, aot_unpaired u_c and u_r
+  for (std::size_t i = 0; i < n; ++i) {
+    if (opt.variant == DpoVariant::aot) {
+      const Index k = static_cast<Index>(i);
+      const double q = in.subtract_ref ? in.ref_chosen.value(k) - in.ref_rejected.value(k) : 0.0;
+      a[i] = (in.uc[i] - in.ur[i]) + q;
+      c[i] = q;
+    } else {
+      a[i] = in.uc[i];
+      c[i] = in.ur[i];
+    }
+  }
+  const auto ra = sort_ranks(a), rc = sort_ranks(c);
+  std::vector<double> sa(n), sc(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    sa[ra[i]] = a[i];
+    sc[rc[i]] = c[i];
+  }
+  const double b = opt.beta;
+  std::vector<ValueSlope> term(n);
+  for (std::size_t k = 0; k < n; ++k) term[k] = dpo_of_margin(opt, b * (sa[k] - sc[k]));
+  std::vector<PairTerm> out(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const ValueSlope& t = term[ra[i]];
+    // aot: p_i = s_c,i - s_r,i moves both sides; aot_unpaired: u_r,i enters the term at its own rank.
+    const double dr = opt.variant == DpoVariant::aot ? -b * t.slope : -b * term[rc[i]].slope;
+    out[i] = {t.value, b * t.slope, dr};
+  }
+  return out;
 }
 
 /// dpo's arithmetic, one body for both forms; grads is null for the two-pass form.
 template <class In>
 PREFLOSS_DETAIL_ONE_BODY auto dpo_run(In in, const DpoOptions& opt, const typename In::Grads* grads) {
   using S = typename decltype(in.chosen)::Scalar;
-  const double b = opt.beta, e = opt.label_smoothing;
   in.preload(opt.threads);
+  const bool sorted = opt.variant == DpoVariant::aot || opt.variant == DpoVariant::aot_unpaired;
+  const std::vector<PairTerm> sorted_terms = sorted ? aot_terms(in, opt) : std::vector<PairTerm>{};
   auto result = pairwise_loss<PreferenceMetrics<S>>(
       "dpo", in.chosen, in.rejected, in.count,
       [&](Index i) {
+        if (sorted) return sorted_terms[static_cast<std::size_t>(i)];
         in.load(i);
-        const double z = b * (in.uc[static_cast<std::size_t>(i)] - in.ur[static_cast<std::size_t>(i)]);
-        ValueSlope l{};  // slope = d loss / d z
-        if (opt.variant == DpoVariant::hinge) {
-          l = {std::max(0.0, 1.0 - z), 1.0 - z > 0 ? -1.0 : 0.0};
-        } else if (opt.variant == DpoVariant::sigmoid) {
-          l = smoothed_logistic(z, e);
-        } else {
-          // robust: (-(1-e) logsig(z) + e logsig(-z)) / (1-2e); d logsig(-z)/dz = -sig(z).
-          const auto pos = log_sigmoid_and_grad(z);
-          const auto neg = log_sigmoid_and_grad(-z);
-          l = {(-(1 - e) * pos.value + e * neg.value) / (1 - 2 * e),
-               (-(1 - e) * pos.grad - e * neg.grad) / (1 - 2 * e)};
-        }
-        return PairTerm{l.value, b * l.slope, -b * l.slope};
+        return dpo_term(opt, in.uc[static_cast<std::size_t>(i)], in.ur[static_cast<std::size_t>(i)]);
       },
       grads, opt.threads);
-  set_preference_metrics(result, in.uc, in.ur, b);
+  set_preference_metrics(result, in.uc, in.ur, opt.beta);
   return result;
 }
 }  // namespace detail
 
 /// @brief DPO loss of policy sequence values against reference values.
 ///
-/// Per example, with u = s - rho (rho = 0 when reference_free) and D = u_c - u_r:
-/// sigmoid `-(1-e) logsig(bD) - e logsig(-bD)`, robust `(-(1-e) logsig(bD) + e logsig(-bD)) /
-/// (1-2e)`, hinge `max(0, 1 - bD)`; the batch loss is their mean, over sequence log-probs
-/// summed over completion tokens (pass masked_sum expressions). The sigmoid form with e is cDPO,
-/// as OpenRLHF's DPOLoss computes it (openrlhf/models/loss.py); TRL's DPOTrainer._compute_loss
-/// (trl/trainer/dpo_trainer.py, f2cd577) ignores label_smoothing for loss_type="sigmoid", so
-/// TRL's sigmoid loss is this one with e = 0. robust and hinge are TRL's. Rewards are `b u`;
+/// Per example, with u = s - rho (rho = 0 when reference_free), the score f(u) of
+/// DpoOptions::divergence (u itself by default) and z = b (f(u_c) - f(u_r)): the loss of
+/// DpoVariant (sigmoid `-(1-e) logsig(z) - e logsig(-z)`, robust, hinge, exo_pair, nca_pair,
+/// bco_pair, sppo_hard, apo_zero, apo_down, discopop, and the batch-sorted aot and aot_unpaired;
+/// each formula is at its enumerator). The batch loss is their mean, over sequence log-probs
+/// summed over completion tokens (pass masked_sum expressions; masked_mean expressions on policy
+/// and reference give TRL's sigmoid_norm for reverse_kl). Every variant and score is TRL's
+/// DPOTrainer._compute_loss (trl/trainer/dpo_trainer.py, f2cd577) except two choices:
+/// - sigmoid with e > 0 is cDPO, as OpenRLHF's DPOLoss computes it (openrlhf/models/loss.py);
+///   TRL's _compute_loss ignores label_smoothing for loss_type="sigmoid", so TRL's sigmoid loss
+///   is this one with e = 0.
+/// - alpha_divergence's exponent clamp is alpha_clamp, applied in double; TRL applies it in
+///   float32 (and fails on float64 scores, which its clamp table lacks).
+///
+/// Rewards are `b u` for every variant (TRL's metrics read the log-ratios, not the scores);
 /// metrics are TRL's rewards/{chosen,rejected,margins,accuracies} (accuracy strict).
 ///
 /// @param chosen, rejected policy values: masked_sum/masked_mean expressions or [batch] tensors
 /// @param ref_chosen, ref_rejected reference values (constants), same forms
 /// @return PairwiseResult; backward(g_chosen, g_rejected) writes d loss / d policy inputs.
 /// @throws shape_error on batch mismatch or empty batch; option_error for beta <= 0,
-/// label_smoothing outside [0, 0.5) or an unknown variant. Nothing is written on error.
+/// label_smoothing outside [0, 0.5) (or 0 with exo_pair), an unknown variant or divergence, a
+/// divergence other than reverse_kl with apo_zero / aot / aot_unpaired, a non-finite alpha or
+/// bco_delta, a NaN alpha_clamp, or discopop_tau <= 0. Nothing is written on error.
 template <class C, class R, class RC, class RR>
 auto dpo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const DpoOptions& opt = {}) {
   return detail::dpo_run(detail::dpo_inputs(chosen, rejected, ref_chosen, ref_rejected, opt), opt, nullptr);
