@@ -69,10 +69,10 @@ struct Case {
 };
 
 /// Every family the suite compares: each has a TEST_CASE below that loads golden_<family>.txt.
-const char* const families[] = {
-    "bradley_terry", "dpo",      "dpo_logits", "dpo_variants", "gae",           "group_advantages",
-    "ipo",           "kl",       "kto",        "logprobs",     "logprobs_lowp", "nll",
-    "orpo",          "ppo_clip", "ppo_logits", "simpo",        "value_loss",    "whiten"};
+const char* const families[] = {"bradley_terry",    "dpo",           "dpo_logits", "dpo_variants", "gae",
+                                "group_advantages", "ipo",           "kl",         "kto",          "ld_dpo",
+                                "logprobs",         "logprobs_lowp", "nll",        "orpo",         "ppo_clip",
+                                "ppo_logits",       "simpo",         "value_loss", "whiten"};
 
 std::vector<Case> load(const std::string& family) {
   const std::string path = std::string(PREFLOSS_TEST_DATA_DIR) + "/golden_" + family + ".txt";
@@ -331,6 +331,23 @@ TEST_CASE("golden: every dpo variant and f-divergence vs TRL DPOTrainer._compute
       compare(c, "reward_rejected", r.metrics.reward_rejected);
       compare(c, "reward_margin", r.metrics.reward_margin);
       compare(c, "reward_accuracy", r.metrics.reward_accuracy);
+    });
+  }
+}
+
+TEST_CASE("golden: ld_dpo_weights + dpo vs TRL _compute_loss with ld_alpha", "[golden][dpo]") {
+  for (const Case& c : load("ld_dpo")) {
+    for_types([&](auto z) {
+      using T = decltype(z);
+      const PairTokens<T> p(c);
+      const Tok<T> yc = tok<T>(c.at("ref_logp_c")), yr = tok<T>(c.at("ref_logp_r"));
+      Tok<T> wc(p.mc.dimension(0), p.mc.dimension(1)), wr(p.mr.dimension(0), p.mr.dimension(1));
+      pl::ld_dpo_weights(p.mc, p.mr, c.num("ld_alpha"), wc, wr);
+      pl::DpoOptions o;
+      o.beta = c.num("beta");
+      const auto r = pl::dpo(pl::masked_sum(p.xc, wc), pl::masked_sum(p.xr, wr), pl::masked_sum(yc, wc),
+                             pl::masked_sum(yr, wr), o);
+      p.check(c, r);
     });
   }
 }

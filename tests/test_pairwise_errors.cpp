@@ -243,3 +243,56 @@ TEST_CASE("out-of-domain options name the option and the value", "[pairwise][err
   i.beta = kInf;
   expect_throw<pl::option_error>([&] { (void)pl::ipo(v, v, v, v, i); }, "ipo", {"'beta'", "inf"});
 }
+
+TEST_CASE("ld_dpo_weights: shared prefix 1, tail alpha, padding 0; bad input throws and writes nothing",
+          "[pairwise][ld_dpo]") {
+  // Valid tokens: chosen row 0 has 4 (a hole at t = 1), rejected row 0 has 2 -> shared 2.
+  // Row 1: chosen empty -> shared 0, every valid rejected token is tail.
+  Tok<std::uint8_t> mc(2, 5), mr(2, 3);
+  mc.setValues({{1, 0, 1, 1, 1}, {0, 0, 0, 0, 0}});
+  mr.setValues({{1, 1, 0}, {1, 0, 1}});
+  Tok<float> wc(2, 5), wr(2, 3);
+  wc.setConstant(-7);
+  wr.setConstant(-7);
+  pl::ld_dpo_weights(mc, mr, 0.25, wc, wr);
+  const float want_c[2][5] = {{1, 0, 1, 0.25f, 0.25f}, {0, 0, 0, 0, 0}};
+  const float want_r[2][3] = {{1, 1, 0}, {0.25f, 0, 0.25f}};
+  for (long i = 0; i < 2; ++i) {
+    for (long t = 0; t < 5; ++t) CHECK(wc(i, t) == want_c[i][t]);
+    for (long t = 0; t < 3; ++t) CHECK(wr(i, t) == want_r[i][t]);
+  }
+  SECTION("alpha 1 gives the mask, alpha 0 drops the tail") {
+    Tok<double> dc(2, 5), dr(2, 3);
+    pl::ld_dpo_weights(mc, mr, 1.0, dc, dr);
+    for (long i = 0; i < 2; ++i)
+      for (long t = 0; t < 5; ++t) CHECK(dc(i, t) == mc(i, t));
+    pl::ld_dpo_weights(mc, mr, 0.0, dc, dr);
+    CHECK(dc(0, 3) == 0.0);
+    CHECK(dr(1, 0) == 0.0);
+    CHECK(dc(0, 2) == 1.0);
+  }
+  const auto untouched = [&] {
+    for (long k = 0; k < wc.size(); ++k) CHECK(wc.data()[k] == -7.0f);
+    for (long k = 0; k < wr.size(); ++k) CHECK(wr.data()[k] == -7.0f);
+  };
+  wc.setConstant(-7);
+  wr.setConstant(-7);
+  for (const double a : {-0.1, 1.5, std::numeric_limits<double>::quiet_NaN()}) {
+    expect_throw<pl::option_error>([&] { pl::ld_dpo_weights(mc, mr, a, wc, wr); }, "ld_dpo_weights",
+                                   {"'alpha'", "[0, 1]"});
+    untouched();
+  }
+  Tok<std::uint8_t> m3(3, 3);
+  m3.setConstant(1);
+  expect_throw<pl::shape_error>([&] { pl::ld_dpo_weights(mc, m3, 0.5, wc, wr); }, "ld_dpo_weights",
+                                {"'mask_rejected'", "3 rows", "[3, 3]", "[2, 5]"});
+  untouched();
+  Tok<float> bad(2, 4);
+  expect_throw<pl::shape_error>([&] { pl::ld_dpo_weights(mc, mr, 0.5, bad, wr); }, "ld_dpo_weights",
+                                {"'weight_chosen'", "[2, 5]", "[2, 4]"});
+  untouched();
+  Eigen::TensorMap<Tok<float>> alias(wc.data(), 2, 3);
+  expect_throw<pl::layout_error>([&] { pl::ld_dpo_weights(mc, mr, 0.5, wc, alias); }, "ld_dpo_weights",
+                                 {"'weight_chosen'", "'weight_rejected'", "overlap"});
+  untouched();
+}

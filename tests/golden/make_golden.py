@@ -7,6 +7,11 @@ Provenance
 Each function below transcribes one anchor's loss into float64 torch code and lets autograd
 produce d loss / d (policy token log-probs):
 
+- DPO variants (golden_dpo_variants, golden_ld_dpo): TRL `DPOTrainer._compute_loss` at f2cd577,
+  every loss_type that scores a pair and every f_divergence_type (alpha_divergence's clamp max as
+  a parameter: TRL's table has no float64 entry), and ld_alpha's shared + alpha * tail sums on
+  policy and reference. aot / aot_unpaired losses are written by example: the sorted term at the
+  rank of the example's value.
 - DPO family: TRL `DPOTrainer.dpo_loss` (loss_type sigmoid / robust / hinge / ipo, label
   smoothing, reference_free), with sequence log-probs summed over completion tokens (TRL's
   `concatenated_forward`), and for IPO also TRL's length-averaged form.
@@ -378,6 +383,40 @@ def gen_dpo_variants():
                         ("grad_c", grad_of(loss, lc)), ("grad_r", grad_of(loss, lr)),
                         ("reward_chosen", cr.mean()), ("reward_rejected", rj.mean()),
                         ("reward_margin", (cr - rj).mean()), ("reward_accuracy", (cr > rj).double().mean())]:
+            w.t(lab, t_)
+        w.end()
+    w.write()
+
+
+def trl_ld_logps(x, m, shared_lens, ld_alpha):
+    """TRL _compute_loss with ld_alpha: completion positions by cumsum of the mask, shared up to
+    the pair's shorter length, the tail weighted by ld_alpha (padding selected out first)."""
+    per_token = sel(x, m)
+    comp_pos = m.long().cumsum(dim=1)
+    shared_mask = (comp_pos > 0) & (comp_pos <= shared_lens.unsqueeze(1))
+    tail_mask = comp_pos > shared_lens.unsqueeze(1)
+    return (per_token * shared_mask).sum(dim=1) + ld_alpha * (per_token * tail_mask).sum(dim=1)
+
+
+def gen_ld_dpo():
+    w = Writer("ld_dpo", "TRL DPOTrainer._compute_loss with ld_alpha (policy and reference), loss_type sigmoid")
+    for k, (name, beta, ld_alpha) in enumerate([("alpha0.5", 0.1, 0.5), ("alpha0", 0.5, 0.0), ("alpha1", 0.1, 1.0),
+                                                ("alpha0.2", 0.3, 0.2)]):
+        rng = random.Random(1300 + k)
+        mc, mr = masks(rng, B, T, empty_row=None), masks(rng, B, T + 2, empty_row=3)
+        xc, xr = tokens(rng, mc), tokens(rng, mr)
+        yc, yr = tokens(rng, mc), tokens(rng, mr)  # reference token log-probs
+        shared = torch.minimum(mc.sum(1), mr.sum(1))
+        lc, lr = leaf(xc), leaf(xr)
+        pc, pr = trl_ld_logps(lc, mc, shared, ld_alpha), trl_ld_logps(lr, mr, shared, ld_alpha)
+        rc, rr = trl_ld_logps(yc, mc, shared, ld_alpha), trl_ld_logps(yr, mr, shared, ld_alpha)
+        losses = trl_compute_loss(pc, pr, rc, rr, beta, 0.0, "sigmoid")
+        loss = losses.mean()
+        w.case(name)
+        for lab, t_ in [("beta", beta), ("ld_alpha", ld_alpha), ("logp_c", xc), ("mask_c", mc.double()),
+                        ("logp_r", xr), ("mask_r", mr.double()), ("ref_logp_c", yc), ("ref_logp_r", yr),
+                        ("loss", loss), ("losses", losses), ("grad_c", grad_of(loss, lc)),
+                        ("grad_r", grad_of(loss, lr))]:
             w.t(lab, t_)
         w.end()
     w.write()
@@ -1069,9 +1108,9 @@ def gen_ppo_logits():
 
 def main():
     os.makedirs(OUT, exist_ok=True)
-    for gen in [gen_dpo, gen_dpo_variants, gen_ipo, gen_kto, gen_bradley_terry, gen_simpo, gen_orpo, gen_nll, gen_ppo,
-                gen_value, gen_kl, gen_gae, gen_whiten, gen_group, gen_logprobs, gen_logprobs_lowp, gen_dpo_logits,
-                gen_ppo_logits]:
+    for gen in [gen_dpo, gen_dpo_variants, gen_ld_dpo, gen_ipo, gen_kto, gen_bradley_terry, gen_simpo, gen_orpo,
+                gen_nll, gen_ppo, gen_value, gen_kl, gen_gae, gen_whiten, gen_group, gen_logprobs, gen_logprobs_lowp,
+                gen_dpo_logits, gen_ppo_logits]:
         gen()
 
 

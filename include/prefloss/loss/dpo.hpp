@@ -9,10 +9,14 @@
 #include <cmath>
 #include <cstddef>
 #include <optional>
+#include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "../detail/checks.hpp"
+#include "../detail/tensor.hpp"
+#include "../errors.hpp"
 #include "../math/log_sigmoid.hpp"
 #include "../math/sigmoid.hpp"
 #include "../parallel.hpp"
@@ -362,6 +366,69 @@ auto dpo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref
   auto in = detail::dpo_inputs(chosen, rejected, ref_chosen, ref_rejected, opt);
   const auto grads = detail::pair_grads("dpo", in, grad_chosen, grad_rejected);
   return detail::dpo_run(std::move(in), opt, &grads);
+}
+
+/// @brief LD-DPO's token weights (Liu et al. 2024, "length desensitization"), as TRL's
+/// DPOTrainer._compute_loss (trl/trainer/dpo_trainer.py, f2cd577) applies ld_alpha: in each pair
+/// the first L valid tokens of either response, L the shorter response's count of valid tokens,
+/// get weight 1 and the valid tokens after them weight alpha; masked-out tokens get 0.
+///
+/// masked_sum(logp, weight) then is TRL's shared + alpha * tail sequence log-prob, and its
+/// gradient is the weight. TRL weights the reference log-probs the same way, so pass
+/// masked_sum(ref_logp, weight) (or the reference sums computed with these weights) as the
+/// reference values. A valid token is a nonzero mask entry; a weighted mask's weight is not
+/// carried into the output (TRL's completion masks are 0/1).
+///
+/// @param mask_chosen, mask_rejected [batch, tokens] masks (bool, uint8, float or double; padded
+/// or pl::packed), the same batch; the token counts may differ
+/// @param alpha in [0, 1] (TRL's range): 1 is plain DPO, 0 drops the tail
+/// @param weight_chosen, weight_rejected float or double outputs shaped like their masks
+/// @throws shape_error naming the argument (batch mismatch, output shapes); option_error for
+/// alpha outside [0, 1]; layout_error when an output overlaps the other or a mask. Nothing is
+/// written on error.
+template <class MC, class MR, class WC, class WR>
+void ld_dpo_weights(const MC& mask_chosen, const MR& mask_rejected, double alpha, WC&& weight_chosen,
+                    WR&& weight_rejected) {
+  constexpr const char* fn = "ld_dpo_weights";
+  static_assert(detail::is_mask_v<detail::tensor_scalar_t<MC>> && detail::is_mask_v<detail::tensor_scalar_t<MR>>,
+                "prefloss: masks are bool, uint8_t, float or double");
+  static_assert(detail::is_real_v<detail::tensor_scalar_t<WC>> && detail::is_real_v<detail::tensor_scalar_t<WR>>,
+                "prefloss: the weights are float or double");
+  detail::require_option(alpha >= 0 && alpha <= 1, fn, "alpha", "in [0, 1]", alpha);
+  const auto mc = detail::matrix_view(mask_chosen, fn, "mask_chosen");
+  const auto mr = detail::matrix_view(mask_rejected, fn, "mask_rejected");
+  if (mr.rows != mc.rows)
+    throw shape_error(std::string(fn) + ": argument 'mask_rejected' has " + std::to_string(mr.rows) + " rows (shape " +
+                      detail::layout_str(mr.layout()) + ") but 'mask_chosen' has " + std::to_string(mc.rows) +
+                      " (shape " + detail::layout_str(mc.layout()) + ")");
+  const auto wc = detail::matrix_out(weight_chosen, mc.layout(), fn, "weight_chosen");
+  const auto wr = detail::matrix_out(weight_rejected, mr.layout(), fn, "weight_rejected");
+  detail::require_disjoint(fn, "weight_chosen", weight_chosen, "weight_rejected", weight_rejected);
+  detail::require_disjoint(fn, "weight_chosen", weight_chosen, "mask_chosen", mask_chosen);
+  detail::require_disjoint(fn, "weight_chosen", weight_chosen, "mask_rejected", mask_rejected);
+  detail::require_disjoint(fn, "weight_rejected", weight_rejected, "mask_chosen", mask_chosen);
+  detail::require_disjoint(fn, "weight_rejected", weight_rejected, "mask_rejected", mask_rejected);
+  const auto valid = [](const auto* m, Index n) {
+    Index k = 0;
+    for (Index t = 0; t < n; ++t) k += m[t] != 0;
+    return k;
+  };
+  const auto write = [alpha](const auto* m, Index n, Index shared, auto* w) {
+    using W = std::remove_pointer_t<decltype(w)>;
+    Index seen = 0;
+    for (Index t = 0; t < n; ++t) {
+      if (m[t] == 0) {
+        w[t] = W(0);
+        continue;
+      }
+      w[t] = ++seen <= shared ? W(1) : static_cast<W>(alpha);
+    }
+  };
+  for (Index i = 0; i < mc.rows; ++i) {
+    const Index shared = std::min(valid(mc.row(i), mc.len(i)), valid(mr.row(i), mr.len(i)));
+    write(mc.row(i), mc.len(i), shared, wc.row(i));
+    write(mr.row(i), mr.len(i), shared, wr.row(i));
+  }
 }
 
 }  // namespace prefloss
