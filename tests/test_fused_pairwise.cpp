@@ -197,6 +197,17 @@ void check_pair_losses(const PairData<S, M>& d) {
                         [&](Tok<S>& gc, Tok<S>& gr) { return pl::dpo(c, r, d.rc, d.rr, opt, gc, gr); }, g, g);
       }
   {
+    INFO("dpo_mixture with pair_weights");
+    const std::vector<pl::DpoTerm> terms = {
+        {pl::DpoVariant::sigmoid, 0.8}, {pl::DpoVariant::bco_pair, 0.2}, {pl::DpoVariant::discopop, 1.5}};
+    pl::DpoOptions opt;
+    opt.pair_weights.assign(static_cast<std::size_t>(d.B()), 0.5);
+    opt.pair_weights[0] = 2.0;
+    check_pair_bits([&] { return pl::dpo_mixture(c, r, d.rc, d.rr, terms, opt); },
+                    [&](Tok<S>& gc, Tok<S>& gr) { return pl::dpo_mixture(c, r, d.rc, d.rr, terms, opt, gc, gr); }, g,
+                    g);
+  }
+  {
     INFO("dpo with masked reference expressions");
     const auto rce = seq<Mean>(d.xr, d.mr), rre = seq<Mean>(d.xc, d.mc);  // the other side's values
     check_pair_bits([&] { return pl::dpo(c, r, rce, rre); },

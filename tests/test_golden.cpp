@@ -69,10 +69,10 @@ struct Case {
 };
 
 /// Every family the suite compares: each has a TEST_CASE below that loads golden_<family>.txt.
-const char* const families[] = {"bradley_terry",    "dpo",           "dpo_logits", "dpo_variants", "gae",
-                                "group_advantages", "ipo",           "kl",         "kto",          "ld_dpo",
-                                "logprobs",         "logprobs_lowp", "nll",        "orpo",         "ppo_clip",
-                                "ppo_logits",       "simpo",         "value_loss", "whiten"};
+const char* const families[] = {"bradley_terry",    "dpo",   "dpo_logits", "dpo_mixture", "dpo_variants", "gae",
+                                "group_advantages", "ipo",   "kl",         "kto",         "ld_dpo",       "logprobs",
+                                "logprobs_lowp",    "nll",   "orpo",       "ppo_clip",    "ppo_logits",   "simpo",
+                                "value_loss",       "whiten"};
 
 std::vector<Case> load(const std::string& family) {
   const std::string path = std::string(PREFLOSS_TEST_DATA_DIR) + "/golden_" + family + ".txt";
@@ -1108,6 +1108,39 @@ TEST_CASE(
         run(pl::ppo_clip(lp.logp, old, adv, m, ref, o));
       else
         run(pl::ppo_clip(lp.logp, old, adv, m, o));
+    });
+  }
+}
+
+TEST_CASE("golden: dpo_mixture and wpo_weights vs TRL _compute_loss (loss_type lists, use_weighting)",
+          "[golden][dpo]") {
+  for (const Case& c : load("dpo_mixture")) {
+    for_types([&](auto z) {
+      using T = decltype(z);
+      const PairTokens<T> p(c);
+      const auto rc = vec<T>(c.at("ref_c")), rr = vec<T>(c.at("ref_r"));
+      std::vector<pl::DpoTerm> terms;
+      std::stringstream names(c.str("terms"));
+      const Rec& tw = c.at("term_weights");
+      for (std::string n; std::getline(names, n, ',');) terms.push_back({dpo_variant(n), tw.v.at(terms.size())});
+      pl::DpoOptions o;
+      o.beta = c.num("beta");
+      if (c.num("weighting") != 0) {
+        Vec<T> wc(p.xc.dimension(0)), wr(p.xr.dimension(0));
+        pl::wpo_weights(logits<T>(c.at("logits_c")), labels(c.at("labels_c")), p.mc, wc);
+        pl::wpo_weights(logits<T>(c.at("logits_r")), labels(c.at("labels_r")), p.mr, wr);
+        Vec<T> pw(wc.size());
+        for (long i = 0; i < wc.size(); ++i) {
+          pw(i) = wc(i) * wr(i);
+          o.pair_weights.push_back(static_cast<double>(wc(i)) * static_cast<double>(wr(i)));
+        }
+        compare(c, "pair_weights", pw);
+      }
+      const auto r = pl::dpo_mixture(pl::masked_sum(p.xc, p.mc), pl::masked_sum(p.xr, p.mr), rc, rr, terms, o);
+      p.check(c, r);
+      Vec<T> tl(static_cast<long>(r.term_loss.size()));
+      for (long k = 0; k < tl.size(); ++k) tl(k) = r.term_loss[static_cast<std::size_t>(k)];
+      compare(c, "term_loss", tl);
     });
   }
 }

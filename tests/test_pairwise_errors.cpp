@@ -296,3 +296,78 @@ TEST_CASE("ld_dpo_weights: shared prefix 1, tail alpha, padding 0; bad input thr
                                  {"'weight_chosen'", "'weight_rejected'", "overlap"});
   untouched();
 }
+
+TEST_CASE("dpo pair_weights, dpo_mixture and wpo_weights reject bad input", "[pairwise][dpo][errors]") {
+  Vec<double> v(3);
+  v.setValues({-1.0, -2.0, -3.0});
+  pl::DpoOptions o;
+  o.pair_weights = {1.0, 2.0};
+  expect_throw<pl::shape_error>([&] { (void)pl::dpo(v, v, v, v, o); }, "dpo",
+                                {"'pair_weights'", "2 weights", "batch 3"});
+  for (const double w : {-0.5, kInf, kNaN}) {
+    o.pair_weights = {1.0, w, 1.0};
+    expect_throw<pl::option_error>([&] { (void)pl::dpo(v, v, v, v, o); }, "dpo", {"'pair_weights'", "index 1"});
+  }
+  o.pair_weights = {1.0, 1.0, 1.0};
+  o.variant = pl::DpoVariant::aot;
+  expect_throw<pl::option_error>([&] { (void)pl::dpo(v, v, v, v, o); }, "dpo", {"'pair_weights'", "aot"});
+  pl::DpoOptions m;
+  expect_throw<pl::option_error>([&] { (void)pl::dpo_mixture(v, v, v, v, {}, m); }, "dpo_mixture", {"'terms'"});
+  expect_throw<pl::option_error>(
+      [&] {
+        (void)pl::dpo_mixture(v, v, v, v, {{pl::DpoVariant::sigmoid, 1}, {pl::DpoVariant::hinge, kNaN}}, m);
+      },
+      "dpo_mixture", {"'terms[1].weight'", "finite"});
+  expect_throw<pl::option_error>(
+      [&] {
+        (void)pl::dpo_mixture(v, v, v, v, {{pl::DpoVariant::sigmoid, 1}, {static_cast<pl::DpoVariant>(42), 1}}, m);
+      },
+      "dpo_mixture", {"'terms[1].variant'", "42"});
+  expect_throw<pl::option_error>(
+      [&] {
+        (void)pl::dpo_mixture(v, v, v, v, {{pl::DpoVariant::exo_pair, 1}}, m);
+      },
+      "dpo_mixture", {"'label_smoothing'", "exo_pair"});
+  Vec<double> gc(3), gr(4);
+  gc.setConstant(5);
+  gr.setConstant(5);
+  expect_throw<pl::shape_error>(
+      [&] {
+        (void)pl::dpo_mixture(v, v, v, v, {{pl::DpoVariant::sigmoid, 1}}, m, gc, gr);
+      },
+      "dpo_mixture", {"'grad_rejected'"});
+  for (long i = 0; i < 3; ++i) CHECK(gc(i) == 5.0);
+
+  Eigen::Tensor<float, 3, Eigen::RowMajor> z(2, 3, 4);
+  z.setConstant(0.5f);
+  Tok<std::int64_t> y(2, 3);
+  y.setConstant(1);
+  Tok<std::uint8_t> mk(2, 3);
+  mk.setConstant(1);
+  Vec<float> out(2);
+  out.setConstant(-1);
+  y(1, 2) = 4;
+  expect_throw<pl::value_error>([&] { pl::wpo_weights(z, y, mk, out); }, "wpo_weights", {"'labels'", "[1, 2]"});
+  y(1, 2) = 1;
+  Vec<float> bad(3);
+  expect_throw<pl::shape_error>([&] { pl::wpo_weights(z, y, mk, bad); }, "wpo_weights", {"'out'", "[2]", "[3]"});
+  CHECK(out(0) == -1.0f);
+  // Logits (log 2, 0, 0, 0), label 0: p_y / sum_v p_v^2 = 2 (2 + 3) / (4 + 3) = 10/7 at every token.
+  z.setZero();
+  y.setZero();
+  for (long b = 0; b < 2; ++b)
+    for (long t = 0; t < 3; ++t) z(b, t, 0) = std::log(2.0f);
+  pl::wpo_weights(z, y, mk, out);
+  CHECK(out(0) == Approx(10.0 / 7.0).epsilon(1e-6));
+  CHECK(out(1) == Approx(10.0 / 7.0).epsilon(1e-6));
+  Eigen::Tensor<Eigen::bfloat16, 3, Eigen::RowMajor> zb = z.cast<Eigen::bfloat16>();
+  Vec<double> outd(2);
+  pl::wpo_weights(zb, y, mk, outd);
+  const double l2 = static_cast<double>(static_cast<float>(Eigen::bfloat16(std::log(2.0f))));
+  const double e = std::exp(l2);  // the bf16-rounded log 2
+  CHECK(outd(0) == Approx(e * (e + 3) / (e * e + 3)).epsilon(1e-12));
+  mk(0, 0) = mk(0, 1) = mk(0, 2) = 0;
+  z(0, 0, 0) = std::numeric_limits<float>::quiet_NaN();
+  pl::wpo_weights(z, y, mk, out);
+  CHECK(out(0) == 1.0f);  // an empty row: exp(0), its NaN logits never read
+}

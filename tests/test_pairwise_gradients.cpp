@@ -181,6 +181,22 @@ TEST_CASE("every dpo variant and f-divergence matches finite differences", "[pai
   }
 }
 
+TEST_CASE("dpo_mixture and pair_weights match finite differences", "[pairwise][dpo][fd]") {
+  const Refs ref;
+  pl::DpoOptions opt;
+  opt.beta = 0.4;
+  opt.pair_weights = {0.5, 2.0, 0.0};
+  fd_pair_all(
+      "dpo pair_weights", [&](const auto& c, const auto& r) { return pl::dpo(c, r, ref.rc, ref.rr, opt); }, -3, 0, 0.5);
+  const std::vector<pl::DpoTerm> terms = {
+      {pl::DpoVariant::sigmoid, 0.8}, {pl::DpoVariant::bco_pair, 0.2}, {pl::DpoVariant::aot, -0.5}};
+  pl::DpoOptions mix;
+  mix.beta = 0.4;
+  fd_pair_all(
+      "dpo_mixture", [&](const auto& c, const auto& r) { return pl::dpo_mixture(c, r, ref.rc, ref.rr, terms, mix); },
+      -3, 0, 0.5);
+}
+
 TEST_CASE("dpo hinge gradients match finite differences away from the kink", "[pairwise][dpo][fd]") {
   const Refs ref;
   for (const bool free : {false, true}) {

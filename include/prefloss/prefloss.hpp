@@ -8,6 +8,7 @@
 #include "logits/linear_logprobs.hpp"
 #include "logits/ppo_from_logits.hpp"
 #include "logits/token_logprobs.hpp"
+#include "logits/wpo_weights.hpp"
 #include "loss/bradley_terry.hpp"
 #include "loss/dpo.hpp"
 #include "loss/ipo.hpp"

@@ -11,7 +11,8 @@ produce d loss / d (policy token log-probs):
   every loss_type that scores a pair and every f_divergence_type (alpha_divergence's clamp max as
   a parameter: TRL's table has no float64 entry), and ld_alpha's shared + alpha * tail sums on
   policy and reference. aot / aot_unpaired losses are written by example: the sorted term at the
-  rank of the example's value.
+  rank of the example's value. golden_dpo_mixture: loss_type lists with loss_weights, and
+  use_weighting's WPO weights from the logits (each term weighted, as TRL does).
 - DPO family: TRL `DPOTrainer.dpo_loss` (loss_type sigmoid / robust / hinge / ipo, label
   smoothing, reference_free), with sequence log-probs summed over completion tokens (TRL's
   `concatenated_forward`), and for IPO also TRL's length-averaged form.
@@ -982,6 +983,61 @@ def logprobs_of(x, y, m, temp):
     return logp, ent
 
 
+def trl_wpo_weights(z, y, m):
+    """TRL _compute_loss use_weighting (no_grad): exp of the masked mean of per-token log-probs
+    minus logsumexp(2 z) - 2 logsumexp(z); the padding is selected away first."""
+    m3 = m.unsqueeze(-1).expand_as(z)
+    u = torch.where(m3, z, torch.zeros_like(z))
+    logp = sel(u.log_softmax(-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1), m)
+    log_denom = torch.logsumexp(2.0 * u, dim=-1) - 2.0 * torch.logsumexp(u, dim=-1)
+    aligned = sel(logp - log_denom, m)
+    return torch.exp(aligned.sum(1) / m.sum(1).clamp_min(1))
+
+
+def gen_dpo_mixture():
+    w = Writer("dpo_mixture", "TRL DPOTrainer._compute_loss: loss_type lists with loss_weights, use_weighting (WPO)")
+    V = 11
+    cases = [("mpo_weighted", [("sigmoid", 0.8), ("bco_pair", 0.2)], True, 0.1),
+             ("three_terms", [("sigmoid", 1.0), ("hinge", 0.5), ("apo_zero", 2.0)], False, 0.3),
+             ("sigmoid_weighted", [("sigmoid", 1.0)], True, 0.5),
+             ("with_aot", [("sigmoid", 1.0), ("aot", 1.0)], False, 0.2)]
+    for k, (name, terms, weighting, beta) in enumerate(cases):
+        rng = random.Random(1400 + k)
+        mc, mr = masks(rng, B, T, empty_row=None), masks(rng, B, T, empty_row=1)
+        zc, yc = logit_inputs(rng, mc, V, 2.0, forbid=False)
+        zr, yr = logit_inputs(rng, mr, V, 2.0, forbid=False)
+        xc, _ = logprobs_of(zc, yc, mc, 1.0)
+        xr, _ = logprobs_of(zr, yr, mr, 1.0)
+        # The token log-probs as float32 leaves (the C++ side reads them so), padded with NaN.
+        xc = torch.where(mc, torch.tensor([[f32(v) for v in row] for row in xc.tolist()]), torch.full_like(xc, NAN))
+        xr = torch.where(mr, torch.tensor([[f32(v) for v in row] for row in xr.tolist()]), torch.full_like(xr, NAN))
+        lc, lr = leaf(xc), leaf(xr)
+        pc, pr = masked_sum(lc, mc), masked_sum(lr, mr)
+        rc = torch.tensor([f32(v + rng.uniform(-3, 3)) for v in pc.tolist()])
+        rr = torch.tensor([f32(v + rng.uniform(-3, 3)) for v in pr.tolist()])
+        pw = trl_wpo_weights(zc, yc, mc) * trl_wpo_weights(zr, yr, mr) if weighting else torch.ones(B)
+        loss, term_losses, losses = 0.0, [], torch.zeros(B)
+        for lt, lw in terms:
+            per_seq = trl_compute_loss(pc, pr, rc, rr, beta, 0.0, lt) * pw
+            if lt == "aot":
+                per_seq = per_seq[torch.argsort(torch.argsort((pc - pr).detach(), stable=True), stable=True)]
+            term_losses.append(per_seq.mean())
+            losses = losses + lw * per_seq
+            loss = loss + per_seq.mean() * lw
+        w.case(name)
+        w.s("terms", ",".join(lt for lt, _ in terms))
+        for lab, t_ in [("term_weights", torch.tensor([lw for _, lw in terms])), ("beta", beta),
+                        ("weighting", 1 if weighting else 0), ("logits_c", zc), ("labels_c", yc.double()),
+                        ("logits_r", zr), ("labels_r", yr.double()), ("logp_c", xc), ("mask_c", mc.double()),
+                        ("logp_r", xr), ("mask_r", mr.double()), ("ref_c", rc), ("ref_r", rr),
+                        ("pair_weights", pw), ("loss", loss), ("losses", losses),
+                        ("term_loss", torch.stack(term_losses)), ("grad_c", grad_of(loss, lc)),
+                        ("grad_r", grad_of(loss, lr))]:
+            w.t(lab, t_)
+        w.end()
+    w.write()
+
+
 def gen_logprobs_lowp():
     w = Writer("logprobs_lowp", "token_logprobs of bf16 / half logits: logits rounded by torch to the 16-bit "
                                 "type, reference in float64 from the rounded values (as gen_logprobs)")
@@ -1108,9 +1164,9 @@ def gen_ppo_logits():
 
 def main():
     os.makedirs(OUT, exist_ok=True)
-    for gen in [gen_dpo, gen_dpo_variants, gen_ld_dpo, gen_ipo, gen_kto, gen_bradley_terry, gen_simpo, gen_orpo,
-                gen_nll, gen_ppo, gen_value, gen_kl, gen_gae, gen_whiten, gen_group, gen_logprobs, gen_logprobs_lowp,
-                gen_dpo_logits, gen_ppo_logits]:
+    for gen in [gen_dpo, gen_dpo_variants, gen_ld_dpo, gen_dpo_mixture, gen_ipo, gen_kto, gen_bradley_terry, gen_simpo,
+                gen_orpo, gen_nll, gen_ppo, gen_value, gen_kl, gen_gae, gen_whiten, gen_group, gen_logprobs,
+                gen_logprobs_lowp, gen_dpo_logits, gen_ppo_logits]:
         gen()
 
 

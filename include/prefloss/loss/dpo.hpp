@@ -96,6 +96,10 @@ struct DpoOptions {
   double alpha_clamp = 80.0;
   double bco_delta = 0.0;      ///< finite: bco_pair's reward shift d
   double discopop_tau = 0.05;  ///< > 0 and finite: DiscoPOP's temperature
+  /// Empty, or one finite weight >= 0 per example that multiplies its loss and gradient: WPO's
+  /// w_c * w_r (see wpo_weights; TRL's use_weighting), or any per-pair weight. Not with aot or
+  /// aot_unpaired (TRL rejects use_weighting there: the sorted terms are no example's).
+  std::vector<double> pair_weights = {};
   /// Examples in the global batch (every rank and micro-batch): the loss is sum(losses) /
   /// batch_count and the gradients scale with it, so shards add up to the whole batch. Unset:
   /// this call's batch. Finite, >= 1 and >= this call's batch; an empty shard is then allowed.
@@ -105,6 +109,12 @@ struct DpoOptions {
   /// are read in blocks of rows and the per-example terms run in order on the calling thread,
   /// the same bits for any count (see prefloss::Threads). Default: this thread.
   Threads threads = {};
+};
+
+/// One term of a weighted sum of DPO losses (see dpo_mixture).
+struct DpoTerm {
+  DpoVariant variant = DpoVariant::sigmoid;
+  double weight = 1.0;  ///< finite: TRL's loss_weights entry
 };
 
 namespace detail {
@@ -119,29 +129,47 @@ inline bool dpo_reads_logratios(DpoVariant v) noexcept {
   return v == DpoVariant::apo_zero || v == DpoVariant::aot || v == DpoVariant::aot_unpaired;
 }
 
-/// dpo's checks (options, then inputs); nothing is read.
+/// The checks of one loss term's variant against the shared options.
+inline void require_dpo_variant(const char* fn, const char* name, DpoVariant v, const DpoOptions& opt) {
+  require_enum(dpo_variant_known(v), fn, name, static_cast<int>(v));
+  require_option(v != DpoVariant::exo_pair || opt.label_smoothing > 0, fn, "label_smoothing",
+                 "> 0 for variant exo_pair (log e is -inf at 0)", opt.label_smoothing);
+  require_option(opt.divergence == FDivergence::reverse_kl || !dpo_reads_logratios(v), fn, "divergence",
+                 "reverse_kl (0) for variants apo_zero, aot and aot_unpaired, which read the log-ratios",
+                 static_cast<int>(opt.divergence));
+  require_option(opt.pair_weights.empty() || (v != DpoVariant::aot && v != DpoVariant::aot_unpaired), fn,
+                 "pair_weights", "empty for variants aot and aot_unpaired (TRL rejects use_weighting there), size",
+                 static_cast<double>(opt.pair_weights.size()));
+}
+
+/// dpo's checks of the options shared by every term, then of the inputs; nothing is read.
 template <class C, class R, class RC, class RR>
-auto dpo_inputs(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected,
-                const DpoOptions& opt) {
-  constexpr const char* fn = "dpo";
+auto dpo_inputs(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const DpoOptions& opt,
+                const char* fn) {
   require_beta(fn, opt.beta);
   require_option(opt.label_smoothing >= 0 && opt.label_smoothing < 0.5, fn, "label_smoothing", "in [0, 0.5)",
                  opt.label_smoothing);
-  require_enum(dpo_variant_known(opt.variant), fn, "variant", static_cast<int>(opt.variant));
-  require_option(opt.variant != DpoVariant::exo_pair || opt.label_smoothing > 0, fn, "label_smoothing",
-                 "> 0 for variant exo_pair (log e is -inf at 0)", opt.label_smoothing);
   const int div = static_cast<int>(opt.divergence);
   require_enum(
       div >= static_cast<int>(FDivergence::reverse_kl) && div <= static_cast<int>(FDivergence::alpha_divergence), fn,
       "divergence", div);
-  require_option(opt.divergence == FDivergence::reverse_kl || !dpo_reads_logratios(opt.variant), fn, "divergence",
-                 "reverse_kl (0) for variants apo_zero, aot and aot_unpaired, which read the log-ratios", div);
   require_option(std::isfinite(opt.alpha), fn, "alpha", "finite", opt.alpha);
   require_option(!std::isnan(opt.alpha_clamp), fn, "alpha_clamp", "a number (+inf removes the clamp)", opt.alpha_clamp);
   require_option(std::isfinite(opt.bco_delta), fn, "bco_delta", "finite", opt.bco_delta);
   require_option(opt.discopop_tau > 0 && opt.discopop_tau < HUGE_VAL, fn, "discopop_tau", "> 0 and finite",
                  opt.discopop_tau);
-  return pair_inputs(fn, chosen, rejected, ref_chosen, ref_rejected, opt.reference_free, opt.batch_count);
+  for (std::size_t i = 0; i < opt.pair_weights.size(); ++i) {
+    const double w = opt.pair_weights[i];
+    if (!(w >= 0 && w < HUGE_VAL))
+      throw option_error(std::string(fn) + ": option 'pair_weights' must hold finite weights >= 0, got " + fmt(w) +
+                         " at index " + std::to_string(i));
+  }
+  auto in = pair_inputs(fn, chosen, rejected, ref_chosen, ref_rejected, opt.reference_free, opt.batch_count);
+  if (!opt.pair_weights.empty() && static_cast<Index>(opt.pair_weights.size()) != in.chosen.size())
+    throw shape_error(std::string(fn) + ": option 'pair_weights' has " + std::to_string(opt.pair_weights.size()) +
+                      " weights but 'chosen' has batch " + std::to_string(in.chosen.size()) + " (shape " +
+                      in.chosen.shape() + ")");
+  return in;
 }
 
 /// The divergence's score f(u) (value) and f'(u) (slope).
@@ -177,9 +205,9 @@ inline double sigmoid_slope(double x) noexcept {
 }
 
 /// A loss L(z) of z = b (f(u_c) - f(u_r)) and dL/dz, for the variants that read only z.
-inline ValueSlope dpo_of_margin(const DpoOptions& opt, double z) noexcept {
+inline ValueSlope dpo_of_margin(const DpoOptions& opt, DpoVariant v, double z) noexcept {
   const double e = opt.label_smoothing;
-  switch (opt.variant) {
+  switch (v) {
     case DpoVariant::hinge:
       return {std::max(0.0, 1.0 - z), 1.0 - z > 0 ? -1.0 : 0.0};
     case DpoVariant::robust: {
@@ -210,10 +238,10 @@ inline ValueSlope dpo_of_margin(const DpoOptions& opt, double z) noexcept {
 }
 
 /// One example's loss and d loss / d u_c, d loss / d u_r, for the variants without a sort.
-inline PairTerm dpo_term(const DpoOptions& opt, double uc, double ur) noexcept {
+inline PairTerm dpo_term(const DpoOptions& opt, DpoVariant v, double uc, double ur) noexcept {
   const double b = opt.beta;
   const ValueSlope fc = dpo_score(opt, uc), fr = dpo_score(opt, ur);
-  switch (opt.variant) {
+  switch (v) {
     case DpoVariant::nca_pair: {
       const double rc = b * fc.value, rr = b * fr.value;
       const auto pc = log_sigmoid_and_grad(rc), nc = log_sigmoid_and_grad(-rc), nr = log_sigmoid_and_grad(-rr);
@@ -238,7 +266,7 @@ inline PairTerm dpo_term(const DpoOptions& opt, double uc, double ur) noexcept {
       return {sigmoid(b * uc) + sigmoid(-z), b * sigmoid_slope(b * uc) - s * b * fc.slope, s * b * fr.slope};
     }
     default: {
-      const ValueSlope l = dpo_of_margin(opt, b * (fc.value - fr.value));
+      const ValueSlope l = dpo_of_margin(opt, v, b * (fc.value - fr.value));
       return {l.value, l.slope * b * fc.slope, -l.slope * b * fr.slope};
     }
   }
@@ -258,7 +286,7 @@ inline std::vector<std::size_t> sort_ranks(const std::vector<double>& x) {
 
 /// aot / aot_unpaired: every example's term, from the batch sorted. Reads every value first.
 template <class In>
-std::vector<PairTerm> aot_terms(In& in, const DpoOptions& opt) {
+std::vector<PairTerm> aot_terms(In& in, const DpoOptions& opt, DpoVariant v) {
   const std::size_t n = in.uc.size();
   if (!in.preloaded) {
     for (std::size_t i = 0; i < n; ++i) in.fetch(static_cast<Index>(i));
@@ -266,7 +294,7 @@ std::vector<PairTerm> aot_terms(In& in, const DpoOptions& opt) {
   }
   std::vector<double> a(n), c(n);  // the two sorted sides: aot p and q, aot_unpaired u_c and u_r
   for (std::size_t i = 0; i < n; ++i) {
-    if (opt.variant == DpoVariant::aot) {
+    if (v == DpoVariant::aot) {
       const Index k = static_cast<Index>(i);
       const double q = in.subtract_ref ? in.ref_chosen.value(k) - in.ref_rejected.value(k) : 0.0;
       a[i] = (in.uc[i] - in.ur[i]) + q;
@@ -283,33 +311,61 @@ std::vector<PairTerm> aot_terms(In& in, const DpoOptions& opt) {
     sc[rc[i]] = c[i];
   }
   const double b = opt.beta;
-  std::vector<ValueSlope> term(n);
-  for (std::size_t k = 0; k < n; ++k) term[k] = dpo_of_margin(opt, b * (sa[k] - sc[k]));
+  // Values and slopes apart: a std::vector<ValueSlope> here trips GCC 12's false
+  // -Wmismatched-new-delete where operator new is replaced (tests/alloc_count.hpp).
+  std::vector<double> value(n), slope(n);
+  for (std::size_t k = 0; k < n; ++k) {
+    const ValueSlope t = dpo_of_margin(opt, v, b * (sa[k] - sc[k]));
+    value[k] = t.value;
+    slope[k] = t.slope;
+  }
   std::vector<PairTerm> out(n);
   for (std::size_t i = 0; i < n; ++i) {
-    const ValueSlope& t = term[ra[i]];
     // aot: p_i = s_c,i - s_r,i moves both sides; aot_unpaired: u_r,i enters the term at its own rank.
-    const double dr = opt.variant == DpoVariant::aot ? -b * t.slope : -b * term[rc[i]].slope;
-    out[i] = {t.value, b * t.slope, dr};
+    const double dr = v == DpoVariant::aot ? -b * slope[ra[i]] : -b * slope[rc[i]];
+    out[i] = {value[ra[i]], b * slope[ra[i]], dr};
   }
   return out;
 }
 
-/// dpo's arithmetic, one body for both forms; grads is null for the two-pass form.
+/// dpo's arithmetic, one body for both forms and for mixtures; grads is null for the two-pass
+/// form. terms: the mixture's terms (their batch losses go to term_loss), or {opt.variant, 1}.
 template <class In>
-PREFLOSS_DETAIL_ONE_BODY auto dpo_run(In in, const DpoOptions& opt, const typename In::Grads* grads) {
+PREFLOSS_DETAIL_ONE_BODY auto dpo_run(const char* fn, In in, const DpoOptions& opt, const DpoTerm* terms,
+                                      std::size_t n_terms, const typename In::Grads* grads,
+                                      std::vector<double>* term_loss) {
   using S = typename decltype(in.chosen)::Scalar;
   in.preload(opt.threads);
-  const bool sorted = opt.variant == DpoVariant::aot || opt.variant == DpoVariant::aot_unpaired;
-  const std::vector<PairTerm> sorted_terms = sorted ? aot_terms(in, opt) : std::vector<PairTerm>{};
+  const auto is_sorted = [](DpoVariant v) { return v == DpoVariant::aot || v == DpoVariant::aot_unpaired; };
+  bool any_sorted = false;
+  for (std::size_t k = 0; k < n_terms; ++k) any_sorted = any_sorted || is_sorted(terms[k].variant);
+  std::vector<std::vector<PairTerm>> sorted_terms(any_sorted ? n_terms : 0);
+  for (std::size_t k = 0; k < sorted_terms.size(); ++k)
+    if (is_sorted(terms[k].variant)) sorted_terms[k] = aot_terms(in, opt, terms[k].variant);
+  if (term_loss) term_loss->assign(n_terms, 0.0);
+  const bool weighted = !opt.pair_weights.empty();
   auto result = pairwise_loss<PreferenceMetrics<S>>(
-      "dpo", in.chosen, in.rejected, in.count,
+      fn, in.chosen, in.rejected, in.count,
       [&](Index i) {
-        if (sorted) return sorted_terms[static_cast<std::size_t>(i)];
+        const auto k_i = static_cast<std::size_t>(i);
         in.load(i);
-        return dpo_term(opt, in.uc[static_cast<std::size_t>(i)], in.ur[static_cast<std::size_t>(i)]);
+        PairTerm sum{0, 0, 0};
+        for (std::size_t k = 0; k < n_terms; ++k) {
+          PairTerm t = is_sorted(terms[k].variant) ? sorted_terms[k][k_i]
+                                                   : dpo_term(opt, terms[k].variant, in.uc[k_i], in.ur[k_i]);
+          if (weighted)
+            t = {t.loss * opt.pair_weights[k_i], t.d_chosen * opt.pair_weights[k_i],
+                 t.d_rejected * opt.pair_weights[k_i]};
+          if (term_loss) (*term_loss)[k] += t.loss;
+          const double w = terms[k].weight;
+          if (n_terms == 1 && w == 1.0) return t;  // dpo(): the term is the loss, bit for bit
+          sum = {sum.loss + w * t.loss, sum.d_chosen + w * t.d_chosen, sum.d_rejected + w * t.d_rejected};
+        }
+        return sum;
       },
       grads, opt.threads);
+  if (term_loss)
+    for (double& l : *term_loss) l /= in.count;
   set_preference_metrics(result, in.uc, in.ur, opt.beta);
   return result;
 }
@@ -343,7 +399,11 @@ PREFLOSS_DETAIL_ONE_BODY auto dpo_run(In in, const DpoOptions& opt, const typena
 /// bco_delta, a NaN alpha_clamp, or discopop_tau <= 0. Nothing is written on error.
 template <class C, class R, class RC, class RR>
 auto dpo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const DpoOptions& opt = {}) {
-  return detail::dpo_run(detail::dpo_inputs(chosen, rejected, ref_chosen, ref_rejected, opt), opt, nullptr);
+  constexpr const char* fn = "dpo";
+  detail::require_dpo_variant(fn, "variant", opt.variant, opt);
+  auto in = detail::dpo_inputs(chosen, rejected, ref_chosen, ref_rejected, opt, fn);
+  const DpoTerm term{opt.variant, 1.0};
+  return detail::dpo_run(fn, std::move(in), opt, &term, 1, nullptr, nullptr);
 }
 
 /// @brief dpo() fused with its backward: the same result, and d loss / d chosen and d loss /
@@ -363,9 +423,75 @@ auto dpo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref
 template <class C, class R, class RC, class RR, class GC, class GR>
 auto dpo(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected, const DpoOptions& opt,
          GC&& grad_chosen, GR&& grad_rejected) {
-  auto in = detail::dpo_inputs(chosen, rejected, ref_chosen, ref_rejected, opt);
-  const auto grads = detail::pair_grads("dpo", in, grad_chosen, grad_rejected);
-  return detail::dpo_run(std::move(in), opt, &grads);
+  constexpr const char* fn = "dpo";
+  detail::require_dpo_variant(fn, "variant", opt.variant, opt);
+  auto in = detail::dpo_inputs(chosen, rejected, ref_chosen, ref_rejected, opt, fn);
+  const auto grads = detail::pair_grads(fn, in, grad_chosen, grad_rejected);
+  const DpoTerm term{opt.variant, 1.0};
+  return detail::dpo_run(fn, std::move(in), opt, &term, 1, &grads, nullptr);
+}
+
+/// @brief Result of dpo_mixture(): dpo()'s result, and each term's batch loss kept apart.
+template <class Base>
+struct DpoMixtureResult : Base {
+  explicit DpoMixtureResult(Base&& b) : Base(std::move(b)) {}
+  /// term_loss[k]: term k's own batch loss, before its weight (loss = sum_k weight_k term_loss[k]
+  /// up to rounding); pair_weights apply to every term.
+  std::vector<typename Base::Scalar> term_loss;
+};
+
+namespace detail {
+template <class C, class R, class RC, class RR>
+auto dpo_mixture_inputs(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected,
+                        const std::vector<DpoTerm>& terms, const DpoOptions& opt) {
+  constexpr const char* fn = "dpo_mixture";
+  if (terms.empty()) throw option_error(std::string(fn) + ": argument 'terms' is empty; give at least one DpoTerm");
+  for (std::size_t k = 0; k < terms.size(); ++k) {
+    require_dpo_variant(fn, ("terms[" + std::to_string(k) + "].variant").c_str(), terms[k].variant, opt);
+    if (!std::isfinite(terms[k].weight))
+      throw option_error(std::string(fn) + ": option 'terms[" + std::to_string(k) + "].weight' must be finite, got " +
+                         fmt(terms[k].weight));
+  }
+  return dpo_inputs(chosen, rejected, ref_chosen, ref_rejected, opt, fn);
+}
+
+template <class In>
+auto dpo_mixture_run(In in, const std::vector<DpoTerm>& terms, const DpoOptions& opt, const typename In::Grads* grads) {
+  std::vector<double> term_loss;
+  auto base = dpo_run("dpo_mixture", std::move(in), opt, terms.data(), terms.size(), grads, &term_loss);
+  DpoMixtureResult<decltype(base)> out(std::move(base));
+  out.term_loss.assign(term_loss.begin(), term_loss.end());
+  return out;
+}
+}  // namespace detail
+
+/// @brief A weighted sum of DPO losses in one pass: TRL's loss_type list with loss_weights
+/// (DPOTrainer._compute_loss, trl/trainer/dpo_trainer.py, f2cd577; MPO is sigmoid + bco_pair +
+/// TRL's "sft" term).
+///
+/// Per example the loss is sum_k weight_k l_k (times pair_weights[i] when given), l_k the
+/// example's loss of terms[k].variant with the shared options (DpoOptions::variant is not read);
+/// the batch loss, gradients and metrics are dpo()'s for that sum, and term_loss keeps each
+/// term's batch loss. TRL's "sft" term is a token-mean NLL of the chosen tokens, not a function
+/// of sequence values: add nll(masked_sum(logp_c, mask_c), {normalizer = valid chosen tokens})
+/// weighted alike, and sum the two gradients.
+/// @throws as dpo(), naming 'terms[k].variant' for a term's variant; option_error for empty
+/// terms or a non-finite weight. Nothing is written on error.
+template <class C, class R, class RC, class RR>
+auto dpo_mixture(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected,
+                 const std::vector<DpoTerm>& terms, const DpoOptions& opt = {}) {
+  return detail::dpo_mixture_run(detail::dpo_mixture_inputs(chosen, rejected, ref_chosen, ref_rejected, terms, opt),
+                                 terms, opt, nullptr);
+}
+
+/// @brief dpo_mixture() fused with its backward, as the fused dpo(): gradient outputs last,
+/// checked as dpo()'s before anything is written.
+template <class C, class R, class RC, class RR, class GC, class GR>
+auto dpo_mixture(const C& chosen, const R& rejected, const RC& ref_chosen, const RR& ref_rejected,
+                 const std::vector<DpoTerm>& terms, const DpoOptions& opt, GC&& grad_chosen, GR&& grad_rejected) {
+  auto in = detail::dpo_mixture_inputs(chosen, rejected, ref_chosen, ref_rejected, terms, opt);
+  const auto grads = detail::pair_grads("dpo_mixture", in, grad_chosen, grad_rejected);
+  return detail::dpo_mixture_run(std::move(in), terms, opt, &grads);
 }
 
 /// @brief LD-DPO's token weights (Liu et al. 2024, "length desensitization"), as TRL's
