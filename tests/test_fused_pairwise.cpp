@@ -196,6 +196,14 @@ void check_pair_losses(const PairData<S, M>& d) {
         check_pair_bits([&] { return pl::dpo(c, r, d.rc, d.rr, opt); },
                         [&](Tok<S>& gc, Tok<S>& gr) { return pl::dpo(c, r, d.rc, d.rr, opt, gc, gr); }, g, g);
       }
+  for (const auto v : {pl::CpoVariant::sigmoid, pl::CpoVariant::hinge, pl::CpoVariant::ipo, pl::CpoVariant::simpo}) {
+    INFO("cpo variant " << static_cast<int>(v));
+    pl::CpoOptions opt;
+    opt.variant = v;
+    opt.alpha = 0.2;
+    check_pair_bits([&] { return pl::cpo(c, r, opt); },
+                    [&](Tok<S>& gc, Tok<S>& gr) { return pl::cpo(c, r, opt, gc, gr); }, g, g);
+  }
   {
     INFO("dpo_mixture with pair_weights");
     const std::vector<pl::DpoTerm> terms = {

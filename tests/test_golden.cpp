@@ -69,10 +69,10 @@ struct Case {
 };
 
 /// Every family the suite compares: each has a TEST_CASE below that loads golden_<family>.txt.
-const char* const families[] = {"bradley_terry",    "dpo",   "dpo_logits", "dpo_mixture", "dpo_variants", "gae",
-                                "group_advantages", "ipo",   "kl",         "kto",         "ld_dpo",       "logprobs",
-                                "logprobs_lowp",    "nll",   "orpo",       "ppo_clip",    "ppo_logits",   "simpo",
-                                "value_loss",       "whiten"};
+const char* const families[] = {
+    "bradley_terry", "cpo",        "dpo",   "dpo_logits", "dpo_mixture", "dpo_variants",  "gae", "group_advantages",
+    "ipo",           "kl",         "kto",   "ld_dpo",     "logprobs",    "logprobs_lowp", "nll", "orpo",
+    "ppo_clip",      "ppo_logits", "simpo", "value_loss", "whiten"};
 
 std::vector<Case> load(const std::string& family) {
   const std::string path = std::string(PREFLOSS_TEST_DATA_DIR) + "/golden_" + family + ".txt";
@@ -462,6 +462,37 @@ TEST_CASE("golden: simpo vs TRL CPOTrainer loss_type=simpo", "[golden][simpo]") 
       o.gamma = c.num("gamma");
       o.label_smoothing = c.num("label_smoothing");
       p.check(c, pl::simpo(pl::masked_mean(p.xc, p.mc), pl::masked_mean(p.xr, p.mr), o));
+    });
+  }
+}
+
+TEST_CASE("golden: cpo vs TRL CPOTrainer.cpo_loss (AlphaPO alpha)", "[golden][cpo]") {
+  for (const Case& c : load("cpo")) {
+    for_types([&](auto z) {
+      using T = decltype(z);
+      const PairTokens<T> p(c);
+      pl::CpoOptions o;
+      const std::string& v = c.str("variant");
+      o.variant = v == "sigmoid" ? pl::CpoVariant::sigmoid
+                  : v == "hinge" ? pl::CpoVariant::hinge
+                  : v == "ipo"   ? pl::CpoVariant::ipo
+                                 : pl::CpoVariant::simpo;
+      REQUIRE((v == "sigmoid" || v == "hinge" || v == "ipo" || v == "simpo"));
+      o.beta = c.num("beta");
+      o.label_smoothing = c.num("label_smoothing");
+      o.simpo_gamma = c.num("simpo_gamma");
+      o.alpha = c.num("alpha");
+      const auto check = [&](const auto& r) {
+        p.check(c, r);
+        compare(c, "reward_chosen", r.metrics.reward_chosen);
+        compare(c, "reward_rejected", r.metrics.reward_rejected);
+        compare(c, "reward_margin", r.metrics.reward_margin);
+        compare(c, "reward_accuracy", r.metrics.reward_accuracy);
+      };
+      if (c.str("reduce") == "mean")
+        check(pl::cpo(pl::masked_mean(p.xc, p.mc), pl::masked_mean(p.xr, p.mr), o));
+      else
+        check(pl::cpo(pl::masked_sum(p.xc, p.mc), pl::masked_sum(p.xr, p.mr), o));
     });
   }
 }

@@ -371,3 +371,23 @@ TEST_CASE("dpo pair_weights, dpo_mixture and wpo_weights reject bad input", "[pa
   pl::wpo_weights(z, y, mk, out);
   CHECK(out(0) == 1.0f);  // an empty row: exp(0), its NaN logits never read
 }
+
+TEST_CASE("cpo rejects bad options", "[pairwise][cpo][errors]") {
+  Vec<double> v(2);
+  v.setValues({-1.0, -2.0});
+  pl::CpoOptions o;
+  o.variant = static_cast<pl::CpoVariant>(4);
+  expect_throw<pl::option_error>([&] { (void)pl::cpo(v, v, o); }, "cpo", {"'variant'", "4"});
+  o = {};
+  o.alpha = kNaN;
+  expect_throw<pl::option_error>([&] { (void)pl::cpo(v, v, o); }, "cpo", {"'alpha'", "finite"});
+  o = {};
+  o.simpo_gamma = -1;
+  expect_throw<pl::option_error>([&] { (void)pl::cpo(v, v, o); }, "cpo", {"'simpo_gamma'"});
+  o = {};
+  o.beta = 0;
+  expect_throw<pl::option_error>([&] { (void)pl::cpo(v, v, o); }, "cpo", {"'beta'"});
+  o = {};
+  o.label_smoothing = 0.5;
+  expect_throw<pl::option_error>([&] { (void)pl::cpo(v, v, o); }, "cpo", {"'label_smoothing'"});
+}

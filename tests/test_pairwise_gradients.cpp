@@ -197,6 +197,19 @@ TEST_CASE("dpo_mixture and pair_weights match finite differences", "[pairwise][d
       -3, 0, 0.5);
 }
 
+TEST_CASE("cpo gradients match finite differences", "[pairwise][cpo][fd]") {
+  for (const auto v : {pl::CpoVariant::sigmoid, pl::CpoVariant::ipo, pl::CpoVariant::simpo})
+    for (const double alpha : {0.0, 0.3, -0.4}) {
+      pl::CpoOptions opt;
+      opt.variant = v;
+      opt.alpha = alpha;
+      opt.beta = 0.5;
+      opt.label_smoothing = v == pl::CpoVariant::ipo ? 0.0 : 0.1;
+      fd_pair_all(
+          "cpo", [&](const auto& c, const auto& r) { return pl::cpo(c, r, opt); }, -3, 0, 0.5);
+    }
+}
+
 TEST_CASE("dpo hinge gradients match finite differences away from the kink", "[pairwise][dpo][fd]") {
   const Refs ref;
   for (const bool free : {false, true}) {

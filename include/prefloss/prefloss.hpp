@@ -10,6 +10,7 @@
 #include "logits/token_logprobs.hpp"
 #include "logits/wpo_weights.hpp"
 #include "loss/bradley_terry.hpp"
+#include "loss/cpo.hpp"
 #include "loss/dpo.hpp"
 #include "loss/ipo.hpp"
 #include "loss/kto.hpp"

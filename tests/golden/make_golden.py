@@ -22,6 +22,8 @@ produce d loss / d (policy token log-probs):
 - Bradley-Terry: TRL `RewardTrainer.compute_loss`
   (-logsigmoid(r_c - r_r - margin).mean() + center_rewards_coefficient * mean((r_c + r_r)^2))
   and InstructGPT's K-way ranking loss.
+- CPO (golden_cpo): TRL `CPOTrainer.cpo_loss` at f2cd577 (trl/experimental/cpo), with AlphaPO's
+  r = (1 - p^-alpha) / alpha; its cpo_alpha NLL term is nll()'s and not repeated here.
 - SimPO / ORPO / NLL: the formulas documented in prefloss's loss headers, which follow TRL's CPOTrainer (simpo) and
   ORPOTrainer (odds_ratio_loss) with per-sequence average log-probs.
 - PPO: verl `core_algos.compute_policy_loss` (log-ratio clamp +-20, asymmetric clip, dual clip
@@ -44,6 +46,15 @@ produce d loss / d (policy token log-probs):
 - GAE / whitening / GRPO advantages: verl `compute_gae_advantage_return` (its mask-skipping
   recursion, no whitening), `verl_F.masked_whiten` (unbiased variance, eps 1e-8) and
   `compute_grpo_outcome_advantage` (unbiased std, eps 1e-6, a group of one: mean 0, std 1).
+- Advantages and rewards (golden_advantages): verl core_algos.py at 1dda039b9
+  (`compute_rloo_outcome_advantage`, `compute_opo_outcome_advantage`,
+  `compute_reinforce_plus_plus[_baseline]_outcome_advantage` with `masked_whiten`,
+  `compute_remax_outcome_advantage`, `AdaptiveKLController.update`), TRL GRPOTrainer
+  `_generate_and_score_completions` at f2cd57710 (scale_rewards group / batch / none,
+  multi_objective_aggregation, `nanstd`, std + 1e-4, nan_to_num), Llama 2 Sec. 3.2.2 (safety-gated
+  reward, whiten(logit) with the unbiased variance prefloss documents), torch.argmax per group
+  for best-of-n, and OpenRLHF at 3c3be623 (`compute_reward`'s clamp, `LogExpLoss` with its
+  unused margin and `PairWiseLoss`; their float32 loss recorded to show the overflow).
 
 Masked-out tokens hold NaN or -inf (padding). Like prefloss, the torch code SELECTS valid tokens
 first (torch.where(mask, x, 0)) instead of multiplying by the mask, so the padding never reaches
@@ -595,6 +606,56 @@ def gen_simpo():
                        ("mask_c", mc.double()), ("logp_r", xr), ("mask_r", mr.double()), ("loss", loss),
                        ("losses", losses), ("grad_c", grad_of(loss, lc)), ("grad_r", grad_of(loss, lr))]:
             w.t(lab, v)
+        w.end()
+    w.write()
+
+
+def trl_cpo_loss(pc, pr, beta, ls, loss_type, gamma, alpha):
+    """TRL CPOTrainer.cpo_loss (trl/experimental/cpo/cpo_trainer.py): AlphaPO rewards when alpha != 0."""
+    F = torch.nn.functional
+    if alpha != 0.0:
+        rc, rj = (1 - torch.exp(pc).pow(-alpha)) / alpha, (1 - torch.exp(pr).pow(-alpha)) / alpha
+    else:
+        rc, rj = pc, pr
+    logits = rc - rj
+    if loss_type == "simpo":
+        logits = logits - gamma / beta
+        losses = -F.logsigmoid(beta * logits) * (1 - ls) - F.logsigmoid(-beta * logits) * ls
+    elif loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * logits) * (1 - ls) - F.logsigmoid(-beta * logits) * ls
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(loss_type)
+    return losses, beta * rc.detach(), beta * rj.detach()
+
+
+def gen_cpo():
+    w = Writer("cpo", "TRL CPOTrainer.cpo_loss (sigmoid/hinge on sums, ipo/simpo on means, AlphaPO alpha)")
+    cases = [("sigmoid", "sigmoid", "sum", 0.1, 0.0, 0.5, 0.0),
+             ("sigmoid_smoothed", "sigmoid", "sum", 0.1, 0.1, 0.5, 0.0),
+             ("sigmoid_alphapo", "sigmoid", "sum", 0.1, 0.0, 0.5, 0.25),
+             ("hinge_alphapo_negative", "hinge", "sum", 0.2, 0.0, 0.5, -0.3),
+             ("ipo_mean", "ipo", "mean", 0.5, 0.0, 0.5, 0.0),
+             ("simpo_mean_alphapo", "simpo", "mean", 2.0, 0.0, 1.0, 1.5)]
+    for k, (name, lt, red, beta, ls, gamma, alpha) in enumerate(cases):
+        rng, mc, mr, xc, xr = pair_inputs(1500 + k)
+        f = masked_mean if red == "mean" else masked_sum
+        lc, lr = leaf(xc), leaf(xr)
+        pc, pr = f(lc, mc), f(lr, mr)
+        losses, cr, rj = trl_cpo_loss(pc, pr, beta, ls, lt, gamma, alpha)
+        loss = losses.mean()
+        w.case(name)
+        w.s("variant", lt)
+        w.s("reduce", red)
+        for lab, t_ in [("beta", beta), ("label_smoothing", ls), ("simpo_gamma", gamma), ("alpha", alpha),
+                        ("logp_c", xc), ("mask_c", mc.double()), ("logp_r", xr), ("mask_r", mr.double()),
+                        ("loss", loss), ("losses", losses), ("grad_c", grad_of(loss, lc)),
+                        ("grad_r", grad_of(loss, lr)), ("reward_chosen", cr.mean()), ("reward_rejected", rj.mean()),
+                        ("reward_margin", (cr - rj).mean()), ("reward_accuracy", (cr > rj).double().mean())]:
+            w.t(lab, t_)
         w.end()
     w.write()
 
@@ -1162,11 +1223,328 @@ def gen_ppo_logits():
     w.write()
 
 
+# ---- advantages and rewards: verl core_algos estimators, TRL GRPO scaling, Llama 2, OpenRLHF ---
+
+def verl_masked_whiten(values, mask, shift_mean=True):
+    """verl_F.masked_whiten: masked_mean, unbiased masked_var, rsqrt(var + 1e-8)."""
+    mean = (values * mask).sum() / mask.sum()
+    var = (((values - mean) ** 2) * mask).sum() / mask.sum()
+    var = var * mask.sum() / (mask.sum() - 1)
+    out = (values - mean) * torch.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
+
+
+def verl_group_lists(scores, index):
+    id2score = {}
+    for i in range(scores.shape[0]):
+        id2score.setdefault(index[i], []).append(scores[i])
+    return id2score
+
+
+def verl_rloo(scores, index):
+    """compute_rloo_outcome_advantage's loop (a group of one keeps its score)."""
+    scores = scores.clone()
+    id2score = verl_group_lists(scores, index)
+    id2mean = {k: (torch.tensor(0.0) if len(v) == 1 else torch.mean(torch.stack(v))) for k, v in id2score.items()}
+    for i in range(scores.shape[0]):
+        n = len(id2score[index[i]])
+        if n > 1:
+            scores[i] = scores[i] * n / (n - 1) - id2mean[index[i]] * n / (n - 1)
+    return scores
+
+
+def verl_opo(scores, response_length, index):
+    """compute_opo_outcome_advantage: length-weighted baseline, 0 for a group of one."""
+    scores = scores.clone()
+    id2score, id2len = {}, {}
+    for i in range(scores.shape[0]):
+        id2score.setdefault(index[i], []).append(scores[i])
+        id2len.setdefault(index[i], []).append(response_length[i])
+    id2bsl = {}
+    for k in id2score:
+        if len(id2score[k]) == 1:
+            id2bsl[k] = torch.tensor(0.0)
+        else:
+            s, l = torch.stack(id2score[k]), torch.stack(id2len[k])
+            id2bsl[k] = (l * s).sum() / l.sum()
+    for i in range(scores.shape[0]):
+        scores[i] = scores[i] - id2bsl[index[i]]
+    return scores
+
+
+def verl_rfpp_baseline(scores, mask, index):
+    """compute_reinforce_plus_plus_baseline_outcome_advantage on [B] scores and a 0/1 mask."""
+    scores = scores.clone()
+    id2score = verl_group_lists(scores, index)
+    id2mean = {k: (torch.tensor(0.0) if len(v) == 1 else torch.mean(torch.stack(v))) for k, v in id2score.items()}
+    for i in range(scores.shape[0]):
+        scores[i] = scores[i] - id2mean[index[i]]
+    scores = scores.unsqueeze(-1).tile([1, mask.shape[1]]) * mask
+    return verl_masked_whiten(scores, mask) * mask
+
+
+def verl_rfpp(token_level_rewards, response_mask, gamma):
+    """compute_reinforce_plus_plus_outcome_advantage (rewards already 0 at padding)."""
+    returns = torch.zeros_like(token_level_rewards)
+    running_return = 0
+    for t in reversed(range(token_level_rewards.shape[1])):
+        new_running_return = token_level_rewards[:, t] + gamma * running_return
+        returns[:, t] = new_running_return * response_mask[:, t]
+        running_return = new_running_return * response_mask[:, t] + running_return * (1 - response_mask[:, t])
+    advantages = verl_masked_whiten(returns, response_mask) * response_mask
+    return advantages, returns
+
+
+def verl_remax(token_level_rewards, reward_baselines, response_mask):
+    returns = (token_level_rewards * response_mask).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
+    advantages = returns - reward_baselines.unsqueeze(-1) * response_mask
+    return advantages, returns
+
+
+def trl_nanstd(tensor, dim=None, keepdim=False):
+    """trl.trainer.utils.nanstd."""
+    mean = torch.nanmean(tensor, dim=dim, keepdim=True)
+    variance = torch.nanmean((tensor - mean) ** 2, dim=dim, keepdim=True)
+    count = torch.sum(~torch.isnan(tensor), dim=dim, keepdim=True)
+    correction = count / (count - 1)
+    correction = torch.where(count > 1, correction, torch.full_like(correction, float("nan")))
+    variance *= correction
+    std = torch.sqrt(variance)
+    if keepdim:
+        return std
+    if dim is None:
+        return std.squeeze()
+    return std.squeeze(dim)
+
+
+def trl_grpo_advantages(rewards_per_func, reward_weights, num_generations, scale_rewards, aggregation):
+    """GRPOTrainer._generate_and_score_completions, from rewards_per_func to advantages."""
+    unscorable_mask = torch.isnan(rewards_per_func).all(dim=1)
+    if aggregation == "sum_then_normalize":
+        rewards = (rewards_per_func * reward_weights.unsqueeze(0)).nansum(dim=1)
+        rewards[unscorable_mask] = torch.nan
+        mean_grouped_rewards = torch.nanmean(rewards.view(-1, num_generations), dim=1)
+        mean_grouped_rewards = mean_grouped_rewards.repeat_interleave(num_generations, dim=0)
+        if scale_rewards in ["group", "none"]:
+            if num_generations > 1:
+                std_rewards = trl_nanstd(rewards.view(-1, num_generations), dim=1)
+                std_rewards = std_rewards.repeat_interleave(num_generations, dim=0)
+            else:
+                std_rewards = torch.zeros_like(rewards)
+        else:
+            std_rewards = trl_nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        advantages = rewards - mean_grouped_rewards
+        if scale_rewards != "none":
+            advantages = advantages / (std_rewards + 1e-4)
+    else:
+        grouped = rewards_per_func.view(-1, num_generations, rewards_per_func.shape[1])
+        mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+        std_k = trl_nanstd(grouped, dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean_k)
+        reward_k = (grouped - mean_k) / (std_k + 1e-4)
+        reward_k = reward_k.view(-1, rewards_per_func.shape[1])
+        rewards = (reward_k * reward_weights.unsqueeze(0)).nansum(dim=1)
+        rewards[unscorable_mask] = torch.nan
+        std_rewards = trl_nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        advantages = (rewards - torch.nanmean(rewards)) / (std_rewards + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+class VerlAdaptiveKLController:
+    """verl AdaptiveKLController (np.clip written as min/max)."""
+
+    def __init__(self, init_kl_coef, target_kl, horizon):
+        self.value, self.target, self.horizon = init_kl_coef, target_kl, horizon
+
+    def update(self, current_kl, n_steps):
+        proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+def gen_advantages():
+    F = torch.nn.functional
+    w = Writer("advantages", "verl core_algos (rloo, opo, reinforce_plus_plus[_baseline], remax, "
+                             "AdaptiveKLController), TRL GRPO reward scaling, Llama 2 safety reward + "
+                             "whiten(logit), best-of-n, OpenRLHF reward clip / LogExpLoss / PairWiseLoss")
+
+    def ids_of(n, g):
+        return [i // g for i in range(n)]
+
+    # RLOO / OPO / REINFORCE++-baseline: contiguous groups (group_size) and interleaved ids.
+    inter = [5, 2, 5, 9, 2, 5, 7, 2, 9, 5, 2, 9]  # groups of 4, 4, 3 and a singleton (7)
+    for k, (name, g) in enumerate([("g4", 4), ("g1", 1), ("ids", None)]):
+        rng = random.Random(1500 + k)
+        s = vec(rng, 12, -1, 2)
+        index = inter if g is None else ids_of(12, g)
+        m = masks(rng, 12, T, empty_row=3)
+        lengths = m.double().sum(-1)
+        for kind, out in [("rloo", verl_rloo(s, index)), ("opo", verl_opo(s, lengths, index)),
+                          ("rfpp_baseline", verl_rfpp_baseline(s, m.double(), index))]:
+            w.case(kind + "_" + name)
+            w.s("kind", kind)
+            if g is None:
+                w.t("group_ids", torch.tensor(index, dtype=torch.float64))
+            else:
+                w.t("group_size", g)
+            w.t("scores", s)
+            if kind != "rloo":
+                w.t("mask", m.double())
+                w.t("lengths", lengths)
+            w.t("out", out)
+            w.end()
+
+    # REINFORCE++ and ReMax on token rewards with NaN / -inf padding; 0 at masked tokens.
+    for k, gamma in enumerate([1.0, 0.9]):
+        rng = random.Random(1520 + k)
+        m = masks(rng, B, T, empty_row=1, holes=True)
+        m[3] = torch.tensor([1, 1, 0, 0, 1, 1, 0], dtype=torch.bool)  # an observation span inside
+        r = gauss(rng, m, 0.0, 1.0)
+        adv, ret = verl_rfpp(sel(r, m), m.double(), gamma)
+        w.case("rfpp_gamma%g" % gamma)
+        w.s("kind", "rfpp")
+        w.t("gamma", gamma)
+        for lab, t_ in [("token_rewards", r), ("mask", m.double()), ("advantages", sel(adv, m)),
+                        ("returns", sel(ret, m))]:
+            w.t(lab, t_)
+        w.end()
+        if k == 0:
+            b = vec(rng, B, -1, 1)
+            adv, ret = verl_remax(sel(r, m), b, m.double())
+            w.case("remax")
+            w.s("kind", "remax")
+            for lab, t_ in [("token_rewards", r), ("baselines", b), ("mask", m.double()),
+                            ("advantages", sel(adv, m)), ("returns", sel(ret, m))]:
+                w.t(lab, t_)
+            w.end()
+
+    # TRL GRPO: 4 prompts x 4 generations, 3 reward functions; NaN = not scored.
+    for k, (name, G, K, scale, agg, nans) in enumerate([
+            ("trl_group", 4, 1, "group", "sum_then_normalize", False),
+            ("trl_batch", 4, 2, "batch", "sum_then_normalize", False),
+            ("trl_none", 4, 2, "none", "sum_then_normalize", False),
+            ("trl_group_nan", 4, 3, "group", "sum_then_normalize", True),
+            ("trl_batch_nan", 4, 3, "batch", "sum_then_normalize", True),
+            ("trl_nts", 4, 3, "group", "normalize_then_sum", False),
+            ("trl_nts_nan", 4, 3, "group", "normalize_then_sum", True),
+            ("trl_g1_group", 1, 2, "group", "sum_then_normalize", False),
+            ("trl_g1_nts", 1, 2, "group", "normalize_then_sum", False)]):
+        rng = random.Random(1540 + k)
+        n = 16 if G == 4 else 5
+        x = [[f32(rng.uniform(-1, 2)) for _ in range(K)] for _ in range(n)]
+        if nans:
+            x[1] = [NAN] * K                    # unscorable: advantage 0, out of every mean
+            x[2][0] = NAN                       # function 0 did not score completion 2
+            for i in (5, 6, 7):                 # group 1: only completion 4 has function 1
+                x[i][1] = NAN
+            for i in (8, 9, 10):                # group 2: one scorable completion only
+                x[i] = [NAN] * K
+        x = torch.tensor(x)
+        weights = torch.tensor([f32(v) for v in [1.0, 0.5, -0.25][:K]])
+        w.case(name)
+        w.s("kind", "trl")
+        w.s("scale_rewards", scale)
+        w.s("aggregation", agg)
+        w.t("num_generations", G)
+        w.t("reward_weights", weights)
+        w.t("rewards_per_func", x)
+        w.t("out", trl_grpo_advantages(x, weights, G, scale, agg))
+        w.end()
+
+    # Llama 2: R_c = R_s if IS_SAFETY(p) or R_s < threshold else R_h; then whiten(logit(R_c)).
+    for k, thr in enumerate([0.15, 0.5]):
+        rng = random.Random(1560 + k)
+        n = 10
+        rh, rs = vec(rng, n, 0.01, 0.99), vec(rng, n, 0.01, 0.99)
+        rs[0], rs[1] = f32(0.05), f32(0.12)     # below 0.15 on helpfulness prompts
+        safe = torch.tensor([1.0 if rng.random() < 0.4 else 0.0 for _ in range(n)])
+        safe[0] = safe[1] = 0.0
+        rc = torch.where((safe != 0) | (rs < thr), rs, rh)
+        x = torch.log(rc / (1 - rc))
+        whit = (x - x.mean()) / torch.sqrt(x.var(unbiased=True) + 1e-8)
+        w.case("llama2_thr%g" % thr)
+        w.s("kind", "llama2")
+        w.t("threshold", thr)
+        for lab, t_ in [("helpfulness", rh), ("safety", rs), ("is_safety", safe), ("reward", rc), ("whitened", whit)]:
+            w.t(lab, t_)
+        w.end()
+
+    # Best-of-n: torch.argmax per group (first maximal index on ties).
+    rng = random.Random(1570)
+    r = torch.tensor([f32(rng.choice([-1.0, 0.0, 0.5, 1.0, 2.0])) for _ in range(12)])
+    w.case("best_of_n")
+    w.s("kind", "best_of_n")
+    w.t("group_size", 4)
+    w.t("rewards", r)
+    w.t("best", r.view(-1, 4).argmax(dim=1).double() + torch.arange(0, 12, 4).double())
+    w.end()
+
+    # OpenRLHF compute_reward's clamp (default clip_range (-10, 10)).
+    for k, (lo, hi) in enumerate([(-10.0, 10.0), (-0.5, 1.25)]):
+        rng = random.Random(1580 + k)
+        r = vec(rng, 9, -20, 20) if k == 0 else vec(rng, 9, -2, 2)
+        w.case("clip_%d" % k)
+        w.s("kind", "clip")
+        w.t("min", lo)
+        w.t("max", hi)
+        w.t("rewards", r)
+        w.t("out", r.clamp(min=lo, max=hi))
+        w.end()
+
+    # OpenRLHF LogExpLoss (margin accepted and ignored) and PairWiseLoss (margin used), both the
+    # mean over pairs; float32 runs of the same formulas show where log(1 + exp(x)) overflows.
+    for k, (name, loss_name, spread, mscale) in enumerate([
+            ("logexp", "LogExpLoss", 3.0, 0.0), ("logexp_huge", "LogExpLoss", 100.0, 0.0),
+            ("pairwise_margin", "PairWiseLoss", 3.0, 2.0), ("pairwise_huge_margin", "PairWiseLoss", 3.0, 1000.0)]):
+        rng = random.Random(1590 + k)
+        rc, rr = leaf(vec(rng, 6, -spread, spread)), leaf(vec(rng, 6, -spread, spread))
+        if name == "logexp_huge":
+            with torch.no_grad():
+                rr[0], rc[0] = 95.0, -5.0       # r_r - r_c = 100: exp overflows float32
+        margin = vec(rng, 6, 0, mscale) if mscale else torch.zeros(6)
+        if loss_name == "LogExpLoss":
+            per = torch.log(1 + torch.exp(rr - rc))
+            f32_loss = torch.log(1 + torch.exp((rr - rc).float())).mean()
+        else:
+            per = -F.logsigmoid(rc - rr - margin)
+            f32_loss = (-F.logsigmoid(rc.float() - rr.float() - margin.float())).mean()
+        loss = per.mean()
+        w.case(name)
+        w.s("kind", "openrlhf_pair")
+        w.s("loss", loss_name)
+        w.t("r_c", rc)
+        w.t("r_r", rr)
+        w.t("margin", margin)
+        w.t("loss", loss)
+        w.t("losses", per)
+        w.t("grad_c", grad_of(loss, rc))
+        w.t("grad_r", grad_of(loss, rr))
+        w.t("openrlhf_float32_loss", f32_loss.double())
+        w.end()
+
+    # verl AdaptiveKLController: a sequence of updates, the value after each.
+    ctl = VerlAdaptiveKLController(0.05, 0.1, 1000)
+    kls = [0.3, 0.1, 0.0, 0.11, 0.09, -0.02, 1e3]
+    steps = [64, 64, 64, 128, 32, 64, 512]
+    vals = []
+    for kl, n_ in zip(kls, steps):
+        ctl.update(kl, n_)
+        vals.append(ctl.value)
+    w.case("adaptive_kl")
+    w.s("kind", "kl_ctrl")
+    w.t("init_kl_coef", 0.05)
+    w.t("target_kl", 0.1)
+    w.t("horizon", 1000)
+    w.t("current_kl", torch.tensor(kls))
+    w.t("n_steps", torch.tensor(steps, dtype=torch.float64))
+    w.t("values", torch.tensor(vals))
+    w.end()
+    w.write()
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     for gen in [gen_dpo, gen_dpo_variants, gen_ld_dpo, gen_dpo_mixture, gen_ipo, gen_kto, gen_bradley_terry, gen_simpo,
-                gen_orpo, gen_nll, gen_ppo, gen_value, gen_kl, gen_gae, gen_whiten, gen_group, gen_logprobs,
-                gen_logprobs_lowp, gen_dpo_logits, gen_ppo_logits]:
+                gen_cpo, gen_orpo, gen_nll, gen_ppo, gen_value, gen_kl, gen_gae, gen_whiten, gen_group, gen_logprobs,
+                gen_logprobs_lowp, gen_dpo_logits, gen_ppo_logits, gen_advantages]:
         gen()
 
 

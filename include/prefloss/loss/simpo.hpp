@@ -24,8 +24,8 @@ struct SimpoOptions {
   double label_smoothing = 0.0;  ///< in [0, 0.5): e, as TRL's CPO applies it to loss_type="simpo"
   /// Examples in the global batch: loss = sum(losses) / batch_count, gradients to match (see
   /// DpoOptions::batch_count). Unset: this call's batch.
-  std::optional<double> batch_count =
-      std::nullopt;  /// Threads the call (and its result's backward()) may split the sequence rows over: the values
+  std::optional<double> batch_count = std::nullopt;
+  /// Threads the call (and its result's backward()) may split the sequence rows over: the values
   /// are read in blocks of rows and the per-example terms run in order on the calling thread,
   /// the same bits for any count (see prefloss::Threads). Default: this thread.
   Threads threads = {};
