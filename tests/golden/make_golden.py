@@ -461,8 +461,11 @@ def gen_ipo():
 # ---- TRL kto_loss (trl/trainer/kto_trainer.py) -----------------------------------------------
 
 def trl_kto_loss(policy_chosen, policy_rejected, policy_KL, reference_chosen, reference_rejected, reference_KL,
-                 beta, wd, wu, kl_override=None):
-    F = torch.nn.functional
+                 beta, wd, wu, kl_override=None, loss_type="kto"):
+    if loss_type == "apo_zero_unpaired":  # TRL: calculate_KL is off, kl = 0; APO-zero's unpaired Eq. 7
+        u_c, u_r = policy_chosen - reference_chosen, policy_rejected - reference_rejected
+        losses = torch.cat((wd * (1 - torch.sigmoid(beta * u_c)), wu * torch.sigmoid(beta * u_r)), 0)
+        return losses, beta * u_c.detach(), beta * u_r.detach(), torch.tensor(0.0)
     if kl_override is None:
         kl = (policy_KL - reference_KL).mean().detach()
         kl = kl.clamp(min=0)  # accelerator.gather(kl).mean() on one process is kl itself
@@ -495,6 +498,8 @@ def gen_kto():
         ("all_undesirable", [0, 0, 0, 0], 0.3, 1.0, 1.0, 6, 0.6, None),
         ("z0_clamped", [1, 0, 0, 1], 0.5, 1.0, 1.0, 3, -2.0, None),
         ("reference_point_given", [1, 0, 1, 1], 0.5, 1.0, 2.0, 0, 0.0, 0.7),
+        # TRL loss_type="apo_zero_unpaired": kto with z0 = 0 (prefloss: reference_point = 0).
+        ("apo_zero_unpaired", [1, 0, 0, 1], 0.3, 1.0, 1.5, 0, 0.0, 0.0),
     ]
     for k, (name, lab, beta, wd, wu, nk, shift, rp) in enumerate(cases):
         rng = random.Random(300 + k)
@@ -510,7 +515,8 @@ def gen_kto():
         d = torch.tensor(lab, dtype=torch.bool)
         ci = [i for i in range(B) if lab[i]]
         ri = [i for i in range(B) if not lab[i]]
-        losses_cat, cr, rj, kl = trl_kto_loss(s[ci], s[ri], kp, ref[ci], ref[ri], kr, beta, wd, wu, rp)
+        lt = "apo_zero_unpaired" if name == "apo_zero_unpaired" else "kto"
+        losses_cat, cr, rj, kl = trl_kto_loss(s[ci], s[ri], kp, ref[ci], ref[ri], kr, beta, wd, wu, rp, lt)
         loss = losses_cat.mean()
         # Back to batch order for the per-example losses.
         losses = torch.empty(B)

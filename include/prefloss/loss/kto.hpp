@@ -317,7 +317,10 @@ PREFLOSS_DETAIL_ONE_BODY auto kto_run(const In& in, const KtoOptions& opt,
 /// desirable `wd (1 - sig(b (u - z0)))`, undesirable `wu (1 - sig(b (z0 - u)))`; the batch loss
 /// is the mean over all examples of both classes. This is TRL's kto_loss (loss_type="kto"),
 /// which concatenates the weighted desirable and undesirable losses and takes their mean, with
-/// sequence log-probs summed over completion tokens (pass masked_sum expressions).
+/// sequence log-probs summed over completion tokens (pass masked_sum expressions). TRL's
+/// loss_type="apo_zero_unpaired" (KTOTrainer, trl/trainer/kto_trainer.py, f2cd577: desirable
+/// `1 - sig(b u)`, undesirable `sig(b u)`, no KL batch) is this loss with reference_point = 0
+/// and empty KL inputs.
 ///
 /// z0 = max(0, mean_j(kl_policy_j - kl_ref_j)) over the KL batch (TRL: completions paired with
 /// mismatched prompts), or opt.reference_point when set. z0 is DETACHED, as in TRL: it is a
