@@ -69,10 +69,28 @@ struct Case {
 };
 
 /// Every family the suite compares: each has a TEST_CASE below that loads golden_<family>.txt.
-const char* const families[] = {
-    "bradley_terry", "cpo",        "dpo",   "dpo_logits", "dpo_mixture", "dpo_variants",  "gae", "group_advantages",
-    "ipo",           "kl",         "kto",   "ld_dpo",     "logprobs",    "logprobs_lowp", "nll", "orpo",
-    "ppo_clip",      "ppo_logits", "simpo", "value_loss", "whiten"};
+const char* const families[] = {"advantages",
+                                "bradley_terry",
+                                "cpo",
+                                "dpo",
+                                "dpo_logits",
+                                "dpo_mixture",
+                                "dpo_variants",
+                                "gae",
+                                "group_advantages",
+                                "ipo",
+                                "kl",
+                                "kto",
+                                "ld_dpo",
+                                "logprobs",
+                                "logprobs_lowp",
+                                "nll",
+                                "orpo",
+                                "ppo_clip",
+                                "ppo_logits",
+                                "simpo",
+                                "value_loss",
+                                "whiten"};
 
 std::vector<Case> load(const std::string& family) {
   const std::string path = std::string(PREFLOSS_TEST_DATA_DIR) + "/golden_" + family + ".txt";
@@ -244,6 +262,15 @@ struct PairTokens {
   }
 };
 
+/// TRL's rewards/{chosen,rejected,margins,accuracies} of a pairwise loss against the golden record.
+template <class M>
+void compare_rewards(const Case& c, const M& m) {
+  compare(c, "reward_chosen", m.reward_chosen);
+  compare(c, "reward_rejected", m.reward_rejected);
+  compare(c, "reward_margin", m.reward_margin);
+  compare(c, "reward_accuracy", m.reward_accuracy);
+}
+
 pl::Aggregation aggregation(const std::string& s) {
   if (s == "token_mean") return pl::Aggregation::token_mean;
   if (s == "seq_mean_token_sum") return pl::Aggregation::seq_mean_token_sum;
@@ -301,10 +328,7 @@ TEST_CASE("golden: dpo vs TRL dpo_loss", "[golden][dpo]") {
       o.variant = dpo_variant(v);
       const auto r = pl::dpo(pl::masked_sum(p.xc, p.mc), pl::masked_sum(p.xr, p.mr), rc, rr, o);
       p.check(c, r);
-      compare(c, "reward_chosen", r.metrics.reward_chosen);
-      compare(c, "reward_rejected", r.metrics.reward_rejected);
-      compare(c, "reward_margin", r.metrics.reward_margin);
-      compare(c, "reward_accuracy", r.metrics.reward_accuracy);
+      compare_rewards(c, r.metrics);
     });
   }
 }
@@ -327,10 +351,7 @@ TEST_CASE("golden: every dpo variant and f-divergence vs TRL DPOTrainer._compute
       o.reference_free = c.num("reference_free") != 0;
       const auto r = pl::dpo(pl::masked_sum(p.xc, p.mc), pl::masked_sum(p.xr, p.mr), rc, rr, o);
       p.check(c, r);
-      compare(c, "reward_chosen", r.metrics.reward_chosen);
-      compare(c, "reward_rejected", r.metrics.reward_rejected);
-      compare(c, "reward_margin", r.metrics.reward_margin);
-      compare(c, "reward_accuracy", r.metrics.reward_accuracy);
+      compare_rewards(c, r.metrics);
     });
   }
 }
@@ -484,10 +505,7 @@ TEST_CASE("golden: cpo vs TRL CPOTrainer.cpo_loss (AlphaPO alpha)", "[golden][cp
       o.alpha = c.num("alpha");
       const auto check = [&](const auto& r) {
         p.check(c, r);
-        compare(c, "reward_chosen", r.metrics.reward_chosen);
-        compare(c, "reward_rejected", r.metrics.reward_rejected);
-        compare(c, "reward_margin", r.metrics.reward_margin);
-        compare(c, "reward_accuracy", r.metrics.reward_accuracy);
+        compare_rewards(c, r.metrics);
       };
       if (c.str("reduce") == "mean")
         check(pl::cpo(pl::masked_mean(p.xc, p.mc), pl::masked_mean(p.xr, p.mr), o));
@@ -1172,6 +1190,127 @@ TEST_CASE("golden: dpo_mixture and wpo_weights vs TRL _compute_loss (loss_type l
       Vec<T> tl(static_cast<long>(r.term_loss.size()));
       for (long k = 0; k < tl.size(); ++k) tl(k) = r.term_loss[static_cast<std::size_t>(k)];
       compare(c, "term_loss", tl);
+    });
+  }
+}
+
+TEST_CASE("golden: advantages and rewards vs verl core_algos, TRL GRPO scaling, Llama 2, OpenRLHF",
+          "[golden][advantages]") {
+  const auto ids_of = [](const Rec& r) {
+    Vec<std::int64_t> ids(r.size());
+    for (long k = 0; k < r.size(); ++k) ids(k) = static_cast<std::int64_t>(r.v[static_cast<std::size_t>(k)]);
+    return ids;
+  };
+  for (const Case& c : load("advantages")) {
+    const std::string& kind = c.str("kind");
+    for_types([&](auto z) {
+      using T = decltype(z);
+      if (kind == "rloo" || kind == "opo" || kind == "rfpp_baseline") {
+        const auto s = vec<T>(c.at("scores"));
+        const auto run = [&](const auto& grouping) {
+          if (kind == "rloo") {
+            Vec<T> out(s.size());
+            pl::rloo_advantages(s, grouping, out);
+            compare(c, "out", out);
+          } else if (kind == "opo") {
+            Vec<T> out(s.size());
+            pl::opo_advantages(s, vec<T>(c.at("lengths")), grouping, out);
+            compare(c, "out", out);
+          } else {
+            const auto m = mask(c.at("mask"));
+            Tok<T> out(m.dimension(0), m.dimension(1));
+            pl::reinforce_pp_baseline_advantages(s, grouping, m, pl::WhitenOptions{}, out);
+            compare_grad(c, "out", out);
+          }
+        };
+        if (c.has("group_ids"))
+          run(ids_of(c.at("group_ids")));
+        else
+          run(static_cast<long>(c.num("group_size")));
+      } else if (kind == "rfpp" || kind == "remax") {
+        const auto r = tok<T>(c.at("token_rewards"));
+        const auto m = mask(c.at("mask"));
+        Tok<T> adv(r.dimension(0), r.dimension(1)), ret(r.dimension(0), r.dimension(1));
+        if (kind == "rfpp") {
+          pl::ReinforcePPOptions o;
+          o.gamma = c.num("gamma");
+          pl::reinforce_pp_advantages(r, m, o, adv, ret);
+        } else {
+          pl::remax_advantages(r, vec<T>(c.at("baselines")), m, adv, ret);
+        }
+        compare_grad(c, "advantages", adv);
+        compare_grad(c, "returns", ret);
+      } else if (kind == "trl") {
+        const auto x = tok<T>(c.at("rewards_per_func"));
+        pl::GrpoRewardOptions o;
+        const std::string& sc = c.str("scale_rewards");
+        o.scale_rewards = sc == "group"   ? pl::RewardScaling::group
+                          : sc == "batch" ? pl::RewardScaling::batch
+                                          : pl::RewardScaling::none;
+        o.aggregation = c.str("aggregation") == "sum_then_normalize" ? pl::RewardAggregation::sum_then_normalize
+                                                                     : pl::RewardAggregation::normalize_then_sum;
+        o.reward_weights = c.at("reward_weights").v;
+        Vec<T> out(x.dimension(0));
+        pl::grpo_reward_advantages(x, static_cast<long>(c.num("num_generations")), o, out);
+        compare_grad(c, "out", out);  // exact zeros: unscorable completions and singleton groups
+      } else if (kind == "llama2") {
+        const auto h = vec<T>(c.at("helpfulness")), s = vec<T>(c.at("safety"));
+        const Rec& sr = c.at("is_safety");
+        Vec<std::uint8_t> safe(sr.size());
+        for (long k = 0; k < sr.size(); ++k) safe(k) = sr.v[static_cast<std::size_t>(k)] != 0;
+        pl::SafetyRewardOptions o;
+        o.threshold = c.num("threshold");
+        Vec<T> rc(h.size()), wh(h.size());
+        pl::llama2_safety_reward(h, s, safe, o, rc);
+        compare(c, "reward", rc);
+        pl::logit_whiten(rc, pl::WhitenOptions{}, wh);
+        compare(c, "whitened", wh);
+      } else if (kind == "best_of_n") {
+        const auto r = vec<T>(c.at("rewards"));
+        const Rec& want = c.at("best");
+        Vec<std::int64_t> best(want.size());
+        pl::best_of_n(r, static_cast<long>(c.num("group_size")), best);
+        for (long k = 0; k < best.size(); ++k)
+          CHECK(static_cast<double>(best(k)) == want.v[static_cast<std::size_t>(k)]);
+      } else if (kind == "clip") {
+        const auto r = vec<T>(c.at("rewards"));
+        pl::RewardClipOptions o;
+        o.min = c.num("min");
+        o.max = c.num("max");
+        Vec<T> out(r.size());
+        pl::clip_rewards(r, o, out);
+        compare(c, "out", out);
+      } else if (kind == "openrlhf_pair") {
+        // LogExpLoss ignores its margin argument; PairWiseLoss subtracts it: both are
+        // bradley_terry, without and with the margin.
+        const auto rc = vec<T>(c.at("r_c")), rr = vec<T>(c.at("r_r")), mg = vec<T>(c.at("margin"));
+        Vec<T> gc(rc.size()), gr(rr.size());
+        const auto check = [&](const auto& r) {
+          r.backward(gc, gr);
+          compare(c, "loss", r.loss);
+          compare(c, "losses", r.losses);
+          compare_grad(c, "grad_c", gc);
+          compare_grad(c, "grad_r", gr);
+        };
+        if (c.str("loss") == "LogExpLoss")
+          check(pl::bradley_terry(rc, rr));
+        else
+          check(pl::bradley_terry(rc, rr, mg));
+        if (c.name == "logexp_huge") CHECK(std::isinf(c.num("openrlhf_float32_loss")));
+        if (c.name == "pairwise_huge_margin") CHECK(std::isfinite(c.num("openrlhf_float32_loss")));
+      } else if (kind == "kl_ctrl") {
+        if (!std::is_same_v<T, double>) return;  // a double-only value type
+        pl::AdaptiveKLController k(c.num("init_kl_coef"), c.num("target_kl"), c.num("horizon"));
+        const Rec &kl = c.at("current_kl"), &n = c.at("n_steps");
+        Vec<double> got(kl.size());
+        for (long i = 0; i < kl.size(); ++i) {
+          k.update(kl.v[static_cast<std::size_t>(i)], static_cast<pl::Index>(n.v[static_cast<std::size_t>(i)]));
+          got(i) = k.value();
+        }
+        compare(c, "values", got);
+      } else {
+        FAIL("unknown advantages kind " << kind);
+      }
     });
   }
 }

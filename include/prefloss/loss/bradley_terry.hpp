@@ -73,7 +73,13 @@ auto bradley_terry_impl(const C& r_chosen, const R& r_rejected, const M* margin,
 
 /// @brief Bradley-Terry loss: mean over pairs of `-logsig(r_c - r_r) + k (r_c + r_r)^2`.
 ///
-/// TRL's RewardTrainer loss (k = center_coef). Metrics: PreferenceMetrics with the raw rewards
+/// TRL's RewardTrainer loss (k = center_coef). With k = 0 it is also OpenRLHF's reward-model
+/// losses (OpenRLHF/OpenRLHF, openrlhf/models/loss.py, commit 3c3be623): `PairWiseLoss`
+/// (-logsigmoid(r_c - r_r [- margin]).mean()) and `LogExpLoss`
+/// (log(1 + exp(r_r - r_c)).mean(), which takes a margin argument and ignores it: use this
+/// overload, not the margin one, to match it). Computed stably: LogExpLoss's literal form
+/// overflows in float32 once r_r - r_c > ~88.7 (OpenRLHF's float32 loss of that pair is inf;
+/// here it is ~100 for r_r - r_c = 100). Metrics: PreferenceMetrics with the raw rewards
 /// (reward_accuracy = fraction with r_c > r_r).
 /// @param r_chosen, r_rejected rewards: [batch] tensors (or sequence expressions)
 /// @throws shape_error on batch mismatch or empty batch; option_error for center_coef < 0.
@@ -82,8 +88,9 @@ auto bradley_terry(const C& r_chosen, const R& r_rejected, const BradleyTerryOpt
   return detail::bradley_terry_impl(r_chosen, r_rejected, static_cast<const C*>(nullptr), opt);
 }
 
-/// @brief Bradley-Terry loss with a per-pair margin m (Llama 2):
-/// mean of `-logsig(r_c - r_r - m) + k (r_c + r_r)^2`. The margin is a constant [batch] tensor.
+/// @brief Bradley-Terry loss with a per-pair margin m (Llama 2; OpenRLHF's PairWiseLoss with a
+/// margin when k = 0): mean of `-logsig(r_c - r_r - m) + k (r_c + r_r)^2`. The margin is a
+/// constant [batch] tensor.
 template <class C, class R, class M, class = std::enable_if_t<detail::is_tensor_v<M>>>
 auto bradley_terry(const C& r_chosen, const R& r_rejected, const M& margin, const BradleyTerryOptions& opt = {}) {
   detail::require_same_scalar<C, M>();

@@ -62,8 +62,11 @@ auto group_prologue(const char* fn, const SC& scores, O& out, const GroupOptions
 ///
 /// Per group with scores s_j (n > 1 samples): A_j = (s_j - mean) / (std + epsilon), std the
 /// unbiased standard deviation (torch.std); A_j = s_j - mean when !scale_by_std. A group of one
-/// sample uses mean 0 and std 1, as verl does (A = s / (1 + epsilon)). Arithmetic in double;
-/// out may be scores itself.
+/// sample uses mean 0 and std 1, as verl does (A = s / (1 + epsilon)). scale_by_std = false is
+/// Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): A_j = s_j - mean, as verl's
+/// norm_adv_by_std_in_grpo=False, and TRL's scale_rewards="none" for groups of two or more (TRL
+/// gives a lone sample 0, verl its score); grpo_reward_advantages() in rl/advantages.hpp has
+/// TRL's other scalings. Arithmetic in double; out may be scores itself.
 /// @param scores [batch] float/double (verl: token_level_rewards summed per sequence)
 /// @param group_size samples per prompt, >= 1, dividing the batch (any value >= 1 for an empty
 /// batch, which has no groups)
