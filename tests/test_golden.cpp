@@ -262,13 +262,41 @@ struct PairTokens {
   }
 };
 
+/// Mean over examples of |beta| (sum_t m |x_it| + |ref_i|): the magnitude of the terms of the batch
+/// mean of beta (sum_t m x_it - ref_i), which scales its float rounding when the rewards cancel.
+/// A reference-free loss ignores `ref`: pass `with_ref` false.
+template <class T>
+double reward_terms(const Tok<T>& x, const Tok<std::uint8_t>& m, const Vec<T>& ref, double beta, bool with_ref) {
+  double t = 0;
+  for (long i = 0; i < x.dimension(0); ++i) {
+    double row = with_ref ? std::fabs(static_cast<double>(ref(i))) : 0.0;
+    for (long k = 0; k < x.dimension(1); ++k)
+      if (m(i, k)) row += std::fabs(static_cast<double>(x(i, k)));
+    t += std::fabs(beta) * row;
+  }
+  return x.dimension(0) > 0 ? t / static_cast<double>(x.dimension(0)) : 0;
+}
+
 /// TRL's rewards/{chosen,rejected,margins,accuracies} of a pairwise loss against the golden record.
+/// `tc`, `tr`: reward_terms of the chosen and rejected rewards (0: judged against the value alone).
 template <class M>
-void compare_rewards(const Case& c, const M& m) {
-  compare(c, "reward_chosen", m.reward_chosen);
-  compare(c, "reward_rejected", m.reward_rejected);
-  compare(c, "reward_margin", m.reward_margin);
+void compare_rewards(const Case& c, const M& m, double tc = 0, double tr = 0) {
+  using S = decltype(m.reward_chosen);
+  const auto one = [&](const char* label, S got, double terms) {
+    compare<S>(c, label, &got, 1, c.at(label), false, terms);
+  };
+  one("reward_chosen", m.reward_chosen, tc);
+  one("reward_rejected", m.reward_rejected, tr);
+  one("reward_margin", m.reward_margin, tc + tr);
   compare(c, "reward_accuracy", m.reward_accuracy);
+}
+
+/// compare_rewards for a DPO-family loss on masked sums: rewards beta (sum_t m x - ref).
+template <class T, class M>
+void compare_dpo_rewards(const Case& c, const M& m, const PairTokens<T>& p, const Vec<T>& rc, const Vec<T>& rr,
+                         const pl::DpoOptions& o) {
+  const bool with_ref = !o.reference_free;
+  compare_rewards(c, m, reward_terms(p.xc, p.mc, rc, o.beta, with_ref), reward_terms(p.xr, p.mr, rr, o.beta, with_ref));
 }
 
 pl::Aggregation aggregation(const std::string& s) {
@@ -328,7 +356,7 @@ TEST_CASE("golden: dpo vs TRL dpo_loss", "[golden][dpo]") {
       o.variant = dpo_variant(v);
       const auto r = pl::dpo(pl::masked_sum(p.xc, p.mc), pl::masked_sum(p.xr, p.mr), rc, rr, o);
       p.check(c, r);
-      compare_rewards(c, r.metrics);
+      compare_dpo_rewards(c, r.metrics, p, rc, rr, o);
     });
   }
 }
@@ -351,7 +379,7 @@ TEST_CASE("golden: every dpo variant and f-divergence vs TRL DPOTrainer._compute
       o.reference_free = c.num("reference_free") != 0;
       const auto r = pl::dpo(pl::masked_sum(p.xc, p.mc), pl::masked_sum(p.xr, p.mr), rc, rr, o);
       p.check(c, r);
-      compare_rewards(c, r.metrics);
+      compare_dpo_rewards(c, r.metrics, p, rc, rr, o);
     });
   }
 }
