@@ -806,7 +806,8 @@ RlConfig random_config(std::mt19937& rng, Kind kind, pl::Aggregation mode) {
   c.po.clip_low = 0.1 + 0.2 * u01(rng);
   c.po.clip_high = 0.1 + 0.2 * u01(rng);
   if (coin(rng)) c.po.dual_clip = 2 + 2 * u01(rng);
-  c.po.kl_estimator = static_cast<pl::KlEstimator>(std::uniform_int_distribution<int>(0, 2)(rng));
+  c.po.kl_estimator = static_cast<pl::KlEstimator>(
+      std::uniform_int_distribution<int>(0, static_cast<int>(pl::KlEstimator::k3_plus))(rng));  // the last one
   if (kind == Kind::ppo_kl) c.po.kl_coef = 0.01 + 0.2 * u01(rng);
   if (often(rng)) {
     c.vo.clip = 0.05 + 0.45 * u01(rng);

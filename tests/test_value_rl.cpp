@@ -326,9 +326,13 @@ TEMPLATE_TEST_CASE("kl_estimate matches verl's kl_penalty and its derivative", "
       }
     }
   const double tol = std::is_same_v<S, float> ? 4e-6 : 1e-13;
-  for (const auto est : {pl::KlEstimator::k1, pl::KlEstimator::k2, pl::KlEstimator::k3})
+  for (const auto est : rlref::kl_estimators)
     for (const bool clamps : {true, false}) {
-      CAPTURE(static_cast<int>(est), clamps);
+      CAPTURE(rlref::kl_name(est), clamps);
+      // A "+" estimator's gradient is k2's (straight-through): differentiate k2's formula.
+      const bool plus =
+          est == pl::KlEstimator::k1_plus || est == pl::KlEstimator::abs_plus || est == pl::KlEstimator::k3_plus;
+      const pl::KlEstimator fd_est = plus ? pl::KlEstimator::k2 : est;
       pl::KlOptions o;
       o.estimator = est;
       if (!clamps) {
@@ -350,15 +354,15 @@ TEMPLATE_TEST_CASE("kl_estimate matches verl's kl_penalty and its derivative", "
           CHECK(std::fabs(static_cast<ld>(out(i, t)) - want) <= tol * (std::fabs(want) + 1));
           const ld h = 1e-6L;
           const ld fd =
-              (rlref::kl_ref(static_cast<ld>(lp(i, t)) + h, ref(i, t), est, o.k3_log_ratio_clamp, o.k3_clamp) -
-               rlref::kl_ref(static_cast<ld>(lp(i, t)) - h, ref(i, t), est, o.k3_log_ratio_clamp, o.k3_clamp)) /
+              (rlref::kl_ref(static_cast<ld>(lp(i, t)) + h, ref(i, t), fd_est, o.k3_log_ratio_clamp, o.k3_clamp) -
+               rlref::kl_ref(static_cast<ld>(lp(i, t)) - h, ref(i, t), fd_est, o.k3_log_ratio_clamp, o.k3_clamp)) /
               (2 * h);
           const double e = std::fabs(static_cast<double>(grad(i, t) - fd)) / (1 + std::fabs(static_cast<double>(fd)));
           max_fd = std::max(max_fd, e);
         }
       CHECK(max_fd <= (std::is_same_v<S, float> ? 4e-6 : 1e-9));
-      std::printf("kl_estimate %s k%d clamps=%d: max |grad - FD| / (1 + |FD|) = %.3g\n",
-                  std::is_same_v<S, float> ? "float" : "double", static_cast<int>(est) + 1, clamps ? 1 : 0, max_fd);
+      std::printf("kl_estimate %s %s clamps=%d: max |grad - FD| / (1 + |FD|) = %.3g\n",
+                  std::is_same_v<S, float> ? "float" : "double", rlref::kl_name(est), clamps ? 1 : 0, max_fd);
       // The estimator overload uses verl's default clamps.
       Tok<S> out2(B, T);
       pl::kl_estimate(lp, ref, mask, est, out2);
@@ -380,7 +384,8 @@ TEST_CASE("ppo_clip's KL term is kl_estimate's", "[kl][ppo]") {
     ref.data()[q] = lp.data()[q] + 2 * n(rng);
     m.data()[q] = q % 5 != 0;
   }
-  for (const auto est : {pl::KlEstimator::k1, pl::KlEstimator::k2, pl::KlEstimator::k3}) {
+  for (const auto est : rlref::kl_estimators) {
+    CAPTURE(rlref::kl_name(est));
     pl::PpoOptions o;
     o.kl_coef = 0.25;
     o.kl_estimator = est;
@@ -397,6 +402,165 @@ TEST_CASE("ppo_clip's KL term is kl_estimate's", "[kl][ppo]") {
   }
 }
 
+TEMPLATE_TEST_CASE("kl_estimate: abs and the straight-through estimators in closed form", "[kl]", float, double) {
+  using S = TestType;
+  // (logp, ref_logp), exact in float so that d = logp - ref is exact too; x = ref - logp.
+  const double tokens[][2] = {{-1.0, -1.0},      // d = 0: abs's gradient is 0
+                              {-0.5, -2.0},      // x = -1.5
+                              {-3.0, -1.0},      // x = 2
+                              {-30.0, -5.0},     // x = 25: beyond k3's log-ratio clamp 20 (and then its value clamp)
+                              {-14.0, -1.0},     // x = 13: beyond k3's value clamp 10 only (e^13 - 14)
+                              {-1.0, -26.0},     // x = -25: beyond the log-ratio clamp, kld(-20) = e^-20 + 19 > 10
+                              {-1.0, -16.0},     // x = -15: beyond the value clamp only (e^-15 + 14)
+                              {-0.25, -0.125}};  // x = 0.125
+  constexpr long n = 8;
+  // k3 in closed form with verl's clamps (+-20 on x, +-10 on the estimate), and without.
+  const ld k3_clamped[n] = {0, std::exp(-1.5L) + 0.5L, std::exp(2.0L) - 3, 10, 10, 10, 10, std::exp(0.125L) - 1.125L};
+  const ld k3_exact[n] = {0,
+                          std::exp(-1.5L) + 0.5L,
+                          std::exp(2.0L) - 3,
+                          std::exp(25.0L) - 26,
+                          std::exp(13.0L) - 14,
+                          std::exp(-25.0L) + 24,
+                          std::exp(-15.0L) + 14,
+                          std::exp(0.125L) - 1.125L};
+  // Row 0 holds every token; row 1 the same with the even columns masked out and poisoned.
+  Tok<S> lp(2, n), ref(2, n), out(2, n), grad(2, n);
+  Tok<std::uint8_t> m(2, n);
+  for (long t = 0; t < n; ++t)
+    for (long i = 0; i < 2; ++i) {
+      const bool valid = i == 0 || t % 2 == 1;
+      m(i, t) = valid;
+      lp(i, t) = valid ? static_cast<S>(tokens[t][0]) : rlref::poison<S>(t);
+      ref(i, t) = valid ? static_cast<S>(tokens[t][1]) : rlref::poison<S>(t + 1);
+    }
+  const double tol = std::is_same_v<S, float> ? 4e-6 : 1e-13;
+  for (const auto est : {pl::KlEstimator::abs, pl::KlEstimator::k1_plus, pl::KlEstimator::abs_plus,
+                         pl::KlEstimator::k3_plus, pl::KlEstimator::k3})
+    for (const bool clamps : {true, false}) {
+      CAPTURE(rlref::kl_name(est), clamps);
+      pl::KlOptions o;
+      o.estimator = est;
+      if (!clamps) {
+        o.k3_log_ratio_clamp.reset();
+        o.k3_clamp.reset();
+      }
+      out.setConstant(S(9));
+      grad.setConstant(S(9));
+      pl::kl_estimate(lp, ref, m, o, out, grad);
+      for (long i = 0; i < 2; ++i)
+        for (long t = 0; t < n; ++t) {
+          CAPTURE(i, t);
+          if (!m(i, t)) {
+            CHECK(out(i, t) == S(0));
+            CHECK(grad(i, t) == S(0));
+            continue;
+          }
+          const ld d = static_cast<ld>(tokens[t][0]) - static_cast<ld>(tokens[t][1]);
+          ld v = 0, g = 0;
+          switch (est) {
+            case pl::KlEstimator::abs:
+              v = std::fabs(d);
+              g = d > 0 ? 1 : d < 0 ? -1 : 0;
+              break;
+            case pl::KlEstimator::k1_plus:
+              v = d;
+              g = d;
+              break;
+            case pl::KlEstimator::abs_plus:
+              v = std::fabs(d);
+              g = d;
+              break;
+            case pl::KlEstimator::k3_plus:  // the clamps hold the value, never the gradient
+              v = clamps ? k3_clamped[t] : k3_exact[t];
+              g = d;
+              break;
+            default:  // k3, for contrast: its gradient is 0 where a clamp holds the value
+              v = clamps ? k3_clamped[t] : k3_exact[t];
+              g = clamps && t >= 3 && t <= 6 ? 0 : 1 - std::exp(-d);
+              break;
+          }
+          CHECK(std::fabs(static_cast<ld>(out(i, t)) - v) <= tol * (std::fabs(v) + 1));
+          if (est == pl::KlEstimator::k3) {
+            CHECK(std::fabs(static_cast<ld>(grad(i, t)) - g) <= tol * (std::fabs(g) + 1));
+          } else {
+            CHECK(static_cast<ld>(grad(i, t)) == g);  // d and sign(d) are exact in S
+          }
+        }
+    }
+}
+
+TEST_CASE("ppo_clip with kl_coef and k3_plus adds kl_coef * (logp - ref) / N to the gradient", "[kl][ppo]") {
+  const long B = 3, T = 29;
+  std::mt19937 rng(11);
+  std::normal_distribution<double> n(0.0, 1.0);
+  Tok<double> lp(B, T), old(B, T), adv(B, T), ref(B, T);
+  Tok<std::uint8_t> m(B, T);
+  for (long q = 0; q < lp.size(); ++q) {
+    lp.data()[q] = -1 + 0.3 * n(rng);
+    old.data()[q] = lp.data()[q] + 0.2 * n(rng);
+    adv.data()[q] = n(rng);
+    ref.data()[q] = lp.data()[q] + n(rng);
+    if (q % 7 == 3) ref.data()[q] = lp.data()[q] + 25;   // beyond k3's log-ratio clamp
+    if (q % 11 == 4) ref.data()[q] = lp.data()[q] - 16;  // beyond its value clamp only
+    m.data()[q] = q % 5 != 0;
+    if (!m.data()[q]) {
+      lp.data()[q] = rlref::poison<double>(q);
+      old.data()[q] = rlref::poison<double>(q + 1);
+      adv.data()[q] = rlref::poison<double>(q + 2);
+      ref.data()[q] = rlref::poison<double>(q + 3);
+    }
+  }
+  const double c = 0.3;
+  const ld u = std::numeric_limits<double>::epsilon() / 2;
+  pl::PpoOptions o0;  // token_mean: every row's scale is 1 / N
+  o0.aggregation = pl::Aggregation::token_mean;
+  o0.kl_estimator = pl::KlEstimator::k3_plus;
+  pl::PpoOptions o1 = o0;
+  o1.kl_coef = c;
+  Tok<double> g0(B, T), g1(B, T), gf(B, T);
+  const auto r0 = pl::ppo_clip(lp, old, adv, m, ref, o0);
+  r0.backward(g0);
+  const auto r1 = pl::ppo_clip(lp, old, adv, m, ref, o1);
+  r1.backward(g1);
+  const auto rf = pl::ppo_clip(lp, old, adv, m, ref, o1, gf);
+  ld N = 0, ksum = 0;
+  for (long q = 0; q < lp.size(); ++q)
+    if (m.data()[q]) {
+      N += 1;
+      ksum += rlref::kl_ref(lp.data()[q], ref.data()[q], pl::KlEstimator::k3, 20.0, 10.0);
+    }
+  REQUIRE(N > 0);
+  for (const double s : r1.row_scales()) CHECK(std::fabs(s - static_cast<double>(1 / N)) <= 1e-16);
+  long clamped = 0;
+  for (long q = 0; q < lp.size(); ++q) {
+    CAPTURE(q);
+    if (!m.data()[q]) {
+      CHECK(g1.data()[q] == 0.0);
+      CHECK(gf.data()[q] == 0.0);
+      continue;
+    }
+    const ld d = static_cast<ld>(lp.data()[q]) - ref.data()[q];
+    clamped += std::fabs(d) >= 13;
+    const ld kl_term = c * d / N, want = g0.data()[q] + kl_term;
+    // A few roundings of the two terms, which may cancel: bound by their magnitudes.
+    const ld tol = 4 * u * (std::fabs(static_cast<ld>(g0.data()[q])) + std::fabs(kl_term));
+    CHECK(std::fabs(g1.data()[q] - want) <= tol);
+    CHECK(std::fabs(gf.data()[q] - want) <= tol);
+  }
+  CHECK(clamped >= 4);  // the clamped tokens are there and carry k2's gradient
+  // The losses sum N token terms: at most N u of the sum of their magnitudes each (recursive
+  // summation's bound), the magnitudes from verl's formula in long double.
+  const auto want = rlref::ppo_ref(rlref::to_data(lp, old, adv, m, &ref), o1);
+  ld abs_terms = 0;
+  for (const ld l : want.tokens) abs_terms += std::fabs(l) / N;
+  const ld kl_mean = ksum / N, tol_loss = 2 * N * u * abs_terms;
+  CHECK(std::fabs(r1.loss - static_cast<double>(r0.loss + c * kl_mean)) <= tol_loss);
+  CHECK(std::fabs(r1.loss - want.loss) <= tol_loss);
+  CHECK(std::fabs(rf.loss - want.loss) <= tol_loss);
+  CHECK(std::fabs(r1.metrics.kl_mean - static_cast<double>(kl_mean)) <= N * u * kl_mean);
+}
+
 TEST_CASE("kl_estimate rejects bad input and writes nothing", "[kl]") {
   Tok<double> lp(2, 3), ref(2, 3), out(2, 3), bad(3, 3);
   Tok<bool> m(2, 3);
@@ -410,6 +574,10 @@ TEST_CASE("kl_estimate rejects bad input and writes nothing", "[kl]") {
   expect_throw<pl::error>([&] { pl::kl_estimate(lp, ref, m, pl::KlEstimator::k3, bad); }, "kl_estimate", {"'out'"});
   expect_throw<pl::error>([&] { pl::kl_estimate(lp, ref, m, static_cast<pl::KlEstimator>(9), out); }, "kl_estimate",
                           {"'estimator'"});
+  // One past the last enumerator, and below the first.
+  for (const int bad_est : {static_cast<int>(pl::KlEstimator::k3_plus) + 1, -1})
+    expect_throw<pl::error>([&] { pl::kl_estimate(lp, ref, m, static_cast<pl::KlEstimator>(bad_est), out); },
+                            "kl_estimate", {"'estimator'"});
   pl::KlOptions o;
   o.k3_clamp = 0.0;
   expect_throw<pl::error>([&] { pl::kl_estimate(lp, ref, m, o, out); }, "kl_estimate", {"'k3_clamp'"});

@@ -80,7 +80,7 @@ pl::PpoOptions ppo_options(Decoder& d, bool wild, bool with_ref) {
   o.dual_clip = d.flag() ? 0.0 : 3.0;
   o.aggregation = static_cast<pl::Aggregation>(d.below(4));
   o.kl_coef = with_ref ? d.pick(kl_coefs) : 0.0;  // kl_coef > 0 needs ref_logp
-  o.kl_estimator = static_cast<pl::KlEstimator>(d.below(3));
+  o.kl_estimator = static_cast<pl::KlEstimator>(d.below(enumerators(pl::KlEstimator{})));
   return o;
 }
 

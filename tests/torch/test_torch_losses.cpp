@@ -437,6 +437,39 @@ TEST_CASE("ppo_clip against verl's compute_policy_loss_vanilla and agg_loss", "[
       }
 }
 
+TEST_CASE("ppo_clip's abs and straight-through KL terms against verl's kl_penalty", "[torch][ppo][kl]") {
+  torch::manual_seed(17);
+  const int64_t B = 6, T = 23;
+  for (auto dt : real_types)
+    for (const auto& [aname, agg] : aggregations)
+      for (const auto est :
+           {pl::KlEstimator::abs, pl::KlEstimator::k1_plus, pl::KlEstimator::abs_plus, pl::KlEstimator::k3_plus})
+        for (bool weights : {false, true}) {
+          INFO(dtype_str(dt) << " " << aname << " estimator " << static_cast<int>(est)
+                             << (weights ? " float weights" : " bool mask"));
+          pl::PpoOptions o;
+          o.aggregation = agg;
+          o.kl_coef = 0.05;
+          o.kl_estimator = est;
+          const Tensor old = opts_randn({B, T}, dt) - 2;
+          const Tensor lp0 = old + 0.3 * opts_randn({B, T}, dt);
+          Tensor refl = old + 0.2 * opts_randn({B, T}, dt);
+          // Beyond k3's log-ratio clamp (x ~ 25) and its value clamp only (x ~ -16), where k3+'s
+          // value is clamped and its gradient is not; and logp == ref_logp, where abs's is 0.
+          refl.select(1, 0).copy_(lp0.select(1, 0) + 25);
+          refl.select(1, 1).copy_(lp0.select(1, 1) - 16);
+          refl.select(1, 2).copy_(lp0.select(1, 2));
+          Twin lp = twin(lp0);
+          const Tensor adv = opts_randn({B, T}, dt);
+          const Tensor bm = random_mask(B, T, 3);
+          const Tensor mask = weights ? bm.to(dt) * torch::rand({B, T}, torch::TensorOptions().dtype(dt)) : bm;
+          auto res = pt::ppo_clip(lp.ours, old, adv, mask, refl, o);
+          const Tensor rd = dbl(refl);
+          const Tensor l = ppo_token_losses(lp.ref, dbl(old), dbl(adv), &rd, o);
+          check_token(res, l, mask, agg, lp, tol_of(dt));
+        }
+}
+
 TEST_CASE("value_loss against verl's compute_value_loss", "[torch][value]") {
   torch::manual_seed(11);
   const int64_t B = 5, T = 19;

@@ -260,8 +260,13 @@ inline Tensor agg_rows(const Tensor& l, const Tensor& mask, pl::Aggregation a) {
   return {};
 }
 
-/// verl kl_penalty.
+/// verl kl_penalty (its "+" estimators straight-through, as verl writes them).
 inline Tensor kl_penalty(const Tensor& logp, const Tensor& ref, pl::KlEstimator k) {
+  const auto straight_through = [&](pl::KlEstimator base) {
+    const Tensor forward = kl_penalty(logp, ref, base);
+    const Tensor backward = 0.5 * (logp - ref).pow(2);
+    return backward - backward.detach() + forward.detach();
+  };
   switch (k) {
     case pl::KlEstimator::k1:
       return logp - ref;
@@ -271,6 +276,14 @@ inline Tensor kl_penalty(const Tensor& logp, const Tensor& ref, pl::KlEstimator 
       const Tensor kl = (ref - logp).clamp(-20, 20);
       return (torch::exp(kl) - kl - 1).clamp(-10, 10);
     }
+    case pl::KlEstimator::abs:
+      return (logp - ref).abs();
+    case pl::KlEstimator::k1_plus:
+      return straight_through(pl::KlEstimator::k1);
+    case pl::KlEstimator::abs_plus:
+      return straight_through(pl::KlEstimator::abs);
+    case pl::KlEstimator::k3_plus:
+      return straight_through(pl::KlEstimator::k3);
   }
   return {};
 }

@@ -1,7 +1,9 @@
 /// @file rl/kl.hpp
 /// Per-token KL estimators between the policy and a reference (Schulman, "Approximating KL
-/// divergence", 2020), as verl's kl_penalty computes them, with their derivatives. This is the
-/// one implementation of k1/k2/k3; ppo_clip's KL term uses it too.
+/// divergence", 2020), as verl's kl_penalty computes them, with their derivatives: k1, k2, k3,
+/// abs and the straight-through "+" estimators (a base estimator's value with k2's gradient, the
+/// unbiased gradient of the KL). This is the one implementation of them; ppo_clip's KL term uses
+/// it too.
 #pragma once
 
 #include <cmath>
@@ -21,21 +23,36 @@
 
 namespace prefloss {
 
-/// @brief KL estimator of x = ref_logp - logp (verl's kl_penalty names in parentheses).
+/// @brief KL estimator of x = ref_logp - logp, with verl's names in parentheses (kl_penalty and
+/// kl_penalty_forward in verl/trainer/ppo/core_algos.py, 1dda039).
+///
+/// The "+" estimators are verl's straight-through ones, backward_score - backward_score.detach()
+/// + forward_score.detach() with backward_score = k2: the expected k1 and k3 estimates are the KL
+/// but their expected gradients are not its gradient, k2's is. verl's "k2+" / "mse+" are k2.
+/// New enumerators go last: the values are part of the ABI of callers that store them.
 enum class KlEstimator {
-  k1,  ///< -x = logp - ref_logp ("k1", "kl"); derivative 1
-  k2,  ///< x^2 / 2 ("k2", "mse"); derivative logp - ref_logp
-  k3,  ///< exp(x) - x - 1 ("k3", "low_var_kl"); derivative 1 - exp(x), clamps below
+  k1,        ///< -x = logp - ref_logp ("k1", "kl"); derivative 1
+  k2,        ///< x^2 / 2 ("k2", "mse"); derivative logp - ref_logp
+  k3,        ///< exp(x) - x - 1 ("k3", "low_var_kl"); derivative 1 - exp(x), clamps below
+  abs,       ///< |x| = |logp - ref_logp| ("abs"); derivative sign(logp - ref_logp), 0 where equal
+  k1_plus,   ///< k1's value logp - ref_logp ("k1+", "kl+"); derivative logp - ref_logp (k2's)
+  abs_plus,  ///< abs's value |logp - ref_logp| ("abs+"); derivative logp - ref_logp (k2's)
+  k3_plus,   ///< k3's value exp(x) - x - 1, k3's clamps included ("k3+", "low_var_kl+");
+             ///< derivative logp - ref_logp (k2's) everywhere: the clamps do not gate it
 };
 
 /// @def PREFLOSS_K3_CLAMPS
 /// @brief verl's low_var_kl guards of the k3 estimator, declared once here and expanded in every
-/// options struct with a KL term (KlOptions, PpoOptions); k1 and k2 are never clamped, as in verl.
+/// options struct with a KL term (KlOptions, PpoOptions); k1, k2, abs and their "+" forms are
+/// never clamped, as in verl.
 ///
 /// - `std::optional<double> k3_log_ratio_clamp = 20`: x = ref_logp - logp is clamped to [-c, c]
-///   before exp (the gradient is 0 beyond it).
-/// - `std::optional<double> k3_clamp = 10`: the estimate is clamped to [-c, c].
+///   before exp (k3's gradient is 0 beyond it).
+/// - `std::optional<double> k3_clamp = 10`: the estimate is clamped to [-c, c] (k3's gradient is
+///   0 beyond it).
 ///
+/// Both apply to k3 and to k3_plus's value; k3_plus's gradient, logp - ref_logp, ignores them
+/// (verl detaches the clamped forward score).
 /// std::nullopt turns a clamp off for the exact estimator; when set, each must be > 0 (and finite
 /// in the token type). Direct members for C++20 designated initializers (see
 /// PREFLOSS_AGGREGATION_NORMALIZERS); the marker lets detail::kl_params accept exactly these structs.
@@ -53,7 +70,17 @@ struct KlOptions {
 namespace detail {
 
 inline bool valid_kl_estimator(KlEstimator k) noexcept {
-  return k == KlEstimator::k1 || k == KlEstimator::k2 || k == KlEstimator::k3;
+  switch (k) {
+    case KlEstimator::k1:
+    case KlEstimator::k2:
+    case KlEstimator::k3:
+    case KlEstimator::abs:
+    case KlEstimator::k1_plus:
+    case KlEstimator::abs_plus:
+    case KlEstimator::k3_plus:
+      return true;
+  }
+  return false;  // a value cast from an integer outside the enumerators
 }
 
 /// The clamps as lane constants; +inf when off (clamping to +-inf is the identity).
@@ -83,16 +110,27 @@ KlParams<S> kl_params(const Opt& opt) {
 }
 
 /// @brief One batch of KL estimates and d estimate / d logp, with torch's autograd conventions:
-/// torch.clamp passes the gradient on [lo, hi] inclusive and blocks it outside.
+/// torch.clamp passes the gradient on [lo, hi] inclusive and blocks it outside; torch.abs's
+/// gradient is sign(d), 0 at d == 0 (and at NaN).
 template <KlEstimator K, class S>
 inline ValueGrad<batch<S>> kl_token(const batch<S>& logp, const batch<S>& ref, const KlParams<S>& p) noexcept {
   using B = batch<S>;
-  if constexpr (K == KlEstimator::k1) {
+  if constexpr (K == KlEstimator::k1_plus || K == KlEstimator::abs_plus || K == KlEstimator::k3_plus) {
+    // Straight-through: the detached base value, k2's gradient.
+    constexpr KlEstimator base = K == KlEstimator::k1_plus    ? KlEstimator::k1
+                                 : K == KlEstimator::abs_plus ? KlEstimator::abs
+                                                              : KlEstimator::k3;
+    return {kl_token<base, S>(logp, ref, p).value, logp - ref};
+  } else if constexpr (K == KlEstimator::k1) {
     return {logp - ref, B(S(1))};
   } else if constexpr (K == KlEstimator::k2) {
     const B d = logp - ref;
     return {S(0.5) * (d * d), d};
+  } else if constexpr (K == KlEstimator::abs) {
+    const B d = logp - ref;
+    return {xsimd::abs(d), xsimd::select(d > B(S(0)), B(S(1)), xsimd::select(d < B(S(0)), B(S(-1)), B(S(0))))};
   } else {
+    static_assert(K == KlEstimator::k3, "prefloss: kl_token misses an estimator");
     const B x = ref - logp;
     const B xc = xsimd::min(xsimd::max(x, B(-p.x_clamp)), B(p.x_clamp));
     const B e = exp_ratio(xc);
@@ -104,7 +142,9 @@ inline ValueGrad<batch<S>> kl_token(const batch<S>& logp, const batch<S>& ref, c
   }
 }
 
-/// Calls f(std::integral_constant<KlEstimator, K>{}) for the runtime estimator.
+/// Calls f(std::integral_constant<KlEstimator, K>{}) for the runtime estimator. Callers validate
+/// it first (validate_kl); a value outside the enumerators, which they never pass, runs k3, the
+/// default estimator, rather than falling off the end without a return.
 template <class F>
 decltype(auto) with_kl_estimator(KlEstimator k, F&& f) {
   switch (k) {
@@ -112,6 +152,15 @@ decltype(auto) with_kl_estimator(KlEstimator k, F&& f) {
       return f(std::integral_constant<KlEstimator, KlEstimator::k1>{});
     case KlEstimator::k2:
       return f(std::integral_constant<KlEstimator, KlEstimator::k2>{});
+    case KlEstimator::abs:
+      return f(std::integral_constant<KlEstimator, KlEstimator::abs>{});
+    case KlEstimator::k1_plus:
+      return f(std::integral_constant<KlEstimator, KlEstimator::k1_plus>{});
+    case KlEstimator::abs_plus:
+      return f(std::integral_constant<KlEstimator, KlEstimator::abs_plus>{});
+    case KlEstimator::k3_plus:
+      return f(std::integral_constant<KlEstimator, KlEstimator::k3_plus>{});
+    case KlEstimator::k3:
     default:
       return f(std::integral_constant<KlEstimator, KlEstimator::k3>{});
   }
@@ -212,9 +261,11 @@ void kl_estimate_impl(const LP& logp, const RF& ref_logp, const MK& mask, const 
 }  // namespace detail
 
 /// @brief Per-token KL estimates k(logp, ref_logp) with x = ref_logp - logp:
-/// k1 = -x, k2 = x^2/2, k3 = exp(x) - x - 1 (verl's kl_penalty, including its low_var_kl
-/// clamps unless turned off in KlOptions). out[i,t] = 0 where the mask is 0 (masked tokens may
-/// hold inf/NaN); a float mask only selects here (nonzero = valid), it does not weight.
+/// k1 = -x, k2 = x^2/2, k3 = exp(x) - x - 1 (with its low_var_kl clamps unless turned off in
+/// KlOptions), abs = |x|; k1_plus, abs_plus and k3_plus have the value of k1, abs and k3 (k3's
+/// clamps included). verl's kl_penalty / kl_penalty_forward (verl/trainer/ppo/core_algos.py,
+/// 1dda039). out[i,t] = 0 where the mask is 0 (masked tokens may hold inf/NaN); a float mask
+/// only selects here (nonzero = valid), it does not weight.
 /// @param logp, ref_logp row-major [batch, tokens] tensors or maps of float, double,
 /// Eigen::bfloat16 or Eigen::half: one type, or a mix of float, bf16 and half computed in float;
 /// or both pl::packed(values, cu_seqlens) with the same offsets
@@ -239,8 +290,10 @@ void kl_estimate(const LP& logp, const RF& ref_logp, const MK& mask, KlEstimator
 }
 
 /// @brief kl_estimate that also writes grad_out[i,t] = d k / d logp[i,t] (torch autograd of
-/// verl's formula: 1 for k1, logp - ref_logp for k2, 1 - exp(x) for k3 and 0 where a k3 clamp
-/// is active; 0 at masked-out tokens).
+/// verl's formula: 1 for k1; logp - ref_logp for k2; 1 - exp(x) for k3 and 0 where a k3 clamp
+/// is active; sign(logp - ref_logp) for abs, 0 at logp == ref_logp; logp - ref_logp for
+/// k1_plus, abs_plus and k3_plus, k3_plus's included where a k3 clamp holds its value, since
+/// the straight-through estimate detaches the clamped value; 0 at masked-out tokens).
 template <class LP, class RF, class MK, class O, class G>
 void kl_estimate(const LP& logp, const RF& ref_logp, const MK& mask, const KlOptions& opt, O&& out, G&& grad_out) {
   detail::kl_estimate_impl(logp, ref_logp, mask, opt, std::forward<O>(out), &grad_out);
