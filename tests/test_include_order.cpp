@@ -30,6 +30,16 @@ TEST_CASE("prefloss after Eigen: the kernels build warning-free and compute", "[
   const auto p = pl::ppo_clip(lp, lp, adv, m, lp, pl::PpoOptions{}, g);
   CHECK(p.loss == Approx(-1.0).epsilon(1e-6));
   CHECK(g(0, 0) == Approx(-1.0 / (B * T)).epsilon(1e-6));
+  // The other policy losses at ratio 1, A = 1: sapo -(4 / tau) sigmoid(0) = -2 (tau_pos = 1),
+  // gradient -4 s (1 - s) r = -1 a token; cispo and gpg -logp = 0.5, gradient -1 a token.
+  pl::SapoOptions so;
+  so.aggregation = pl::Aggregation::token_mean;
+  CHECK(pl::sapo(lp, lp, adv, m, so, g).loss == Approx(-2.0).epsilon(1e-6));
+  CHECK(g(1, 7) == Approx(-1.0 / (B * T)).epsilon(1e-6));
+  CHECK(pl::cispo(lp, lp, adv, m, pl::CispoOptions{}, g).loss == Approx(0.5).epsilon(1e-6));
+  CHECK(g(2, 36) == Approx(-1.0 / (B * T)).epsilon(1e-6));
+  CHECK(pl::gpg(lp, lp, adv, m, pl::GpgOptions{}, g).loss == Approx(0.5).epsilon(1e-6));
+  CHECK(g(0, 1) == Approx(-1.0 / (B * T)).epsilon(1e-6));
   pl::kl_estimate(lp, lp, m, pl::KlOptions{}, g);
   CHECK(g(2, 3) == 0.f);
   float x[40] = {}, y[40] = {};

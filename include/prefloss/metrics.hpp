@@ -43,7 +43,8 @@ inline double mean_or_zero(double sum, double count) noexcept { return count != 
 /// computes from it with the same finalize (`r.metrics` is `r.metric_sums.metrics()`, bit for
 /// bit). The entries of each family are named by `Entries` (PreferenceMetricEntries,
 /// OrpoMetricEntries, RankingMetricEntries, NllMetricEntries, KtoMetricEntries,
-/// PpoMetricEntries, ValueMetricEntries), so one entry can be read as
+/// PpoMetricEntries, ValueMetricEntries, CispoMetricEntries, SapoMetricEntries,
+/// GpgMetricEntries), so one entry can be read as
 /// `r.metric_sums.sums[pl::PpoMetricEntries::weight]`.
 ///
 /// The sums are double whatever the loss's scalar type: counts in them are exact up to 2^53,
