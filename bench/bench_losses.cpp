@@ -6,6 +6,8 @@
 //                 threshold as the losses use; what a one-pass loss could reach at best
 //   ppo_fwd_bwd   ppo_clip(logp, old, adv, mask) then backward(g)      (two passes)
 //   ppo_fused     ppo_clip(logp, old, adv, mask, opt, g)                (one pass)
+//   gspo_fused    ppo_fused with importance_level sequence: each row's log-ratio pass, then the
+//                 fused pass (the row is re-read, from cache at 8192 tokens a row)
 //
 //   build/bench/bench_losses                      all sizes (tokens per side 1e3 .. 1e8)
 //   build/bench/bench_losses --prefloss_quick     up to 4Mi tokens
@@ -101,7 +103,7 @@ void BM_rw_floor(benchmark::State& st, std::int64_t batch) {
 
 enum class PpoMode { two_pass, fused };
 
-template <class S, PpoMode Mode>
+template <class S, PpoMode Mode, bool Sequence = false>
 void BM_ppo(benchmark::State& st, std::int64_t batch) {
   using M = std::uint8_t;
   const std::int64_t n = st.range(0);
@@ -114,6 +116,7 @@ void BM_ppo(benchmark::State& st, std::int64_t batch) {
   const pb::TokenMap<const S> oldm(old.data(), batch, lp.tokens), advm(adv.data(), batch, lp.tokens);
   pb::TokenMap<S> gm(g.data(), batch, lp.tokens);
   prefloss::PpoOptions opt;
+  if (Sequence) opt.importance_level = prefloss::ImportanceLevel::sequence;
   for (auto _ : st) {
     if constexpr (Mode == PpoMode::two_pass) {
       auto res = prefloss::ppo_clip(lp.values(), oldm, advm, lp.masks(), opt);
@@ -167,6 +170,9 @@ PREFLOSS_BENCH_REGISTER(register_losses) {
       256);
   pb::add(
       "ppo_fwd_bwd/f32_u8/B256", [](benchmark::State& st) { BM_ppo<float, PpoMode::two_pass>(st, 256); },
+      {2097152, 2097152}, 256);
+  pb::add(
+      "gspo_fused/f32_u8/B256", [](benchmark::State& st) { BM_ppo<float, PpoMode::fused, true>(st, 256); },
       {2097152, 2097152}, 256);
   using bf16 = Eigen::bfloat16;
   pb::add(

@@ -106,13 +106,20 @@ inline ld aggregate(const Data& d, const std::vector<ld>& l, pl::Aggregation mod
 
 inline ld clampl(ld x, ld lo, ld hi) { return std::min(std::max(x, lo), hi); }
 
-/// verl's kl_penalty_forward for one token.
+/// verl's kl_penalty_forward for one token: a "+" estimator's value is its base's (the forward
+/// score), only its gradient differs (kl_grad_ref).
 inline ld kl_ref(ld logp, ld ref, pl::KlEstimator k, std::optional<double> x_clamp, std::optional<double> v_clamp) {
   switch (k) {
     case pl::KlEstimator::k1:
+    case pl::KlEstimator::k1_plus:
       return logp - ref;
     case pl::KlEstimator::k2:
       return 0.5L * (logp - ref) * (logp - ref);
+    case pl::KlEstimator::abs:
+    case pl::KlEstimator::abs_plus:
+      return std::fabs(logp - ref);
+    case pl::KlEstimator::k3:
+    case pl::KlEstimator::k3_plus:
     default: {
       ld x = ref - logp;
       if (x_clamp) x = clampl(x, -*x_clamp, *x_clamp);
@@ -123,25 +130,94 @@ inline ld kl_ref(ld logp, ld ref, pl::KlEstimator k, std::optional<double> x_cla
   }
 }
 
+/// d kl_penalty / d logp for one token in closed form, as torch autograd takes it: torch.clamp
+/// passes the gradient on [lo, hi] inclusive, torch.abs's is sign(d) (0 at 0), and a "+"
+/// estimator's is k2's, logp - ref (verl detaches its clamped forward score).
+inline ld kl_grad_ref(ld logp, ld ref, pl::KlEstimator k, std::optional<double> x_clamp,
+                      std::optional<double> v_clamp) {
+  const ld d = logp - ref;
+  switch (k) {
+    case pl::KlEstimator::k1:
+      return 1;
+    case pl::KlEstimator::k2:
+    case pl::KlEstimator::k1_plus:
+    case pl::KlEstimator::abs_plus:
+    case pl::KlEstimator::k3_plus:
+      return d;
+    case pl::KlEstimator::abs:
+      return d > 0 ? 1 : d < 0 ? -1 : 0;
+    case pl::KlEstimator::k3:
+    default: {
+      const ld x = -d;
+      if (x_clamp && std::fabs(x) > *x_clamp) return 0;
+      const ld kld = std::exp(x) - x - 1;
+      if (v_clamp && std::fabs(kld) > *v_clamp) return 0;
+      return 1 - std::exp(x);
+    }
+  }
+}
+
+/// Every KlEstimator in declaration order, and verl's kl_penalty name of each.
+inline constexpr pl::KlEstimator kl_estimators[] = {
+    pl::KlEstimator::k1,      pl::KlEstimator::k2,       pl::KlEstimator::k3,     pl::KlEstimator::abs,
+    pl::KlEstimator::k1_plus, pl::KlEstimator::abs_plus, pl::KlEstimator::k3_plus};
+inline const char* kl_name(pl::KlEstimator k) {
+  switch (k) {
+    case pl::KlEstimator::k1:
+      return "k1";
+    case pl::KlEstimator::k2:
+      return "k2";
+    case pl::KlEstimator::k3:
+      return "k3";
+    case pl::KlEstimator::abs:
+      return "abs";
+    case pl::KlEstimator::k1_plus:
+      return "k1+";
+    case pl::KlEstimator::abs_plus:
+      return "abs+";
+    case pl::KlEstimator::k3_plus:
+      return "k3+";
+  }
+  return "?";
+}
+
 struct PpoRef {
   ld loss = 0;
   std::vector<ld> rows, tokens;  // per-row contributions, per-token losses
   ld clip = 0, clip_low = 0, approx_kl = 0, ratio_mean = 0, ratio_max = 0, kl_mean = 0, weight = 0;
 };
 
-/// verl compute_policy_loss_vanilla (+ kl_coef * kl_penalty) token by token, then agg_loss.
+/// verl compute_policy_loss_vanilla (+ kl_coef * kl_penalty) token by token, then agg_loss; with
+/// importance_level sequence every token of a row takes the row's mean log-ratio
+/// sum w (logp - old) / max(W, 1) (GSPO as TRL writes it: a function of every token of the row,
+/// so finite differences of this loss see the gradient through the mean), with delta TRL's
+/// -A min(r, delta) as the first branch.
 inline PpoRef ppo_ref(const Data& d, const pl::PpoOptions& o) {
   std::vector<ld> l(d.x0.size(), 0);
   PpoRef r;
   ld cl = 0, cll = 0, akl = 0, rs = 0, klm = 0;
   r.ratio_max = -std::numeric_limits<ld>::infinity();
+  std::vector<ld> row_log_ratio(static_cast<std::size_t>(d.B), 0);
+  if (o.importance_level == pl::ImportanceLevel::sequence)
+    for (long i = 0; i < d.B; ++i) {
+      ld sum = 0, w = 0;
+      for (long t = 0; t < d.T; ++t) {
+        const std::size_t k = d.at(i, t);
+        if (!d.sel[k]) continue;
+        sum += d.w[k] * (d.x0[k] - d.x1[k]);
+        w += d.w[k];
+      }
+      row_log_ratio[static_cast<std::size_t>(i)] = sum / std::max(w, 1.0L);
+    }
   for (std::size_t k = 0; k < l.size(); ++k) {
     if (!d.sel[k]) continue;
     const ld A = d.x2[k];
-    ld nak = d.x0[k] - d.x1[k];
+    const ld token_log_ratio = d.x0[k] - d.x1[k];
+    ld nak = o.importance_level == pl::ImportanceLevel::sequence ? row_log_ratio[k / static_cast<std::size_t>(d.T)]
+                                                                 : token_log_ratio;
     if (o.log_ratio_clamp) nak = clampl(nak, -*o.log_ratio_clamp, *o.log_ratio_clamp);
     const ld ratio = std::exp(nak);
-    const ld l1 = -A * ratio;
+    const ld l1 = -A * (o.delta ? std::min(ratio, static_cast<ld>(*o.delta)) : ratio);
     const ld l2 = -A * clampl(ratio, 1 - static_cast<ld>(o.clip_low), 1 + static_cast<ld>(o.clip_high));
     const ld c1 = std::max(l1, l2);
     ld pg = c1;
@@ -153,13 +229,14 @@ inline PpoRef ppo_ref(const Data& d, const pl::PpoOptions& o) {
     }
     ld kl = 0;
     if (d.has_x3) kl = kl_ref(d.x0[k], d.x3[k], o.kl_estimator, o.k3_log_ratio_clamp, o.k3_clamp);
+    if (o.bias_corrected_kl) kl *= ratio;  // TRL use_bias_correction_kl: per_token_kl * coef_1
     if (o.kl_coef != 0) pg += static_cast<ld>(o.kl_coef) * kl;
     l[k] = pg;
     const ld w = d.w[k];
     r.weight += w;
     cl += w * (l2 > l1 ? 1 : 0);
     cll += w * (low ? 1 : 0);
-    akl += w * -nak;
+    akl += w * -(o.importance_level == pl::ImportanceLevel::sequence ? token_log_ratio : nak);
     rs += w * ratio;
     klm += w * kl;
     r.ratio_max = std::max(r.ratio_max, ratio);

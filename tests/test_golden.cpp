@@ -69,27 +69,18 @@ struct Case {
 };
 
 /// Every family the suite compares: each has a TEST_CASE below that loads golden_<family>.txt.
-const char* const families[] = {"advantages",
-                                "bradley_terry",
-                                "cpo",
-                                "dpo",
-                                "dpo_logits",
-                                "dpo_mixture",
-                                "dpo_variants",
-                                "gae",
-                                "group_advantages",
-                                "ipo",
-                                "kl",
-                                "kto",
-                                "ld_dpo",
-                                "logprobs",
-                                "logprobs_lowp",
-                                "nll",
-                                "orpo",
-                                "ppo_clip",
-                                "ppo_logits",
-                                "simpo",
-                                "value_loss",
+const char* const families[] = {"advantages",    "bradley_terry",
+                                "cpo",           "dpo",
+                                "dpo_logits",    "dpo_mixture",
+                                "dpo_variants",  "gae",
+                                "gmpo",          "group_advantages",
+                                "ipo",           "kl",
+                                "kto",           "ld_dpo",
+                                "logprobs",      "logprobs_lowp",
+                                "nll",           "orpo",
+                                "policy_losses", "ppo_clip",
+                                "ppo_logits",    "rollout_correction",
+                                "simpo",         "value_loss",
                                 "whiten"};
 
 std::vector<Case> load(const std::string& family) {
@@ -335,6 +326,10 @@ pl::KlEstimator estimator(const std::string& s) {
   if (s == "k1") return pl::KlEstimator::k1;
   if (s == "k2") return pl::KlEstimator::k2;
   if (s == "k3") return pl::KlEstimator::k3;
+  if (s == "abs") return pl::KlEstimator::abs;
+  if (s == "k1+") return pl::KlEstimator::k1_plus;
+  if (s == "abs+") return pl::KlEstimator::abs_plus;
+  if (s == "k3+") return pl::KlEstimator::k3_plus;
   throw std::runtime_error("unknown estimator " + s);
 }
 
@@ -585,7 +580,7 @@ TEST_CASE("golden: nll vs torch masked means", "[golden][nll]") {
 
 // ---- RL -----------------------------------------------------------------------------------------
 
-TEST_CASE("golden: ppo_clip vs verl compute_policy_loss + agg_loss", "[golden][ppo]") {
+TEST_CASE("golden: ppo_clip vs verl compute_policy_loss(_gspo) + agg_loss and TRL GRPO loss types", "[golden][ppo]") {
   for (const Case& c : load("ppo_clip")) {
     for_types([&](auto z) {
       using T = decltype(z);
@@ -597,6 +592,19 @@ TEST_CASE("golden: ppo_clip vs verl compute_policy_loss + agg_loss", "[golden][p
       o.clip_high = c.num("clip_high");
       o.dual_clip = c.num("dual_clip");
       o.aggregation = aggregation(c.str("aggregation"));
+      // GSPO and TRL's loss types (absent from the verl cases: their defaults)
+      if (c.s.count("importance_level")) {
+        const std::string& level = c.str("importance_level");
+        REQUIRE((level == "token" || level == "sequence"));
+        o.importance_level = level == "sequence" ? pl::ImportanceLevel::sequence : pl::ImportanceLevel::token;
+      }
+      if (c.has("log_ratio_clamp"))
+        o.log_ratio_clamp = c.num("log_ratio_clamp");
+      else if (c.s.count("log_ratio_clamp") && c.str("log_ratio_clamp") == "none")
+        o.log_ratio_clamp = std::nullopt;
+      if (c.has("delta")) o.delta = c.num("delta");
+      if (c.has("bias_corrected_kl")) o.bias_corrected_kl = c.num("bias_corrected_kl") != 0;
+      if (c.has("token_count")) o.token_count = c.num("token_count");
       const bool kl = c.str("kl_estimator") != "none";  // anything else must be an estimator name
       if (kl) {
         o.kl_estimator = estimator(c.str("kl_estimator"));
@@ -618,6 +626,31 @@ TEST_CASE("golden: ppo_clip vs verl compute_policy_loss + agg_loss", "[golden][p
         check(pl::ppo_clip(lp, old, adv, m, ref, o), pl::ppo_clip(lp, old, adv, m, ref, o, gf));
       else
         check(pl::ppo_clip(lp, old, adv, m, o), pl::ppo_clip(lp, old, adv, m, o, gf));
+    });
+  }
+}
+
+TEST_CASE("golden: gmpo vs verl compute_policy_loss_geo_mean", "[golden][gmpo]") {
+  for (const Case& c : load("gmpo")) {
+    for_types([&](auto z) {
+      using T = decltype(z);
+      const auto lp = tok<T>(c.at("logp")), old = tok<T>(c.at("old_logp")), adv = tok<T>(c.at("advantages"));
+      const auto m = mask(c.at("mask"));
+      pl::GmpoOptions o;
+      o.clip_low = c.num("clip_low");
+      o.clip_high = c.num("clip_high");
+      Tok<T> g(lp.dimension(0), lp.dimension(1)), gf(lp.dimension(0), lp.dimension(1));
+      const auto r = pl::gmpo(lp, old, adv, m, o);
+      r.backward(g);
+      const auto fused = pl::gmpo(lp, old, adv, m, o, gf);
+      compare(c, "loss", r.loss);
+      compare(c, "losses", r.losses);
+      compare_grad(c, "grad", g);
+      compare(c, "clip_fraction", r.metrics.clip_fraction);
+      compare(c, "clip_fraction_low", r.metrics.clip_fraction_low);
+      compare(c, "approx_kl", r.metrics.approx_kl);
+      compare(c, "loss", fused.loss);
+      compare_grad(c, "grad", gf);
     });
   }
 }
@@ -645,6 +678,64 @@ TEST_CASE("golden: value_loss vs verl compute_value_loss", "[golden][value]") {
   }
 }
 
+TEST_CASE("golden: cispo, sapo, gpg vs verl compute_policy_loss_cispo/_sapo/_gpg and TRL GRPO cispo/sapo",
+          "[golden][policy]") {
+  for (const Case& c : load("policy_losses")) {
+    for_types([&](auto z) {
+      using T = decltype(z);
+      const auto lp = tok<T>(c.at("logp")), old = tok<T>(c.at("old_logp")), adv = tok<T>(c.at("advantages"));
+      const auto m = mask(c.at("mask"));
+      const std::string& loss = c.str("loss");
+      REQUIRE((loss == "cispo" || loss == "sapo" || loss == "gpg"));
+      // verl's cases record its clamp at 20, TRL's "none"; gpg has no ratio.
+      const auto clamp_of = [&]() -> std::optional<double> {
+        if (c.has("log_ratio_clamp")) return c.num("log_ratio_clamp");
+        REQUIRE(c.str("log_ratio_clamp") == "none");
+        return std::nullopt;
+      };
+      Tok<T> g(lp.dimension(0), lp.dimension(1)), gf(lp.dimension(0), lp.dimension(1));
+      const auto check = [&](const auto& r, const auto& fused) {
+        r.backward(g);
+        compare(c, "loss", r.loss);
+        compare(c, "losses", r.losses);
+        compare_grad(c, "grad", g);
+        compare(c, "approx_kl", r.metrics.approx_kl);
+        compare(c, "loss", fused.loss);  // the fused pass gives the same numbers
+        compare(c, "losses", fused.losses);
+        compare_grad(c, "grad", gf);
+      };
+      if (loss == "cispo") {
+        pl::CispoOptions o;
+        o.aggregation = aggregation(c.str("aggregation"));
+        o.clip_low = c.num("clip_low");
+        o.clip_high = c.num("clip_high");
+        o.log_ratio_clamp = clamp_of();
+        if (c.has("token_count")) o.token_count = c.num("token_count");
+        const auto r = pl::cispo(lp, old, adv, m, o);
+        check(r, pl::cispo(lp, old, adv, m, o, gf));
+        compare(c, "clip_fraction", r.metrics.clip_fraction);
+        compare(c, "clip_fraction_high", r.metrics.clip_fraction_high);
+        compare(c, "ratio_mean", r.metrics.ratio_mean);
+        compare(c, "ratio_max", r.metrics.ratio_max);
+      } else if (loss == "sapo") {
+        pl::SapoOptions o;
+        o.aggregation = aggregation(c.str("aggregation"));
+        o.tau_pos = c.num("tau_pos");
+        o.tau_neg = c.num("tau_neg");
+        o.log_ratio_clamp = clamp_of();
+        const auto r = pl::sapo(lp, old, adv, m, o);
+        check(r, pl::sapo(lp, old, adv, m, o, gf));
+        compare(c, "ratio_mean", r.metrics.ratio_mean);
+        compare(c, "ratio_max", r.metrics.ratio_max);
+      } else {
+        pl::GpgOptions o;
+        o.aggregation = aggregation(c.str("aggregation"));
+        check(pl::gpg(lp, old, adv, m, o), pl::gpg(lp, old, adv, m, o, gf));
+      }
+    });
+  }
+}
+
 TEST_CASE("golden: kl_estimate vs verl kl_penalty", "[golden][kl]") {
   for (const Case& c : load("kl")) {
     for_types([&](auto z) {
@@ -657,6 +748,63 @@ TEST_CASE("golden: kl_estimate vs verl kl_penalty", "[golden][kl]") {
       pl::kl_estimate(lp, ref, m, o, out, g);
       compare_grad(c, "out", out);
       compare_grad(c, "grad", g);
+    });
+  }
+}
+
+TEST_CASE("golden: rollout_is_weights vs verl rollout_corr_helper and TRL vllm_importance_sampling",
+          "[golden][rollout_correction]") {
+  const std::map<std::string, pl::RolloutIsLevel> levels = {{"none", pl::RolloutIsLevel::none},
+                                                            {"token", pl::RolloutIsLevel::token},
+                                                            {"sequence", pl::RolloutIsLevel::sequence}};
+  const std::map<std::string, pl::RolloutRs> rs = {{"none", pl::RolloutRs::none},
+                                                   {"token_k1", pl::RolloutRs::token_k1},
+                                                   {"token_k2", pl::RolloutRs::token_k2},
+                                                   {"token_k3", pl::RolloutRs::token_k3},
+                                                   {"seq_sum_k1", pl::RolloutRs::seq_sum_k1},
+                                                   {"seq_sum_k2", pl::RolloutRs::seq_sum_k2},
+                                                   {"seq_sum_k3", pl::RolloutRs::seq_sum_k3},
+                                                   {"seq_mean_k1", pl::RolloutRs::seq_mean_k1},
+                                                   {"seq_mean_k2", pl::RolloutRs::seq_mean_k2},
+                                                   {"seq_mean_k3", pl::RolloutRs::seq_mean_k3},
+                                                   {"seq_max_k2", pl::RolloutRs::seq_max_k2},
+                                                   {"seq_max_k3", pl::RolloutRs::seq_max_k3}};
+  for (const Case& c : load("rollout_correction")) {
+    for_types([&](auto z) {
+      using T = decltype(z);
+      const auto old = tok<T>(c.at("old_logp")), roll = tok<T>(c.at("rollout_logp"));
+      const auto m = mask(c.at("mask"));
+      pl::RolloutIsOptions o;
+      o.level = levels.at(c.str("level"));
+      o.bound = c.str("bound") == "mask" ? pl::RolloutIsBound::mask : pl::RolloutIsBound::truncate;
+      o.upper = c.num("upper");
+      o.lower = c.num("lower");
+      o.batch_normalize = c.num("batch_normalize") != 0;
+      o.log_ratio_clamp = std::nullopt;
+      if (c.str("log_ratio_clamp") != "none")
+        o.log_ratio_clamp = std::strtod(c.str("log_ratio_clamp").c_str(), nullptr);
+      o.rs = rs.at(c.str("rs"));
+      if (c.has("rs_upper")) o.rs_upper = c.num("rs_upper");
+      if (c.has("rs_lower")) o.rs_lower = c.num("rs_lower");
+      Tok<T> w(old.dimension(0), old.dimension(1)), keep(old.dimension(0), old.dimension(1));
+      const pl::RolloutIsMetrics r = pl::rollout_is_weights(old, roll, m, o, w, keep);
+      compare_grad(c, "weights", w);
+      compare_grad(c, "keep", keep);
+      // Metrics are double whatever T; the inputs are the same float32-exact values in both runs.
+      const std::pair<const char*, double> metrics[] = {{"weight_mean", r.weight_mean},
+                                                        {"weight_max", r.weight_max},
+                                                        {"weight_min", r.weight_min},
+                                                        {"ratio_mean", r.ratio_mean},
+                                                        {"ratio_max", r.ratio_max},
+                                                        {"truncated_fraction", r.truncated_fraction},
+                                                        {"masked_fraction", r.masked_fraction},
+                                                        {"rs_masked_fraction", r.rs_masked_fraction},
+                                                        {"rs_seq_masked_fraction", r.rs_seq_masked_fraction},
+                                                        {"batch_norm_factor", r.batch_norm_factor},
+                                                        {"valid_tokens", r.valid_tokens},
+                                                        {"kept_tokens", r.kept_tokens},
+                                                        {"kept_rows", r.kept_rows}};
+      for (const auto& [label, got] : metrics) compare<T>(c, label, &got, 1, c.at(label));
     });
   }
 }

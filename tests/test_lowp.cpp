@@ -464,6 +464,43 @@ TEMPLATE_TEST_CASE("lowp: ppo_clip with 16-bit log-probs against the long-double
       }
 }
 
+// The row pass reads a 16-bit row in the chunks its streaming pass converts: a row within one
+// chunk sums its log-ratios exactly as the float call does; a longer row merges its chunk sums in
+// double, so its mean log-ratio may differ from the float call's in the last float bit.
+TEST_CASE("lowp: ppo_clip at sequence level is the float call on the converted inputs", "[lowp][ppo][gspo]") {
+  for (const long T_ : {37L, 1024L, 2100L}) {
+    CAPTURE(T_);
+    const Ppo16<BF, BF, BF, BF, std::uint8_t> c(4, T_, 41);
+    pl::PpoOptions o;
+    o.importance_level = pl::ImportanceLevel::sequence;
+    // A row's mean log-ratio has a spread of about 0.33 / sqrt(T): clips this tight bind.
+    o.clip_low = 0.1 / std::sqrt(static_cast<double>(T_));
+    o.clip_high = o.clip_low;
+    Tok<BF> g(4, T_);
+    const auto r = pl::ppo_clip(c.lp, c.old, c.adv, c.mask, o, g);
+    const Tok<float> lp = to_float_tok(c.lp), old = to_float_tok(c.old), adv = to_float_tok(c.adv);
+    Tok<float> g32(4, T_);
+    const auto f = pl::ppo_clip(lp, old, adv, c.mask, o, g32);
+    CHECK(r.metrics.clip_fraction > 0);
+    if (T_ <= pl::detail::lowp_chunk) {
+      CHECK(bits32(r.loss) == bits32(f.loss));
+      CHECK(bits32(r.metrics.ratio_mean) == bits32(f.metrics.ratio_mean));
+      long bad = 0;
+      for (long k = 0; k < g.size(); ++k) bad += bits16(g.data()[k]) != bits16(BF(g32.data()[k]));
+      CHECK(bad == 0);
+    } else {
+      // One float ulp in a row's mean log-ratio moves its ratio by <= 2^-23 (relative) and the
+      // loss and gradient with it; a gradient may then round to the neighbouring bf16.
+      double abs_sum = 0;
+      for (long i = 0; i < 4; ++i) abs_sum += std::fabs(static_cast<double>(f.losses(i)));
+      CHECK(std::fabs(static_cast<double>(r.loss) - f.loss) <= 4e-7 * abs_sum);
+      long worst = 0;
+      for (long k = 0; k < g.size(); ++k) worst = std::max(worst, ulp16(g.data()[k], BF(g32.data()[k])));
+      CHECK(worst <= 1);
+    }
+  }
+}
+
 TEST_CASE("lowp: ppo_clip with mixed float / bf16 / half inputs", "[lowp][ppo]") {
   for (const long T_ : {37L, 1500L}) {
     // bf16 log-probs with float advantages (the common trainer layout), half old log-probs.
@@ -627,8 +664,8 @@ TEMPLATE_TEST_CASE("lowp: dpo (two-pass and fused) over 16-bit masked sums", "[l
 TEMPLATE_TEST_CASE("lowp: kl_estimate over 16-bit log-probs", "[lowp][kl]", BF, HF) {
   const Ppo16<TestType, TestType, TestType, TestType, std::uint8_t> c(3, 1100, 61);
   const Tok<float> lp = to_f(c.lp), ref = to_f(c.ref);
-  for (const auto est : {pl::KlEstimator::k1, pl::KlEstimator::k2, pl::KlEstimator::k3}) {
-    CAPTURE(static_cast<int>(est));
+  for (const auto est : rlref::kl_estimators) {
+    CAPTURE(rlref::kl_name(est));
     pl::KlOptions o;
     o.estimator = est;
     Tok<float> out_f(3, 1100);
@@ -644,11 +681,12 @@ TEMPLATE_TEST_CASE("lowp: kl_estimate over 16-bit log-probs", "[lowp][kl]", BF, 
         }
         const ld x = lp(i, t), r = ref(i, t);
         const ld k = rlref::kl_ref(x, r, est, o.k3_log_ratio_clamp, o.k3_clamp);
-        const ld dk = est == pl::KlEstimator::k1 ? 1 : est == pl::KlEstimator::k2 ? x - r : 1 - std::exp(r - x);
+        const ld dk = rlref::kl_grad_ref(x, r, est, o.k3_log_ratio_clamp, o.k3_clamp);
         // k3 = e^y - y - 1 cancels for small y: its float error is ~2 eps_f (e^y + |y| + 1).
         const ld tol = 4e-7L * (std::fabs(k) + std::exp(r - x) + std::fabs(r - x) + 1);
         bad_f += std::fabs(out_f(i, t) - k) > tol;
-        if (est != pl::KlEstimator::k3 || std::fabs(k) > 1e-2L)  // away from k3's cancellation
+        const bool k3_value = est == pl::KlEstimator::k3 || est == pl::KlEstimator::k3_plus;
+        if (!k3_value || std::fabs(k) > 1e-2L)  // away from k3's cancellation
           worst = std::max(worst, ulp16(out_h(i, t), round_ref<TestType>(k)));
         worst = std::max(worst, ulp16(g(i, t), round_ref<TestType>(dk)));
       }

@@ -317,43 +317,45 @@ void ppo_case(unsigned seed) {
   };
   const pl::Aggregation modes[] = {pl::Aggregation::token_mean, pl::Aggregation::seq_mean_token_sum,
                                    pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm};
-  for (const auto mode : modes) {
-    pl::PpoOptions o;
-    o.aggregation = mode;
-    o.dual_clip = 3;
-    o.clip_high = 0.28;
-    if (mode == pl::Aggregation::seq_mean_token_sum_norm) o.token_sum_norm = 300.0;
-    CAPTURE(static_cast<int>(mode));
-    // No reference: forward, backward, fused.
-    const auto a = pl::ppo_clip(P(0), P(1), P(2), pm, o);
-    const auto b = pl::ppo_clip(c.pad[0], c.pad[1], c.pad[2], c.mpad, o);
-    check_result<S, M>(a, b, c.B);
-    check_ppo_metrics<S, M>(a.metrics, b.metrics);
-    Flat<S> g(c.N);
-    Tok<S> q(c.B, c.T);
-    a.backward(g);
-    b.backward(q);
-    check_grad(g, q);
-    Flat<S> gf(c.N);
-    const auto af = pl::ppo_clip(P(0), P(1), P(2), pm, o, gf);
-    check_result<S, M>(af, b, c.B);
-    check_ppo_metrics<S, M>(af.metrics, b.metrics);
-    check_grad(gf, q);
-    // With a reference and a KL term; the fused form into pl::packed(out, cu).
-    o.kl_coef = 0.05;
-    o.kl_estimator = pl::KlEstimator::k3;
-    const auto ar = pl::ppo_clip(P(0), P(1), P(2), pm, P(3), o);
-    const auto br = pl::ppo_clip(c.pad[0], c.pad[1], c.pad[2], c.mpad, c.pad[3], o);
-    check_result<S, M>(ar, br, c.B);
-    check_ppo_metrics<S, M>(ar.metrics, br.metrics);
-    ar.backward(pl::packed(g, c.cu));
-    br.backward(q);
-    check_grad(g, q);
-    Flat<S> gr(c.N);
-    const auto arf = pl::ppo_clip(P(0), P(1), P(2), pm, P(3), o, pl::packed(gr, c.cu));
-    check_result<S, M>(arf, br, c.B);
-    check_grad(gr, q);
-  }
+  for (const auto level : {pl::ImportanceLevel::token, pl::ImportanceLevel::sequence})
+    for (const auto mode : modes) {
+      pl::PpoOptions o;
+      o.aggregation = mode;
+      o.importance_level = level;  // sequence: a packed row's log-ratio pass sums what the padded one does
+      o.dual_clip = 3;
+      o.clip_high = 0.28;
+      if (mode == pl::Aggregation::seq_mean_token_sum_norm) o.token_sum_norm = 300.0;
+      CAPTURE(static_cast<int>(mode), static_cast<int>(level));
+      // No reference: forward, backward, fused.
+      const auto a = pl::ppo_clip(P(0), P(1), P(2), pm, o);
+      const auto b = pl::ppo_clip(c.pad[0], c.pad[1], c.pad[2], c.mpad, o);
+      check_result<S, M>(a, b, c.B);
+      check_ppo_metrics<S, M>(a.metrics, b.metrics);
+      Flat<S> g(c.N);
+      Tok<S> q(c.B, c.T);
+      a.backward(g);
+      b.backward(q);
+      check_grad(g, q);
+      Flat<S> gf(c.N);
+      const auto af = pl::ppo_clip(P(0), P(1), P(2), pm, o, gf);
+      check_result<S, M>(af, b, c.B);
+      check_ppo_metrics<S, M>(af.metrics, b.metrics);
+      check_grad(gf, q);
+      // With a reference and a KL term; the fused form into pl::packed(out, cu).
+      o.kl_coef = 0.05;
+      o.kl_estimator = pl::KlEstimator::k3;
+      const auto ar = pl::ppo_clip(P(0), P(1), P(2), pm, P(3), o);
+      const auto br = pl::ppo_clip(c.pad[0], c.pad[1], c.pad[2], c.mpad, c.pad[3], o);
+      check_result<S, M>(ar, br, c.B);
+      check_ppo_metrics<S, M>(ar.metrics, br.metrics);
+      ar.backward(pl::packed(g, c.cu));
+      br.backward(q);
+      check_grad(g, q);
+      Flat<S> gr(c.N);
+      const auto arf = pl::ppo_clip(P(0), P(1), P(2), pm, P(3), o, pl::packed(gr, c.cu));
+      check_result<S, M>(arf, br, c.B);
+      check_grad(gr, q);
+    }
 }
 
 TEST_CASE("packed: ppo_clip (forward, backward, fused, with and without ref_logp) matches padded", "[packed]") {
@@ -401,7 +403,8 @@ void rl_case(unsigned seed) {
   const auto P = [&](std::size_t j) { return pl::packed(c.flat[j], c.cu); };
   const auto pm = pl::packed(c.mflat, c.cu);
   // kl_estimate is elementwise: the same bits at every token.
-  for (const auto est : {pl::KlEstimator::k1, pl::KlEstimator::k2, pl::KlEstimator::k3}) {
+  for (const auto est : {pl::KlEstimator::k1, pl::KlEstimator::k2, pl::KlEstimator::k3, pl::KlEstimator::abs,
+                         pl::KlEstimator::k1_plus, pl::KlEstimator::abs_plus, pl::KlEstimator::k3_plus}) {
     pl::KlOptions ko;
     ko.estimator = est;
     Flat<S> out(c.N), grad(c.N);

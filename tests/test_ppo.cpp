@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <limits>
+#include <optional>
 #include <prefloss/prefloss.hpp>
 #include <random>
 #include <string>
@@ -144,11 +145,45 @@ void check_values(const pl::PpoResult<S, M>& r, const PpoCase<S, M>& c, const pl
 
 double g_max_fd_double = 0, g_max_fd_float = 0;
 
+/// What a check changes in options_for's options: GSPO's sequence ratio (with clips tight
+/// enough that a row's mean ratio reaches them) and TRL's delta.
+struct Tweak {
+  bool sequence = false;
+  std::optional<double> delta;
+  bool bias_corrected_kl = false;
+};
+
+/// The row's first valid advantage on all its valid tokens: GRPO's outcome advantages, one per
+/// completion, the case where verl's GSPO gradient and TRL's gradient through the mean agree.
 template <class S, class M>
-void full_check(long B, long T, unsigned seed, pl::Aggregation a, bool dual, KlCase kl) {
-  const pl::PpoOptions o = options_for(a, dual, kl);
+void one_advantage_a_row(PpoCase<S, M>& c) {
+  for (long i = 0; i < c.adv.dimension(0); ++i) {
+    long first = -1;
+    for (long t = 0; t < c.adv.dimension(1); ++t)
+      if (c.mask(i, t) != M(0)) {
+        if (first < 0) first = t;
+        c.adv(i, t) = c.adv(i, first);
+      }
+  }
+}
+
+pl::PpoOptions tweaked(pl::PpoOptions o, const Tweak& tw) {
+  if (tw.sequence) {
+    o.importance_level = pl::ImportanceLevel::sequence;
+    o.clip_low = 0.03;
+    o.clip_high = 0.04;
+  }
+  o.delta = tw.delta;
+  o.bias_corrected_kl = tw.bias_corrected_kl;
+  return o;
+}
+
+template <class S, class M>
+void full_check(long B, long T, unsigned seed, pl::Aggregation a, bool dual, KlCase kl, const Tweak& tw = {}) {
+  const pl::PpoOptions o = tweaked(options_for(a, dual, kl), tw);
   const bool with_ref = kl != KlCase::none;
-  const auto c = make_case<S, M>(B, T, seed, o);
+  auto c = make_case<S, M>(B, T, seed, o);
+  if (tw.sequence) one_advantage_a_row(c);
   CAPTURE(sizeof(S), sizeof(M), B, T, seed);
   const double tol = std::is_same_v<S, float> ? 2e-6 : 1e-13;
   const double fd_tol = std::is_same_v<S, float> ? 2e-6 : 1e-9;
@@ -193,6 +228,95 @@ TEST_CASE("ppo_clip matches verl's formulas and finite differences in every mode
   std::printf("ppo_clip: max |grad - FD| / max|grad|: double %.3g, float %.3g\n", g_max_fd_double, g_max_fd_float);
 }
 
+// At sequence level every token of a row takes the row's mean log-ratio. rlref::ppo_ref writes
+// it as TRL does, a function of every token of the row, so the finite differences below check
+// verl's sg[s] pi / sg[pi] gradient against the gradient through the mean; the two agree for
+// one advantage a row (full_check sets it) and rows of mask weight >= 1 (every row here:
+// T >= 29, weights >= 0.25, p_keep 0.75).
+TEST_CASE("ppo_clip at sequence level (GSPO) and with TRL's delta: formulas and finite differences", "[ppo][gspo]") {
+  unsigned seed = 500;
+  for (const auto a : all_modes)
+    for (const bool dual : {false, true})
+      for (const auto kl : {KlCase::none, KlCase::k3})
+        for (const bool seq : {false, true})
+          for (const bool delta : {false, true}) {
+            if (!seq && !delta) continue;
+            Tweak tw;
+            tw.sequence = seq;
+            if (delta) tw.delta = seq ? 1.03 : 1.15;  // inside the clip range, so it binds
+            CAPTURE(static_cast<int>(a), dual, static_cast<int>(kl), seq, delta);
+            full_check<double, std::uint8_t>(4, 37, seed++, a, dual, kl, tw);
+            full_check<double, double>(3, 37, seed++, a, dual, kl, tw);
+            full_check<float, std::uint8_t>(4, 37, seed++, a, dual, kl, tw);
+            full_check<float, float>(2, 29, seed++, a, dual, kl, tw);
+            full_check<double, bool>(2, 200, seed++, a, dual, kl, tw);
+          }
+  std::printf("ppo_clip (sequence level, delta): max |grad - FD| / max|grad|: double %.3g, float %.3g\n",
+              g_max_fd_double, g_max_fd_float);
+}
+
+// The bias-corrected KL term k r differentiates r too; at token level the finite differences of
+// rlref::ppo_ref (TRL's per_token_kl * coef_1) check it, every KL estimator and mode.
+TEST_CASE("ppo_clip with bias_corrected_kl: TRL's k r and finite differences", "[ppo][kl]") {
+  unsigned seed = 900;
+  for (const auto a : all_modes)
+    for (const bool dual : {false, true})
+      for (const auto kl : {KlCase::k1, KlCase::k2, KlCase::k3, KlCase::ref_no_coef}) {
+        Tweak tw;
+        tw.bias_corrected_kl = true;
+        CAPTURE(static_cast<int>(a), dual, static_cast<int>(kl));
+        full_check<double, std::uint8_t>(3, 37, seed++, a, dual, kl, tw);
+        full_check<float, float>(2, 29, seed++, a, dual, kl, tw);
+        tw.delta = 1.15;
+        full_check<double, double>(3, 37, seed++, a, dual, kl, tw);
+      }
+}
+
+TEST_CASE("ppo_clip at sequence level: one ratio a row, exp of the row's mean log-ratio", "[ppo][gspo]") {
+  // Closed form on a 2 x 5 batch: row 0 has log-ratios 0.1, -0.3, 0.5 on its valid tokens (mean
+  // 0.1), row 1 none valid.
+  Tok<double> lp(2, 5), old(2, 5), adv(2, 5);
+  Tok<std::uint8_t> m(2, 5);
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  const double d0[5] = {0.1, nan, -0.3, 0.5, inf};
+  for (long t = 0; t < 5; ++t) {
+    m(0, t) = t == 0 || t == 2 || t == 3;
+    m(1, t) = 0;
+    old(0, t) = -1.0 - 0.1 * static_cast<double>(t);
+    lp(0, t) = old(0, t) + d0[t];
+    adv(0, t) = t == 2 ? -0.5 : 1.5;
+    lp(1, t) = nan;
+    old(1, t) = -inf;
+    adv(1, t) = inf;
+  }
+  pl::PpoOptions o;
+  o.importance_level = pl::ImportanceLevel::sequence;
+  o.aggregation = pl::Aggregation::token_mean;
+  Tok<double> g(2, 5);
+  const auto r = pl::ppo_clip(lp, old, adv, m, o, g);
+  const double s = std::exp((0.1 - 0.3 + 0.5) / 3);  // 1.105: inside [0.8, 1.2], nothing clips
+  const double want = (-1.5 * s + 0.5 * s - 1.5 * s) / 3;
+  CHECK(std::fabs(r.loss - want) <= 1e-15);
+  CHECK(std::fabs(r.metrics.ratio_mean - s) <= 1e-15);
+  CHECK(std::fabs(r.metrics.ratio_max - s) <= 1e-15);
+  CHECK(std::fabs(r.metrics.approx_kl - (-0.1 + 0.3 - 0.5) / 3) <= 1e-15);
+  CHECK(r.metrics.clip_fraction == 0.0);
+  CHECK(r.losses(1) == 0.0);
+  // d l_t / d logp_t = -A_t s (verl's sg[s] pi_t / sg[pi_t]); / 3 tokens
+  CHECK(std::fabs(g(0, 0) - (-1.5 * s / 3)) <= 1e-15);
+  CHECK(std::fabs(g(0, 2) - (0.5 * s / 3)) <= 1e-15);
+  CHECK(std::fabs(g(0, 3) - (-1.5 * s / 3)) <= 1e-15);
+  for (const long t : {1L, 4L}) CHECK(g(0, t) == 0.0);
+  for (long t = 0; t < 5; ++t) CHECK(g(1, t) == 0.0);
+
+  // A row's mean beyond log_ratio_clamp: the clamped ratio, and no gradient (torch.clamp).
+  o.log_ratio_clamp = 0.05;
+  Tok<double> gc(2, 5);
+  const auto rc = pl::ppo_clip(lp, old, adv, m, o, gc);
+  CHECK(std::fabs(rc.metrics.ratio_mean - std::exp(0.05)) <= 1e-15);
+  for (long t = 0; t < 5; ++t) CHECK(gc(0, t) == 0.0);
+}
+
 TEST_CASE("ppo_clip accepts every mask type and width around the SIMD lanes", "[ppo]") {
   for (const long T : {1L, 3L, 7L, 8L, 9L, 15L, 16L, 17L, 31L, 33L, 64L, 65L, 200L}) {
     CAPTURE(T);
@@ -207,32 +331,35 @@ TEST_CASE("ppo_clip accepts every mask type and width around the SIMD lanes", "[
 
 TEMPLATE_TEST_CASE("ppo_clip: masked-out inf/NaN never influence anything", "[ppo]", float, double) {
   using S = TestType;
-  for (const auto a : all_modes) {
-    const pl::PpoOptions o = options_for(a, true, KlCase::k3);
-    const auto poisoned = make_case<S, float>(4, 45, 7, o, true, {2});
-    const auto clean = make_case<S, float>(4, 45, 7, o, false, {2});
-    const auto rp = pl::ppo_clip(poisoned.lp, poisoned.old, poisoned.adv, poisoned.mask, poisoned.ref, o);
-    const auto rc = pl::ppo_clip(clean.lp, clean.old, clean.adv, clean.mask, clean.ref, o);
-    CHECK(std::isfinite(rp.loss));
-    CHECK(rp.loss == rc.loss);
-    for (long i = 0; i < 4; ++i) CHECK(rp.losses(i) == rc.losses(i));
-    CHECK(rp.metrics.clip_fraction == rc.metrics.clip_fraction);
-    CHECK(rp.metrics.clip_fraction_low == rc.metrics.clip_fraction_low);
-    CHECK(rp.metrics.approx_kl == rc.metrics.approx_kl);
-    CHECK(rp.metrics.ratio_mean == rc.metrics.ratio_mean);
-    CHECK(rp.metrics.ratio_max == rc.metrics.ratio_max);
-    CHECK(rp.metrics.kl_mean == rc.metrics.kl_mean);
-    Tok<S> gp(4, 45), gc(4, 45), gfp(4, 45);
-    rp.backward(gp);
-    rc.backward(gc);
-    pl::ppo_clip(poisoned.lp, poisoned.old, poisoned.adv, poisoned.mask, poisoned.ref, o, gfp);
-    for (long i = 0; i < 4; ++i)
-      for (long t = 0; t < 45; ++t) {
-        CHECK(gp(i, t) == gc(i, t));
-        CHECK(gfp(i, t) == gc(i, t));
-        if (poisoned.mask(i, t) == 0.0f) CHECK(gp(i, t) == S(0));
-      }
-  }
+  for (const bool seq : {false, true})
+    for (const auto a : all_modes) {
+      Tweak tw;
+      tw.sequence = seq;
+      const pl::PpoOptions o = tweaked(options_for(a, true, KlCase::k3), tw);
+      const auto poisoned = make_case<S, float>(4, 45, 7, o, true, {2});
+      const auto clean = make_case<S, float>(4, 45, 7, o, false, {2});
+      const auto rp = pl::ppo_clip(poisoned.lp, poisoned.old, poisoned.adv, poisoned.mask, poisoned.ref, o);
+      const auto rc = pl::ppo_clip(clean.lp, clean.old, clean.adv, clean.mask, clean.ref, o);
+      CHECK(std::isfinite(rp.loss));
+      CHECK(rp.loss == rc.loss);
+      for (long i = 0; i < 4; ++i) CHECK(rp.losses(i) == rc.losses(i));
+      CHECK(rp.metrics.clip_fraction == rc.metrics.clip_fraction);
+      CHECK(rp.metrics.clip_fraction_low == rc.metrics.clip_fraction_low);
+      CHECK(rp.metrics.approx_kl == rc.metrics.approx_kl);
+      CHECK(rp.metrics.ratio_mean == rc.metrics.ratio_mean);
+      CHECK(rp.metrics.ratio_max == rc.metrics.ratio_max);
+      CHECK(rp.metrics.kl_mean == rc.metrics.kl_mean);
+      Tok<S> gp(4, 45), gc(4, 45), gfp(4, 45);
+      rp.backward(gp);
+      rc.backward(gc);
+      pl::ppo_clip(poisoned.lp, poisoned.old, poisoned.adv, poisoned.mask, poisoned.ref, o, gfp);
+      for (long i = 0; i < 4; ++i)
+        for (long t = 0; t < 45; ++t) {
+          CHECK(gp(i, t) == gc(i, t));
+          CHECK(gfp(i, t) == gc(i, t));
+          if (poisoned.mask(i, t) == 0.0f) CHECK(gp(i, t) == S(0));
+        }
+    }
 }
 
 TEST_CASE("ppo_clip: empty rows give 0 and still count in the batch", "[ppo]") {
@@ -475,6 +602,14 @@ TEST_CASE("ppo_clip rejects bad input and writes nothing", "[ppo]") {
   b = {};
   b.log_ratio_clamp = 0.0;
   option(b, "log_ratio_clamp");
+  b = {};
+  b.importance_level = static_cast<pl::ImportanceLevel>(2);
+  option(b, "importance_level");
+  for (const double bad_delta : {0.0, -1.0, 1e-50, std::numeric_limits<double>::quiet_NaN()}) {
+    b = {};
+    b.delta = bad_delta;
+    option(b, "delta");
+  }
   b = {};
   b.k3_clamp = -1.0;
   option(b, "k3_clamp");

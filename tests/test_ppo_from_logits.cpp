@@ -120,7 +120,8 @@ void composition(const Inputs<T, M>& in, bool with_ref, const pl::PpoOptions& po
 }
 
 template <class T, class M>
-void check_same_bits(Index V, pl::Aggregation agg, bool with_ref, double entropy_coef, double tau) {
+void check_same_bits(Index V, pl::Aggregation agg, bool with_ref, double entropy_coef, double tau,
+                     pl::ImportanceLevel level = pl::ImportanceLevel::token) {
   using S = pl::detail::compute_t<T>;
   const Index B = 3, L = 37;  // rows of two full float batches and a tail
   const Inputs<T, M> in(B, L, V, 41 + static_cast<unsigned>(V));
@@ -128,6 +129,7 @@ void check_same_bits(Index V, pl::Aggregation agg, bool with_ref, double entropy
   po.aggregation = agg;
   po.clip_high = 0.28;
   po.dual_clip = 3;
+  po.importance_level = level;
   if (with_ref) po.kl_coef = 0.05;
   pl::LogprobOptions lo;
   lo.temperature = tau;
@@ -143,7 +145,7 @@ void check_same_bits(Index V, pl::Aggregation agg, bool with_ref, double entropy
     const auto r = with_ref ? pl::ppo_clip_from_logits(in.z, in.y, in.old, in.adv, in.mask, in.ref, po, lo, g)
                             : pl::ppo_clip_from_logits(in.z, in.y, in.old, in.adv, in.mask, po, lo, g);
     stream_bytes = std::size_t{32} << 20;
-    CAPTURE(V, static_cast<int>(agg), with_ref, entropy_coef, tau, threshold);
+    CAPTURE(V, static_cast<int>(agg), with_ref, entropy_coef, tau, threshold, static_cast<int>(level));
     CHECK(same_bits(g, want));
     CHECK(same_bits(r.logp, logp));
     CHECK(same_value(r.loss, loss));
@@ -168,6 +170,12 @@ TEMPLATE_TEST_CASE("ppo_clip_from_logits: the same bits as the three-pass compos
     }
   check_same_bits<T, bool>(40, pl::Aggregation::token_mean, true, 0.0, 1.3);
   check_same_bits<T, double>(40, pl::Aggregation::seq_mean_token_mean, false, 0.2, 1.0);
+  // GSPO: each row's log-probs, its mean log-ratio, then its gradient pass.
+  for (const Index V : {1, 300}) {
+    check_same_bits<T, std::uint8_t>(V, pl::Aggregation::seq_mean_token_mean, false, 0.0, 1.0,
+                                     pl::ImportanceLevel::sequence);
+    check_same_bits<T, float>(V, pl::Aggregation::token_mean, true, 0.01, 0.7, pl::ImportanceLevel::sequence);
+  }
 }
 
 TEST_CASE("ppo_clip_from_logits: d loss / d logits against central finite differences in double", "[ppo_logits]") {

@@ -128,46 +128,48 @@ TEMPLATE_TEST_CASE("ppo_clip and value_loss: the same bits for every thread coun
   for (const std::size_t sb : {std::size_t{32} << 20, std::size_t{0}}) {
     stream_bytes = sb;
     const Batch<S> d(301, 263);  // row_grain: 124 rows a block, three blocks
-    for (const auto mode : {pl::Aggregation::token_mean, pl::Aggregation::seq_mean_token_sum,
-                            pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm}) {
-      CAPTURE(sb, static_cast<int>(mode));
-      Tok<S> g0(d.B, d.T), b0(d.B, d.T);
-      pl::PpoOptions opt;
-      opt.aggregation = mode;
-      opt.kl_coef = 0.05;
-      opt.dual_clip = 3;
-      const auto r0 = pl::ppo_clip(d.logp, d.old, d.adv, d.mask, d.ref, opt, g0);
-      const Tok<S> w = d.weights.template cast<S>();
-      const auto f0 = pl::ppo_clip(d.logp, d.old, d.adv, w, d.ref, opt);
-      pl::ValueOptions vopt;
-      vopt.aggregation = mode;
-      Tok<S> v0(d.B, d.T);
-      const auto q0 = pl::value_loss(d.logp, d.old, d.adv, d.mask, vopt, v0);
-      r0.backward(b0);
-      CHECK(same_bits(g0, b0));
-      for (const pl::Threads& th : pools.all()) {
-        CAPTURE(th.count());
-        opt.threads = th;
-        vopt.threads = th;
-        Tok<S> g(d.B, d.T), b(d.B, d.T), v(d.B, d.T);
-        const auto r = pl::ppo_clip(d.logp, d.old, d.adv, d.mask, d.ref, opt, g);
-        CHECK(r.loss == r0.loss);
-        CHECK(same_bits(r.losses, r0.losses));
-        CHECK(same_metrics(r.metrics, r0.metrics));
-        CHECK(same_bits(g, g0));
-        const auto two_pass = pl::ppo_clip(d.logp, d.old, d.adv, d.mask, d.ref, opt);
-        two_pass.backward(b);
-        CHECK(two_pass.loss == r0.loss);
-        CHECK(same_bits(b, g0));
-        const auto f = pl::ppo_clip(d.logp, d.old, d.adv, w, d.ref, opt);
-        CHECK(f.loss == f0.loss);
-        CHECK(same_metrics(f.metrics, f0.metrics));
-        const auto q = pl::value_loss(d.logp, d.old, d.adv, d.mask, vopt, v);
-        CHECK(q.loss == q0.loss);
-        CHECK(same_metrics(q.metrics, q0.metrics));
-        CHECK(same_bits(v, v0));
+    for (const auto level : {pl::ImportanceLevel::token, pl::ImportanceLevel::sequence})
+      for (const auto mode : {pl::Aggregation::token_mean, pl::Aggregation::seq_mean_token_sum,
+                              pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm}) {
+        CAPTURE(sb, static_cast<int>(mode), static_cast<int>(level));
+        Tok<S> g0(d.B, d.T), b0(d.B, d.T);
+        pl::PpoOptions opt;
+        opt.aggregation = mode;
+        opt.importance_level = level;
+        opt.kl_coef = 0.05;
+        opt.dual_clip = 3;
+        const auto r0 = pl::ppo_clip(d.logp, d.old, d.adv, d.mask, d.ref, opt, g0);
+        const Tok<S> w = d.weights.template cast<S>();
+        const auto f0 = pl::ppo_clip(d.logp, d.old, d.adv, w, d.ref, opt);
+        pl::ValueOptions vopt;
+        vopt.aggregation = mode;
+        Tok<S> v0(d.B, d.T);
+        const auto q0 = pl::value_loss(d.logp, d.old, d.adv, d.mask, vopt, v0);
+        r0.backward(b0);
+        CHECK(same_bits(g0, b0));
+        for (const pl::Threads& th : pools.all()) {
+          CAPTURE(th.count());
+          opt.threads = th;
+          vopt.threads = th;
+          Tok<S> g(d.B, d.T), b(d.B, d.T), v(d.B, d.T);
+          const auto r = pl::ppo_clip(d.logp, d.old, d.adv, d.mask, d.ref, opt, g);
+          CHECK(r.loss == r0.loss);
+          CHECK(same_bits(r.losses, r0.losses));
+          CHECK(same_metrics(r.metrics, r0.metrics));
+          CHECK(same_bits(g, g0));
+          const auto two_pass = pl::ppo_clip(d.logp, d.old, d.adv, d.mask, d.ref, opt);
+          two_pass.backward(b);
+          CHECK(two_pass.loss == r0.loss);
+          CHECK(same_bits(b, g0));
+          const auto f = pl::ppo_clip(d.logp, d.old, d.adv, w, d.ref, opt);
+          CHECK(f.loss == f0.loss);
+          CHECK(same_metrics(f.metrics, f0.metrics));
+          const auto q = pl::value_loss(d.logp, d.old, d.adv, d.mask, vopt, v);
+          CHECK(q.loss == q0.loss);
+          CHECK(same_metrics(q.metrics, q0.metrics));
+          CHECK(same_bits(v, v0));
+        }
       }
-    }
   }
   stream_bytes = std::size_t{32} << 20;
 }

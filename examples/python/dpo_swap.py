@@ -26,7 +26,7 @@ References (the formulas below follow them line by line):
        commit that has dpo_loss; at f2cd577 the same sigmoid formula sits in
        DPOTrainer._compute_loss. KTO: trl/trainer/kto_trainer.py, KTOTrainer.kto_loss (f2cd577).
        SimPO: CPOTrainer.cpo_loss (loss_type "simpo", logits - simpo_gamma / beta).
-  verl verl/trainer/ppo/core_algos.py (1dda039): compute_policy_loss_vanilla, agg_loss,
+  verl verl/trainer/ppo/core_algos.py (1dda039): compute_policy_loss_vanilla, compute_policy_loss_gspo, agg_loss,
        compute_value_loss.
 """
 
@@ -136,6 +136,22 @@ def verl_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, 
     pg_loss = verl_agg_loss(pg_losses, response_mask, loss_agg_mode)
     return pg_loss, {"actor/pg_clipfrac": pg_clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
                      "actor/pg_clipfrac_lower": pg_clipfrac_lower.item()}
+
+
+def verl_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high):
+    # verl core_algos.compute_policy_loss_gspo: sg[s_i] pi / sg[pi], log clamped at 10 from above,
+    # aggregated seq-mean-token-mean.
+    negative_approx_kl = log_prob - old_log_prob
+    seq_lengths = torch.sum(response_mask, dim=-1).clamp(min=1)
+    negative_approx_kl_seq = torch.sum(negative_approx_kl * response_mask, dim=-1) / seq_lengths
+    log_seq_importance_ratio = log_prob - log_prob.detach() + negative_approx_kl_seq.detach().unsqueeze(-1)
+    log_seq_importance_ratio = torch.clamp(log_seq_importance_ratio, max=10.0)
+    seq_importance_ratio = torch.exp(log_seq_importance_ratio)
+    pg_losses1 = -advantages * seq_importance_ratio
+    pg_losses2 = -advantages * torch.clamp(seq_importance_ratio, 1 - clip_low, 1 + clip_high)
+    pg_losses = torch.maximum(pg_losses1, pg_losses2)
+    pg_clipfrac = verl_masked_mean(torch.gt(pg_losses2, pg_losses1).to(log_prob.dtype), response_mask)
+    return verl_agg_loss(pg_losses, response_mask, "seq-mean-token-mean"), pg_clipfrac.item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +348,23 @@ def check_ppo(ext, checks):
             checks.expect(f"ppo_clip {dtype} {mode} grad", dg, tol)
             checks.expect(f"ppo_clip {dtype} {mode} metrics", dm, tol)
             checks.require(f"ppo_clip {dtype} {mode} exercises the dual clip", pm["clip_fraction_low"] > 0)
+    # GSPO: verl's seq-mean-token-mean divides by W_i + 1e-8, so float32 (see above).
+    print("ppo_clip importance_level='sequence' against verl compute_policy_loss_gspo (clips 3e-4 / 4e-4):")
+    logp, old, adv, mask = ppo_inputs(torch.float32, 8)
+    old = logp + 0.01 * (old - logp)  # row means near 0, so the GSPO paper's tight clips bind on some rows
+    x = logp.clone().requires_grad_(True)
+    want, want_clip = verl_policy_loss_gspo(old, x, adv, mask.float(), 3e-4, 4e-4)
+    (g_want,) = torch.autograd.grad(want, [x])
+    y = logp.clone().requires_grad_(True)
+    got, _, pm = ext.ppo_clip(y, old, adv, mask, clip_low=3e-4, clip_high=4e-4, aggregation="seq-mean-token-mean",
+                              importance_level="sequence", log_ratio_clamp=10.0)
+    (g_got,) = torch.autograd.grad(got, [y])
+    dl, dg = rel_diff(got, want), rel_diff(g_got, g_want)
+    print(f"  float32 loss {dl:.2e}  grad {dg:.2e}  clipfrac {pm['clip_fraction']:.3f} (verl {want_clip:.3f})")
+    checks.expect("ppo_clip gspo loss", dl, TOL[torch.float32])
+    checks.expect("ppo_clip gspo grad", dg, TOL[torch.float32])
+    checks.expect("ppo_clip gspo clipfrac", abs(pm["clip_fraction"] - want_clip), TOL[torch.float32])
+    checks.require("ppo_clip gspo clips some rows and not others", 0 < pm["clip_fraction"] < 1)
 
 
 def leaf(t):
@@ -445,6 +478,7 @@ def check_bindings(ext, checks):
         ("unknown variant", lambda: ext.dpo(c, r, rc, rr, variant="nope")),
         ("unknown divergence", lambda: ext.dpo(c, r, rc, rr, divergence="kl")),
         ("unknown aggregation", lambda: ext.ppo_clip(x, x, x, mask, aggregation="token-sum")),
+        ("unknown importance level", lambda: ext.ppo_clip(x, x, x, mask, importance_level="row")),
     ]
     seen = []
     for name, call in cases:

@@ -16,7 +16,8 @@
 // token_logprobs (logp, entropy or None). Enumerations are strings: DPO variants "sigmoid",
 // "robust", "hinge"; aggregation modes verl's loss_agg_mode names "token-mean",
 // "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"; KL estimators verl's
-// kl_penalty names ("k1"/"kl", "k2"/"mse", "k3"/"low_var_kl").
+// kl_penalty names ("k1"/"kl", "k2"/"mse", "k3"/"low_var_kl", "abs", and the straight-through
+// "k1+"/"kl+", "abs+", "k3+"/"low_var_kl+"; "k2+"/"mse+" are k2, as in verl).
 //
 // Errors: prefloss's exceptions derive from std::invalid_argument, which pybind11's default
 // translator raises as ValueError with the message (dpo_swap.py checks it); an unknown string
@@ -98,16 +99,37 @@ const char* aggregation_name(prefloss::Aggregation a) {
 
 prefloss::KlEstimator kl_estimator(const std::string& s) {
   if (s == "k1" || s == "kl") return prefloss::KlEstimator::k1;
-  if (s == "k2" || s == "mse") return prefloss::KlEstimator::k2;
+  // k2's straight-through form is k2 itself: verl returns its forward score unchanged.
+  if (s == "k2" || s == "mse" || s == "k2+" || s == "mse+") return prefloss::KlEstimator::k2;
   if (s == "k3" || s == "low_var_kl") return prefloss::KlEstimator::k3;
+  if (s == "abs") return prefloss::KlEstimator::abs;
+  if (s == "k1+" || s == "kl+") return prefloss::KlEstimator::k1_plus;
+  if (s == "abs+") return prefloss::KlEstimator::abs_plus;
+  if (s == "k3+" || s == "low_var_kl+") return prefloss::KlEstimator::k3_plus;
   throw std::invalid_argument(
-      "prefloss_torch_ext.ppo_clip: kl_estimator must be 'k1' ('kl'), 'k2' ('mse') or 'k3' "
-      "('low_var_kl'), got '" +
+      "prefloss_torch_ext.ppo_clip: kl_estimator must be 'k1' ('kl'), 'k2' ('mse'), 'k3' "
+      "('low_var_kl'), 'abs', or one of them with verl's straight-through '+' ('k3+'), got '" +
       s + "'");
 }
 
 const char* kl_estimator_name(prefloss::KlEstimator k) {
-  return k == prefloss::KlEstimator::k1 ? "k1" : k == prefloss::KlEstimator::k2 ? "k2" : "k3";
+  switch (k) {
+    case prefloss::KlEstimator::k1:
+      return "k1";
+    case prefloss::KlEstimator::k2:
+      return "k2";
+    case prefloss::KlEstimator::k3:
+      return "k3";
+    case prefloss::KlEstimator::abs:
+      return "abs";
+    case prefloss::KlEstimator::k1_plus:
+      return "k1+";
+    case prefloss::KlEstimator::abs_plus:
+      return "abs+";
+    case prefloss::KlEstimator::k3_plus:
+      return "k3+";
+  }
+  return "?";
 }
 
 // ---- metrics as dicts ---------------------------------------------------------------------------
@@ -280,8 +302,16 @@ py::tuple ppo_clip(const at::Tensor& logp, const at::Tensor& old_logp, const at:
                    const at::Tensor& mask, const OptT& ref_logp, double clip_low, double clip_high, double dual_clip,
                    const std::string& agg, double kl_coef, const std::string& kl_est, OptD log_ratio_clamp,
                    OptD k3_log_ratio_clamp, OptD k3_clamp, OptD token_count, OptD sequence_count, OptD token_sum_norm,
-                   const std::vector<double>& row_weights) {
+                   const std::vector<double>& row_weights, const std::string& importance_level, OptD delta,
+                   bool bias_corrected_kl) {
   prefloss::PpoOptions o;
+  if (importance_level != "token" && importance_level != "sequence")
+    throw prefloss::option_error("prefloss_torch_ext.ppo_clip: importance_level must be 'token' or 'sequence', got '" +
+                                 importance_level + "'");
+  o.importance_level =
+      importance_level == "sequence" ? prefloss::ImportanceLevel::sequence : prefloss::ImportanceLevel::token;
+  o.delta = delta;
+  o.bias_corrected_kl = bias_corrected_kl;
   o.clip_low = clip_low;
   o.clip_high = clip_high;
   o.dual_clip = dual_clip;
@@ -379,9 +409,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("kl_estimator") = kl_estimator_name(ppo_d.kl_estimator), arg("log_ratio_clamp") = ppo_d.log_ratio_clamp,
         arg("k3_log_ratio_clamp") = ppo_d.k3_log_ratio_clamp, arg("k3_clamp") = ppo_d.k3_clamp,
         arg("token_count") = py::none(), arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
-        arg("row_weights") = std::vector<double>{},
+        arg("row_weights") = std::vector<double>{}, arg("importance_level") = "token", arg("delta") = ppo_d.delta,
+        arg("bias_corrected_kl") = ppo_d.bias_corrected_kl,
         "PPO-clip (prefloss::ppo_clip) over [batch, tokens] tensors; dual_clip 0 = off (verl: 3); ref_logp for "
-        "the KL term (kl_coef > 0)");
+        "the KL term (kl_coef > 0); importance_level 'sequence' = GSPO; delta = TRL's INTELLECT-2 cap");
   const prefloss::ValueOptions value_d;
   m.def("value_loss", &value_loss, arg("values"), arg("old_values"), arg("returns"), arg("mask"), py::kw_only(),
         arg("clip") = value_d.clip, arg("aggregation") = aggregation_name(value_d.aggregation),

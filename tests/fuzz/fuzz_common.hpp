@@ -69,7 +69,8 @@ inline std::string str(double v) {
 
 /// How many enumerators each option enum declares.
 constexpr int enumerators(pl::Aggregation) { return 4; }
-constexpr int enumerators(pl::KlEstimator) { return 3; }
+constexpr int enumerators(pl::ImportanceLevel) { return 2; }
+constexpr int enumerators(pl::KlEstimator) { return 7; }
 constexpr int enumerators(pl::DpoVariant) { return 12; }
 constexpr int enumerators(pl::FDivergence) { return 4; }
 
@@ -264,8 +265,10 @@ class Decoder : public Source {
 
 inline void decode(Decoder& d, pl::PpoOptions& o) {
   d.fields(o.clip_low, o.clip_high, o.dual_clip, o.aggregation, o.kl_coef, o.kl_estimator, o.token_count,
-           o.sequence_count, o.token_sum_norm, o.log_ratio_clamp, o.k3_log_ratio_clamp, o.k3_clamp);
+           o.sequence_count, o.token_sum_norm, o.log_ratio_clamp, o.k3_log_ratio_clamp, o.k3_clamp, o.importance_level,
+           o.delta);
 }
+inline void decode(Decoder& d, pl::GmpoOptions& o) { d.fields(o.clip_low, o.clip_high, o.sequence_count); }
 inline void decode(Decoder& d, pl::ValueOptions& o) {
   d.fields(o.clip, o.aggregation, o.token_count, o.sequence_count, o.token_sum_norm);
 }
@@ -353,6 +356,11 @@ struct Record {
   template <class S>
   void add(const pl::ValueMetrics<S>& m) {
     for (const S v : {m.clip_fraction, m.value_mean}) add(v);
+    add(m.token_weight);
+  }
+  template <class S>
+  void add(const pl::GmpoMetrics<S>& m) {
+    for (const S v : {m.clip_fraction, m.clip_fraction_low, m.approx_kl}) add(v);
     add(m.token_weight);
   }
 };

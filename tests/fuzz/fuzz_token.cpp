@@ -1,4 +1,4 @@
-// libFuzzer harness: the token-level RL pieces (ppo_clip in all four forms, value_loss two-pass
+// libFuzzer harness: the token-level RL pieces (ppo_clip in all four forms, gmpo and value_loss two-pass
 // and fused, kl_estimate in all three forms, gae, masked_whiten, group_advantages in both forms)
 // over float and double tokens and every mask type. The fused form of each token loss must agree
 // bit for bit with its two-pass form.
@@ -33,6 +33,16 @@ void ppo(Decoder& d, Index B, Index N) {
   both_forms(d, with_ref ? "ppo_clip with ref_logp" : "ppo_clip", {&lp, &old, &adv, &ref}, grad, [&](auto&&... g) {
     return with_ref ? pl::ppo_clip(lp.mat(), old.mat(), adv.mat(), mask.mat(), ref.mat(), o, g...)
                     : pl::ppo_clip(lp.mat(), old.mat(), adv.mat(), mask.mat(), o, g...);
+  });
+}
+
+template <class T, class M>
+void gmpo(Decoder& d, Index B, Index N) {
+  const Mask<M> mask(d, B, N);
+  Input<T> lp(d, mask), old(d, mask), adv(d, mask);
+  Buf<T> grad(d, B, N);
+  both_forms(d, "gmpo", {&lp, &old, &adv}, grad, [&, o = options<pl::GmpoOptions>(d)](auto&&... g) {
+    return pl::gmpo(lp.mat(), old.mat(), adv.mat(), mask.mat(), o, g...);
   });
 }
 
@@ -115,9 +125,11 @@ void group(Decoder& d, Index B) {
 struct Token {
   template <class T, class M>
   static void run(Decoder& d, Index B, Index N) {
-    switch (d.below(6)) {
+    switch (d.below(7)) {
       case 0:
         return ppo<T, M>(d, B, N);
+      case 5:
+        return gmpo<T, M>(d, B, N);
       case 1:
         return value<T, M>(d, B, N);
       case 2:

@@ -33,6 +33,11 @@ produce d loss / d (policy token log-probs):
   Two departures follow prefloss's documented definitions (ppo_clip.hpp), not verl: seq-mean-token-sum-norm divides by batch * C
   (Dr.GRPO; verl omits the batch), and an empty row contributes 0 to seq-mean-token-mean
   (verl: 0/0). Dual clip is applied only where the case says so.
+- CISPO / SAPO / GPG (golden_policy_losses): verl `compute_policy_loss_cispo`, `_sapo`, `_gpg` at
+  1dda039 (log-ratio clamp +-20, CISPO's clipped ratio detached, SAPO's `gate_function`) with
+  `agg_loss` (SAPO's verl cases also with token-mean, which verl itself overrides), and TRL
+  `GRPOTrainer._compute_loss` at f2cd577 for loss_type cispo (`clamp(coef_1, max=epsilon_high)
+  .detach()`, divided by num_items_in_batch) and sapo (no clamp, per-sequence token means).
 - Token log-probs: TRL `selective_log_softmax` (log_softmax + gather) on logits / temperature
   (verl's actor divides by it), verl `entropy_from_logits` with a -inf logit's term taken as 0,
   and autograd of sum(g_lp logp + g_h entropy) for d / d logits. 16-bit logits (logprobs_lowp):
@@ -742,8 +747,21 @@ def verl_agg_loss(loss_mat, mask, mode, C=None):
 
 
 def verl_kl_penalty(logprob, ref_logprob, kind):
+    # verl kl_penalty: a name ending in "+" is straight-through, the base estimator's value with
+    # k2's gradient (k2+ / mse+ is k2).
+    base = kind[:-1] if kind.endswith("+") else kind
+    forward_score = verl_kl_penalty_forward(logprob, ref_logprob, base)
+    if not kind.endswith("+") or kind in ("mse", "k2"):
+        return forward_score
+    backward_score = 0.5 * (logprob - ref_logprob).square()
+    return backward_score - backward_score.detach() + forward_score.detach()
+
+
+def verl_kl_penalty_forward(logprob, ref_logprob, kind):
     if kind in ("kl", "k1"):
         return logprob - ref_logprob
+    if kind == "abs":
+        return (logprob - ref_logprob).abs()
     if kind in ("mse", "k2"):
         return 0.5 * (logprob - ref_logprob).square()
     if kind in ("low_var_kl", "k3"):
@@ -836,6 +854,156 @@ def gen_ppo():
         w.t("clip_fraction_low", masked_mean_all((torch.gt(torch.maximum(l1, l2), -advs * c) & (advs < 0)).double(), m)
             if c > 1 else 0.0)
         w.end()
+
+    # GSPO as verl computes it, and TRL GRPOTrainer._compute_loss's loss types (token or
+    # sequence level, INTELLECT-2's delta, optional k3 KL): each maps onto an aggregation mode.
+    trl_cases = [  # name, formula, level, loss_type / verl agg, clip_low, clip_high, delta, kl_coef
+        ("gspo_verl", "verl_gspo", "sequence", "seq_mean_token_mean", 3e-4, 4e-4, None, 0.0),
+        ("gspo_token_mean", "verl_gspo", "sequence", "token_mean", 0.2, 0.28, None, 0.0),
+        ("trl_grpo_sequence", "trl", "sequence", "grpo", 0.2, 0.2, None, 0.0),
+        ("trl_grpo_sequence_kl", "trl", "sequence", "grpo", 0.2, 0.2, None, 0.04),
+        ("trl_luspo_sequence", "trl", "sequence", "luspo", 0.2, 0.2, 3.0, 0.0),
+        ("trl_bnpo_delta", "trl", "token", "bnpo", 0.2, 0.2, 1.1, 0.0),
+        ("trl_dr_grpo", "trl", "token", "dr_grpo", 0.2, 0.28, None, 0.0),
+        ("trl_dapo_delta_kl", "trl", "token", "dapo", 0.2, 0.28, 1.05, 0.1),
+        ("trl_grpo_token", "trl", "token", "grpo", 0.2, 0.2, None, 0.0),
+        ("trl_bnpo_bias_corrected_kl", "trl", "token", "bnpo", 0.2, 0.28, 1.1, 0.1),
+    ]
+    trl_agg = {"grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm",
+               "dapo": "token_mean", "luspo": "seq_mean_token_sum"}
+    for k, (name, formula, level, lt, lo, hi, delta, kl_coef) in enumerate(trl_cases):
+        rng, m, lp, old, adv, ref = ppo_inputs(850 + k)
+        mf = m.double()
+        if formula == "trl":  # TRL's advantages are one per completion
+            adv[:, 0] = torch.tensor([f32(rng.gauss(0.0, 1.0)) for _ in range(B)])
+            adv = torch.where(m, adv[:, :1].expand_as(adv), torch.full_like(adv, float("nan")))
+        if name == "gspo_verl":
+            # a row whose mean log-ratio is 12 (beyond verl's clamp at 10), and tight clips that bind
+            for t in range(T):
+                if m[1, t]:
+                    lp[1, t] = f32(old[1, t].item() + 12.0)
+        x = leaf(lp)
+        xs, olds, advs, refs = sel(x, m), sel(old, m), sel(adv, m), sel(ref, m)
+        lens = mf.sum(-1).clamp(min=1.0)
+        if formula == "verl_gspo":
+            # verl compute_policy_loss_gspo: sg[s_i] * pi / sg[pi], log clamped at 10 from above
+            nkl = xs - olds
+            nkl_seq = (nkl * mf).sum(-1) / lens
+            lsir = torch.clamp(xs - xs.detach() + nkl_seq.detach().unsqueeze(-1), max=10.0)
+            sir = torch.exp(lsir)
+            l1 = -advs * sir
+            l2 = -advs * torch.clamp(sir, 1 - lo, 1 + hi)
+            pg = torch.maximum(l1, l2)
+            agg = lt
+            loss, contrib = verl_agg_loss(pg, m, agg)
+            clamp_opt = 10.0
+        else:
+            log_ratio = xs - olds
+            if level == "token":
+                liw = log_ratio
+            else:
+                liw = ((log_ratio * mf).sum(-1) / lens).unsqueeze(-1)
+            coef_1 = torch.exp(liw)
+            kl_weight = coef_1 if "bias_corrected" in name else 1.0  # use_bias_correction_kl
+            coef_2 = torch.clamp(coef_1, 1 - lo, 1 + hi)
+            if delta is not None:
+                coef_1 = torch.clamp(coef_1, max=delta)
+            l1, l2 = -coef_1 * advs, -coef_2 * advs
+            ptl = -torch.min(coef_1 * advs, coef_2 * advs)
+            if kl_coef:
+                d = refs - xs
+                per_token_kl = (torch.exp(d) - d - 1) * kl_weight
+                ptl = ptl + kl_coef * per_token_kl
+            ptl = ptl.expand(B, T) if ptl.shape[1] == 1 else ptl
+            rows = (ptl * mf).sum(-1)
+            agg = trl_agg[lt]
+            if lt == "grpo":
+                contrib = rows / lens / B
+            elif lt == "bnpo":
+                contrib = rows / mf.sum().clamp(min=1.0)
+            elif lt == "dr_grpo":
+                contrib = rows / (B * T)
+            elif lt == "dapo":
+                contrib = rows / (mf.sum() + 5.0)  # num_items_in_batch: this rank's tokens and another's
+            else:  # luspo: (per_token_loss * mask.sum(1, keepdim=True)).mean() with a (B, 1) loss
+                contrib = (ptl[:, 0] * mf.sum(-1)) / B
+            loss = contrib.sum()
+            clamp_opt = None
+            l1, l2 = l1.expand(B, T), l2.expand(B, T)
+        w.case(name)
+        w.t("clip_low", lo)
+        w.t("clip_high", hi)
+        w.t("dual_clip", 0.0)
+        w.s("aggregation", agg)
+        w.s("importance_level", level)
+        if clamp_opt is not None:
+            w.t("log_ratio_clamp", clamp_opt)
+        else:
+            w.s("log_ratio_clamp", "none")
+        if delta is not None:
+            w.t("delta", delta)
+        if lt == "dapo":
+            w.t("token_count", mf.sum() + 5.0)
+        if "bias_corrected" in name:
+            w.t("bias_corrected_kl", 1.0)
+        w.s("kl_estimator", "k3" if kl_coef else "none")
+        w.t("kl_coef", kl_coef)
+        w.t("logp", lp)
+        w.t("old_logp", old)
+        w.t("advantages", adv)
+        w.t("ref_logp", ref)
+        w.t("mask", mf)
+        w.t("loss", loss)
+        w.t("losses", contrib)
+        w.t("grad", grad_of(loss, x))
+        # prefloss's clip_fraction (verl pg_clipfrac) on the branches the loss takes; approx_kl per token
+        w.t("clip_fraction", masked_mean_all(torch.gt(l2, l1).double(), m))
+        w.t("approx_kl", masked_mean_all(-(xs - olds), m))
+        w.t("clip_fraction_low", 0.0)
+        w.end()
+    w.write()
+
+
+def gen_gmpo():
+    w = Writer("gmpo", "verl compute_policy_loss_geo_mean (GMPO): sign-aware log-space clip, geometric mean a row")
+    for k, (name, lo, hi, clip_edges) in enumerate([("verl_default", 0.2, 0.2, False), ("paper_0.4", 0.4, 0.4, True),
+                                                     ("asymmetric", 0.1, 0.3, True)]):
+        rng, m, lp, old, adv, ref = ppo_inputs(1700 + k)
+        # one advantage a completion, as GMPO (and verl's averaging) assumes; NaN padding kept
+        row_adv = torch.tensor([f32(rng.gauss(0.0, 1.0)) for _ in range(B)])
+        adv = torch.where(m, row_adv.unsqueeze(-1).expand(B, T), torch.full_like(adv, float("nan")))
+        if clip_edges:  # log-ratios far outside the range on both signs of A
+            for j, dl in enumerate([1.5, -1.5, 0.7]):
+                m[0, j] = True
+                old[0, j] = f32(-1.0 - 0.5 * j)
+                lp[0, j] = f32(old[0, j].item() + dl)
+                adv[0, j] = row_adv[0]
+        x = leaf(lp)
+        xs, olds, advs = sel(x, m), sel(old, m), sel(adv, m)
+        mf = m.double()
+        # verl, as written there (response_mask float, its + 1e-8 guard)
+        negative_approx_kl = xs - olds
+        ppo_kl = masked_mean_all(-negative_approx_kl, m)
+        sgn_advantage = torch.sign(advs)
+        negative_approx_kl_clamp = torch.clamp(negative_approx_kl, -lo, hi)
+        negative_approx_kl_min = torch.min(sgn_advantage * negative_approx_kl, sgn_advantage * negative_approx_kl_clamp)
+        negative_approx_kl_min = sgn_advantage * negative_approx_kl_min
+        response_mask_sum = mf.sum(dim=-1)
+        ratio = torch.exp((negative_approx_kl_min * mf).sum(dim=-1) / (response_mask_sum + 1e-8))
+        advantage = (advs * mf).sum(dim=-1) / (response_mask_sum + 1e-8)
+        pg_losses = -advantage * ratio
+        loss = torch.mean(pg_losses)
+        clipped = torch.ne(negative_approx_kl, negative_approx_kl_clamp)
+        w.case(name)
+        w.t("clip_low", lo)
+        w.t("clip_high", hi)
+        for lab, t_ in [("logp", lp), ("old_logp", old), ("advantages", adv), ("mask", mf), ("loss", loss),
+                        ("losses", pg_losses / B), ("grad", grad_of(loss, x)),
+                        ("clip_fraction", masked_mean_all((clipped & (advs > 0)).double(), m)),
+                        ("clip_fraction_low", masked_mean_all((clipped & (advs < 0)).double(), m)),
+                        ("approx_kl", ppo_kl)]:
+            w.t(lab, t_)
+        w.end()
     w.write()
 
 
@@ -869,16 +1037,152 @@ def gen_value():
     w.write()
 
 
+# ---- verl compute_policy_loss_cispo / _sapo / _gpg and TRL GRPOTrainer._compute_loss (cispo, sapo) ----
+
+def verl_cispo(xs, olds, advs, clip_low, clip_high):
+    negative_approx_kl = torch.clamp(xs - olds, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    clipped_ratio = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    return -clipped_ratio.detach() * advs * xs, negative_approx_kl, ratio
+
+
+def trl_cispo(xs, olds, advs, epsilon_high):
+    coef_1 = torch.exp(xs - olds)
+    clamped_ratios = torch.clamp(coef_1, max=epsilon_high).detach()
+    return -clamped_ratios * advs * xs, xs - olds, coef_1
+
+
+def verl_sapo(xs, olds, advs, tau_pos, tau_neg):
+    negative_approx_kl = torch.clamp(xs - olds, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    taus = torch.where(advs > 0, torch.as_tensor(tau_pos), torch.as_tensor(tau_neg))
+    gates = torch.sigmoid(taus * (ratio - 1.0)) * (4.0 / taus)
+    return -gates * advs, negative_approx_kl, ratio
+
+
+def trl_sapo(xs, olds, advs, tau_pos, tau_neg):
+    coef_1 = torch.exp(xs - olds)
+    temperatures = torch.where(advs > 0, torch.full_like(advs, tau_pos), torch.full_like(advs, tau_neg))
+    soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
+    return -soft_coef_1 * advs, xs - olds, coef_1
+
+
+def gen_policy_losses():
+    w = Writer("policy_losses", "verl compute_policy_loss_cispo / _sapo / _gpg + agg_loss, TRL GRPOTrainer._compute_loss "
+               "loss_type cispo / sapo")
+    cases = [  # name, loss, formula, aggregation, (clip_low, clip_high) | epsilon_high | (tau_pos, tau_neg)
+        ("cispo_verl_token_mean", "cispo", "verl", "token_mean", (0.2, 0.2)),
+        ("cispo_verl_clip_higher_seq_mean_token_mean", "cispo", "verl", "seq_mean_token_mean", (0.2, 0.28)),
+        ("cispo_verl_seq_mean_token_sum", "cispo", "verl", "seq_mean_token_sum", (0.1, 0.3)),
+        ("cispo_verl_seq_mean_token_sum_norm", "cispo", "verl", "seq_mean_token_sum_norm", (0.2, 0.2)),
+        ("cispo_trl_eps_high5", "cispo", "trl", "token_mean", 5.0),
+        ("cispo_trl_eps_high1.28", "cispo", "trl", "token_mean", 1.28),
+        ("sapo_verl", "sapo", "verl", "seq_mean_token_mean", (1.0, 1.05)),
+        ("sapo_verl_tau_token_mean", "sapo", "verl", "token_mean", (0.5, 2.0)),
+        ("sapo_trl", "sapo", "trl", "seq_mean_token_mean", (1.0, 1.05)),
+        ("sapo_trl_tau", "sapo", "trl", "seq_mean_token_mean", (0.3, 3.0)),
+        ("gpg_token_mean", "gpg", "verl", "token_mean", None),
+        ("gpg_seq_mean_token_mean", "gpg", "verl", "seq_mean_token_mean", None),
+        ("gpg_seq_mean_token_sum_norm", "gpg", "verl", "seq_mean_token_sum_norm", None),
+    ]
+    for k, (name, loss_name, formula, agg, par) in enumerate(cases):
+        rng, m, lp, old, adv, _ = ppo_inputs(1900 + k)
+        mf = m.double()
+        if formula == "trl":  # TRL's advantages are one per completion
+            adv[:, 0] = torch.tensor([f32(rng.gauss(0.0, 1.0)) for _ in range(B)])
+            adv = torch.where(m, adv[:, :1].expand_as(adv), torch.full_like(adv, float("nan")))
+        else:
+            # Tokens far off-policy: clipped above and below, beyond the +-20 log-ratio clamp on both
+            # sides, and an A == 0 token (SAPO's temperature choice: tau_neg).
+            for j, (dlog, a) in enumerate([(1.5, -0.8), (22.0, 0.3), (-0.5, 1.1), (-22.0, 0.7), (0.9, 0.0)]):
+                m[0, j] = True
+                old[0, j] = f32(-1.0 - 0.5 * j - max(dlog, 0.0))  # logp stays <= -1
+                lp[0, j] = f32(old[0, j].item() + dlog)
+                adv[0, j] = f32(a)
+            mf = m.double()
+        if loss_name == "cispo" and formula == "trl":
+            m[1, 0] = True  # one token past epsilon_high = 5 with A > 0
+            old[1, 0] = f32(-2.0)
+            lp[1, 0] = f32(-0.25)
+            adv[1, :] = torch.where(m[1], torch.full_like(adv[1], f32(0.9)), adv[1])
+            mf = m.double()
+        x = leaf(lp)
+        xs, olds, advs = sel(x, m), sel(old, m), sel(adv, m)
+        token_count = None
+        if loss_name == "cispo":
+            if formula == "verl":
+                clip_low, clip_high = par
+                pg, lr, ratio = verl_cispo(xs, olds, advs, clip_low, clip_high)
+                hi = 1 + clip_high
+            else:
+                pg, lr, ratio = trl_cispo(xs, olds, advs, par)
+                clip_low, clip_high, hi = 1.0, par - 1.0, par
+            lo = 1 - clip_low
+        elif loss_name == "sapo":
+            pg, lr, ratio = (verl_sapo if formula == "verl" else trl_sapo)(xs, olds, advs, par[0], par[1])
+        else:
+            pg, lr, ratio = -xs * advs, xs - olds, None
+        if formula == "trl" and loss_name == "cispo":
+            # cispo: (per_token_loss * mask).sum() / num_items_in_batch (this rank's tokens and another's)
+            token_count = mf.sum().item() + 5.0
+            contrib = (sel(pg, m)).sum(-1) / token_count
+            loss = contrib.sum()
+        elif formula == "trl":
+            # sapo: ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+            contrib = (sel(pg, m)).sum(-1) / mf.sum(-1).clamp(min=1.0) / B
+            loss = contrib.sum()
+        else:
+            loss, contrib = verl_agg_loss(pg, m, agg)
+        w.case(name)
+        w.s("loss", loss_name)
+        w.s("aggregation", agg)
+        if loss_name == "cispo":
+            w.t("clip_low", clip_low)
+            w.t("clip_high", clip_high)
+        if loss_name == "sapo":
+            w.t("tau_pos", par[0])
+            w.t("tau_neg", par[1])
+        if loss_name != "gpg":
+            if formula == "verl":
+                w.t("log_ratio_clamp", 20.0)
+            else:
+                w.s("log_ratio_clamp", "none")
+        if token_count is not None:
+            w.t("token_count", token_count)
+        w.t("logp", lp)
+        w.t("old_logp", old)
+        w.t("advantages", adv)
+        w.t("mask", mf)
+        w.t("loss", loss)
+        w.t("losses", contrib)
+        w.t("grad", grad_of(loss, x))
+        w.t("approx_kl", masked_mean_all(-lr, m))
+        if ratio is not None:
+            w.t("ratio_mean", masked_mean_all(ratio, m))
+            w.t("ratio_max", torch.where(m, ratio, torch.full_like(ratio, -math.inf)).max())
+        if loss_name == "cispo":
+            # verl pg_clipfrac: ratio != clipped_ratio; TRL cispo_clip_ratio: coef_1 > epsilon_high & A > 0
+            w.t("clip_fraction", masked_mean_all(torch.ne(ratio, torch.clamp(ratio, lo, hi)).double(), m))
+            w.t("clip_fraction_high", masked_mean_all((torch.gt(ratio, hi) & (advs > 0)).double(), m))
+        w.end()
+    w.write()
+
+
 def gen_kl():
-    w = Writer("kl", "verl kl_penalty k1 / k2 / k3 (low_var_kl with its +-20 and +-10 clamps), per token, "
-                     "and d/d logp")
-    for k, est in enumerate(["k1", "k2", "k3"]):
+    w = Writer("kl", "verl kl_penalty k1 / k2 / k3 (low_var_kl with its +-20 and +-10 clamps) / abs and the "
+                     "straight-through k1+ / abs+ / k3+, per token, and d/d logp")
+    # The seeds are 1000 + k: new estimators go last so the earlier cases keep their inputs.
+    for k, est in enumerate(["k1", "k2", "k3", "abs", "k1+", "abs+", "k3+"]):
         rng, m, lp, old, adv, ref = ppo_inputs(1000 + k)
-        # Exercise k3's clamps: x = ref - logp = 25 (log-ratio clamp), 13 and -25 (value clamp).
+        # Exercise k3's clamps: x = ref - logp = 25 (log-ratio clamp), 13 and -25 (value clamp);
+        # k3+ keeps them on the value only.
         lp[0, 0], ref[0, 0] = f32(-30.0), f32(-5.0)
         lp[0, 1], ref[0, 1] = f32(-14.0), f32(-1.0)
         lp[0, 2], ref[0, 2] = f32(-1.0), f32(-26.0)
         m[0, :3] = True
+        if k >= 3:  # logp == ref_logp: torch.abs's gradient there is 0, as the '+' ones' is
+            lp[0, 3], ref[0, 3] = f32(-0.75), f32(-0.75)
+            m[0, 3] = True
         x = leaf(lp)
         kl = verl_kl_penalty(sel(x, m), sel(ref, m), est)
         out = sel(kl, m)
@@ -1546,11 +1850,245 @@ def gen_advantages():
     w.write()
 
 
+# ---- rollout importance-sampling corrections (verl rollout_corr_helper.py, TRL GRPOTrainer) -----
+
+VERL_SAFETY_BOUND = 20.0  # verl rollout_corr_helper.SAFETY_BOUND
+
+
+def verl_rc_masked_sum(values, mask, axis=None):
+    # verl_F.masked_sum (verl/utils/torch_functional.py, 1dda039): select, then multiply.
+    valid_values = torch.where(mask.bool(), values, 0.0)
+    return (valid_values * mask).sum(axis=axis)
+
+
+def verl_rc_masked_mean(values, mask, axis=None):
+    # verl_F.masked_mean divides by mask.sum() + 1e-8; prefloss divides by the count (documented
+    # in rl/rollout_correction.hpp), so the epsilon is left out here.
+    return verl_rc_masked_sum(values, mask, axis) / mask.sum(axis=axis)
+
+
+def verl_rollout_is_weights(log_ratio, response_mask, rollout_is, upper, lower, batch_normalize):
+    """compute_rollout_correction_weights at 1dda039: token / sequence level, TIS (lower None) or
+    IcePop (lower_upper), rollout_is_batch_normalize (the non-distributed branch)."""
+    use_icepop = lower is not None
+    if rollout_is == "token":
+        log_ratio_safe = torch.clamp(log_ratio, min=-VERL_SAFETY_BOUND, max=VERL_SAFETY_BOUND)
+        raw = torch.exp(log_ratio_safe)
+    else:
+        log_ratio_sum = verl_rc_masked_sum(log_ratio, response_mask, axis=-1).unsqueeze(-1)
+        log_ratio_sum_safe = torch.clamp(log_ratio_sum, min=-VERL_SAFETY_BOUND, max=VERL_SAFETY_BOUND)
+        raw = torch.exp(log_ratio_sum_safe).expand_as(log_ratio)
+    raw = raw * response_mask
+    if not use_icepop:
+        w = raw.clamp(max=upper)
+    else:
+        kept = (raw >= lower) & (raw <= upper)
+        w = torch.where(kept, raw, torch.zeros_like(raw))
+    oob = ((raw < (lower if use_icepop else 0.0)) | (raw > upper)).double()
+    factor = 1.0
+    if batch_normalize:
+        if rollout_is == "token":
+            weights_mean = verl_rc_masked_mean(w, response_mask)
+        else:
+            seq_weights = verl_rc_masked_mean(w, response_mask, axis=-1)
+            seq_mask = (response_mask.sum(dim=-1) > 0).to(dtype=w.dtype)
+            seq_weights = torch.where(seq_mask > 0, seq_weights, torch.zeros_like(seq_weights))  # 0/0 rows
+            weights_mean = (seq_weights * seq_mask).sum() / seq_mask.sum().clamp_min(1e-8)
+        if weights_mean > 1e-8:
+            w = w / weights_mean
+            factor = weights_mean.item()
+    return w, raw, oob, factor
+
+
+def verl_rollout_rs_mask(log_ratio, response_mask, option, upper, lower):
+    """compute_rollout_rejection_mask at 1dda039 for one option (thresholds already parsed by
+    _parse_rollout_rs_thresholds: k1 lower defaults to 1 / upper)."""
+    log_ratio_safe = torch.clamp(log_ratio, min=-VERL_SAFETY_BOUND, max=VERL_SAFETY_BOUND)
+    token_k1 = -log_ratio_safe
+    token_k2 = 0.5 * log_ratio_safe ** 2
+    token_k3 = torch.exp(log_ratio_safe) - 1.0 - log_ratio_safe
+    stat = {"k1": token_k1, "k2": token_k2, "k3": token_k3}[option[-2:]]
+    response_mask_bool = response_mask.bool()
+
+    def _sequence_max(values):
+        neg_inf = torch.tensor(float("-inf"), dtype=values.dtype)
+        masked_values = values.masked_fill(~response_mask_bool, neg_inf)
+        max_values = masked_values.max(dim=-1).values
+        return torch.where(max_values == neg_inf, torch.zeros_like(max_values), max_values)
+
+    if option.startswith("token"):
+        s = stat
+    elif option.startswith("seq_sum"):
+        s = verl_rc_masked_sum(stat, response_mask, axis=-1)
+    elif option.startswith("seq_mean"):
+        n = response_mask.sum(dim=-1)
+        s = torch.where(n > 0, verl_rc_masked_sum(stat, response_mask, axis=-1) / n.clamp(min=1), torch.zeros_like(n))
+    else:
+        s = _sequence_max(stat)
+    if option.endswith("k1"):
+        keep = (s >= math.log(lower)) & (s <= math.log(upper))
+    else:
+        keep = s <= upper
+    if not option.startswith("token"):
+        keep = keep.unsqueeze(-1).expand_as(response_mask_bool)
+    final_mask = keep.to(dtype=log_ratio.dtype)
+    rs_masked_fraction = verl_rc_masked_mean(1 - final_mask, response_mask).item()
+    final_keep_bool = (final_mask > 0.5) & response_mask_bool
+    seq_has_masked = (~final_keep_bool & response_mask_bool).any(dim=-1)
+    rs_seq_masked_fraction = seq_has_masked.double().mean().item()
+    return final_mask, rs_masked_fraction, rs_seq_masked_fraction
+
+
+def trl_vllm_is_ratio(old_per_token_logps, sampling_per_token_logps, mask, mode, clip_min, clip_max):
+    """GRPOTrainer._generate_and_score_completions at f2cd577 (vllm_importance_sampling_ratio).
+    TRL multiplies the difference by the mask, which keeps NaN padding; the log-probs are selected
+    first here (the file's convention), which changes nothing at valid tokens."""
+    per_token_logps_diff = sel(old_per_token_logps - sampling_per_token_logps, mask.bool()) * mask
+    if mode in ["sequence_mask", "sequence_truncate"]:
+        logps_diff = per_token_logps_diff.sum(dim=-1, keepdim=True)
+    else:
+        logps_diff = per_token_logps_diff
+    ratio = torch.exp(logps_diff)
+    raw = ratio.expand_as(old_per_token_logps)
+    if mode in ["sequence_truncate", "token_truncate"]:
+        ratio = torch.clamp(ratio, min=clip_min, max=clip_max)
+    else:
+        min_val = clip_min if clip_min is not None else -math.inf
+        max_val = clip_max if clip_max is not None else math.inf
+        invalid_mis_mask = (ratio < min_val) | (ratio > max_val)
+        ratio = ratio.masked_fill(invalid_mis_mask, value=0.0)
+    lo = clip_min if clip_min is not None else 0.0
+    hi = clip_max if clip_max is not None else math.inf
+    oob = ((raw < lo) | (raw > hi)).double()
+    return ratio.expand_as(old_per_token_logps), raw, oob
+
+
+def rc_inputs(seed, sd, empty_row=None, big=None):
+    """Trainer and rollout log-probs: rollout = old + N(0, sd) at valid tokens (big: that row's
+    log-ratios ~ +5 each, so its sequence sum passes verl's +-20 clamp)."""
+    rng = random.Random(seed)
+    m = masks(rng, B, T, empty_row=empty_row)
+    old = tokens(rng, m)
+    roll = old.clone()
+    for i in range(B):
+        for j in range(T):
+            if m[i, j]:
+                shift = -5.0 + rng.gauss(0.0, 0.1) if i == big else rng.gauss(0.0, sd)
+                roll[i, j] = f32(old[i, j].item() + shift)
+            else:
+                roll[i, j] = NEG_INF if (i + j) % 2 else NAN
+    return m, old, roll
+
+
+def gen_rollout_correction():
+    w = Writer("rollout_correction", "verl compute_rollout_correction_weights (TIS / IcePop, token / sequence, "
+                                     "batch normalization) and compute_rollout_rejection_mask (every rollout_rs "
+                                     "option) at 1dda039; TRL vllm_importance_sampling_mode at f2cd577; weights 0 at "
+                                     "masked-out tokens")
+    cases = [
+        # name, anchor, level, bound, upper, lower, batch_normalize, rs, rs_upper, rs_lower, input kwargs
+        ("verl_token_tis", "verl", "token", "truncate", 2.0, None, False, None, None, None, dict(sd=0.5)),
+        ("verl_sequence_tis", "verl", "sequence", "truncate", 2.0, None, False, None, None, None,
+         dict(sd=0.3, empty_row=2)),
+        ("verl_token_icepop", "verl", "token", "mask", 1.5, 0.5, False, None, None, None, dict(sd=0.5)),
+        ("verl_sequence_icepop", "verl", "sequence", "mask", 3.0, 0.5, False, None, None, None, dict(sd=0.4)),
+        ("verl_sequence_icepop_safety_bound", "verl", "sequence", "mask", 1e12, 1e-3, False, None, None, None,
+         dict(sd=0.3, big=1)),
+        ("verl_token_tis_batch_normalize", "verl", "token", "truncate", 1.5, None, True, None, None, None,
+         dict(sd=0.5, empty_row=0)),
+        ("verl_sequence_tis_batch_normalize", "verl", "sequence", "truncate", 2.0, None, True, None, None, None,
+         dict(sd=0.3, empty_row=3)),
+        ("verl_token_tis_geo_rs", "verl", "token", "truncate", 2.0, None, False, "seq_mean_k1", 1.15, None,
+         dict(sd=0.4)),
+        ("verl_sequence_tis_seq_sum_k1", "verl", "sequence", "truncate", 2.0, None, False, "seq_sum_k1", 2.0, 0.5,
+         dict(sd=0.4)),
+    ]
+    rs_thresholds = {"token_k1": (1.4, 0.6), "token_k2": (0.05, None), "token_k3": (0.05, None),
+                     "seq_sum_k1": (1.8, None), "seq_sum_k2": (0.2, None), "seq_sum_k3": (0.08, None),
+                     "seq_mean_k1": (1.3, 0.85), "seq_mean_k2": (0.04, None), "seq_mean_k3": (0.04, None),
+                     "seq_max_k2": (0.2, None), "seq_max_k3": (0.2, None)}
+    for opt, (up, lo) in rs_thresholds.items():
+        cases.append(("verl_rs_" + opt, "verl", "none", "truncate", 2.0, None, False, opt, up, lo,
+                      dict(sd=0.3, empty_row=1)))
+    for mode, cmin, cmax in [("token_truncate", None, 3.0), ("token_mask", None, 3.0), ("token_truncate", 0.5, 1.5),
+                             ("token_mask", 0.6, 1.6), ("sequence_truncate", None, 3.0),
+                             ("sequence_mask", None, 3.0), ("sequence_truncate", 0.5, 2.0),
+                             ("sequence_mask", 0.5, None)]:
+        level, bound = mode.split("_")
+        name = "trl_%s_%s_%s" % (mode, "none" if cmin is None else cmin, "none" if cmax is None else cmax)
+        cases.append((name, "trl", level, bound, cmax, cmin, False, None, None, None,
+                      dict(sd=0.5 if level == "token" else 0.3, big=2 if level == "sequence" else None)))
+
+    for k, (name, anchor, level, bound, upper, lower, bn, rs, rs_up, rs_lo, kw) in enumerate(cases):
+        m, old, roll = rc_inputs(1300 + k, **kw)
+        mf = m.double()
+        if anchor == "verl":
+            log_ratio = sel(old - roll, m)  # compute_rollout_correction_and_rejection_mask's log_ratio
+            if level == "none":
+                is_w = mf.clone()
+                raw = sel(torch.exp(torch.clamp(log_ratio, -VERL_SAFETY_BOUND, VERL_SAFETY_BOUND)), m)
+                oob = torch.zeros_like(mf)
+                factor = 1.0
+            else:
+                is_w, raw, oob, factor = verl_rollout_is_weights(log_ratio, mf, level, upper, lower, bn)
+            if rs is not None:
+                rs_lower = rs_lo if rs_lo is not None else (1.0 / rs_up if rs.endswith("k1") else None)
+                keep, rs_frac, rs_seq_frac = verl_rollout_rs_mask(log_ratio, mf, rs, rs_up, rs_lower)
+            else:
+                keep, rs_frac, rs_seq_frac = torch.ones_like(mf), 0.0, 0.0
+            # verl's loss: pg_losses * rollout_is_weights under the modified response_mask.
+            keep = keep * mf
+            weights = sel(is_w * keep, m)
+            clamp = VERL_SAFETY_BOUND
+        else:
+            weights, raw, oob = trl_vllm_is_ratio(old, roll, mf, level + "_" + bound, lower, upper)
+            weights = sel(weights, m)
+            raw = sel(raw, m)
+            keep, rs_frac, rs_seq_frac, factor = mf.clone(), 0.0, 0.0, 1.0
+            clamp = None
+        n = mf.sum()
+        kept = keep.bool() & m
+        zeroed = (~kept | (oob.bool() if bound == "mask" and level != "none" else torch.zeros_like(m))) & m
+        w.case(name)
+        w.s("anchor", anchor)
+        w.s("level", level)
+        w.s("bound", bound)
+        w.s("rs", rs if rs is not None else "none")
+        w.s("log_ratio_clamp", "none" if clamp is None else repr(clamp))
+        w.t("upper", math.inf if upper is None else upper)
+        w.t("lower", 0.0 if lower is None else lower)
+        w.t("batch_normalize", 1.0 if bn else 0.0)
+        if rs is not None:
+            w.t("rs_upper", rs_up)
+            if rs_lo is not None:
+                w.t("rs_lower", rs_lo)
+        w.t("old_logp", old)
+        w.t("rollout_logp", roll)
+        w.t("mask", mf)
+        w.t("weights", weights)
+        w.t("keep", keep.double())
+        w.t("weight_mean", (weights.sum() / n).item())
+        w.t("weight_max", weights.masked_fill(~m, -math.inf).max().item())
+        w.t("weight_min", weights.masked_fill(~m, math.inf).min().item())
+        w.t("ratio_mean", (raw.sum() / n).item())
+        w.t("ratio_max", raw.masked_fill(~m, -math.inf).max().item())
+        w.t("truncated_fraction", verl_rc_masked_mean(oob, mf).item())
+        w.t("masked_fraction", (zeroed.double().sum() / n).item())
+        w.t("rs_masked_fraction", rs_frac)
+        w.t("rs_seq_masked_fraction", rs_seq_frac)
+        w.t("batch_norm_factor", factor)
+        w.t("valid_tokens", n.item())
+        w.t("kept_tokens", kept.double().sum().item())
+        w.t("kept_rows", kept.any(dim=-1).double().sum().item())
+        w.end()
+    w.write()
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     for gen in [gen_dpo, gen_dpo_variants, gen_ld_dpo, gen_dpo_mixture, gen_ipo, gen_kto, gen_bradley_terry, gen_simpo,
-                gen_cpo, gen_orpo, gen_nll, gen_ppo, gen_value, gen_kl, gen_gae, gen_whiten, gen_group, gen_logprobs,
-                gen_logprobs_lowp, gen_dpo_logits, gen_ppo_logits, gen_advantages]:
+                gen_cpo, gen_orpo, gen_nll, gen_ppo, gen_gmpo, gen_value, gen_policy_losses, gen_kl, gen_gae, gen_whiten, gen_group, gen_logprobs,
+                gen_logprobs_lowp, gen_dpo_logits, gen_ppo_logits, gen_advantages, gen_rollout_correction]:
         gen()
 
 

@@ -53,9 +53,37 @@ struct LowpTokenInputs {
 
   /// token_row over row i, chunk by chunk: the chunks' sums are merged in double, and a 16-bit
   /// gradient is the float kernel's gradient rounded once to nearest even. Stream is ignored:
-  /// converted chunks are written with ordinary stores.
+  /// converted chunks are written with ordinary stores. A kernel's row pass (has_row_pass_v)
+  /// reads the row's chunks once first, its chunk sums merged in double.
   template <bool Fwd, bool Bwd, bool Stream, class Kernel>
   TokenStats row(const Kernel& k, Index i, float gscale, G* grad) const noexcept {
+    if constexpr (has_row_pass_v<Kernel>) {
+      if (k.needs_row_pass())
+        return row_of<Fwd, Bwd>(k.for_row(row_pass_sums(k, i), row_weight<float>(mask_row(i), len(i))), i, gscale,
+                                grad);
+    }
+    return row_of<Fwd, Bwd>(k, i, gscale, grad);
+  }
+
+ private:
+  template <class Kernel>
+  RowPassSums<Kernel> row_pass_sums(const Kernel& k, Index i) const noexcept {
+    constexpr std::size_t NI = Kernel::n_in;
+    alignas(64) float buf[NI][lowp_chunk];
+    const float* p[NI];
+    const Index base = layout().begin(i), n = layout().len(i);
+    RowPassSums<Kernel> sums{};
+    for (Index t = 0; t < n; t += lowp_chunk) {
+      const Index c = n - t < lowp_chunk ? n - t : lowp_chunk;
+      for (std::size_t j = 0; j < NI; ++j) p[j] = chunk(j, base + t, c, buf[j]);
+      const RowPassSums<Kernel> part = row_term_sums(k, p, mask + base + t, c);
+      for (std::size_t j = 0; j < sums.size(); ++j) sums[j] += part[j];
+    }
+    return sums;
+  }
+
+  template <bool Fwd, bool Bwd, class Kernel>
+  TokenStats row_of(const Kernel& k, Index i, float gscale, G* grad) const noexcept {
     constexpr std::size_t NI = Kernel::n_in;
     constexpr bool direct_grad = std::is_same_v<G, float>;
     alignas(64) float buf[NI][lowp_chunk];
@@ -75,7 +103,6 @@ struct LowpTokenInputs {
     return st;
   }
 
- private:
   const float* chunk(std::size_t j, Index at, Index len, float* buf) const noexcept {
     switch (storage[j]) {
       case TokenStorage::bf16:

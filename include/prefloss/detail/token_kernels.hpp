@@ -9,7 +9,8 @@
 ///   static constexpr std::size_t n_sums;  // weighted metric sums it reports (<= max_sums)
 ///   static constexpr bool has_max;        // whether it reports a lane value to take the max of
 ///   template <bool Fwd, bool Bwd> void eval(const batch<S>* x, TokenOut<S, n_sums>& o) const;
-/// eval fills o.loss (Fwd), o.grad = d loss / d input 0 (Bwd), o.sums and o.max (Fwd).
+/// eval fills o.loss (Fwd), o.grad = d loss / d input 0 (Bwd), o.sums and o.max (Fwd). A kernel
+/// may also read its row once before streaming it (the per-row hook: has_row_pass_v below).
 ///
 /// Accumulation: LaneSum (row_loop.hpp), the masked reductions' accumulator: float lanes widened
 /// into double every chunk_batches batches (<= 4.2e-7 relative to sum |x| whatever the length).
@@ -204,6 +205,64 @@ inline TokenStats token_row(const Kernel& kernel, const S* const* in, const M* m
   return st;
 }
 
+/// @brief The per-row hook. A kernel whose token values depend on statistics of its whole row
+/// (GSPO's sequence-level ratio, GMPO's geometric mean) declares
+///   static constexpr bool row_pass = true;
+///   static constexpr std::size_t row_terms = N;          // how many row sums it needs
+///   bool needs_row_pass() const;                          // whether this call uses it (a runtime choice)
+///   std::array<batch<S>, N> row_term(const batch<S>* x) const;  // a token's terms of the sums
+///   Kernel for_row(const std::array<double, N>& sums, double weight) const;  // streams the row
+/// The inputs types (TokenInputs, LowpTokenInputs) then read the row once first: sums[j] is the
+/// mask-weighted sum of row_term(x)[j] over the selected tokens, weight the row's mask weight,
+/// and the kernel for_row returns streams the row as any other. A kernel without the hook pays
+/// nothing.
+template <class K, class = void>
+inline constexpr bool has_row_pass_v = false;
+template <class K>
+inline constexpr bool has_row_pass_v<K, std::void_t<decltype(K::row_pass)>> = K::row_pass;
+
+template <class Kernel>
+using RowPassSums = std::array<double, Kernel::row_terms>;
+
+/// The row pass of a kernel with the hook over n tokens: sum_t w[t] row_term(x[t]) over the
+/// selected tokens (a masked-out inf/NaN never reaches the sums), accumulated as token_row's sums
+/// are (LaneSum, the partial batch on zero-padded copies).
+template <class Kernel, class S, class M>
+inline RowPassSums<Kernel> row_term_sums(const Kernel& k, const S* const* in, const M* m, Index n) noexcept {
+  constexpr std::size_t NI = Kernel::n_in, NR = Kernel::row_terms;
+  constexpr Index W = static_cast<Index>(lanes<S>);
+  using B = batch<S>;
+  std::array<LaneSum<S>, NR> sums;
+  const auto step = [&](const S* const* x_ptr, Index off, const M* mp) PREFLOSS_DETAIL_ALWAYS_INLINE {
+    std::array<B, NI> x;
+    for (std::size_t j = 0; j < NI; ++j) x[j] = load_u<S, arch>(x_ptr[j] + off);
+    const auto ml = load_mask_lanes<S>(mp);
+    const std::array<B, NR> v = k.row_term(x.data());
+    for (std::size_t j = 0; j < NR; ++j) {
+      if constexpr (sizeof(M) == 1) {
+        sums[j].add_selected(ml.sel, v[j]);
+      } else {
+        sums[j].add_selected(ml.sel, ml.weight * v[j]);
+      }
+    }
+  };
+  Index t = 0;
+  int c = 0;
+  for (; t + W <= n; t += W) {
+    step(in, t, m + t);
+    if (++c == chunk_batches) {
+      for (auto& s : sums) s.flush();
+      c = 0;
+    }
+  }
+  if (t < n)
+    padded_batches<NI>(in, m, static_cast<S*>(nullptr), static_cast<std::size_t>(t), static_cast<std::size_t>(n - t),
+                       [&](const S* const* xp, const M* mp, S*) { step(xp, 0, mp); });
+  RowPassSums<Kernel> r;
+  for (std::size_t j = 0; j < NR; ++j) r[j] = total(sums[j]);
+  return r;
+}
+
 /// Views of a token loss's inputs: up to four token arrays and the mask, all with one row
 /// layout (row-major [rows, cols], or packed rows given by offsets). The drivers below see
 /// inputs only through compute_type, grad_type, rows, layout, len, mask_row and row(), so 16-bit
@@ -226,11 +285,17 @@ struct TokenInputs {
   const M* mask_row(Index i) const noexcept { return mask + layout().begin(i); }
   Index len(Index i) const noexcept { return layout().len(i); }
 
-  /// token_row over row i.
+  /// token_row over row i (after the kernel's row pass, when it has one).
   template <bool Fwd, bool Bwd, bool Stream, class Kernel>
   TokenStats row(const Kernel& k, Index i, S gscale, S* grad) const noexcept {
     const S* p[4];
     row_ptrs(i, p);
+    if constexpr (has_row_pass_v<Kernel>) {
+      if (k.needs_row_pass()) {
+        const Kernel rk = k.for_row(row_term_sums(k, p, mask_row(i), len(i)), row_weight<S>(mask_row(i), len(i)));
+        return token_row<Fwd, Bwd, Stream>(rk, p, mask_row(i), len(i), gscale, grad);
+      }
+    }
     return token_row<Fwd, Bwd, Stream>(k, p, mask_row(i), len(i), gscale, grad);
   }
 };

@@ -71,6 +71,7 @@ PpoLogitsResult<S> ppo_from_logits_impl(const LogitsArgs<S, Z, Lab, M>& a, const
   // gradient rows), so blocks of rows may run on any thread: the same bits.
   threads.for_rows(B, logit_grain(B, N * V), [&](Index b, Index e) {
     LogitScratch<S> sc(V, is_lowp_v<Z>, true);
+    std::vector<LogitRowStats> row_stats;  // sequence level: a row's logits statistics, kept for its gradient pass
     plan.params.template visit<Sel>([&](const auto& kernel) {
       with_logit_stores<Z>(a.logit_bytes() / sizeof(Z), [&](auto stream) {
         constexpr bool Stream = decltype(stream)::value;
@@ -81,8 +82,35 @@ PpoLogitsResult<S> ppo_from_logits_impl(const LogitsArgs<S, Z, Lab, M>& a, const
           while (next < N && !selected<S>(a.mask.data[next])) ++next;
           return next < N && !is_lowp_v<Z> ? a.z.data + next * V : nullptr;
         };
+        // A token's log-prob, entropy and its share of ent_sums, from its logits row.
+        const auto logit_stats = [&](Index i, Index k) {
+          const auto y = static_cast<Index>(a.labels.data[k]);
+          const LogitRowStats st = logit_row_of<true>(a.z.data + k * V, V, y, a.k, a.entropy, sc);
+          r.logp.data()[k] = static_cast<S>(st.logp);
+          if (a.entropy) {
+            r.entropy.data()[k] = static_cast<S>(st.entropy);
+            ent_sums[static_cast<std::size_t>(i)] +=
+                weight_of<S>(a.mask.data[k]) * static_cast<double>(r.entropy.data()[k]);
+          }
+          return st;
+        };
         for (Index i = b; i < e; ++i) {
           const double scale = scales[static_cast<std::size_t>(i)];
+          // Sequence level (GSPO) needs the row's mean log-ratio before any token's gradient: the
+          // row's log-probs first (their statistics kept), then the kernel's row pass over them,
+          // as ppo_clip runs it, and the gradient pass re-reads the logits.
+          const bool seq = kernel.needs_row_pass();
+          const S* row_in[4] = {r.logp.data() + i * T, old.data + i * T, adv.data + i * T, nullptr};
+          if constexpr (HasRef) row_in[3] = ref->data + i * T;
+          if (seq) {
+            row_stats.resize(static_cast<std::size_t>(T));
+            for (Index t = 0; t < T; ++t)
+              if (selected<S>(a.mask.data[i * T + t]))
+                row_stats[static_cast<std::size_t>(t)] = logit_stats(i, i * T + t);
+          }
+          const auto rk = seq ? kernel.for_row(row_term_sums(kernel, row_in, a.mask.data + i * T, T),
+                                               row_weight<S>(a.mask.data + i * T, T))
+                              : kernel;
           // Batches of tokens from the row's start: token_row then forms d loss / d logp from the
           // same batches, so the same bits, as ppo_clip's backward. It runs once a token, after the
           // token's row has given its log-prob, so the row is still in cache for its gradient.
@@ -100,24 +128,28 @@ PpoLogitsResult<S> ppo_from_logits_impl(const LogitsArgs<S, Z, Lab, M>& a, const
                 continue;
               }
               const auto y = static_cast<Index>(a.labels.data[k]);
-              const LogitRowStats st = logit_row_of<true>(a.z.data + k * V, V, y, a.k, a.entropy, sc);
-              r.logp.data()[k] = static_cast<S>(st.logp);
+              const LogitRowStats st = seq ? row_stats[static_cast<std::size_t>(t0 + j)] : logit_stats(i, k);
               const double wd = weight_of<S>(w);
-              if (a.entropy) {
-                r.entropy.data()[k] = static_cast<S>(st.entropy);
-                ent_sums[static_cast<std::size_t>(i)] += wd * static_cast<double>(r.entropy.data()[k]);
-              }
-              token_row<false, true, false>(kernel, in, a.mask.data + k0, n, static_cast<S>(scale), g);
+              token_row<false, true, false>(rk, in, a.mask.data + k0, n, static_cast<S>(scale), g);
               const Z* pf = next_selected(k + 1);
-              if (entropy_coef != 0) {
-                // grad_entropy as a caller of token_logprobs' backward would pass it: rounded to S.
-                const double gh = static_cast<double>(static_cast<S>(-entropy_coef * scale * wd));
-                logit_grad_row<true, Stream, true>(a.z.data + k * V, V, y, a.k, st, static_cast<double>(g[j]), gh, o,
-                                                   sc, pf);
-              } else {
-                logit_grad_row<false, Stream, true>(a.z.data + k * V, V, y, a.k, st, static_cast<double>(g[j]), 0.0, o,
-                                                    sc, pf);
-              }
+              // The scratch holds this token's exp(u - m) only when its logits row was the last one
+              // read: at sequence level the whole row was read before, so its gradient re-reads them.
+              const auto grad_row = [&](auto kept) {
+                constexpr bool Kept = decltype(kept)::value;
+                if (entropy_coef != 0) {
+                  // grad_entropy as a caller of token_logprobs' backward would pass it: rounded to S.
+                  const double gh = static_cast<double>(static_cast<S>(-entropy_coef * scale * wd));
+                  logit_grad_row<true, Stream, Kept>(a.z.data + k * V, V, y, a.k, st, static_cast<double>(g[j]), gh, o,
+                                                     sc, pf);
+                } else {
+                  logit_grad_row<false, Stream, Kept>(a.z.data + k * V, V, y, a.k, st, static_cast<double>(g[j]), 0.0,
+                                                      o, sc, pf);
+                }
+              };
+              if (seq)
+                grad_row(std::false_type{});
+              else
+                grad_row(std::true_type{});
             }
           }
         }
@@ -204,7 +236,10 @@ auto ppo_from_logits_views(const X& logits, const Y& labels, const OLP& old_logp
 /// backward called in turn with that g_h: each token's row is read from memory once, its
 /// gradient row written once (streaming stores past PREFLOSS_STREAMING_STORE_BYTES for float and
 /// double logits), the second read served from cache (a row of V values: 128 KB at V = 32000
-/// in float). Rows larger than the cache are read twice.
+/// in float). Rows larger than the cache are read twice. At sequence level (GSPO) a row's
+/// log-probs must all be known before its first token's gradient, so each token's logits row is
+/// read twice, once for the row's log-probs and once for its gradient (from memory when a row of
+/// the batch, T x V logits, exceeds the cache).
 ///
 /// @param logits, labels, mask as token_logprobs (a float mask is the PPO weight w, applied once)
 /// @param old_logp, advantages (and ref_logp) [batch, tokens] of the log-probs' type (float
@@ -213,8 +248,8 @@ auto ppo_from_logits_views(const X& logits, const Y& labels, const OLP& old_logp
 ///   entropy_coef != 0) and entropy_coef (>= 0). Threads: the passes over the logits split
 ///   rows over lopt.threads, or popt.threads when only that is set; the same bits either way.
 /// @throws everything token_logprobs and ppo_clip throw, with "ppo_clip_from_logits" in the
-///   message, and shape_error/layout_error for grad_logits (shape, alignment, overlapping an
-///   input). Nothing is written then.
+///   message, and shape_error/layout_error for grad_logits (shape, alignment, overlapping an input). Nothing is written
+///   then.
 template <class X, class Y, class OLP, class AD, class MK, class G, std::enable_if_t<detail::is_tensor_v<G>, int> = 0>
 PpoLogitsResult<detail::compute_t<detail::tensor_scalar_t<X>>> ppo_clip_from_logits(
     const X& logits, const Y& labels, const OLP& old_logp, const AD& advantages, const MK& mask, const PpoOptions& popt,

@@ -26,6 +26,12 @@
 
 namespace prefloss {
 
+/// @brief Whose log-ratio a token's importance ratio is (TRL's importance_sampling_level).
+enum class ImportanceLevel {
+  token,     ///< r_t = exp(logp_t - old_logp_t) (PPO, GRPO, DAPO)
+  sequence,  ///< GSPO: r_t = exp(s_i), s_i the row's mask-weighted mean of logp - old_logp
+};
+
 /// @brief Options of ppo_clip(). Defaults are verl's (compute_policy_loss_vanilla, agg_loss,
 /// kl_penalty), except dual clip, which verl always applies with clip_ratio_c = 3 and which is
 /// off here unless dual_clip > 1.
@@ -37,12 +43,20 @@ struct PpoOptions {
   Aggregation aggregation = Aggregation::token_mean;
   double kl_coef = 0.0;  ///< >= 0: weight of the per-token KL penalty (needs ref_logp when > 0)
   KlEstimator kl_estimator = KlEstimator::k3;
+  /// The KL term times the importance ratio, k r, r differentiated as well (DeepSeek-V3.2's
+  /// unbiased KL estimate; TRL GRPOConfig.use_bias_correction_kl). kl_mean then reports k r.
+  bool bias_corrected_kl = false;
   /// token_count, sequence_count, token_sum_norm, row_weights: the global normalizers (see
   /// PREFLOSS_AGGREGATION_NORMALIZERS; token_count is the valid-token count summed over ranks).
   PREFLOSS_AGGREGATION_NORMALIZERS;
   /// verl clamps logp - old_logp to [-c, c] before exp (c = 20); the clamped value also feeds
   /// approx_kl and the gradient is 0 beyond the clamp. std::nullopt: no clamp.
   std::optional<double> log_ratio_clamp = 20.0;
+  /// token (default) or sequence (GSPO): see ppo_clip.
+  ImportanceLevel importance_level = ImportanceLevel::token;
+  /// INTELLECT-2's cap on the unclipped branch (TRL GRPOConfig.delta): -A min(r, delta) in place
+  /// of -A r; the gradient is 0 where r > delta. > 0 and finite; std::nullopt (default): off.
+  std::optional<double> delta;
   /// k3_log_ratio_clamp, k3_clamp: the KL term's guards (see PREFLOSS_K3_CLAMPS; verl: 20, 10).
   PREFLOSS_K3_CLAMPS;
   /// Threads the call (and its result's backward()) may split rows over; the same bits for any
@@ -57,10 +71,12 @@ template <class S>
 struct PpoMetrics {
   S clip_fraction = 0;      ///< share of tokens whose clipped branch is strictly larger (verl pg_clipfrac)
   S clip_fraction_low = 0;  ///< share of tokens with A < 0 capped by dual clip (verl pg_clipfrac_lower); 0 when off
-  S approx_kl = 0;          ///< mean of old_logp - logp, after log_ratio_clamp (verl ppo_kl)
-  S ratio_mean = 0;         ///< mean of r = exp(logp - old_logp)
-  S ratio_max = 0;          ///< max of r over valid tokens (0 when none)
-  S kl_mean = 0;            ///< mean of the KL estimate (when ref_logp is given, else 0)
+  /// mean of old_logp - logp, after log_ratio_clamp at token level, per token and unclamped at
+  /// sequence level (verl ppo_kl, in compute_policy_loss_vanilla and _gspo)
+  S approx_kl = 0;
+  S ratio_mean = 0;  ///< mean of the ratio r (exp(logp - old_logp), or GSPO's sequence ratio)
+  S ratio_max = 0;   ///< max of r over valid tokens (0 when none)
+  S kl_mean = 0;     ///< mean of the KL estimate, times r with bias_corrected_kl (with ref_logp, else 0)
   /// sum of the mask weights (valid tokens), in double: exact for byte-mask counts up to 2^53,
   /// where float stops at 2^24; all-reduce it for token_count
   double token_weight = 0;
@@ -73,7 +89,7 @@ struct PpoMetricEntries {
   static constexpr std::size_t weight = 0;       ///< sums: mask weight of the valid tokens (token_weight)
   static constexpr std::size_t clipped = 1;      ///< sums: tokens whose clipped branch is strictly larger
   static constexpr std::size_t clipped_low = 2;  ///< sums: A < 0 tokens capped by dual clip
-  static constexpr std::size_t approx_kl = 3;    ///< sums: old_logp - logp, after log_ratio_clamp
+  static constexpr std::size_t approx_kl = 3;    ///< sums: old_logp - logp (see PpoMetrics::approx_kl)
   static constexpr std::size_t ratio = 4;        ///< sums: r
   static constexpr std::size_t kl = 5;           ///< sums: the KL estimate (0 without ref_logp)
   static constexpr std::size_t n_sums = 6;
@@ -106,30 +122,55 @@ struct metric_layout<PpoMetrics<S>> {
 /// formula: torch.clamp passes the gradient on [lo, hi] inclusive; torch.maximum/minimum split it
 /// equally between tied arguments. AddKl (kl_coef != 0) is a template argument on purpose: GCC 12
 /// at -O3 if-converts a runtime `if (bool)` around lane arithmetic into an AVX-512 masked add
-/// whose mask is the bool's byte (lane 0 only), so no runtime bool guards lane math here.
+/// whose mask is the bool's byte (lane 0 only), so no runtime bool guards lane math here; the
+/// importance level is a lane select on a constant instead (one blend a batch), so it doubles no
+/// kernel.
+///
+/// Sequence level is the per-row hook (token_kernels.hpp): the row pass sums logp - old_logp,
+/// and the row's kernel holds s = sum / max(W, 1) in every lane of its log-ratio. A token's
+/// ratio is then verl's sg[exp(s)] exp(logp_t - sg[logp_t]): the value exp(s), d r_t / d logp_t =
+/// r_t, as at token level.
 template <class S, bool HasRef, KlEstimator K, bool AddKl>
 struct PpoKernel {
   static constexpr std::size_t n_in = HasRef ? 4 : 3;    // logp, old_logp, advantages[, ref_logp]
   static constexpr std::size_t n_sums = HasRef ? 5 : 4;  // clipped, dual-clipped, old - logp, ratio[, kl]
   static constexpr bool has_max = true;                  // ratio
+  static constexpr bool row_pass = true;                 // GSPO's sequence ratio, when seq != 0
 
   S lo, hi;      // 1 - eps_low, 1 + eps_high
   S c;           // dual clip constant (unused when !dual)
   S clamp;       // log-ratio clamp (+inf: off)
   S dual_below;  // 0 with dual clip, -inf without
   S kl_coef;
+  S delta;            // cap of the unclipped ratio (+inf: off)
+  S seq = 0;          // 1: sequence level, the log-ratio is row_log_ratio
+  S kl_weighted = 0;  // 1: the KL term is k r (bias_corrected_kl)
+  S row_log_ratio = 0;
   KlParams<S> kl;
+
+  static constexpr std::size_t row_terms = 1;  // sum_t w (logp - old_logp)
+
+  bool needs_row_pass() const noexcept { return seq != S(0); }
+  std::array<batch<S>, 1> row_term(const batch<S>* x) const noexcept { return {x[0] - x[1]}; }
+  PpoKernel for_row(const std::array<double, 1>& sum, double weight) const noexcept {
+    PpoKernel k = *this;
+    k.row_log_ratio = static_cast<S>(sum[0] / (weight > 1 ? weight : 1.0));  // verl / TRL: mask.sum().clamp(min=1)
+    return k;
+  }
 
   template <bool Fwd, bool Bwd>
   void eval(const batch<S>* x, TokenOut<S, n_sums>& o) const noexcept {
     using B = batch<S>;
     const B zero(S(0)), one(S(1)), half(S(0.5));
     const B lp = x[0], A = x[2];
-    const B d = lp - x[1];
+    const B dt = lp - x[1];
+    const auto at_seq = B(seq) != zero;
+    const B d = xsimd::select(at_seq, B(row_log_ratio), dt);
     const B dc = xsimd::min(xsimd::max(d, B(-clamp)), B(clamp));
     const B r = exp_ratio(dc);
     const B na = -A;
-    const B l1 = na * r;  // -A r
+    const auto capped = r > B(delta);                      // false for NaN: the NaN stays in the loss
+    const B l1 = na * xsimd::select(capped, B(delta), r);  // -A min(r, delta)
     const B rc = xsimd::min(xsimd::max(r, B(lo)), B(hi));
     const B l2 = na * rc;  // -A clip(r, lo, hi)
     const B m = xsimd::max(l1, l2);
@@ -139,25 +180,33 @@ struct PpoKernel {
     B loss = xsimd::select(neg, xsimd::min(l3, m), m);
     B grad = zero;
     if constexpr (Bwd) {
-      // d l1 / d logp = -A r where the log-ratio clamp passes; l2 adds the ratio clamp's gate.
-      const B g1 = xsimd::select((d >= B(-clamp)) & (d <= B(clamp)), l1, zero);
-      const B g2 = xsimd::select((r >= B(lo)) & (r <= B(hi)), g1, zero);
+      // d r / d logp = r where the log-ratio clamp passes (torch.clamp is inclusive); l1 adds
+      // the delta cap's gate, l2 the ratio clamp's.
+      const B gr = xsimd::select((d >= B(-clamp)) & (d <= B(clamp)), na * r, zero);
+      const B g1 = xsimd::select(capped, zero, gr);
+      const B g2 = xsimd::select((r >= B(lo)) & (r <= B(hi)), gr, zero);
       const B gm = xsimd::select(l1 > l2, g1, xsimd::select(l1 < l2, g2, half * (g1 + g2)));
       grad = xsimd::select(neg, xsimd::select(m < l3, gm, xsimd::select(m == l3, half * gm, zero)), gm);
     }
     if constexpr (HasRef) {
       const auto k = kl_token<K, S>(lp, x[3], kl);
+      // Bias-corrected: k r, with r differentiated too (d r / d logp = r inside the log-ratio clamp).
+      const auto weighted = B(kl_weighted) != zero;
+      const B kv = xsimd::select(weighted, k.value * r, k.value);
       if constexpr (AddKl) {
-        loss = loss + B(kl_coef) * k.value;
-        if constexpr (Bwd) grad = grad + B(kl_coef) * k.grad;
+        loss = loss + B(kl_coef) * kv;
+        if constexpr (Bwd) {
+          const B dr = xsimd::select((d >= B(-clamp)) & (d <= B(clamp)), r, zero);
+          grad = grad + B(kl_coef) * xsimd::select(weighted, k.grad * r + k.value * dr, k.grad);
+        }
       }
-      if constexpr (Fwd) o.sums[4] = k.value;
+      if constexpr (Fwd) o.sums[4] = kv;
     }
     if constexpr (Fwd) {
       o.loss = loss;
       o.sums[0] = xsimd::select(l2 > l1, one, zero);
       o.sums[1] = xsimd::select(neg & (m > l3), one, zero);
-      o.sums[2] = -dc;
+      o.sums[2] = -xsimd::select(at_seq, dt, dc);
       o.sums[3] = r;
       o.max = r;
     }
@@ -167,8 +216,8 @@ struct PpoKernel {
 
 template <class S>
 struct PpoParams {
-  S lo, hi, c, clamp, kl_coef;
-  bool dual;
+  S lo, hi, c, clamp, kl_coef, delta;
+  bool dual, seq, kl_weighted;
   KlEstimator estimator;
   KlParams<S> kl;
 
@@ -184,6 +233,9 @@ struct PpoParams {
       k.clamp = clamp;
       k.dual_below = dual ? S(0) : -std::numeric_limits<S>::infinity();
       k.kl_coef = kl_coef;
+      k.delta = delta;
+      k.seq = seq ? S(1) : S(0);
+      k.kl_weighted = kl_weighted ? S(1) : S(0);
       k.kl = kl;
       f(k);
     };
@@ -228,6 +280,9 @@ PpoPlan<S> ppo_prepare(const Matrix<LT>& lp, const Matrix<OT>& old, const Matrix
   require_option(opt.kl_coef >= 0 && std::isfinite(opt.kl_coef), fn, "kl_coef", ">= 0 and finite", opt.kl_coef);
   validate_kl<S>(fn, opt.kl_estimator, opt, "kl_estimator");
   if (opt.log_ratio_clamp) require_positive_in<S>(fn, "log_ratio_clamp", *opt.log_ratio_clamp);
+  require_enum(opt.importance_level == ImportanceLevel::token || opt.importance_level == ImportanceLevel::sequence, fn,
+               "importance_level", static_cast<int>(opt.importance_level));
+  if (opt.delta) require_positive_in<S>(fn, "delta", *opt.delta);
   if (opt.kl_coef > 0 && ref == nullptr)
     throw option_error(std::string(fn) + ": option 'kl_coef' is " + fmt(opt.kl_coef) +
                        " but no 'ref_logp' was given (pass ref_logp or set kl_coef = 0)");
@@ -249,6 +304,9 @@ PpoPlan<S> ppo_prepare(const Matrix<LT>& lp, const Matrix<OT>& old, const Matrix
   p.c = static_cast<S>(p.dual ? opt.dual_clip : 0.0);
   p.clamp = opt.log_ratio_clamp ? static_cast<S>(*opt.log_ratio_clamp) : std::numeric_limits<S>::infinity();
   p.kl_coef = static_cast<S>(opt.kl_coef);
+  p.delta = opt.delta ? static_cast<S>(*opt.delta) : std::numeric_limits<S>::infinity();
+  p.seq = opt.importance_level == ImportanceLevel::sequence;
+  p.kl_weighted = opt.bias_corrected_kl;
   p.estimator = opt.kl_estimator;
   p.kl = kl_params<S>(opt);
   return plan;
@@ -345,8 +403,36 @@ auto ppo_clip_views(const LP& logp, const OLP& old_logp, const AD& advantages, c
 ///
 /// Per token, with r = exp(clamp(logp - old_logp, +-log_ratio_clamp)):
 ///   l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high));
+///   delta set: the first branch is -A min(r, delta) (INTELLECT-2; TRL GRPOTrainer._compute_loss);
 ///   dual clip c > 1: for A < 0, l = min(l, -A c);
-///   with ref_logp: l += kl_coef * k(logp, ref_logp) (KlEstimator, see kl_estimate).
+///   with ref_logp: l += kl_coef * k(logp, ref_logp) (KlEstimator, see kl_estimate);
+///   bias_corrected_kl: l += kl_coef * r k(logp, ref_logp), d/d logp = r k' + r k (TRL
+///   _compute_loss's per_token_kl * coef_1; there, at sequence level, the gradient of r goes
+///   through the row's mean, here it is d r / d logp_t = r as for the policy term).
+///
+/// Sequence-level ratio (importance_level = sequence; GSPO, Zheng et al. 2025; verl
+/// compute_policy_loss_gspo, TRL importance_sampling_level = "sequence"): every token of row i
+/// takes r = exp(clamp(s_i, +-log_ratio_clamp)), s_i = sum_t w (logp - old_logp) / max(W_i, 1)
+/// over the row's selected tokens (both anchors clamp the divisor at 1), with verl's
+/// d r / d logp_t = r (its sg[s_i] pi_t / sg[pi_t] form, which admits token-level advantages).
+/// TRL differentiates through s_i instead. With one advantage a row (GRPO's outcome advantages,
+/// TRL's only kind) all tokens of a row carry one loss, and the two gradients agree wherever
+/// W_i >= 1 (every non-empty row of a byte mask); for a float-mask row with W_i < 1 TRL's is
+/// W_i times this one. With advantages that vary within a row they differ, and this is verl's. verl clamps s_i at 10
+/// from above only and does not clamp the token log-ratio, TRL clamps neither: log_ratio_clamp = 10 matches verl
+/// wherever s_i >= -10 (below, verl keeps e^s_i and its gradient where this takes e^-10 and none), std::nullopt matches
+/// TRL. approx_kl stays a token mean of old_logp - logp (unclamped), as verl's GSPO reports it.
+/// s_i is the mean over the row as this call sees it: a row split over shards (sequence parallelism) must be whole in
+/// one call at sequence level.
+///
+/// TRL's GRPO loss_type names are aggregations here: grpo (and sapo) = seq_mean_token_mean;
+/// bnpo = token_mean; dapo (and cispo) = token_mean with token_count = num_items_in_batch (TRL
+/// divides by num_items_in_batch / num_processes because DDP averages the ranks' gradients;
+/// a token_count gradient here is meant to be summed over ranks); dr_grpo =
+/// seq_mean_token_sum_norm with token_sum_norm = max_completion_length; luspo =
+/// seq_mean_token_sum with importance_level sequence (TRL's per_token_loss * mask.sum(1), a
+/// mean over rows). TRL has no log-ratio clamp (log_ratio_clamp = std::nullopt).
+///
 /// The batch loss aggregates w[i,t] l[i,t] over selected tokens (mask != 0; a float mask is the
 /// weight w) by opt.aggregation — see Aggregation; masked-out tokens never influence anything,
 /// even when they hold inf/NaN. This is verl's compute_policy_loss_vanilla + agg_loss (+ the
@@ -387,7 +473,8 @@ auto ppo_clip_views(const LP& logp, const OLP& old_logp, const AD& advantages, c
 /// that is negative, NaN or infinite; option_error for clip_high < 0, clip_low outside [0, 1],
 /// dual_clip in (0, 1] or < 0 (or 1 once rounded to float), kl_coef < 0 or > 0 without
 /// ref_logp, an unknown enum, a normaliser/clamp <= 0 (or 0 once rounded to the token type), or
-/// seq_mean_token_sum_norm over packed input without token_sum_norm.
+/// seq_mean_token_sum_norm over packed input without token_sum_norm, delta <= 0 (or 0 once
+/// rounded to the token type).
 /// Nothing is written on error.
 template <class LP, class OLP, class AD, class MK>
 auto ppo_clip(const LP& logp, const OLP& old_logp, const AD& advantages, const MK& mask, const PpoOptions& opt = {}) {
