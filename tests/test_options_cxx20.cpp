@@ -31,6 +31,23 @@ TEST_CASE("every options struct takes a designated initializer that skips its op
   CHECK(pl::GaeOptions{.lam = 0.95}.gamma == 1.0);
   CHECK(pl::WhitenOptions{.eps = 1e-6}.unbiased);
   CHECK(pl::GroupOptions{.scale_by_std = false}.epsilon == 1e-6);
+  const auto gspo = pl::PpoOptions{.importance_level = pl::ImportanceLevel::sequence};
+  CHECK(!gspo.delta);
+  CHECK(!gspo.bias_corrected_kl);
+  CHECK(!pl::GmpoOptions{.clip_high = 0.4}.sequence_count);
+  CHECK(pl::CispoOptions{.clip_high = 0.28}.clip_low == 0.2);
+  CHECK(pl::SapoOptions{.tau_neg = 2.0}.tau_pos == 1.0);
+  CHECK(!pl::GpgOptions{.aggregation = pl::Aggregation::seq_mean_token_sum}.token_count);
+  CHECK(!pl::CpoOptions{.alpha = 0.5}.batch_count);
+  CHECK(pl::LogprobOptions{.entropy = true}.temperature == 1.0);
+  CHECK(pl::GrpoRewardOptions{.epsilon = 1e-6}.reward_weights.empty());
+  CHECK(pl::ReinforcePPOptions{.gamma = 0.99}.whiten.unbiased);
+  CHECK(pl::RewardClipOptions{.max = 5.0}.min == -10.0);
+  CHECK(pl::SafetyRewardOptions{.threshold = 0.2}.threshold == 0.2);
+  const auto is = pl::RolloutIsOptions{.upper = 3.0};
+  CHECK(!is.rs_upper);
+  CHECK(!is.rs_lower);
+  CHECK(is.level == pl::RolloutIsLevel::token);
 }
 
 TEST_CASE("the shared normalizer and k3-clamp fields are designated like any other field", "[options]") {

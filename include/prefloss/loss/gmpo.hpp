@@ -34,7 +34,7 @@ struct GmpoOptions {
   double clip_high = 0.2;
   /// The global number of sequences the batch mean divides by (data parallel / accumulation),
   /// instead of this call's rows; > 0 and finite, with a reciprocal finite in the token type.
-  std::optional<double> sequence_count;
+  std::optional<double> sequence_count = std::nullopt;
   /// Threads the call and its backward() may split rows over (see PpoOptions::threads).
   Threads threads = {};
 };

@@ -56,7 +56,7 @@ struct PpoOptions {
   ImportanceLevel importance_level = ImportanceLevel::token;
   /// INTELLECT-2's cap on the unclipped branch (TRL GRPOConfig.delta): -A min(r, delta) in place
   /// of -A r; the gradient is 0 where r > delta. > 0 and finite; std::nullopt (default): off.
-  std::optional<double> delta;
+  std::optional<double> delta = std::nullopt;
   /// k3_log_ratio_clamp, k3_clamp: the KL term's guards (see PREFLOSS_K3_CLAMPS; verl: 20, 10).
   PREFLOSS_K3_CLAMPS;
   /// Threads the call (and its result's backward()) may split rows over; the same bits for any
