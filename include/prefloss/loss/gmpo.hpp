@@ -20,6 +20,7 @@
 #include "../metrics.hpp"
 #include "../parallel.hpp"
 #include "../reduce/aggregation.hpp"
+#include "policy_gradient.hpp"
 #include "token_loss.hpp"
 
 namespace prefloss {
@@ -208,17 +209,6 @@ auto gmpo_views(const LP& logp, const OLP& old_logp, const AD& advantages, const
                        matrix_view(advantages, fn, "advantages"), matrix_view(mask, fn, "mask"), opt, grad_out);
 }
 
-template <class LP, class OLP, class AD, class MK>
-constexpr void gmpo_static_checks() {
-  using S = tensor_scalar_t<LP>;
-  static_assert(
-      is_token_scalar_v<S> && is_token_scalar_v<tensor_scalar_t<OLP>> && is_token_scalar_v<tensor_scalar_t<AD>>,
-      "prefloss: log-probs and advantages must be float, double, Eigen::bfloat16 or Eigen::half");
-  static_assert(!std::is_void_v<typename common_token<S, tensor_scalar_t<OLP>, tensor_scalar_t<AD>>::type>,
-                PREFLOSS_DETAIL_MIX_MESSAGE);
-  static_assert(is_mask_v<tensor_scalar_t<MK>>, "prefloss: masks must be bool, uint8_t, float or double");
-}
-
 }  // namespace detail
 
 /// @brief GMPO's loss over row-major [batch, tokens] tensors, or over a packed batch (every
@@ -252,7 +242,7 @@ constexpr void gmpo_static_checks() {
 /// Nothing is written on error.
 template <class LP, class OLP, class AD, class MK>
 auto gmpo(const LP& logp, const OLP& old_logp, const AD& advantages, const MK& mask, const GmpoOptions& opt = {}) {
-  detail::gmpo_static_checks<LP, OLP, AD, MK>();
+  detail::policy_grad_check<LP, OLP, AD, MK, detail::NoGrad>();
   return detail::gmpo_views(logp, old_logp, advantages, mask, opt, &detail::no_grad);
 }
 
@@ -261,9 +251,7 @@ auto gmpo(const LP& logp, const OLP& old_logp, const AD& advantages, const MK& m
 template <class LP, class OLP, class AD, class MK, class G>
 auto gmpo(const LP& logp, const OLP& old_logp, const AD& advantages, const MK& mask, const GmpoOptions& opt,
           G&& grad_out) {
-  detail::gmpo_static_checks<LP, OLP, AD, MK>();
-  static_assert(std::is_same_v<detail::tensor_scalar_t<G>, detail::tensor_scalar_t<LP>>,
-                "prefloss: grad_out must have logp's scalar type");
+  detail::policy_grad_check<LP, OLP, AD, MK, G>();
   return detail::gmpo_views(logp, old_logp, advantages, mask, opt, &grad_out);
 }
 
