@@ -1,7 +1,9 @@
 // rollout_is_weights: closed forms of every mode (verl rollout_corr_helper.py, TRL
 // vllm_importance_sampling_mode), padding with NaN/inf, boundaries, empty rows and batches,
 // packed input, the ppo_clip recipe against a long-double reference of verl's
-// pg_losses * rollout_is_weights + agg_loss (gradient by central finite differences), and bad input.
+// pg_losses * rollout_is_weights + agg_loss (gradient by central finite differences), OpenRLHF's
+// tis / icepop / seq-mask-tis (PolicyLoss.forward) with its loss on the original mask's divisor,
+// and bad input.
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
@@ -298,6 +300,7 @@ TEST_CASE("rollout_is_weights: padding with NaN / inf never leaks; empty rows an
   CHECK(z.weight_mean == 0);
   CHECK(z.rs_seq_masked_fraction == 0);
   CHECK(z.batch_norm_factor == 1);
+  CHECK(z.rollout_kl == 0);
   // A batch with no valid token: all weights 0, metrics 0 (verl raises here).
   Tok<std::uint8_t> none(B, T);
   none.setZero();
@@ -492,6 +495,334 @@ TEST_CASE("rollout_is_weights + ppo_clip equals verl pg_losses * rollout_is_weig
   }
   CHECK(zeroed_by_icepop_in_kept > 0);  // the cases exercise IcePop zeros under a kept token
   CHECK(rejected_rows > 0);             // and a row rejected whole
+}
+
+// ---- OpenRLHF PolicyLoss's vLLM IS correction -----------------------------------------------
+
+namespace {
+
+/// The RolloutIsOptions that rl/rollout_correction.hpp documents for OpenRLHF's
+/// vllm_is_correction_type with vllm_is_truncated_threshold = [low, high].
+pl::RolloutIsOptions openrlhf_options(const std::string& type, double low, double high) {
+  pl::RolloutIsOptions o;
+  o.level = pl::RolloutIsLevel::token;
+  o.log_ratio_clamp = std::nullopt;
+  o.lower = low;
+  o.upper = high;
+  o.bound = type == "icepop" ? pl::RolloutIsBound::mask : pl::RolloutIsBound::truncate;
+  if (type == "seq-mask-tis") {
+    o.lower = 0;
+    o.upper = inf_;
+    o.rs = pl::RolloutRs::seq_mean_k1;
+    o.rs_lower = std::isinf(high) ? std::numeric_limits<double>::denorm_min() : 1.0 / high;
+    o.rs_upper = 1.0 / low;
+  }
+  return o;
+}
+
+/// OpenRLHF's vllm_is (PolicyLoss.forward at 3c3be623) in double, reading valid tokens only:
+/// tis clamp(exp(d), low, high); icepop exp(d) [low <= exp(d) <= high]; seq-mask-tis
+/// [low <= exp(masked_mean(d)) <= high] exp(d), with an empty row's 0 / 0 = NaN failing both tests.
+template <class M>
+Tok<double> openrlhf_is(const Tok<double>& old, const Tok<double>& roll, const Tok<M>& m, const std::string& type,
+                        double low, double high) {
+  const long B = old.dimension(0), T = old.dimension(1);
+  Tok<double> w(B, T);
+  w.setZero();
+  for (long i = 0; i < B; ++i) {
+    double sum = 0, n = 0;
+    for (long t = 0; t < T; ++t)
+      if (m(i, t) != M(0)) {
+        sum += old(i, t) - roll(i, t);
+        n += 1;
+      }
+    const double seq_is = std::exp(sum / n);  // NaN for an empty row
+    const bool seq_mask = seq_is >= low && seq_is <= high;
+    for (long t = 0; t < T; ++t) {
+      if (m(i, t) == M(0)) continue;
+      const double is = std::exp(old(i, t) - roll(i, t));
+      w(i, t) = type == "tis"      ? std::fmin(std::fmax(is, low), high)
+                : type == "icepop" ? (is >= low && is <= high ? is : 0.0)
+                                   : (seq_mask ? is : 0.0);
+    }
+  }
+  return w;
+}
+
+}  // namespace
+
+TEST_CASE("rollout_is_weights: OpenRLHF tis / icepop / seq-mask-tis closed forms", "[rollout_correction][openrlhf]") {
+  const Row3 c;  // d = {0, 1, -0.5}: mean 1/6, geometric-mean ratio e^(1/6) = 1.18
+  const double e = std::exp(1.0), eh = std::exp(-0.5);
+  pl::RolloutIsMetrics m;
+  check_row(run(c, openrlhf_options("tis", 0.5, 2.0), &m), {1, 2, eh});
+  CHECK(m.rollout_kl == Approx(-1.0 / 6).epsilon(1e-15));  // vllm_kl = masked_mean(rollout - old)
+  check_row(run(c, openrlhf_options("tis", 0.7, 2.0)), {1, 2, 0.7});
+  check_row(run(c, openrlhf_options("icepop", 0.5, 2.0), &m), {1, 0, eh});
+  CHECK(m.kept_tokens == 3);
+  check_row(run(c, openrlhf_options("icepop", 0.7, 2.0)), {1, 0, 0});
+  // seq-mask-tis: the token weights are exp(d) untruncated (e > high = 2 stays e).
+  check_row(run(c, openrlhf_options("seq-mask-tis", 0.5, 2.0), &m), {1, e, eh});
+  CHECK(m.kept_rows == 1);
+  CHECK(m.truncated_fraction == 0);
+  check_row(run(c, openrlhf_options("seq-mask-tis", 0.5, 1.1), &m), {0, 0, 0});  // 1.18 > 1.1
+  CHECK(m.kept_tokens == 0);
+  CHECK(m.valid_tokens == 3);  // OpenRLHF's divisor still counts the row
+  CHECK(m.rollout_kl == Approx(-1.0 / 6).epsilon(1e-15));
+  check_row(run(c, openrlhf_options("seq-mask-tis", 1.2, 5.0)), {0, 0, 0});   // 1.18 < 1.2
+  check_row(run(c, openrlhf_options("seq-mask-tis", 0.0, 1.2)), {1, e, eh});  // low 0: rs_upper = +inf
+  // high = +inf through rs_lower = denorm_min: a geometric mean of e^700 is kept.
+  Row3 big;
+  big.roll = tok<double>(1, 3, {-701, -701, -701});
+  check_row(run(big, openrlhf_options("seq-mask-tis", 0.5, inf_)), {std::exp(700.0), std::exp(700.0), std::exp(700.0)});
+  check_row(run(big, openrlhf_options("seq-mask-tis", 0.5, 1e300)), {0, 0, 0});
+  // Each against the independent double reference as well.
+  for (const char* type : {"tis", "icepop", "seq-mask-tis"})
+    for (const auto& [lo, hi] : {std::pair<double, double>{0.5, 2.0}, {0.7, 1.5}, {1.1, 3.0}, {0.0, 1.2}}) {
+      CAPTURE(type, lo, hi);
+      const Tok<double> want = openrlhf_is(c.old, c.roll, c.m, type, lo, hi);
+      check_row(run(c, openrlhf_options(type, lo, hi)), {want(0, 0), want(0, 1), want(0, 2)});
+    }
+}
+
+TEST_CASE("rollout_is_weights: OpenRLHF ratios exactly at the bounds are kept", "[rollout_correction][openrlhf]") {
+  const double l2 = std::log(2.0);
+  // d = old - roll exactly: {l2, l2} and {-l2, -l2}, ratios exp(+-l2) == 2 and 0.5 exactly in
+  // double (required below, so that the bounds are hit), and a row with d = {0.5, -0.5, 0}:
+  // mean 0, geometric-mean ratio 1.
+  const auto old = tok<double>(3, 3, {0, 0, 0, 0, 0, 0, -1, -1, -1});
+  const auto roll = tok<double>(3, 3, {-l2, -l2, nan_, l2, l2, -inf_, -1.5, -0.5, -1});
+  const auto m = tok<std::uint8_t>(3, 3, {1, 1, 0, 1, 1, 0, 1, 1, 1});
+  REQUIRE(std::exp(l2) == 2.0);
+  REQUIRE(std::exp(-l2) == 0.5);
+  const double es = std::exp(0.5), eh = std::exp(-0.5);
+  struct Case {
+    const char* type;
+    double lo, hi;
+    std::vector<double> want;
+  };
+  const Case cases[] = {
+      {"tis", 0.5, 2.0, {2, 2, 0, 0.5, 0.5, 0, es, eh, 1}},
+      {"tis", 0.61, 1.5, {1.5, 1.5, 0, 0.61, 0.61, 0, 1.5, 0.61, 1}},
+      {"icepop", 0.5, 2.0, {2, 2, 0, 0.5, 0.5, 0, es, eh, 1}},  // rho = low and rho = high kept
+      {"icepop", 1.0, 1.0, {0, 0, 0, 0, 0, 0, 0, 0, 1}},        // rho = 1 in the band [1, 1]
+      {"seq-mask-tis", 0.5, 2.0, {2, 2, 0, 0.5, 0.5, 0, es, eh, 1}},
+      {"seq-mask-tis", 2.0, 2.0, {2, 2, 0, 0, 0, 0, 0, 0, 0}},  // geometric mean 2 = low = high
+      {"seq-mask-tis", 0.5, 0.5, {0, 0, 0, 0.5, 0.5, 0, 0, 0, 0}},
+      {"seq-mask-tis", 1.0, 1.0, {0, 0, 0, 0, 0, 0, es, eh, 1}},
+  };
+  for (const Case& k : cases) {
+    CAPTURE(k.type, k.lo, k.hi);
+    Tok<double> w(3, 3);
+    pl::rollout_is_weights(old, roll, m, openrlhf_options(k.type, k.lo, k.hi), w);
+    const Tok<double> ref = openrlhf_is(old, roll, m, k.type, k.lo, k.hi);
+    for (long j = 0; j < 9; ++j) {
+      CAPTURE(j);
+      CHECK(ref.data()[j] == Approx(k.want[static_cast<std::size_t>(j)]).epsilon(1e-15).margin(0));
+      CHECK(w.data()[j] == Approx(k.want[static_cast<std::size_t>(j)]).epsilon(1e-15).margin(0));
+    }
+  }
+  // Just past a bound: d = 2^-40 on one token of the mean-0 row, band [1, 1] rejects it.
+  auto roll2 = roll;
+  roll2(2, 2) = -1 - std::ldexp(1.0, -40);
+  Tok<double> w(3, 3);
+  pl::rollout_is_weights(old, roll2, m, openrlhf_options("seq-mask-tis", 1.0, 1.0), w);
+  for (long j = 0; j < 9; ++j) CHECK(w.data()[j] == 0);
+  pl::rollout_is_weights(old, roll2, m, openrlhf_options("seq-mask-tis", 1.0, 1.001), w);
+  CHECK(w(2, 2) == Approx(std::exp(std::ldexp(1.0, -40))).epsilon(1e-15));
+}
+
+TEST_CASE("rollout_is_weights: OpenRLHF modes with NaN / inf padding and an empty row",
+          "[rollout_correction][openrlhf]") {
+  const long B = 4, T = 6;
+  std::mt19937 rng(21);
+  std::normal_distribution<double> nd(0.0, 0.3);
+  Tok<double> old(B, T), roll(B, T), old2(B, T), roll2(B, T);
+  Tok<std::uint8_t> m(B, T);
+  const int len[B] = {6, 0, 4, 5};  // row 1 empty: OpenRLHF's 0 / 0 = NaN fails both bounds
+  for (long i = 0; i < B; ++i)
+    for (long t = 0; t < T; ++t) {
+      const bool v = t < len[i] && !(i == 3 && t == 2);
+      m(i, t) = v;
+      old(i, t) = v ? -1.5 + 0.2 * static_cast<double>(t) : ((i + t) % 2 ? nan_ : -inf_);
+      roll(i, t) = v ? old(i, t) + nd(rng) + (i == 2 ? 0.8 : 0.0) : ((i + t) % 2 ? inf_ : nan_);
+      old2(i, t) = v ? old(i, t) : 4.0;
+      roll2(i, t) = v ? roll(i, t) : -30.0;
+    }
+  double sum_d = 0, n = 0;
+  for (long k = 0; k < old.size(); ++k)
+    if (m.data()[k]) {
+      sum_d += roll.data()[k] - old.data()[k];
+      n += 1;
+    }
+  int rejected_rows = 0;
+  for (const char* type : {"tis", "icepop", "seq-mask-tis"}) {
+    CAPTURE(type);
+    const auto o = openrlhf_options(type, 0.5, 1.6);
+    Tok<double> w(B, T), w2(B, T);
+    Tok<bool> keep(B, T);
+    const auto met = pl::rollout_is_weights(old, roll, m, o, w, keep);
+    const auto met2 = pl::rollout_is_weights(old2, roll2, m, o, w2);
+    const Tok<double> ref = openrlhf_is(old, roll, m, type, 0.5, 1.6);
+    for (long k = 0; k < w.size(); ++k) {
+      CAPTURE(k);
+      REQUIRE(std::isfinite(w.data()[k]));
+      CHECK(w.data()[k] == w2.data()[k]);
+      CHECK(w.data()[k] == Approx(ref.data()[k]).epsilon(1e-15).margin(0));
+      if (!m.data()[k]) CHECK(!keep.data()[k]);
+    }
+    for (long t = 0; t < T; ++t) CHECK(w(1, t) == 0);
+    CHECK(met.valid_tokens == 14);
+    CHECK(met.rollout_kl == Approx(sum_d / n).epsilon(1e-14));
+    CHECK(met.rollout_kl == met2.rollout_kl);
+    CHECK(met.weight_mean == met2.weight_mean);
+    if (std::string(type) == "seq-mask-tis") rejected_rows = static_cast<int>(3 - met.kept_rows);
+  }
+  CHECK(rejected_rows == 1);  // row 2 (mean d ~ 0.8 > log 1.6)
+}
+
+namespace {
+
+/// OpenRLHF PolicyLoss.forward (policy_loss_type "ppo", enable_vllm_is_correction) at 3c3be623 in
+/// long double: ratio = exp(clamp(logp - old, -20, 20)), surr1 = ratio A, surr2 = clamp(ratio,
+/// 1 - eps_low, 1 + eps_high) A, loss = -min(surr1, surr2) (dual clip: -max(min, c A) where
+/// A < 0), loss *= vllm_is, then aggregate_loss over the ORIGINAL action_mask: token level
+/// sum / token count (or / batch_num_tokens * dp_size), sample level the mean over rows with a
+/// token of each row's sum / its token count (the 1e-8 left out, as prefloss documents).
+ld openrlhf_reference(const Tok<double>& lp, const Tok<double>& old, const Tok<double>& adv, const Tok<double>& vllm_is,
+                      const Tok<std::uint8_t>& m, double dual, bool token_level, double batch_num_tokens = 0,
+                      double dp_size = 1) {
+  const long B = lp.dimension(0), T = lp.dimension(1);
+  const ld el = 0.2L, eh = 0.28L;
+  ld total = 0, count = 0, rows = 0, row_mean_sum = 0;
+  for (long i = 0; i < B; ++i) {
+    ld s = 0, n = 0;
+    for (long t = 0; t < T; ++t) {
+      if (!m(i, t)) continue;
+      const ld r = std::exp(std::fmin(std::fmax(static_cast<ld>(lp(i, t)) - old(i, t), -20.0L), 20.0L));
+      const ld a = adv(i, t);
+      const ld surr1 = r * a, surr2 = std::fmin(std::fmax(r, 1 - el), 1 + eh) * a;
+      const ld clip1 = std::fmin(surr1, surr2);
+      const ld l = dual > 0 && a < 0 ? -std::fmax(clip1, static_cast<ld>(dual) * a) : -clip1;
+      s += static_cast<ld>(vllm_is(i, t)) * l;
+      n += 1;
+    }
+    total += s;
+    count += n;
+    if (n > 0) {
+      rows += 1;
+      row_mean_sum += s / n;
+    }
+  }
+  if (token_level) return batch_num_tokens > 0 ? total / batch_num_tokens * dp_size : total / count;
+  return row_mean_sum / rows;
+}
+
+}  // namespace
+
+TEST_CASE("rollout_is_weights + ppo_clip equals OpenRLHF PolicyLoss with vllm IS correction",
+          "[rollout_correction][recipe][openrlhf]") {
+  const long B = 5, T = 9;
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<double> ulp(-2.5, -0.2), udr(-0.3, 0.3), ua(-1.5, 1.5), ud(-0.5, 0.5),
+      ushift(-0.15, 0.15);
+  Tok<double> lp(B, T), old(B, T), roll(B, T), adv(B, T);
+  Tok<std::uint8_t> m(B, T);
+  const int len[B] = {9, 6, 0, 7, 8};
+  for (long i = 0; i < B; ++i)
+    for (long t = 0; t < T; ++t) {
+      const bool v = t < len[i] && !(i == 4 && t == 3);
+      m(i, t) = v;
+      old(i, t) = v ? ulp(rng) : nan_;
+      // Row 3's rollout log-probs sit 0.6 below: its geometric-mean ratio ~ e^0.6 = 1.8.
+      roll(i, t) = v ? old(i, t) - (i == 3 ? 0.6 + ushift(rng) : ud(rng)) : -inf_;
+      double dr = udr(rng);
+      // Keep r away from the clip kinks 0.8 and 1.28 so the finite differences are smooth.
+      while (std::fabs(dr - std::log(1.28)) < 0.02 || std::fabs(dr - std::log(0.8)) < 0.02) dr = udr(rng);
+      lp(i, t) = v ? old(i, t) + dr : nan_;
+      adv(i, t) = v ? ua(rng) : inf_;
+    }
+  // One token beyond the +-20 policy log-ratio clamp (clipped too), and one with A < 0 and
+  // r = e^1.5 > 3 that dual clip caps.
+  lp(0, 2) = old(0, 2) + 22.0;
+  adv(0, 2) = 0.7;
+  lp(0, 4) = old(0, 4) + 1.5;
+  adv(0, 4) = -0.8;
+  const Tok<double> lp0 = lp;
+  struct Setup {
+    const char* type;
+    double low, high;
+  };
+  const Setup setups[] = {{"tis", 0.8, 1.25}, {"icepop", 0.8, 1.25}, {"seq-mask-tis", 0.5, 1.5}};
+  int weight_zero_tokens = 0, rejected_rows = 0, truncated = 0;
+  for (const Setup& s : setups) {
+    Tok<double> w(B, T), keep(B, T);
+    const auto met = pl::rollout_is_weights(old, roll, m, openrlhf_options(s.type, s.low, s.high), w, keep);
+    const Tok<double> vllm_is = openrlhf_is(old, roll, m, s.type, s.low, s.high);
+    for (long k = 0; k < w.size(); ++k) {
+      CHECK(w.data()[k] == Approx(vllm_is.data()[k]).epsilon(1e-15).margin(0));
+      weight_zero_tokens += m.data()[k] && w.data()[k] == 0;
+    }
+    truncated += met.truncated_fraction > 0;
+    rejected_rows += static_cast<int>(4 - met.kept_rows);  // row 2 is empty
+    const pl::TokenCounts counts = pl::token_counts(m);
+    REQUIRE(met.valid_tokens == static_cast<double>(counts.tokens));
+    for (const double dual : {0.0, 3.0})
+      for (const int mode : {0, 1, 2}) {  // token level, token level with batch_num_tokens, sample level
+        CAPTURE(s.type, dual, mode);
+        const bool token_level = mode < 2;
+        const double batch_num_tokens = mode == 1 ? 100.0 : 0.0, dp_size = mode == 1 ? 4.0 : 1.0;
+        pl::PpoOptions po;
+        po.clip_low = 0.2;
+        po.clip_high = 0.28;
+        po.dual_clip = dual;
+        if (token_level) {
+          po.aggregation = pl::Aggregation::token_mean;
+          po.token_count = mode == 1 ? batch_num_tokens / dp_size : met.valid_tokens;
+        } else {
+          po.aggregation = pl::Aggregation::seq_mean_token_mean;
+          const Eigen::Tensor<double, 1> rw = pl::row_weights(m);
+          po.row_weights.assign(rw.data(), rw.data() + rw.size());
+          po.sequence_count = static_cast<double>(counts.nonempty_rows);
+        }
+        Tok<double> g(B, T);
+        const auto r = pl::ppo_clip(lp, old, adv, w, po, g);
+        const ld want = openrlhf_reference(lp, old, adv, vllm_is, m, dual, token_level, batch_num_tokens, dp_size);
+        CHECK(static_cast<double>(r.loss) == Approx(static_cast<double>(want)).epsilon(1e-13));
+        const double h = 1e-6;
+        double gmax = 0, err = 0;
+        for (long k = 0; k < lp.size(); ++k) {
+          CAPTURE(k);
+          if (!m.data()[k] || w.data()[k] == 0) {
+            CHECK(g.data()[k] == 0);
+            if (!m.data()[k]) continue;
+          }
+          Tok<double> xp = lp0, xm = lp0;
+          xp.data()[k] += h;
+          xm.data()[k] -= h;
+          const ld fd = (openrlhf_reference(xp, old, adv, vllm_is, m, dual, token_level, batch_num_tokens, dp_size) -
+                         openrlhf_reference(xm, old, adv, vllm_is, m, dual, token_level, batch_num_tokens, dp_size)) /
+                        static_cast<ld>(xp.data()[k] - xm.data()[k]);
+          gmax = std::fmax(gmax, std::fabs(static_cast<double>(fd)));
+          err = std::fmax(err, std::fabs(g.data()[k] - static_cast<double>(fd)));
+        }
+        CAPTURE(gmax, err);
+        CHECK(gmax > 0);
+        CHECK(err <= 1e-8 * gmax);
+        CHECK(g(0, 2) == 0);                  // beyond the +-20 clamp
+        CHECK((g(0, 4) == 0) == (dual > 0));  // capped by dual clip
+        // verl's divisor (the tokens rs keeps) is a different loss once seq-mask-tis rejects a row.
+        if (mode == 0 && met.kept_tokens < met.valid_tokens) {
+          pl::PpoOptions verl_po = po;
+          verl_po.token_count = met.kept_tokens;
+          const auto v = pl::ppo_clip(lp, old, adv, w, verl_po);
+          CHECK(std::fabs(static_cast<double>(v.loss - want)) > 1e-3 * std::fabs(static_cast<double>(want)));
+        }
+      }
+  }
+  CHECK(weight_zero_tokens > 0);  // IcePop zeros and a rejected row occur
+  CHECK(rejected_rows == 1);      // row 3 under seq-mask-tis
+  CHECK(truncated > 0);           // tis truncates
 }
 
 // ---- bad input -------------------------------------------------------------------------------

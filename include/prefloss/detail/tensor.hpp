@@ -3,6 +3,7 @@
 /// mismatch into a prefloss::shape_error naming the argument.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -10,6 +11,7 @@
 #include "../config.hpp"
 #include "../errors.hpp"
 #include "../packed.hpp"
+#include "checks.hpp"
 #include "eigen.hpp"
 
 namespace prefloss::detail {
@@ -332,6 +334,16 @@ inline void require_same(const char* fn, const char* a, const std::string& shape
   if (shape_a != shape_b)
     throw shape_error(std::string(fn) + ": argument '" + a + "' has shape " + shape_a + " but '" + b + "' has shape " +
                       shape_b);
+}
+
+/// Throws value_error naming the first non-finite value at a valid token.
+template <class T, class M>
+void require_finite_at_valid(const Matrix<T>& x, const Matrix<M>& m, const char* fn, const char* name) {
+  const Index n = x.count();
+  for (Index k = 0; k < n; ++k)
+    if (m.data[k] != M(0) && !std::isfinite(static_cast<double>(x.data[k])))
+      throw value_error(std::string(fn) + ": argument '" + name + "' must be finite at valid tokens, got " +
+                        fmt(static_cast<double>(x.data[k])) + " at " + position_str(x.layout(), k));
 }
 
 }  // namespace prefloss::detail

@@ -3,8 +3,9 @@
 /// (vLLM, SGLang) samples from pi_rollout, which differs from the trainer's pi_old in precision
 /// and kernels, so the policy gradient is off-policy. Per-token weights rho = pi_old / pi_rollout,
 /// truncated (TIS), masked outside a band (MIS, IcePop), and verl's rejection of tokens or whole
-/// sequences by a divergence statistic. The weights are constants: the caller multiplies them
-/// into the loss (see rollout_is_weights for the recipe with ppo_clip).
+/// sequences by a divergence statistic (OpenRLHF's tis / icepop / seq-mask-tis are settings of
+/// the same options, see RolloutIsOptions). The weights are constants: the caller multiplies
+/// them into the loss (see rollout_is_weights for the recipes with ppo_clip).
 #pragma once
 
 #include <cmath>
@@ -70,14 +71,38 @@ enum class RolloutRs {
   seq_max_k3,   ///< max_t k3_t <= rs_upper
 };
 
-/// @brief Options of rollout_is_weights(). Defaults are verl's RolloutCorrectionConfig
-/// (rollout_is = "token", rollout_is_threshold = 2.0, SAFETY_BOUND = 20, no batch
-/// normalization, no rejection sampling).
+/// @brief Options of rollout_is_weights(). Defaults are the parameter defaults of verl's
+/// compute_rollout_correction_weights (rollout_is = "token", rollout_is_threshold = 2.0,
+/// rollout_is_batch_normalize = False), with SAFETY_BOUND = 20 and no rejection sampling. verl's
+/// configs default otherwise: the RolloutCorrectionConfig dataclass has rollout_is = "sequence"
+/// (verl/trainer/config/algorithm.py, 1dda039) and the trainer's algorithm/rollout_correction.yaml
+/// rollout_is = null (off), both with threshold 2.0, no batch normalization and rollout_rs = null.
 ///
 /// TRL GRPOConfig in these terms: vllm_importance_sampling_mode "<level>_<bound>", upper =
 /// vllm_importance_sampling_clip_max (default 3; None = +inf), lower =
 /// vllm_importance_sampling_clip_min (default None = 0), log_ratio_clamp = std::nullopt (TRL
 /// exponentiates unclamped).
+///
+/// OpenRLHF PolicyLoss in these terms (openrlhf/models/loss.py, PolicyLoss.forward, 3c3be623;
+/// policy_loss_type "ppo" with enable_vllm_is_correction; [low, high] =
+/// vllm_is_truncated_threshold, CLI --algo.advantage.is_correction_threshold, default 0.5 5.0).
+/// OpenRLHF exponentiates d = old_log_probs - rollout_log_probs unclamped: log_ratio_clamp =
+/// std::nullopt in all three vllm_is_correction_type values.
+/// - "tis": level token, bound truncate, lower = low, upper = high
+///   (`torch.exp(rollout_log_ratio).clamp(min=low_threshold, max=high_threshold)`).
+/// - "icepop": level token, bound mask, lower = low, upper = high (`vllm_is * mask` with
+///   `mask = (vllm_is >= low_threshold) & (vllm_is <= high_threshold)`).
+/// - "seq-mask-tis": level token, bound truncate, lower = 0, upper = +inf (the token weight
+///   exp(d_t) is not truncated, despite the code's comment), rs = seq_mean_k1, rs_lower =
+///   1 / high, rs_upper = 1 / low (+inf for low = 0). OpenRLHF keeps a row when low <=
+///   exp(masked_mean(d)) <= high, both inclusive; k1 = -d, so the test here is log(1 / high) <=
+///   -mean_t d_t <= log(1 / low): the same band compared in log space, which can differ only for
+///   a geometric-mean ratio within rounding of a bound. high = +inf: rs_lower =
+///   std::numeric_limits<double>::denorm_min() (log = -744.4), which rejects only rows whose
+///   weights overflow double anyway. An empty row (OpenRLHF: 0 / 0 = NaN, failing both
+///   comparisons) has no token to weight here either.
+/// OpenRLHF's vllm_kl is RolloutIsMetrics::rollout_kl. Its loss keeps the original action_mask
+/// in the divisor, unlike verl: see the recipe at rollout_is_weights.
 struct RolloutIsOptions {
   RolloutIsLevel level = RolloutIsLevel::token;
   RolloutIsBound bound = RolloutIsBound::truncate;
@@ -134,6 +159,11 @@ struct RolloutIsMetrics {
   double kept_tokens = 0;
   /// rows with a kept token: verl agg_loss's seq-mean divisor, i.e. PpoOptions::sequence_count
   double kept_rows = 0;
+  /// mean of rollout_logp - old_logp (= -d_t, unclamped): OpenRLHF's vllm_kl (PolicyLoss.forward,
+  /// `masked_mean(rollout_log_probs - old_log_probs, action_mask, dim=None)`; NaN there when no
+  /// token is valid) and verl's rollout_corr/kl (compute_offpolicy_metrics, which divides by the
+  /// count + 1e-8)
+  double rollout_kl = 0;
 };
 
 namespace detail {
@@ -208,16 +238,6 @@ inline bool rs_pass(const RolloutPlan& p, double s) noexcept {
   return p.stat == 1 ? (s >= p.rs_lo && s <= p.rs_hi) : s <= p.rs_hi;
 }
 
-/// Throws value_error naming the first non-finite value at a valid token.
-template <class T, class M>
-void require_finite_at_valid(const Matrix<T>& x, const Matrix<M>& m, const char* fn, const char* name) {
-  const Index n = x.count();
-  for (Index k = 0; k < n; ++k)
-    if (m.data[k] != M(0) && !std::isfinite(static_cast<double>(x.data[k])))
-      throw value_error(std::string(fn) + ": argument '" + name + "' must be finite at valid tokens, got " +
-                        fmt(static_cast<double>(x.data[k])) + " at " + position_str(x.layout(), k));
-}
-
 struct NoKeep {};
 
 template <class OL, class RL, class MK, class WO, class KO>
@@ -261,6 +281,7 @@ RolloutIsMetrics rollout_is_impl(const OL& old_logp, const RL& rollout_logp, con
   double sum_row_means = 0;  // sequence-level batch normalization
   double rows_nonempty = 0;
   double rs_rows = 0;
+  double sum_d = 0;  // rollout_kl
   for (Index i = 0; i < L.rows; ++i) {
     const Index b = L.begin(i), len = L.len(i);
     const auto valid = [&](Index t) { return mk.data[b + t] != M(0); };
@@ -311,6 +332,7 @@ RolloutIsMetrics rollout_is_impl(const OL& old_logp, const RL& rollout_logp, con
       row_kept |= kt;
       m.valid_tokens += 1;
     }
+    sum_d += s;
     if (n > 0) {
       sum_row_means += row_w / n;
       rows_nonempty += 1;
@@ -366,6 +388,7 @@ RolloutIsMetrics rollout_is_impl(const OL& old_logp, const RL& rollout_logp, con
     m.truncated_fraction = n_oob / nv;
     m.masked_fraction = n_zeroed / nv;
     m.rs_masked_fraction = n_rejected / nv;
+    m.rollout_kl = -sum_d / nv;
   }
   m.kept_tokens = nv - n_rejected;
   m.rs_seq_masked_fraction = L.rows > 0 ? rs_rows / static_cast<double>(L.rows) : 0.0;
@@ -410,6 +433,11 @@ RolloutIsMetrics rollout_is_impl(const OL& old_logp, const RL& rollout_logp, con
 ///   selects first); here masked-out tokens are never read for a value: they may hold NaN / inf.
 /// - a float mask only selects (nonzero = valid) here; it does not weight the sequence sums.
 /// - verl raises on a batch without a valid token; here the weights are 0 and the metrics 0.
+/// - OpenRLHF (loss.py at 3c3be623, PolicyLoss.forward's enable_vllm_is_correction block, then
+///   `loss = vllm_is * loss` and aggregate_loss; the option mapping is at RolloutIsOptions)
+///   computes in the log-probs' dtype: float32 exp(d) is inf beyond d = 88.7, and IcePop's
+///   `vllm_is * mask` then gives inf * 0 = NaN; here (double) such a token's weight is 0 under
+///   mask, upper under truncate. Its masked_mean multiplies by the mask, so NaN padding leaks.
 ///
 /// Applying the weights with ppo_clip so that the loss equals verl's
 /// `pg_losses = pg_losses * rollout_is_weights; agg_loss(pg_losses, response_mask)`
@@ -425,6 +453,21 @@ RolloutIsMetrics rollout_is_impl(const OL& old_logp, const RL& rollout_logp, con
 ///   sequence_count as well (C defaults to the padded length, as verl's).
 /// Set PpoOptions::dual_clip = 3 for verl's always-on clip_ratio_c. For a batch split over
 /// ranks, all-reduce kept_tokens / the row counts as for any global normalizer.
+///
+/// OpenRLHF's loss, `loss = vllm_is * loss; aggregate_loss(loss, action_mask, ...)`, divides by
+/// the ORIGINAL action_mask: a token whose weight is 0 (IcePop, or a row seq-mask-tis rejects)
+/// still counts. Pass weights_out as ppo_clip's float mask with
+/// - token_level_loss = True (Aggregation::token_mean): PpoOptions::token_count =
+///   metrics.valid_tokens (when > 0), not kept_tokens; with batch_num_tokens and dp_size:
+///   token_count = batch_num_tokens / dp_size;
+/// - token_level_loss = False (seq_mean_token_mean): row_weights = row_weights(mask) of the
+///   original mask and sequence_count = token_counts(mask).nonempty_rows (reduce/counts.hpp;
+///   OpenRLHF averages over the rows with a valid token), or global_batch_size / dp_size;
+///   OpenRLHF's 1e-8 in a row's divisor is left out.
+/// and clip_low / clip_high = clip_eps_low / clip_eps_high, dual_clip = OpenRLHF's dual_clip (0
+/// for None), log_ratio_clamp = 20 (OpenRLHF clamps the policy log-ratio at +-20 too).
+/// ppo_clip's metrics are then weighted by the weights; OpenRLHF's clip_ratio is over
+/// action_mask (call ppo_clip with the 0/1 mask for it).
 ///
 /// @param old_logp, rollout_logp row-major [batch, tokens] Eigen tensors or maps of float or
 /// double (each its own), or both pl::packed(values, cu_seqlens) with the same offsets
