@@ -269,6 +269,14 @@ inline void decode(Decoder& d, pl::PpoOptions& o) {
            o.delta);
 }
 inline void decode(Decoder& d, pl::GmpoOptions& o) { d.fields(o.clip_low, o.clip_high, o.sequence_count); }
+/// The seed is not an option field (no integral option decoder): the harness draws it.
+inline void decode(Decoder& d, pl::ClipCovOptions& o) {
+  d.fields(o.clip_low, o.clip_high, o.cov_ratio, o.cov_lower, o.cov_upper, o.aggregation, o.token_count,
+           o.sequence_count, o.token_sum_norm);
+}
+inline void decode(Decoder& d, pl::KlCovOptions& o) {
+  d.fields(o.cov_ratio, o.kl_coef, o.aggregation, o.token_count, o.sequence_count, o.token_sum_norm);
+}
 inline void decode(Decoder& d, pl::ValueOptions& o) {
   d.fields(o.clip, o.aggregation, o.token_count, o.sequence_count, o.token_sum_norm);
 }
@@ -362,6 +370,20 @@ struct Record {
   void add(const pl::GmpoMetrics<S>& m) {
     for (const S v : {m.clip_fraction, m.clip_fraction_low, m.approx_kl}) add(v);
     add(m.token_weight);
+  }
+  template <class S>
+  void add(const pl::ClipCovMetrics<S>& m) {
+    for (const S v : {m.selected_fraction, m.clip_fraction, m.approx_kl, m.ratio_mean, m.ratio_max}) add(v);
+    add(m.token_weight);
+  }
+  template <class S>
+  void add(const pl::KlCovMetrics<S>& m) {
+    for (const S v : {m.abs_kl, m.selected_fraction, m.approx_kl, m.ratio_mean, m.ratio_max}) add(v);
+    add(m.token_weight);
+  }
+  void add(const pl::CovSelection& s) {
+    for (const double v : {s.valid_tokens, s.mask_weight, s.adv_mean, s.logp_mean, s.candidates, s.target, s.selected})
+      add(v);
   }
 };
 

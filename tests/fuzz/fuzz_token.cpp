@@ -1,7 +1,7 @@
-// libFuzzer harness: the token-level RL pieces (ppo_clip in all four forms, gmpo and value_loss two-pass
-// and fused, kl_estimate in all three forms, gae, masked_whiten, group_advantages in both forms)
-// over float and double tokens and every mask type. The fused form of each token loss must agree
-// bit for bit with its two-pass form.
+// libFuzzer harness: the token-level RL pieces (ppo_clip in all four forms, gmpo, clip_cov / kl_cov
+// after their selections and value_loss two-pass and fused, kl_estimate in all three forms, gae, masked_whiten,
+// group_advantages in both forms) over float and double tokens and every mask type. The fused form of each token loss
+// must agree bit for bit with its two-pass form.
 #include "fuzz_common.hpp"
 
 namespace fuzz {
@@ -44,6 +44,34 @@ void gmpo(Decoder& d, Index B, Index N) {
   both_forms(d, "gmpo", {&lp, &old, &adv}, grad, [&, o = options<pl::GmpoOptions>(d)](auto&&... g) {
     return pl::gmpo(lp.mat(), old.mat(), adv.mat(), mask.mat(), o, g...);
   });
+}
+
+/// clip_cov / kl_cov: the selection (checked like any call: nothing written when it throws), then
+/// the loss on it in both forms.
+template <class T, class M>
+void cov(Decoder& d, Index B, Index N) {
+  const Mask<M> mask(d, B, N);
+  Input<T> lp(d, mask), old(d, mask), adv(d, mask);
+  Buf<T> sel(d, B, N), grad(d, B, N);
+  if (d.flag()) {
+    auto o = options<pl::ClipCovOptions>(d);
+    o.seed = d.integer<std::uint64_t>();
+    check(d, "clip_cov_select", {&lp, &old, &adv}, {&sel}, [&](Record& rec) {
+      rec.add(pl::clip_cov_select(lp.mat(), old.mat(), adv.mat(), mask.mat(), o, sel.mat_out()));
+    });
+    both_forms(d, "clip_cov", {&lp, &old, &adv}, grad, [&](auto&&... g) {
+      return pl::clip_cov(lp.mat(), old.mat(), adv.mat(), mask.mat(), sel.mat(), o, g...);
+    });
+  } else {
+    const auto o = options<pl::KlCovOptions>(d);
+    // No clip and no clamp: -A r overflows float even for tame tokens (88 exp(87)), and +inf and
+    // -inf rows then meet in the sum, as in verl.
+    d.tame = false;
+    check(d, "kl_cov_select", {&lp, &adv}, {&sel},
+          [&](Record& rec) { rec.add(pl::kl_cov_select(lp.mat(), adv.mat(), mask.mat(), o, sel.mat_out())); });
+    both_forms(d, "kl_cov", {&lp, &old, &adv}, grad,
+               [&](auto&&... g) { return pl::kl_cov(lp.mat(), old.mat(), adv.mat(), mask.mat(), sel.mat(), o, g...); });
+  }
 }
 
 template <class T, class M>
@@ -125,11 +153,13 @@ void group(Decoder& d, Index B) {
 struct Token {
   template <class T, class M>
   static void run(Decoder& d, Index B, Index N) {
-    switch (d.below(7)) {
+    switch (d.below(8)) {
       case 0:
         return ppo<T, M>(d, B, N);
       case 5:
         return gmpo<T, M>(d, B, N);
+      case 6:
+        return cov<T, M>(d, B, N);
       case 1:
         return value<T, M>(d, B, N);
       case 2:

@@ -339,15 +339,19 @@ AggregationSpec policy_prepare(const char* fn, const Matrix<LT>& lp, const Matri
 
 /// Runs a checked policy loss (fused into *grad_out unless G is NoGrad) and fills its metric
 /// sums: entry 0 the mask weight, entries 1.. the kernel's sums in order, maxima[0] its max.
-template <class Metrics, class Params, class In, class LT, class OT, class AT, class M, class G>
+/// `extra`: the kernel's token inputs after advantages, in order (shapes checked by the caller).
+template <class Metrics, class Params, class In, class LT, class OT, class AT, class M, class G, class... XT>
 TokenLossResult<typename In::compute_type, M, Params, Metrics, In> policy_run(
     const char* fn, const Matrix<LT>& lp, const Matrix<OT>& old, const Matrix<AT>& adv, const Matrix<M>& mask,
-    const AggregationSpec& spec, const Params& p, Threads threads, G* grad_out) {
+    const AggregationSpec& spec, const Params& p, Threads threads, G* grad_out, const Matrix<XT>&... extra) {
   using S = typename In::compute_type;
   In in;
   set_input(in, 0, lp.data);
   set_input(in, 1, old.data);
   set_input(in, 2, adv.data);
+  std::size_t next = 3;
+  (set_input(in, next++, extra.data), ...);
+  (void)next;
   in.mask = mask.data;
   in.rows = lp.rows;
   in.cols = lp.cols;
