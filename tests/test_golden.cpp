@@ -69,19 +69,12 @@ struct Case {
 };
 
 /// Every family the suite compares: each has a TEST_CASE below that loads golden_<family>.txt.
-const char* const families[] = {"advantages",    "bradley_terry",
-                                "cpo",           "dpo",
-                                "dpo_logits",    "dpo_mixture",
-                                "dpo_variants",  "gae",
-                                "gmpo",          "group_advantages",
-                                "ipo",           "kl",
-                                "kto",           "ld_dpo",
-                                "logprobs",      "logprobs_lowp",
-                                "nll",           "orpo",
-                                "policy_losses", "ppo_clip",
-                                "ppo_logits",    "rollout_correction",
-                                "simpo",         "value_loss",
-                                "whiten"};
+const char* const families[] = {
+    "advantages", "bco",         "bradley_terry", "cov_policy", "cpo",        "dpo",
+    "dpo_logits", "dpo_mixture", "dpo_variants",  "gae",        "gmpo",       "group_advantages",
+    "ipo",        "kl",          "kto",           "ld_dpo",     "logprobs",   "logprobs_lowp",
+    "nll",        "orpo",        "policy_losses", "ppo_clip",   "ppo_logits", "rollout_correction",
+    "simpo",      "value_loss",  "whiten"};
 
 std::vector<Case> load(const std::string& family) {
   const std::string path = std::string(PREFLOSS_TEST_DATA_DIR) + "/golden_" + family + ".txt";
@@ -462,6 +455,64 @@ TEST_CASE("golden: kto vs TRL kto_loss", "[golden][kto]") {
   }
 }
 
+TEST_CASE("golden: bco vs TRL bco_loss with RunningMoments.update", "[golden][bco]") {
+  for (const Case& c : load("bco")) {
+    for_types([&](auto z) {
+      using T = decltype(z);
+      const auto x = tok<T>(c.at("logp"));
+      const auto m = mask(c.at("mask"));
+      const auto ref = vec<T>(c.at("ref"));
+      Vec<std::uint8_t> d(c.at("desirable").size());
+      for (long i = 0; i < d.size(); ++i) d(i) = c.at("desirable").v[static_cast<std::size_t>(i)] != 0;
+      pl::BcoOptions o;
+      o.beta = c.num("beta");
+      if (c.has("weights")) o.example_weights = c.at("weights").v;
+      // TRL's order: update the running moments with this batch's rewards, then the loss with
+      // delta = the updated mean.
+      const auto policy = pl::masked_sum(x, m);
+      const Vec<double> rewards = pl::bco_rewards(policy, ref, o);
+      pl::RunningMoments running(c.num("prior_mean"), c.num("prior_var"), c.num("prior_std"), c.num("prior_count"));
+      const auto stats = running.update(rewards);
+      compare(c, "rewards", Vec<T>(rewards.cast<T>()));
+      compare(c, "batch_mean", static_cast<T>(stats.mean));
+      compare(c, "batch_std", static_cast<T>(stats.std));
+      compare(c, "delta", static_cast<T>(running.mean()));
+      compare(c, "running_var", static_cast<T>(running.var()));
+      compare(c, "running_std", static_cast<T>(running.std()));
+      CHECK(running.count() == c.num("running_count"));
+      o.delta = running.mean();
+      const auto r = pl::bco(policy, ref, d, o);
+      Tok<T> g(x.dimension(0), x.dimension(1));
+      r.backward(g);
+      compare(c, "loss", r.loss);
+      compare(c, "losses", r.losses);
+      compare_grad(c, "grad", g);
+      compare(c, "delta", r.metrics.delta);
+      CHECK(static_cast<double>(r.metrics.count_desirable) == c.num("count_desirable"));
+      CHECK(static_cast<double>(r.metrics.count_undesirable) == c.num("count_undesirable"));
+      // Sums over a class of terms that can cancel: their float error is relative to the terms
+      // (as kto's reward sums).
+      const auto terms = [&](bool want_desirable, double scale) {
+        double t = 0;
+        for (long i = 0; i < x.dimension(0); ++i) {
+          if ((d(i) != 0) != want_desirable) continue;
+          double row = scale * std::fabs(static_cast<double>(ref(i)));
+          for (long k = 0; k < x.dimension(1); ++k)
+            if (m(i, k)) row += std::fabs(static_cast<double>(x(i, k)));
+          t += (scale > 0 ? o.beta : 1.0) * row;
+        }
+        return t;
+      };
+      const T rd = r.metrics.reward_desirable_sum, ru = r.metrics.reward_undesirable_sum;
+      const T ld = r.metrics.logps_desirable_sum, lu = r.metrics.logps_undesirable_sum;
+      compare<T>(c, "reward_desirable_sum", &rd, 1, c.at("reward_desirable_sum"), false, terms(true, 1));
+      compare<T>(c, "reward_undesirable_sum", &ru, 1, c.at("reward_undesirable_sum"), false, terms(false, 1));
+      compare<T>(c, "logps_desirable_sum", &ld, 1, c.at("logps_desirable_sum"), false, terms(true, 0));
+      compare<T>(c, "logps_undesirable_sum", &lu, 1, c.at("logps_undesirable_sum"), false, terms(false, 0));
+    });
+  }
+}
+
 TEST_CASE("golden: bradley_terry vs TRL RewardTrainer, ranking vs InstructGPT", "[golden][bradley_terry]") {
   for (const Case& c : load("bradley_terry")) {
     for_types([&](auto z) {
@@ -736,6 +787,75 @@ TEST_CASE("golden: cispo, sapo, gpg vs verl compute_policy_loss_cispo/_sapo/_gpg
   }
 }
 
+TEST_CASE("golden: clip_cov, kl_cov and their selections vs verl compute_policy_loss_clip_cov / _kl_cov",
+          "[golden][policy]") {
+  for (const Case& c : load("cov_policy")) {
+    for_types([&](auto z) {
+      using T = decltype(z);
+      const auto lp = tok<T>(c.at("logp")), old = tok<T>(c.at("old_logp")), adv = tok<T>(c.at("advantages"));
+      const auto verl_sel = tok<T>(c.at("selected"));
+      const auto m = mask(c.at("mask"));
+      const long B = lp.dimension(0), N = lp.dimension(1);
+      Tok<T> g(B, N), gf(B, N), ours(B, N);
+      const auto check = [&](const auto& r, const auto& fused) {
+        r.backward(g);
+        compare(c, "loss", r.loss);
+        compare(c, "losses", r.losses);
+        compare_grad(c, "grad", g);
+        compare(c, "selected_fraction", r.metrics.selected_fraction);
+        compare(c, "approx_kl", r.metrics.approx_kl);
+        compare(c, "loss", fused.loss);
+        compare_grad(c, "grad", gf);
+      };
+      if (c.str("loss") == "clip_cov") {
+        pl::ClipCovOptions o;
+        o.aggregation = aggregation(c.str("aggregation"));
+        o.clip_low = c.num("clip_low");
+        o.clip_high = c.num("clip_high");
+        o.cov_ratio = c.num("cov_ratio");
+        o.cov_lower = c.num("cov_lower");
+        o.cov_upper = c.num("cov_upper");
+        const auto r = pl::clip_cov(lp, old, adv, m, verl_sel, o);
+        check(r, pl::clip_cov(lp, old, adv, m, verl_sel, o, gf));
+        compare(c, "clip_fraction", r.metrics.clip_fraction);
+        // The random pick differs from torch.randperm's; the candidate set and the count may not.
+        const Rec& cand = c.at("candidates");
+        for (std::uint64_t seed : {0ull, 7ull, 12345ull}) {
+          o.seed = seed;
+          const pl::CovSelection s = pl::clip_cov_select(lp, old, adv, m, o, ours);
+          CHECK(s.candidates == c.num("n_candidates"));
+          CHECK(s.target == c.num("target"));
+          CHECK(s.selected == std::min(c.num("target"), c.num("n_candidates")));
+          double picked = 0;
+          for (long k = 0; k < B * N; ++k) {
+            const double v = static_cast<double>(ours.data()[k]);
+            INFO(c.name << " seed " << seed << " token " << k);
+            CHECK((v == 0.0 || (v == 1.0 && cand.v[static_cast<std::size_t>(k)] == 1.0)));
+            if (s.target >= s.candidates) CHECK(v == cand.v[static_cast<std::size_t>(k)]);
+            picked += v;
+          }
+          CHECK(picked == s.selected);
+        }
+      } else {
+        REQUIRE(c.str("loss") == "kl_cov");
+        pl::KlCovOptions o;
+        o.aggregation = aggregation(c.str("aggregation"));
+        o.cov_ratio = c.num("cov_ratio");
+        o.kl_coef = c.num("kl_coef");
+        const pl::CovSelection s = pl::kl_cov_select(lp, adv, m, o, ours);
+        for (long k = 0; k < B * N; ++k) {
+          INFO(c.name << " token " << k);
+          CHECK(static_cast<double>(ours.data()[k]) == static_cast<double>(verl_sel.data()[k]));
+        }
+        CHECK(s.selected == std::max(1.0, std::floor(o.cov_ratio * s.valid_tokens)));
+        const auto r = pl::kl_cov(lp, old, adv, m, ours, o);
+        check(r, pl::kl_cov(lp, old, adv, m, ours, o, gf));
+        compare(c, "abs_kl", r.metrics.abs_kl);
+      }
+    });
+  }
+}
+
 TEST_CASE("golden: kl_estimate vs verl kl_penalty", "[golden][kl]") {
   for (const Case& c : load("kl")) {
     for_types([&](auto z) {
@@ -770,6 +890,7 @@ TEST_CASE("golden: rollout_is_weights vs verl rollout_corr_helper and TRL vllm_i
                                                    {"seq_max_k2", pl::RolloutRs::seq_max_k2},
                                                    {"seq_max_k3", pl::RolloutRs::seq_max_k3}};
   for (const Case& c : load("rollout_correction")) {
+    if (c.str("anchor") == "openrlhf") continue;  // compared in the next test case
     for_types([&](auto z) {
       using T = decltype(z);
       const auto old = tok<T>(c.at("old_logp")), roll = tok<T>(c.at("rollout_logp"));
@@ -803,10 +924,69 @@ TEST_CASE("golden: rollout_is_weights vs verl rollout_corr_helper and TRL vllm_i
                                                         {"batch_norm_factor", r.batch_norm_factor},
                                                         {"valid_tokens", r.valid_tokens},
                                                         {"kept_tokens", r.kept_tokens},
-                                                        {"kept_rows", r.kept_rows}};
+                                                        {"kept_rows", r.kept_rows},
+                                                        {"rollout_kl", r.rollout_kl}};
       for (const auto& [label, got] : metrics) compare<T>(c, label, &got, 1, c.at(label));
     });
   }
+}
+
+TEST_CASE("golden: rollout_is_weights + ppo_clip vs OpenRLHF PolicyLoss with vllm IS correction",
+          "[golden][rollout_correction][openrlhf]") {
+  int cases = 0;
+  for (const Case& c : load("rollout_correction")) {
+    if (c.str("anchor") != "openrlhf") continue;
+    ++cases;
+    for_types([&](auto z) {
+      using T = decltype(z);
+      const auto lp = tok<T>(c.at("logp")), old = tok<T>(c.at("old_logp")), roll = tok<T>(c.at("rollout_logp")),
+                 adv = tok<T>(c.at("advantages"));
+      const auto m = mask(c.at("mask"));
+      // The mapping documented at RolloutIsOptions, from OpenRLHF's vllm_is_correction_type and
+      // vllm_is_truncated_threshold = [low, high].
+      const std::string& type = c.str("correction_type");
+      REQUIRE((type == "tis" || type == "icepop" || type == "seq-mask-tis"));
+      const double low = c.num("low"), high = c.num("high");
+      pl::RolloutIsOptions o;
+      o.level = pl::RolloutIsLevel::token;
+      o.log_ratio_clamp = std::nullopt;
+      o.bound = type == "icepop" ? pl::RolloutIsBound::mask : pl::RolloutIsBound::truncate;
+      o.lower = type == "seq-mask-tis" ? 0.0 : low;
+      o.upper = type == "seq-mask-tis" ? std::numeric_limits<double>::infinity() : high;
+      if (type == "seq-mask-tis") {
+        o.rs = pl::RolloutRs::seq_mean_k1;
+        o.rs_lower = 1.0 / high;
+        o.rs_upper = 1.0 / low;
+      }
+      Tok<T> w(old.dimension(0), old.dimension(1)), keep(old.dimension(0), old.dimension(1));
+      const pl::RolloutIsMetrics r = pl::rollout_is_weights(old, roll, m, o, w, keep);
+      compare_grad(c, "weights", w);
+      compare_grad(c, "keep", keep);
+      compare<T>(c, "vllm_kl", &r.rollout_kl, 1, c.at("vllm_kl"));
+      compare<T>(c, "valid_tokens", &r.valid_tokens, 1, c.at("valid_tokens"));
+      // OpenRLHF's aggregate_loss divides by the original action_mask, not the kept tokens.
+      pl::PpoOptions po;
+      po.clip_low = c.num("clip_eps_low");
+      po.clip_high = c.num("clip_eps_high");
+      po.dual_clip = c.num("dual_clip");
+      const double dp = c.num("dp_size");
+      if (c.num("token_level_loss") != 0) {
+        po.aggregation = pl::Aggregation::token_mean;
+        po.token_count = c.num("batch_num_tokens") > 0 ? c.num("batch_num_tokens") / dp : r.valid_tokens;
+      } else {
+        po.aggregation = pl::Aggregation::seq_mean_token_mean;
+        const Vec<double> rw = pl::row_weights(m);
+        po.row_weights.assign(rw.data(), rw.data() + rw.size());
+        po.sequence_count = c.num("global_batch_size") > 0 ? c.num("global_batch_size") / dp
+                                                           : static_cast<double>(pl::token_counts(m).nonempty_rows);
+      }
+      Tok<T> g(lp.dimension(0), lp.dimension(1));
+      const auto res = pl::ppo_clip(lp, old, adv, w, po, g);
+      compare(c, "loss", res.loss);
+      compare_grad(c, "grad", g);
+    });
+  }
+  CHECK(cases == 7);
 }
 
 TEST_CASE("golden: gae vs verl compute_gae_advantage_return", "[golden][gae]") {

@@ -21,6 +21,10 @@ TEST_CASE("every options struct takes a designated initializer that skips its op
   const auto kto = pl::KtoOptions{.beta = 0.2};
   CHECK(!kto.reference_point);
   CHECK(kto.desirable_weight == 1.0);
+  const auto bco = pl::BcoOptions{.delta = 0.05};
+  CHECK(bco.beta == 0.1);
+  CHECK(bco.example_weights.empty());
+  CHECK(!bco.batch_count);
   CHECK(!pl::NllOptions{}.normalizer);
   CHECK(pl::DpoOptions{.label_smoothing = 0.1}.beta == 0.1);
   CHECK(pl::IpoOptions{.reference_free = true}.beta == 0.1);

@@ -19,6 +19,10 @@ produce d loss / d (policy token log-probs):
 - KTO: TRL `KTOTrainer.kto_loss` (kl = mean(policy_KL - reference_KL).detach().clamp(min=0);
   losses = cat(wd * (1 - sigmoid(beta * (chosen_logratios - kl))),
   wu * (1 - sigmoid(beta * (kl - rejected_logratios)))); loss = losses.mean()).
+- BCO (golden_bco): TRL `BCOTrainer.bco_loss` at f2cd577 (trl/experimental/bco): rewards
+  beta * (policy - reference), `RunningMoments.update` with them (in float64, without TRL's
+  float32 casts), delta = running.mean, losses = cat(-logsigmoid(r_c - delta),
+  w * -logsigmoid(-(r_r - delta))) with w the clamped UDM density ratio or 1; loss = nanmean.
 - Bradley-Terry: TRL `RewardTrainer.compute_loss`
   (-logsigmoid(r_c - r_r - margin).mean() + center_rewards_coefficient * mean((r_c + r_r)^2))
   and InstructGPT's K-way ranking loss.
@@ -60,6 +64,10 @@ produce d loss / d (policy token log-probs):
   reward, whiten(logit) with the unbiased variance prefloss documents), torch.argmax per group
   for best-of-n, and OpenRLHF at 3c3be623 (`compute_reward`'s clamp, `LogExpLoss` with its
   unused margin and `PairWiseLoss`; their float32 loss recorded to show the overflow).
+- Rollout IS corrections (golden_rollout_correction): verl rollout_corr_helper.py at 1dda039,
+  TRL's vllm_importance_sampling_mode at f2cd577, and OpenRLHF `PolicyLoss.forward`'s
+  enable_vllm_is_correction block (tis, icepop, seq-mask-tis) with `aggregate_loss` at 3c3be623
+  (its per-row 1e-8 left out, as prefloss documents), through to the loss and its gradient.
 
 Masked-out tokens hold NaN or -inf (padding). Like prefloss, the torch code SELECTS valid tokens
 first (torch.where(mask, x, 0)) instead of multiplying by the mask, so the padding never reaches
@@ -548,6 +556,128 @@ def gen_kto():
         w.t("count_undesirable", len(ri))
         w.t("reward_desirable_sum", cr.sum() if len(ci) else 0.0)
         w.t("reward_undesirable_sum", rj.sum() if len(ri) else 0.0)
+        w.end()
+    w.write()
+
+
+# ---- TRL BCOTrainer ---------------------------------------------------------------------------
+
+class TrlRunningMoments:
+    """TRL RunningMoments.update (trl/experimental/bco/bco_trainer.py, f2cd577), one process, in
+    float64: TRL's .float() casts of the batch mean and variance are left out (prefloss documents
+    double arithmetic)."""
+
+    def __init__(self, mean=0.0, std=1.0, var=1.0, count=1e-24):
+        self.mean, self.std, self.var, self.count = mean, std, var, count
+
+    def update(self, xs):
+        xs_count = xs.numel()
+        xs_var, xs_mean = torch.var_mean(xs, unbiased=False)
+        delta = xs_mean - self.mean
+        tot_count = self.count + xs_count
+        new_sum = xs_var * xs_count
+        old_sum = self.var * self.count + delta ** 2 * self.count * xs_count / tot_count
+        tot_sum = old_sum + new_sum
+        self.mean += (delta * xs_count / tot_count).item()
+        new_var = tot_sum / tot_count
+        self.std = (new_var * tot_count / (tot_count - 1)).sqrt().item()
+        self.var = new_var.item()
+        self.count = tot_count
+        return xs_mean.item(), (xs_var * xs_count / (xs_count - 1)).sqrt().item()
+
+
+def trl_bco_loss(pc, pr, rc, rr, beta, running, rejected_weight=None):
+    """TRL BCOTrainer.bco_loss (do_train=True): rewards, running.update, delta = running.mean."""
+    F = torch.nn.functional
+    chosen_rewards = beta * (pc - rc)
+    rejected_rewards = beta * (pr - rr)
+    running.update(torch.cat((chosen_rewards, rejected_rewards), 0).detach())
+    delta = torch.as_tensor(running.mean)
+    chosen_losses = -F.logsigmoid(chosen_rewards - delta)
+    rejected_losses = -F.logsigmoid(-(rejected_rewards - delta))
+    if rejected_weight is not None:  # match_underlying_distribution: chosen weight 1
+        losses = torch.cat((torch.ones_like(chosen_losses) * chosen_losses, rejected_weight * rejected_losses), 0)
+    else:
+        losses = torch.cat((chosen_losses, rejected_losses), 0)
+    return losses, chosen_rewards, rejected_rewards, delta
+
+
+def gen_bco():
+    w = Writer("bco", "TRL bco_loss with RunningMoments.update (float64); policy masked_sum tokens")
+    # name, desirable labels, beta, prior running state (mean, var, count) or None, ref spread, UDM weights
+    cases = [
+        ("first_batch_mixed", [1, 0, 1, 0], 0.1, None, 3.0, False),
+        ("running_beta0.5", [0, 1, 1, 0], 0.5, (0.3, 0.8, 40.0), 3.0, False),
+        ("all_desirable", [1, 1, 1, 1], 0.3, (-0.2, 0.5, 12.0), 3.0, False),
+        ("all_undesirable", [0, 0, 0, 0], 0.3, (0.1, 1.5, 7.0), 3.0, False),
+        ("udm_weights", [1, 0, 0, 1], 0.2, (0.05, 0.4, 100.0), 3.0, True),
+        # |r - delta| in the hundreds: -logsigmoid stays finite, gradients +-beta / B.
+        ("large_margin", [1, 0, 1, 0], 8.0, (0.0, 1.0, 1e-24), 40.0, False),
+    ]
+    for k, (name, lab, beta, prior, spread, udm) in enumerate(cases):
+        rng = random.Random(2300 + k)
+        m = masks(rng, B, T, empty_row=2)
+        x = tokens(rng, m)
+        lx = leaf(x)
+        s = masked_sum(lx, m)
+        if name == "large_margin":  # desirable far below the mean reward, undesirable far above
+            ref = torch.tensor([f32(v + (spread if lab[i] else -spread) + rng.uniform(-1, 1))
+                                for i, v in enumerate(s.tolist())])
+        else:
+            ref = torch.tensor([f32(v + rng.uniform(-spread, spread)) for v in s.tolist()])
+        if prior is None:
+            running = TrlRunningMoments()
+        else:
+            pm, pv, pc = prior
+            running = TrlRunningMoments(mean=pm, var=pv, std=math.sqrt(pv * pc / (pc - 1)) if pc > 1 else 1.0,
+                                        count=pc)
+        prior_state = (running.mean, running.var, running.std, running.count)
+        ci = [i for i in range(B) if lab[i]]
+        ri = [i for i in range(B) if not lab[i]]
+        weights = torch.ones(B)
+        rw = None
+        if udm:
+            # TRL _get_udm_weight: (p / (1 - p + 1e-8)).clamp(min_density_ratio, max_density_ratio),
+            # p = the prompt classifier's P(desirable); defaults 0.5 and 10.0.
+            p = torch.tensor([f32(rng.uniform(0.05, 0.98)) for _ in ri])
+            rw = (p / (1 - p + 1e-8)).clamp(min=0.5, max=10.0)
+            for pos, i in enumerate(ri):
+                weights[i] = rw[pos]
+        rewards_in_order = (beta * (s - ref)).detach()
+        losses_cat, cr, rj, delta = trl_bco_loss(s[ci], s[ri], ref[ci], ref[ri], beta, running, rw)
+        batch_mean, batch_std = TrlRunningMoments().update(rewards_in_order)  # update's return values
+        loss = losses_cat.nanmean()
+        losses = torch.empty(B)
+        for pos, i in enumerate(ci + ri):
+            losses[i] = losses_cat[pos]
+        w.case(name)
+        w.t("beta", beta)
+        w.t("prior_mean", prior_state[0])
+        w.t("prior_var", prior_state[1])
+        w.t("prior_std", prior_state[2])
+        w.t("prior_count", prior_state[3])
+        w.t("logp", x)
+        w.t("mask", m.double())
+        w.t("ref", ref)
+        w.t("desirable", torch.tensor(lab, dtype=torch.float64))
+        if udm:
+            w.t("weights", weights)
+        w.t("rewards", rewards_in_order)
+        w.t("batch_mean", batch_mean)
+        w.t("batch_std", batch_std)
+        w.t("delta", delta.item())
+        w.t("running_var", running.var)
+        w.t("running_std", running.std)
+        w.t("running_count", running.count)
+        w.t("loss", loss)
+        w.t("losses", losses)
+        w.t("grad", grad_of(loss, lx))
+        w.t("count_desirable", len(ci))
+        w.t("count_undesirable", len(ri))
+        w.t("reward_desirable_sum", cr.sum() if len(ci) else 0.0)
+        w.t("reward_undesirable_sum", rj.sum() if len(ri) else 0.0)
+        w.t("logps_desirable_sum", s[ci].sum() if len(ci) else 0.0)
+        w.t("logps_undesirable_sum", s[ri].sum() if len(ri) else 0.0)
         w.end()
     w.write()
 
@@ -1164,6 +1294,111 @@ def gen_policy_losses():
             # verl pg_clipfrac: ratio != clipped_ratio; TRL cispo_clip_ratio: coef_1 > epsilon_high & A > 0
             w.t("clip_fraction", masked_mean_all(torch.ne(ratio, torch.clamp(ratio, lo, hi)).double(), m))
             w.t("clip_fraction_high", masked_mean_all((torch.gt(ratio, hi) & (advs > 0)).double(), m))
+        w.end()
+    w.write()
+
+
+# ---- verl compute_policy_loss_clip_cov / _kl_cov (1dda039) ------------------------------------
+
+def verl_clip_cov(log_prob, old_log_prob, advantages, response_mask, cliprange_low, cliprange_high, clip_cov_ratio,
+                  clip_cov_lb, clip_cov_ub, generator):
+    """verl compute_policy_loss_clip_cov up to pg_losses, as written there (masked_mean's + 1e-8 left out, as
+    prefloss; torch.randperm drawn from `generator`). Returns pg_losses, corr, the candidate mask, clip_num, ppo_kl."""
+    negative_approx_kl = log_prob - old_log_prob
+    ratio = torch.exp(negative_approx_kl)
+    ppo_kl = masked_mean_all(-negative_approx_kl, response_mask)
+    pg_losses1 = -advantages * ratio
+    corr = torch.ones_like(advantages)
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - cliprange_low, 1 + cliprange_high)
+    clip_by_origin = (pg_losses2 > pg_losses1) & (response_mask > 0)
+    mf = response_mask.to(advantages.dtype)
+    cov_all = (advantages - (advantages * mf).sum() / mf.sum()) * (
+        log_prob - (log_prob.detach() * mf).sum() / mf.sum())
+    cov_all = cov_all.detach().clone()
+    cov_all[response_mask == 0] = -torch.inf
+    cov_all[clip_by_origin] = -torch.inf
+    clip_num = max(int(clip_cov_ratio * mf.sum().item()), 1)
+    cand = (cov_all < clip_cov_ub) & (cov_all > clip_cov_lb) & (response_mask > 0)
+    top_k_idx = torch.nonzero(cand)
+    if len(top_k_idx) > 0:
+        perm = torch.randperm(len(top_k_idx), generator=generator)
+        top_k_idx = top_k_idx[perm[: min(clip_num, len(top_k_idx))]]
+    else:
+        top_k_idx = torch.empty((0, 2), dtype=torch.long)
+    corr[top_k_idx[:, 0], top_k_idx[:, 1]] = 0
+    pg_losses = torch.maximum(pg_losses1, pg_losses2) * corr
+    return pg_losses, corr, cand, clip_num, ppo_kl, clip_by_origin
+
+
+def verl_kl_cov(log_prob, old_log_prob, advantages, response_mask, kl_cov_ratio, ppo_kl_coef):
+    """verl compute_policy_loss_kl_cov up to pg_losses, as written there. Returns pg_losses, the selection, ppo_kl."""
+    negative_approx_kl = log_prob - old_log_prob
+    abs_kl = negative_approx_kl.abs()
+    ratio = torch.exp(negative_approx_kl)
+    ppo_kl_abs = masked_mean_all(negative_approx_kl.abs(), response_mask)
+    pg_losses1 = -advantages * ratio
+    pg_losses_kl = -advantages * ratio + ppo_kl_coef * abs_kl
+    pg_losses = pg_losses1.clone()
+    all_valid = response_mask > 0
+    all_valid_idx = torch.nonzero(all_valid.reshape(-1), as_tuple=True)[0]
+    all_valid_adv = advantages[all_valid].detach().reshape(-1)
+    all_valid_logp = log_prob[all_valid].detach().reshape(-1)
+    selected = torch.zeros_like(advantages)
+    k = min(kl_cov_ratio, len(all_valid_adv))
+    if k != 0:
+        cov_lst_all = (all_valid_adv - all_valid_adv.mean()) * (all_valid_logp - all_valid_logp.mean())
+        k_percent_nums = max(1, int(len(cov_lst_all) * kl_cov_ratio))
+        large_cov_idxs = torch.topk(cov_lst_all, k_percent_nums, largest=True).indices
+        if len(large_cov_idxs) != 0:
+            large_cov_idxs = all_valid_idx[large_cov_idxs]
+            rows, cols = large_cov_idxs // advantages.shape[1], large_cov_idxs % advantages.shape[1]
+            pg_losses[rows, cols] = pg_losses_kl[rows, cols]
+            selected[rows, cols] = 1.0
+    return pg_losses, selected, ppo_kl_abs
+
+
+def gen_cov_policy():
+    w = Writer("cov_policy", "verl compute_policy_loss_clip_cov / compute_policy_loss_kl_cov + agg_loss at 1dda039: "
+               "the selection (clip-cov: verl's candidate set and torch.randperm's pick; kl-cov: torch.topk) and "
+               "the loss given it")
+    cases = [  # name, loss, aggregation, params
+        ("clip_cov_token_mean", "clip_cov", "token_mean", (0.2, 0.2, 0.3, 0.0, 5.0)),
+        ("clip_cov_all_candidates_seq_mean_token_mean", "clip_cov", "seq_mean_token_mean", (0.2, 0.28, 1.0, -0.05, 0.5)),
+        ("clip_cov_verl_bounds_seq_mean_token_sum", "clip_cov", "seq_mean_token_sum", (0.2, 0.2, 2e-4, 1.0, 5.0)),
+        ("kl_cov_token_mean", "kl_cov", "token_mean", (0.1, 1.0)),
+        ("kl_cov_coef2_seq_mean_token_mean", "kl_cov", "seq_mean_token_mean", (0.25, 2.0)),
+        ("kl_cov_default_ratio_seq_mean_token_sum_norm", "kl_cov", "seq_mean_token_sum_norm", (2e-4, 1.0)),
+    ]
+    for k, (name, loss_name, agg, par) in enumerate(cases):
+        rng, m, lp, old, adv, _ = ppo_inputs(2300 + k)
+        mf = m.double()
+        x = leaf(lp)
+        xs, olds, advs = sel(x, m), sel(old, m), sel(adv, m)
+        w.case(name)
+        w.s("loss", loss_name)
+        w.s("aggregation", agg)
+        if loss_name == "clip_cov":
+            lo, hi, ratio, lb, ub = par
+            g = torch.Generator().manual_seed(2300 + k)
+            pg, corr, cand, clip_num, ppo_kl, clipped = verl_clip_cov(xs, olds, advs, m, lo, hi, ratio, lb, ub, g)
+            selected = sel(1.0 - corr, m)
+            for lab, v in [("clip_low", lo), ("clip_high", hi), ("cov_ratio", ratio), ("cov_lower", lb),
+                           ("cov_upper", ub), ("target", float(clip_num)), ("candidates", cand.double()),
+                           ("n_candidates", float(cand.sum().item()))]:
+                w.t(lab, v)
+            metrics = [("selected_fraction", masked_mean_all((corr == 0).double(), m)),
+                       ("clip_fraction", masked_mean_all(clipped.double(), m)), ("approx_kl", ppo_kl)]
+        else:
+            ratio, coef = par
+            pg, selected, ppo_kl_abs = verl_kl_cov(xs, olds, advs, m, ratio, coef)
+            w.t("cov_ratio", ratio)
+            w.t("kl_coef", coef)
+            metrics = [("abs_kl", ppo_kl_abs), ("selected_fraction", masked_mean_all(selected, m)),
+                       ("approx_kl", masked_mean_all(-(xs - olds), m))]
+        loss, contrib = verl_agg_loss(pg, m, agg)
+        for lab, v in [("logp", lp), ("old_logp", old), ("advantages", adv), ("mask", mf), ("selected", selected),
+                       ("loss", loss), ("losses", contrib), ("grad", grad_of(loss, x))] + metrics:
+            w.t(lab, v)
         w.end()
     w.write()
 
@@ -1983,8 +2218,9 @@ def rc_inputs(seed, sd, empty_row=None, big=None):
 def gen_rollout_correction():
     w = Writer("rollout_correction", "verl compute_rollout_correction_weights (TIS / IcePop, token / sequence, "
                                      "batch normalization) and compute_rollout_rejection_mask (every rollout_rs "
-                                     "option) at 1dda039; TRL vllm_importance_sampling_mode at f2cd577; weights 0 at "
-                                     "masked-out tokens")
+                                     "option) at 1dda039; TRL vllm_importance_sampling_mode at f2cd577; OpenRLHF PolicyLoss "
+                                     "vllm_is_correction_type (tis / icepop / seq-mask-tis) with its aggregated "
+                                     "loss and gradient at 3c3be623; weights 0 at masked-out tokens")
     cases = [
         # name, anchor, level, bound, upper, lower, batch_normalize, rs, rs_upper, rs_lower, input kwargs
         ("verl_token_tis", "verl", "token", "truncate", 2.0, None, False, None, None, None, dict(sd=0.5)),
@@ -2080,16 +2316,148 @@ def gen_rollout_correction():
         w.t("valid_tokens", n.item())
         w.t("kept_tokens", kept.double().sum().item())
         w.t("kept_rows", kept.any(dim=-1).double().sum().item())
+        # verl compute_offpolicy_metrics' kl (its masked_mean's 1e-8 left out), OpenRLHF's vllm_kl
+        w.t("rollout_kl", (sel(roll - old, m).sum() / n).item())
         w.end()
+    gen_openrlhf_is(w)
     w.write()
+
+
+# OpenRLHF PolicyLoss with its vLLM importance-sampling correction (openrlhf/models/loss.py and
+# openrlhf/models/utils.py at 3c3be623), recorded in the rollout_correction family.
+
+def openrlhf_masked_mean(tensor, mask, dim=None):
+    # openrlhf/models/utils.py masked_mean: no epsilon (an empty row gives 0 / 0 = NaN)
+    if mask is None:
+        return tensor.mean(dim=dim)
+    return (tensor * mask).sum(dim=dim) / mask.sum(dim=dim)
+
+
+def openrlhf_aggregate_loss(loss, loss_mask, token_level_loss=True, dp_size=1, batch_num_tokens=None,
+                            global_batch_size=None):
+    """openrlhf/models/loss.py aggregate_loss. The per-sequence divisor token_counts + 1e-8 is the
+    count here (prefloss documents that it leaves the 1e-8 out), 1e-8 only for an empty row."""
+    if token_level_loss:
+        if batch_num_tokens is None:
+            return openrlhf_masked_mean(loss, loss_mask, dim=None)
+        return (loss * loss_mask).sum() / batch_num_tokens * dp_size
+    token_counts = loss_mask.sum(dim=-1)
+    seq_loss = (loss * loss_mask).sum(dim=-1) / torch.where(token_counts > 0, token_counts,
+                                                            torch.full_like(token_counts, 1e-8))
+    seq_mask = (token_counts > 0).double()  # exclude fully masked sequences
+    if global_batch_size is None:
+        return openrlhf_masked_mean(seq_loss, seq_mask, dim=None)
+    return (seq_loss * seq_mask).sum() / global_batch_size * dp_size
+
+
+def openrlhf_policy_loss(log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, clip_eps_low,
+                         clip_eps_high, dual_clip, token_level_loss, vllm_is_truncated_threshold,
+                         vllm_is_correction_type, dp_size=1, batch_num_tokens=None, global_batch_size=None):
+    """PolicyLoss.forward, policy_loss_type "ppo", enable_vllm_is_correction=True. Also returns the
+    coefficient multiplied into the loss and seq-mask-tis's row mask."""
+    raw_policy_log_ratio = log_probs - old_log_probs
+    policy_log_ratio = raw_policy_log_ratio.clamp(min=-20.0, max=20.0)
+    ratio = policy_log_ratio.exp()
+    surr1 = ratio * advantages
+    surr2 = ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high) * advantages
+    if dual_clip is None:
+        loss = -torch.min(surr1, surr2)
+    else:
+        clip1 = torch.min(surr1, surr2)
+        clip2 = torch.max(clip1, dual_clip * advantages)
+        loss = -torch.where(advantages < 0, clip2, clip1)
+    low_threshold, high_threshold = vllm_is_truncated_threshold
+    rollout_log_ratio = old_log_probs - rollout_log_probs
+    seq_mask = torch.ones(action_mask.shape[0], dtype=torch.bool)
+    if vllm_is_correction_type == "icepop":
+        vllm_is = torch.exp(rollout_log_ratio).detach()
+        mask = (vllm_is >= low_threshold) & (vllm_is <= high_threshold)
+        vllm_is = vllm_is * mask
+        coef = vllm_is
+    elif vllm_is_correction_type == "seq-mask-tis":
+        seq_log_ratio = openrlhf_masked_mean(rollout_log_ratio, action_mask, dim=-1)
+        seq_is = torch.exp(seq_log_ratio)
+        seq_mask = (seq_is >= low_threshold) & (seq_is <= high_threshold)
+        vllm_is = torch.exp(rollout_log_ratio).detach()
+        coef = seq_mask.unsqueeze(-1) * vllm_is
+    else:
+        vllm_is = torch.exp(rollout_log_ratio).clamp(min=low_threshold, max=high_threshold).detach()
+        coef = vllm_is
+    loss = coef * loss
+    vllm_kl = openrlhf_masked_mean(rollout_log_probs - old_log_probs, action_mask, dim=None)
+    loss = openrlhf_aggregate_loss(loss, action_mask, token_level_loss=token_level_loss, dp_size=dp_size,
+                                   batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
+    return loss, coef, seq_mask, vllm_kl
+
+
+def gen_openrlhf_is(w):
+    cases = [
+        # name, vllm_is_correction_type, [low, high], dual_clip, token_level_loss, batch_num_tokens,
+        # global_batch_size, dp_size, rc_inputs kwargs, rows whose rollout equals old (d = 0)
+        ("openrlhf_tis_default", "tis", (0.5, 5.0), None, True, None, None, 1, dict(sd=0.6), ()),
+        ("openrlhf_tis_dual_batch_num_tokens", "tis", (0.8, 1.25), 3.0, True, 64.0, None, 2, dict(sd=0.4), ()),
+        ("openrlhf_icepop_default", "icepop", (0.5, 5.0), None, True, None, None, 1, dict(sd=0.6, big=1), ()),
+        ("openrlhf_icepop_sample_low_1", "icepop", (1.0, 2.0), None, False, None, None, 1,
+         dict(sd=0.3, empty_row=3), (2,)),
+        ("openrlhf_seq_mask_tis_default", "seq-mask-tis", (0.5, 5.0), None, True, None, None, 1,
+         dict(sd=0.4, big=1, empty_row=2), ()),
+        ("openrlhf_seq_mask_tis_sample_gbs", "seq-mask-tis", (1.0, 1.05), None, False, None, 8.0, 2,
+         dict(sd=0.3, empty_row=0), (3,)),
+        ("openrlhf_seq_mask_tis_dual_sample", "seq-mask-tis", (0.8, 1.1), 3.0, False, None, None, 1,
+         dict(sd=0.3, big=2), ()),
+    ]
+    for k, (name, kind, thr, dual, tll, bnt, gbs, dp, kw, exact_rows) in enumerate(cases):
+        m, old, roll = rc_inputs(1400 + k, **kw)
+        for i in exact_rows:  # ratio exactly 1, at the lower bound 1.0 (kept)
+            roll[i] = torch.where(m[i], old[i], roll[i])
+        rng = random.Random(1450 + k)
+        lp = gauss(rng, m, 0.0, 0.25, base=torch.where(m, old, torch.zeros_like(old)))
+        adv = gauss(rng, m, 0.0, 1.0)
+        if dual is not None:  # make dual clip bite: A < 0 with r = e^1.5 > c
+            i = next(r for r in range(B) if m[r, 0])
+            lp[i, 0] = f32(old[i, 0].item() + 1.5)
+            adv[i, 0] = f32(-0.8)
+        mf = m.double()
+        x = leaf(lp)
+        # Select first (the file's convention): OpenRLHF multiplies by the mask, so NaN padding
+        # would reach its loss; nothing changes at valid tokens.
+        loss, coef, seq_mask, vllm_kl = openrlhf_policy_loss(
+            sel(x, m), sel(old, m), sel(adv, m), mf, sel(roll, m), 0.2, 0.28, dual, tll, thr, kind, dp_size=dp,
+            batch_num_tokens=bnt, global_batch_size=gbs)
+        keep = (seq_mask.unsqueeze(-1) & m).double()
+        w.case(name)
+        w.s("anchor", "openrlhf")
+        w.s("correction_type", kind)
+        w.t("low", thr[0])
+        w.t("high", thr[1])
+        w.t("clip_eps_low", 0.2)
+        w.t("clip_eps_high", 0.28)
+        w.t("dual_clip", 0.0 if dual is None else dual)
+        w.t("token_level_loss", 1.0 if tll else 0.0)
+        w.t("batch_num_tokens", 0.0 if bnt is None else bnt)
+        w.t("global_batch_size", 0.0 if gbs is None else gbs)
+        w.t("dp_size", float(dp))
+        w.t("logp", lp)
+        w.t("old_logp", old)
+        w.t("rollout_logp", roll)
+        w.t("advantages", adv)
+        w.t("mask", mf)
+        w.t("weights", sel(coef, m))
+        w.t("keep", keep)
+        w.t("vllm_kl", vllm_kl.item())
+        w.t("valid_tokens", mf.sum().item())
+        w.t("loss", loss)
+        w.t("grad", grad_of(loss, x))
+        w.end()
 
 
 def main():
     os.makedirs(OUT, exist_ok=True)
     for gen in [gen_dpo, gen_dpo_variants, gen_ld_dpo, gen_dpo_mixture, gen_ipo, gen_kto, gen_bradley_terry, gen_simpo,
-                gen_cpo, gen_orpo, gen_nll, gen_ppo, gen_gmpo, gen_value, gen_policy_losses, gen_kl, gen_gae, gen_whiten, gen_group, gen_logprobs,
+                gen_cpo, gen_orpo, gen_nll, gen_ppo, gen_gmpo, gen_value, gen_policy_losses, gen_cov_policy, gen_kl, gen_gae, gen_whiten, gen_group, gen_logprobs,
                 gen_logprobs_lowp, gen_dpo_logits, gen_ppo_logits, gen_advantages, gen_rollout_correction]:
         gen()
+    gen_bco()
 
 
 if __name__ == "__main__":
