@@ -97,6 +97,9 @@ inline ld aggregate(const Data& d, const std::vector<ld>& l, pl::Aggregation mod
       case pl::Aggregation::seq_mean_token_sum_norm:
         c = S[u] / (nseq * (norm ? static_cast<ld>(*norm) : static_cast<ld>(d.T)));
         break;
+      case pl::Aggregation::token_sum:
+        c = S[u];
+        break;
     }
     if (rows) (*rows)[u] = c;
     loss += c;

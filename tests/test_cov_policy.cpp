@@ -38,7 +38,8 @@ namespace {
 enum class Loss { clip_cov, kl_cov };
 const Loss all_losses[] = {Loss::clip_cov, Loss::kl_cov};
 const pl::Aggregation all_modes[] = {pl::Aggregation::token_mean, pl::Aggregation::seq_mean_token_sum,
-                                     pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm};
+                                     pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm,
+                                     pl::Aggregation::token_sum};
 const char* name_of(Loss w) { return w == Loss::clip_cov ? "clip_cov" : "kl_cov"; }
 
 /// The options of both losses; a test picks the loss.

@@ -288,6 +288,7 @@ pl::Aggregation aggregation(const std::string& s) {
   if (s == "seq_mean_token_sum") return pl::Aggregation::seq_mean_token_sum;
   if (s == "seq_mean_token_mean") return pl::Aggregation::seq_mean_token_mean;
   if (s == "seq_mean_token_sum_norm") return pl::Aggregation::seq_mean_token_sum_norm;
+  if (s == "token_sum") return pl::Aggregation::token_sum;
   throw std::runtime_error("unknown aggregation " + s);
 }
 

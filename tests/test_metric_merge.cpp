@@ -548,13 +548,15 @@ const char* agg_name(pl::Aggregation a) {
       return "seq_mean_token_mean";
     case pl::Aggregation::seq_mean_token_sum_norm:
       return "seq_mean_token_sum_norm";
+    case pl::Aggregation::token_sum:
+      return "token_sum";
   }
   return "?";
 }
 
 constexpr pl::Aggregation kAggregations[] = {pl::Aggregation::token_mean, pl::Aggregation::seq_mean_token_sum,
                                              pl::Aggregation::seq_mean_token_mean,
-                                             pl::Aggregation::seq_mean_token_sum_norm};
+                                             pl::Aggregation::seq_mean_token_sum_norm, pl::Aggregation::token_sum};
 
 }  // namespace
 

@@ -316,7 +316,8 @@ void ppo_case(unsigned seed) {
       check_grad_close(c, g, q, grad_tol);
   };
   const pl::Aggregation modes[] = {pl::Aggregation::token_mean, pl::Aggregation::seq_mean_token_sum,
-                                   pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm};
+                                   pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm,
+                                   pl::Aggregation::token_sum};
   for (const auto level : {pl::ImportanceLevel::token, pl::ImportanceLevel::sequence})
     for (const auto mode : modes) {
       pl::PpoOptions o;

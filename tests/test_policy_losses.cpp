@@ -34,7 +34,8 @@ namespace {
 enum class Loss { cispo, sapo, gpg };
 const Loss all_losses[] = {Loss::cispo, Loss::sapo, Loss::gpg};
 const pl::Aggregation all_modes[] = {pl::Aggregation::token_mean, pl::Aggregation::seq_mean_token_sum,
-                                     pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm};
+                                     pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm,
+                                     pl::Aggregation::token_sum};
 
 /// Every option of the three losses in one place; a test picks the loss.
 struct Opts {

@@ -73,7 +73,8 @@ PpoCase<S, M> make_case(long B, long T, unsigned seed, const pl::PpoOptions& o, 
 }
 
 const pl::Aggregation all_modes[] = {pl::Aggregation::token_mean, pl::Aggregation::seq_mean_token_sum,
-                                     pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm};
+                                     pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm,
+                                     pl::Aggregation::token_sum};
 
 enum class KlCase { none, k1, k2, k3, ref_no_coef };
 const KlCase all_kl[] = {KlCase::none, KlCase::k1, KlCase::k2, KlCase::k3, KlCase::ref_no_coef};

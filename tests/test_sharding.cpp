@@ -731,7 +731,8 @@ void reward_losses(const PairData<S>& d, const Cuts& cuts, std::mt19937& rng, co
 enum class Kind { ppo, ppo_ref, ppo_kl, value };
 constexpr Kind kKinds[] = {Kind::ppo, Kind::ppo_ref, Kind::ppo_kl, Kind::value};
 constexpr pl::Aggregation kModes[] = {pl::Aggregation::token_mean, pl::Aggregation::seq_mean_token_sum,
-                                      pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm};
+                                      pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm,
+                                      pl::Aggregation::token_sum};
 
 const char* kind_name(Kind k) {
   switch (k) {
@@ -753,9 +754,12 @@ const char* mode_name(pl::Aggregation a) {
       return "seq_mean_token_sum";
     case pl::Aggregation::seq_mean_token_mean:
       return "seq_mean_token_mean";
-    default:
+    case pl::Aggregation::seq_mean_token_sum_norm:
       return "seq_mean_token_sum_norm";
+    case pl::Aggregation::token_sum:
+      return "token_sum";
   }
+  return "?";
 }
 
 /// A case for the token losses: [B, T] log-probs, rollout constants and masks (value_loss reads

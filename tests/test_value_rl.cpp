@@ -21,7 +21,8 @@ using rlref::Tok;
 namespace {
 
 const pl::Aggregation all_modes[] = {pl::Aggregation::token_mean, pl::Aggregation::seq_mean_token_sum,
-                                     pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm};
+                                     pl::Aggregation::seq_mean_token_mean, pl::Aggregation::seq_mean_token_sum_norm,
+                                     pl::Aggregation::token_sum};
 
 template <class S>
 bool all_equal(const Tok<S>& t, S v) {

@@ -68,11 +68,17 @@ inline std::string str(double v) {
 }
 
 /// How many enumerators each option enum declares.
-constexpr int enumerators(pl::Aggregation) { return 4; }
+constexpr int enumerators(pl::Aggregation) { return 5; }
 constexpr int enumerators(pl::ImportanceLevel) { return 2; }
 constexpr int enumerators(pl::KlEstimator) { return 7; }
 constexpr int enumerators(pl::DpoVariant) { return 12; }
 constexpr int enumerators(pl::FDivergence) { return 4; }
+// A count that lags its enum leaves the newest enumerators unfuzzed: tie each to the last one.
+static_assert(enumerators(pl::Aggregation{}) == static_cast<int>(pl::Aggregation::token_sum) + 1);
+static_assert(enumerators(pl::ImportanceLevel{}) == static_cast<int>(pl::ImportanceLevel::sequence) + 1);
+static_assert(enumerators(pl::KlEstimator{}) == static_cast<int>(pl::KlEstimator::k3_plus) + 1);
+static_assert(enumerators(pl::DpoVariant{}) == static_cast<int>(pl::DpoVariant::aot_unpaired) + 1);
+static_assert(enumerators(pl::FDivergence{}) == static_cast<int>(pl::FDivergence::alpha_divergence) + 1);
 
 /// A stream of the fuzzer's bytes; exhausted, it decodes as zeros.
 class Source {

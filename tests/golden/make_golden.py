@@ -871,6 +871,8 @@ def verl_agg_loss(loss_mat, mask, mode, C=None):
         contrib = torch.where(w > 0, rows / w.clamp(min=1), torch.zeros_like(rows)) / b
     elif mode == "seq_mean_token_sum_norm":
         contrib = rows / (b * (C if C is not None else loss_mat.shape[-1]))
+    elif mode == "token_sum":  # verl "token-sum" (dp_size 1)
+        contrib = rows
     else:
         raise ValueError(mode)
     return contrib.sum(), contrib
@@ -1214,6 +1216,7 @@ def gen_policy_losses():
         ("gpg_token_mean", "gpg", "verl", "token_mean", None),
         ("gpg_seq_mean_token_mean", "gpg", "verl", "seq_mean_token_mean", None),
         ("gpg_seq_mean_token_sum_norm", "gpg", "verl", "seq_mean_token_sum_norm", None),
+        ("cispo_verl_token_sum", "cispo", "verl", "token_sum", (0.2, 0.28)),
     ]
     for k, (name, loss_name, formula, agg, par) in enumerate(cases):
         rng, m, lp, old, adv, _ = ppo_inputs(1900 + k)

@@ -448,7 +448,7 @@ auto ppo_clip_views(const LP& logp, const OLP& old_logp, const AD& advantages, c
 /// `.losses[i]` is sequence i's contribution to the batch loss: row_scale_i * sum_t w l, so
 /// loss = sum_i losses[i] in every mode (token_mean: sum_t w l / N; seq_mean_token_sum:
 /// sum_t w l / B; seq_mean_token_mean: sum_t w l / (B W_i); seq_mean_token_sum_norm:
-/// sum_t w l / (B C)).
+/// sum_t w l / (B C); token_sum, verl's "token-sum": sum_t w l).
 ///
 /// `.backward(grad)` writes d loss / d logp (0 at masked-out tokens) with torch autograd's
 /// conventions for verl's formula: at a clip boundary r == 1 +- eps the gradient passes

@@ -19,12 +19,17 @@ namespace prefloss {
 
 /// @brief Aggregation of masked per-token losses l[i,t] with mask weights w[i,t] (verl's
 /// loss_agg_mode names). Let S_i = sum_t w[i,t] l[i,t] and W_i = sum_t w[i,t] over selected tokens.
+/// New enumerators go last: the values are part of the ABI of callers that store them.
 enum class Aggregation {
   token_mean,               ///< sum_i S_i / sum_i W_i (or / token_count when given); 0 without valid tokens
   seq_mean_token_sum,       ///< (1/B) sum_i S_i
   seq_mean_token_mean,      ///< (1/B) sum_i S_i / W_i; an empty row contributes 0 and still counts in B
   seq_mean_token_sum_norm,  ///< (1/B) sum_i S_i / C, C = token_sum_norm (default: tokens per row; must be set for
                             ///< packed input), Dr.GRPO
+  /// sum_i S_i: verl's "token-sum" (agg_loss at 1dda039; its dp_size factor, which undoes DDP's
+  /// gradient averaging, is the caller's: scale the loss, or sum gradients over ranks). Takes no
+  /// normalizer; an empty batch is 0 without one.
+  token_sum,
 };
 
 /// @def PREFLOSS_AGGREGATION_NORMALIZERS
@@ -79,7 +84,8 @@ inline constexpr Index packed_rows = -1;
 
 inline bool valid_aggregation(Aggregation a) noexcept {
   return a == Aggregation::token_mean || a == Aggregation::seq_mean_token_sum ||
-         a == Aggregation::seq_mean_token_mean || a == Aggregation::seq_mean_token_sum_norm;
+         a == Aggregation::seq_mean_token_mean || a == Aggregation::seq_mean_token_sum_norm ||
+         a == Aggregation::token_sum;
 }
 
 /// Throws option_error for an unknown mode or a normaliser that is not finite and > 0 with a
@@ -117,7 +123,7 @@ void validate_aggregation(const char* fn, const AggregationSpec& s) {
 /// normalizer is given (token_count for token_mean, sequence_count for the seq_* modes), where it
 /// contributes loss 0; otherwise the batch mean of nothing is undefined (shape_error).
 inline void require_rows_or_globals(const char* fn, const char* name, const AggregationSpec& s) {
-  if (s.batch != 0) return;
+  if (s.batch != 0 || s.mode == Aggregation::token_sum) return;
   const bool global = s.mode == Aggregation::token_mean ? s.token_count.has_value() : s.sequence_count.has_value();
   if (!global)
     throw shape_error(std::string(fn) + ": argument '" + name + "' has an empty batch (shape " +
@@ -158,6 +164,8 @@ inline double row_scale(const AggregationSpec& s, Index i, double row_weight, do
       const double c = s.token_sum_norm ? *s.token_sum_norm : static_cast<double>(s.tokens);
       return c != 0 ? 1.0 / (seqs * c) : 0.0;
     }
+    case Aggregation::token_sum:
+      return 1.0;
   }
   return 0.0;
 }
