@@ -342,6 +342,34 @@ TEMPLATE_TEST_CASE("the other TRL dpo variants at |beta * D| up to 1e5: finite w
   }
 }
 
+TEST_CASE("discopop with a subnormal tau at z = 0: the 1/tau terms cancel before they overflow",
+          "[pairwise][extreme]") {
+  // At z = 0: m = 1/2, so dL/dz = -1/4 - 1/2 + (1 - ln 2) / (4 tau) (closed form). With
+  // tau = 1e-309 each 1/tau term alone passes DBL_MAX (the fuzzer found inf - inf = NaN there).
+  Vec<double> v(1);
+  v.setValues({-2.0});
+  pl::DpoOptions opt;
+  opt.variant = pl::DpoVariant::discopop;
+  opt.beta = 1.0;
+  for (const double tau : {1e-309, 1e-300, 0.05}) {
+    opt.discopop_tau = tau;
+    const auto res = pl::dpo(v, v, v, v, opt);
+    CHECK_CLOSE(res.loss, std::log(2.0L) / 2 + 0.5L);
+    Vec<double> gc(1), gr(1);
+    res.backward(gc, gr);
+    const long double want = -0.75L + (1 - std::log(2.0L)) / (4 * static_cast<long double>(tau));
+    INFO("tau " << tau);
+    CHECK(std::isfinite(gc(0)));
+    CHECK_CLOSE(gc(0), want);
+    CHECK_CLOSE(gr(0), -want);
+  }
+  opt.discopop_tau = 4.9e-324;  // 1 / tau overflows whatever the order: the slope is +inf, not NaN
+  Vec<double> gc(1), gr(1);
+  pl::dpo(v, v, v, v, opt).backward(gc, gr);
+  CHECK(gc(0) == std::numeric_limits<double>::infinity());
+  CHECK(gr(0) == -std::numeric_limits<double>::infinity());
+}
+
 TEMPLATE_TEST_CASE("aot: the sorted pairs, ties in example order, NaN last", "[pairwise][aot]", float, double) {
   using S = TestType;
   // Policy log-ratios p = c - r = {2, -1, 2, 0.5}; reference q = {0, 1, -2, 0.25}.

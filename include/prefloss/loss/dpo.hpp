@@ -227,10 +227,11 @@ inline ValueSlope dpo_of_margin(const DpoOptions& opt, DpoVariant v, double z) n
     case DpoVariant::discopop: {
       const double tau = opt.discopop_tau;
       const double a = -log_sigmoid(z), da = -sigmoid(-z);
-      const double one_m = sigmoid(-z / tau), dm = sigmoid_slope(z / tau) / tau;
-      const double x = std::exp(-z + log_sigmoid(z / tau));  // exp(-z) m
-      const double dx = x * (one_m / tau - 1);               // d/dz exp(-z) m = exp(-z) m ((1-m)/tau - 1)
-      return {a * one_m + x, da * one_m - a * dm + dx};
+      const double one_m = sigmoid(-z / tau), s = sigmoid_slope(z / tau);  // dm/dz = s / tau
+      const double x = std::exp(-z + log_sigmoid(z / tau));                // exp(-z) m
+      // dL/dz = da (1-m) - a s / tau + x ((1-m) / tau - 1), with the 1/tau terms summed before the
+      // division: for a tiny tau each is huge and of opposite sign, and inf - inf would be NaN.
+      return {a * one_m + x, da * one_m + (x * (one_m - tau) - a * s) / tau};
     }
     default:
       return smoothed_logistic(z, e);  // sigmoid, and each sorted term of aot / aot_unpaired
