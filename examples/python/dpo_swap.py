@@ -27,7 +27,9 @@ References (the formulas below follow them line by line):
        DPOTrainer._compute_loss. KTO: trl/trainer/kto_trainer.py, KTOTrainer.kto_loss (f2cd577).
        SimPO: CPOTrainer.cpo_loss (loss_type "simpo", logits - simpo_gamma / beta).
   verl verl/trainer/ppo/core_algos.py (1dda039): compute_policy_loss_vanilla, compute_policy_loss_gspo, agg_loss,
-       compute_value_loss.
+       compute_value_loss; compute_policy_loss_cispo, _sapo, _gpg, _geo_mean, _clip_cov, _kl_cov (cispo, sapo,
+       gpg, gmpo, clip_cov, kl_cov in float32; Clip-Cov over prefloss's draw from verl's candidates).
+       verl/trainer/ppo/rollout_corr_helper.py: compute_rollout_correction_weights (rollout_is_weights).
 """
 
 import argparse
@@ -102,6 +104,8 @@ def verl_agg_loss(loss_mat, loss_mask, loss_agg_mode):
     # verl core_algos.agg_loss with dp_size 1 and no global normalizers.
     if loss_agg_mode == "token-mean":
         return (loss_mat * loss_mask).sum() / loss_mask.sum()
+    if loss_agg_mode == "token-sum":
+        return (loss_mat * loss_mask).sum()
     if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
         seq_losses = torch.sum(loss_mat * loss_mask, dim=-1)
         seq_mask = (torch.sum(loss_mask, dim=-1) > 0).to(loss_mat.dtype)
@@ -152,6 +156,151 @@ def verl_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask, cli
     pg_losses = torch.maximum(pg_losses1, pg_losses2)
     pg_clipfrac = verl_masked_mean(torch.gt(pg_losses2, pg_losses1).to(log_prob.dtype), response_mask)
     return verl_agg_loss(pg_losses, response_mask, "seq-mean-token-mean"), pg_clipfrac.item()
+
+
+def verl_policy_loss_cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                           clip_ratio_low=0.2, clip_ratio_high=0.2):
+    # verl core_algos.compute_policy_loss_cispo.
+    negative_approx_kl = log_prob - old_log_prob
+    negative_approx_kl = torch.clamp(negative_approx_kl, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    ppo_kl = verl_masked_mean(-negative_approx_kl, response_mask)
+    clipped_ratio = torch.clamp(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high)
+    clipped_ratio_sg = clipped_ratio.detach()
+    pg_losses = -clipped_ratio_sg * advantages * log_prob
+    pg_clipfrac = verl_masked_mean((ratio != clipped_ratio).float(), response_mask)
+    pg_loss = verl_agg_loss(pg_losses, response_mask, loss_agg_mode)
+    return pg_loss, {"actor/pg_clipfrac": pg_clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
+                     "scale": verl_agg_loss(pg_losses.detach().abs(), response_mask, loss_agg_mode).item()}
+
+
+def verl_policy_loss_sapo(old_log_prob, log_prob, advantages, response_mask, tau_pos=1.0, tau_neg=1.05):
+    # verl core_algos.compute_policy_loss_sapo (seq-mean-token-mean whatever loss_agg_mode says).
+    tau_pos = torch.as_tensor(tau_pos, dtype=advantages.dtype)
+    tau_neg = torch.as_tensor(tau_neg, dtype=advantages.dtype)
+
+    def gate_function(x, tau):
+        return torch.sigmoid(tau * (x - 1.0)) * (4.0 / tau)
+
+    negative_approx_kl = log_prob - old_log_prob
+    negative_approx_kl = torch.clamp(negative_approx_kl, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    taus = torch.where(condition=advantages > 0, input=tau_pos, other=tau_neg)
+    gates = gate_function(ratio, taus)
+    pg_losses = -gates * advantages
+    pg_loss = verl_agg_loss(pg_losses, response_mask, "seq-mean-token-mean")
+    ppo_kl = verl_masked_mean(-negative_approx_kl, response_mask)
+    return pg_loss, {"actor/ppo_kl": ppo_kl.item(),
+                     "scale": verl_agg_loss(pg_losses.detach().abs(), response_mask, "seq-mean-token-mean").item()}
+
+
+def verl_policy_loss_gpg(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean"):
+    # verl core_algos.compute_policy_loss_gpg (no metrics).
+    pg_losses = -log_prob * advantages
+    return verl_agg_loss(pg_losses, response_mask, loss_agg_mode), {
+        "scale": verl_agg_loss(pg_losses.detach().abs(), response_mask, loss_agg_mode).item()}
+
+
+def verl_policy_loss_geo_mean(old_log_prob, log_prob, advantages, response_mask, cliprange_low=0.2,
+                              cliprange_high=0.2):
+    # verl core_algos.compute_policy_loss_geo_mean (loss_agg_mode not used: the mean over rows).
+    negative_approx_kl = log_prob - old_log_prob
+    ppo_kl = verl_masked_mean(-negative_approx_kl, response_mask)
+    sgn_advantage = torch.sign(advantages)
+    negative_approx_kl_clamp = torch.clamp(negative_approx_kl, -cliprange_low, cliprange_high)
+    negative_approx_kl_min = torch.min(sgn_advantage * negative_approx_kl, sgn_advantage * negative_approx_kl_clamp)
+    negative_approx_kl_min = sgn_advantage * negative_approx_kl_min
+    response_mask_sum = response_mask.sum(dim=-1)
+    ratio = torch.exp((negative_approx_kl_min * response_mask).sum(dim=-1) / (response_mask_sum + 1e-8))
+    advantage = (advantages * response_mask).sum(dim=-1) / (response_mask_sum + 1e-8)
+    pg_losses = -advantage * ratio
+    pg_loss = torch.mean(pg_losses)
+    clipped = torch.ne(negative_approx_kl, negative_approx_kl_clamp)
+    pg_clipfrac = verl_masked_mean((clipped * (advantages > 0)).float(), response_mask)
+    pg_clipfrac_lower = verl_masked_mean((clipped * (advantages < 0)).float(), response_mask)
+    return pg_loss, {"actor/pg_clipfrac": pg_clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
+                     "actor/pg_clipfrac_lower": pg_clipfrac_lower.item(),
+                     "scale": torch.mean(pg_losses.detach().abs()).item()}
+
+
+def verl_clip_cov_candidates(old_log_prob, log_prob, advantages, response_mask, cliprange_low=0.2,
+                             cliprange_high=0.2, clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0):
+    # verl core_algos.compute_policy_loss_clip_cov up to torch.randperm: the [B, T] bool candidates
+    # it draws from and how many it draws (clip_num, capped by the candidates).
+    ratio = torch.exp(log_prob - old_log_prob)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - cliprange_low, 1 + cliprange_high)
+    clip_by_origin = (pg_losses2 > pg_losses1) & (response_mask > 0)
+    cov_all = (advantages - verl_masked_mean(advantages, response_mask)) * (
+        log_prob - verl_masked_mean(log_prob.detach(), response_mask))
+    cov_all[response_mask == 0] = -torch.inf
+    cov_all[clip_by_origin] = -torch.inf
+    clip_num = max(int(clip_cov_ratio * response_mask.sum().item()), 1)
+    top_k_idx = (cov_all < clip_cov_ub) & (cov_all > clip_cov_lb) & (response_mask > 0)
+    return top_k_idx, min(clip_num, int(top_k_idx.sum().item()))
+
+
+def verl_policy_loss_clip_cov(old_log_prob, log_prob, advantages, response_mask, selected, loss_agg_mode="token-mean",
+                              cliprange_low=0.2, cliprange_high=0.2):
+    # verl core_algos.compute_policy_loss_clip_cov from corr on, with corr = 1 - selected (the
+    # tokens verl would draw with torch.randperm, here prefloss's draw).
+    negative_approx_kl = log_prob - old_log_prob
+    ratio = torch.exp(negative_approx_kl)
+    ppo_kl = verl_masked_mean(-negative_approx_kl, response_mask)
+    pg_losses1 = -advantages * ratio
+    corr = 1 - selected
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - cliprange_low, 1 + cliprange_high)
+    pg_clipfrac = verl_masked_mean((corr == 0).float(), response_mask)
+    pg_losses = torch.maximum(pg_losses1, pg_losses2) * corr
+    pg_loss = verl_agg_loss(pg_losses, response_mask, loss_agg_mode)
+    return pg_loss, {"actor/pg_clipfrac": pg_clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
+                     "scale": verl_agg_loss(pg_losses.detach().abs(), response_mask, loss_agg_mode).item()}
+
+
+def verl_kl_cov_topk(log_prob, advantages, response_mask, kl_cov_ratio=2e-4):
+    # verl core_algos.compute_policy_loss_kl_cov's selection as a [B, T] 0/1 tensor: torch.topk of
+    # cov over the valid tokens (plain means).
+    all_valid = response_mask > 0
+    all_valid_idx = torch.nonzero(all_valid.reshape(-1), as_tuple=True)[0]
+    all_valid_adv = advantages[all_valid].detach().reshape(-1).cpu()
+    all_valid_logp = log_prob[all_valid].detach().reshape(-1).cpu()
+    cov_lst_all = (all_valid_adv - all_valid_adv.mean()) * (all_valid_logp - all_valid_logp.mean())
+    k_percent_nums = max(1, int(len(cov_lst_all) * kl_cov_ratio))
+    large_cov_idxs = all_valid_idx[torch.topk(cov_lst_all, k_percent_nums, largest=True).indices]
+    out = torch.zeros(advantages.numel(), dtype=advantages.dtype)
+    out[large_cov_idxs] = 1
+    return out.view_as(advantages)
+
+
+def verl_policy_loss_kl_cov(old_log_prob, log_prob, advantages, response_mask, selected, loss_agg_mode="token-mean",
+                            ppo_kl_coef=1.0):
+    # verl core_algos.compute_policy_loss_kl_cov with its top-k indices given as `selected`.
+    negative_approx_kl = log_prob - old_log_prob
+    abs_kl = negative_approx_kl.abs()
+    ratio = torch.exp(negative_approx_kl)
+    ppo_kl_abs = verl_masked_mean(negative_approx_kl.abs(), response_mask)
+    pg_losses1 = -advantages * ratio
+    pg_losses_kl = -advantages * ratio + ppo_kl_coef * abs_kl
+    pg_losses = torch.where(selected != 0, pg_losses_kl, pg_losses1)
+    pg_loss = verl_agg_loss(pg_losses, response_mask, loss_agg_mode)
+    return pg_loss, {"actor/ppo_kl": ppo_kl_abs.item(),
+                     "scale": verl_agg_loss(pg_losses.detach().abs(), response_mask, loss_agg_mode).item()}
+
+
+def verl_rollout_correction_weights(log_ratio, response_mask, rollout_is="token", threshold_upper=2.0,
+                                    threshold_lower=None):
+    # verl rollout_corr_helper.compute_rollout_correction_weights (SAFETY_BOUND 20, no batch
+    # normalization); threshold_lower set = the "lower_upper" (IcePop) form.
+    if rollout_is == "token":
+        raw = torch.exp(torch.clamp(log_ratio, min=-20.0, max=20.0))
+    else:
+        log_ratio_sum = (log_ratio * response_mask).sum(dim=-1).unsqueeze(-1)
+        raw = torch.exp(torch.clamp(log_ratio_sum, min=-20.0, max=20.0)).expand_as(log_ratio)
+    raw = raw * response_mask
+    if threshold_lower is None:
+        return raw.clamp(max=threshold_upper)
+    kept = (raw >= threshold_lower) & (raw <= threshold_upper)
+    return torch.where(kept, raw, torch.zeros_like(raw))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +516,128 @@ def check_ppo(ext, checks):
     checks.require("ppo_clip gspo clips some rows and not others", 0 < pm["clip_fraction"] < 1)
 
 
+def check_policy(ext, checks):
+    """cispo, sapo, gpg, gmpo, clip_cov and kl_cov against verl's formulas in float32 (loss and
+    gradient by autograd; metrics against verl's); Clip-Cov / KL-Cov over prefloss's selection,
+    which is checked against verl's candidates / top-k.
+
+    The loss is a sum of token terms of both signs, each rounded in float32: its deviation is
+    measured against the same aggregation of the terms' magnitudes (verl's "scale" below, the
+    sum's condition), as tests/torch/test_torch_losses.cpp's check_token does; with advantages of
+    both signs the loss itself may cancel to ~1e-3 of that. Gradients are per token, measured
+    against their own max as everywhere else."""
+    print("policy losses against verl compute_policy_loss_cispo / _sapo / _gpg / _geo_mean / _clip_cov / _kl_cov "
+          "(float32; max abs deviation, and relative):")
+    dtype, tol = torch.float32, TOL[torch.float32]
+    logp, old, adv, mask = ppo_inputs(dtype, 9)
+    fmask = mask.to(dtype)
+    modes = ("token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean", "token-sum")
+    cc = dict(clip_cov_ratio=0.02, clip_cov_lb=1.0, clip_cov_ub=5.0)
+    sel_cc, info_cc = ext.clip_cov_select(logp, old, adv, mask, cov_ratio=cc["clip_cov_ratio"],
+                                          cov_lower=cc["clip_cov_lb"], cov_upper=cc["clip_cov_ub"], seed=5)
+    cand, n_draw = verl_clip_cov_candidates(old, logp, adv, fmask, **cc)
+    checks.require("clip_cov_select picks only verl's candidates", bool((sel_cc.bool() & ~cand).sum() == 0))
+    checks.require("clip_cov_select picks verl's count", int(sel_cc.sum().item()) == n_draw == info_cc["selected"],
+                   f"{int(sel_cc.sum().item())} vs verl {n_draw}")
+    checks.require("clip_cov_select: several tokens", n_draw > 1, f"{n_draw}")
+    sel_kc, info_kc = ext.kl_cov_select(logp, adv, mask, cov_ratio=0.02)
+    want_kc = verl_kl_cov_topk(logp, adv, fmask, kl_cov_ratio=0.02)
+    checks.require("kl_cov_select is verl's topk", bool(torch.equal(sel_kc, want_kc)),
+                   f"{int((sel_kc != want_kc).sum().item())} tokens differ")
+    print(f"  clip_cov_select: {info_cc['selected']:.0f} of {info_cc['candidates']:.0f} candidates (verl: "
+          f"{n_draw} of {int(cand.sum().item())}); kl_cov_select: {info_kc['selected']:.0f} tokens, "
+          f"{'the same as' if torch.equal(sel_kc, want_kc) else 'NOT'} verl's topk")
+
+    # (name, prefloss call, verl call, [(prefloss metric, verl metric)]) over leaf copies of logp.
+    cases = []
+    for mode in modes:
+        cases.append((f"cispo {mode}", lambda y, mode=mode: ext.cispo(y, old, adv, mask, aggregation=mode),
+                      lambda x, mode=mode: verl_policy_loss_cispo(old, x, adv, fmask, mode),
+                      [("clip_fraction", "actor/pg_clipfrac"), ("approx_kl", "actor/ppo_kl")]))
+    cases.append(("sapo", lambda y: ext.sapo(y, old, adv, mask),
+                  lambda x: verl_policy_loss_sapo(old, x, adv, fmask), [("approx_kl", "actor/ppo_kl")]))
+    for mode in modes:
+        cases.append((f"gpg {mode}", lambda y, mode=mode: ext.gpg(y, old, adv, mask, aggregation=mode),
+                      lambda x, mode=mode: verl_policy_loss_gpg(old, x, adv, fmask, mode), []))
+    cases.append(("gmpo", lambda y: ext.gmpo(y, old, adv, mask),
+                  lambda x: verl_policy_loss_geo_mean(old, x, adv, fmask),
+                  [("clip_fraction", "actor/pg_clipfrac"), ("clip_fraction_low", "actor/pg_clipfrac_lower"),
+                   ("approx_kl", "actor/ppo_kl")]))
+    for mode in modes:
+        cases.append((f"clip_cov {mode}",
+                      lambda y, mode=mode: ext.clip_cov(y, old, adv, mask, sel_cc, aggregation=mode),
+                      lambda x, mode=mode: verl_policy_loss_clip_cov(old, x, adv, fmask, sel_cc, mode),
+                      [("selected_fraction", "actor/pg_clipfrac"), ("approx_kl", "actor/ppo_kl")]))
+        cases.append((f"kl_cov {mode}",
+                      lambda y, mode=mode: ext.kl_cov(y, old, adv, mask, sel_kc, aggregation=mode),
+                      lambda x, mode=mode: verl_policy_loss_kl_cov(old, x, adv, fmask, sel_kc, mode),
+                      [("abs_kl", "actor/ppo_kl")]))
+    for name, pf, vl, metric_pairs in cases:
+        x = logp.clone().requires_grad_(True)
+        want, vm = vl(x)
+        (g_want,) = torch.autograd.grad(want, [x])
+        y = logp.clone().requires_grad_(True)
+        got, _, pm = pf(y)
+        (g_got,) = torch.autograd.grad(got, [y])
+        al = abs(got.item() - want.item())
+        dl = al / vm["scale"]
+        ag = (g_got.double() - g_want.double()).abs().max().item()
+        dg = rel_diff(g_got, g_want)
+        dm = max([abs(pm[a] - vm[b]) / max(abs(vm[b]), 1.0) for a, b in metric_pairs], default=0.0)
+        print(f"  {name:32s} loss {al:.1e} (/ sum|terms| {dl:.1e}, / |loss| {al / abs(want.item()):.1e})  "
+              f"grad {ag:.1e} ({dg:.1e})  metrics {dm:.1e}")
+        if name == "gmpo":
+            gm = pm
+        checks.expect(f"{name} loss", dl, tol)
+        checks.expect(f"{name} grad", dg, tol)
+        checks.expect(f"{name} metrics", dm, tol)
+    checks.require("gmpo clips on both sides", 0 < gm["clip_fraction"] and 0 < gm["clip_fraction_low"])
+
+    print("rollout_is_weights against verl compute_rollout_correction_weights (float32, max abs deviation):")
+    noise = torch.randn(old.shape, generator=torch.Generator().manual_seed(4))
+    for level, lower in (("token", None), ("token", 0.8), ("sequence", None), ("sequence", 0.8)):
+        # Token log-ratios of ~0.3, or ~0.05 so that the row sums fall on both sides of the bounds.
+        rollout = old + (0.3 if level == "token" else 0.05) * noise
+        w, keep, rm = ext.rollout_is_weights(old, rollout, mask, level=level, upper=1.5,
+                                             bound="truncate" if lower is None else "mask",
+                                             lower=0.0 if lower is None else lower)
+        want = verl_rollout_correction_weights(old - rollout, fmask, level, 1.5, lower)
+        d = (w.double() - want.double()).abs().max().item()
+        dr = rel_diff(w, want)
+        name = f"rollout_is_weights {level} {'truncate' if lower is None else 'mask'}"
+        print(f"  {name:40s} {d:.1e} ({dr:.1e})  truncated_fraction {rm['truncated_fraction']:.3f}")
+        checks.expect(name, dr, tol)
+        checks.require(f"{name} keep", bool(torch.equal(keep, mask)))
+        checks.require(f"{name} binds", 0 < rm["truncated_fraction"] < 1, f"{rm['truncated_fraction']}")
+
+    # Unknown strings and bad arguments arrive as ValueError naming the argument.
+    bad = [
+        ("cispo aggregation", "aggregation", lambda: ext.cispo(logp, old, adv, mask, aggregation="token-avg")),
+        ("sapo aggregation", "aggregation", lambda: ext.sapo(logp, old, adv, mask, aggregation="seq")),
+        ("gpg aggregation", "aggregation", lambda: ext.gpg(logp, old, adv, mask, aggregation="")),
+        ("clip_cov aggregation", "aggregation",
+         lambda: ext.clip_cov(logp, old, adv, mask, sel_cc, aggregation="mean")),
+        ("kl_cov aggregation", "aggregation", lambda: ext.kl_cov(logp, old, adv, mask, sel_kc, aggregation="x")),
+        ("kl_cov_select cov_ratio", "cov_ratio", lambda: ext.kl_cov_select(logp, adv, mask, cov_ratio=0.0)),
+        ("clip_cov selected dtype", "'selected'", lambda: ext.clip_cov(logp, old, adv, mask, sel_cc.double())),
+        ("gmpo old_logp shape", "'old_logp'", lambda: ext.gmpo(logp, old[:, :5].contiguous(), adv, mask)),
+        ("rollout_is_weights level", "level", lambda: ext.rollout_is_weights(old, old, mask, level="row")),
+        ("rollout_is_weights bound", "bound", lambda: ext.rollout_is_weights(old, old, mask, bound="clip")),
+        ("rollout_is_weights rs", "rs", lambda: ext.rollout_is_weights(old, old, mask, rs="geo")),
+    ]
+    named = 0
+    for name, needle, call in bad:
+        try:
+            call()
+            checks.require(f"{name} raises", False, "no exception")
+        except ValueError as e:
+            checks.require(f"{name} names {needle}", needle in str(e), str(e))
+            named += needle in str(e)
+        except Exception as e:  # noqa: BLE001 (any other type is the failure being checked)
+            checks.require(f"{name} raises ValueError", False, f"got {type(e).__name__}: {e}")
+    print(f"  {named} of {len(bad)} bad strings / arguments raise ValueError naming the argument")
+
+
 def leaf(t):
     return t.detach().clone().requires_grad_(True)
 
@@ -477,7 +748,7 @@ def check_bindings(ext, checks):
         ("layout_error", lambda: ext.masked_sum(x.t(), mask.t())),
         ("unknown variant", lambda: ext.dpo(c, r, rc, rr, variant="nope")),
         ("unknown divergence", lambda: ext.dpo(c, r, rc, rr, divergence="kl")),
-        ("unknown aggregation", lambda: ext.ppo_clip(x, x, x, mask, aggregation="token-sum")),
+        ("unknown aggregation", lambda: ext.ppo_clip(x, x, x, mask, aggregation="token-avg")),
         ("unknown importance level", lambda: ext.ppo_clip(x, x, x, mask, importance_level="row")),
     ]
     seen = []
@@ -512,6 +783,7 @@ def main():
     t0 = time.perf_counter()
     train(ext, args, checks)
     check_ppo(ext, checks)
+    check_policy(ext, checks)
     check_bindings(ext, checks)
     print(f"checks took {time.perf_counter() - t0:.2f} s after the build")
     if checks.failed:

@@ -27,6 +27,7 @@
 #include <pybind11/stl.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <optional>
 #include <prefloss/torch.hpp>
 #include <stdexcept>
@@ -77,9 +78,10 @@ prefloss::Aggregation aggregation(const std::string& s, const char* fn) {
   if (s == "seq-mean-token-mean") return prefloss::Aggregation::seq_mean_token_mean;
   if (s == "seq-mean-token-sum") return prefloss::Aggregation::seq_mean_token_sum;
   if (s == "seq-mean-token-sum-norm") return prefloss::Aggregation::seq_mean_token_sum_norm;
+  if (s == "token-sum") return prefloss::Aggregation::token_sum;
   throw std::invalid_argument(std::string("prefloss_torch_ext.") + fn +
-                              ": aggregation must be 'token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum' or "
-                              "'seq-mean-token-sum-norm', got '" +
+                              ": aggregation must be 'token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum', "
+                              "'seq-mean-token-sum-norm' or 'token-sum', got '" +
                               s + "'");
 }
 
@@ -93,6 +95,8 @@ const char* aggregation_name(prefloss::Aggregation a) {
       return "seq-mean-token-sum";
     case prefloss::Aggregation::seq_mean_token_sum_norm:
       return "seq-mean-token-sum-norm";
+    case prefloss::Aggregation::token_sum:
+      return "token-sum";
   }
   return "?";
 }
@@ -198,6 +202,76 @@ py::dict metrics(const prefloss::ValueMetrics<double>& m) {
   d["clip_fraction"] = m.clip_fraction;
   d["value_mean"] = m.value_mean;
   d["token_weight"] = m.token_weight;
+  return d;
+}
+
+py::dict metrics(const prefloss::CispoMetrics<double>& m) {
+  py::dict d;
+  d["clip_fraction"] = m.clip_fraction;
+  d["clip_fraction_high"] = m.clip_fraction_high;
+  d["approx_kl"] = m.approx_kl;
+  d["ratio_mean"] = m.ratio_mean;
+  d["ratio_max"] = m.ratio_max;
+  d["token_weight"] = m.token_weight;
+  return d;
+}
+
+py::dict metrics(const prefloss::SapoMetrics<double>& m) {
+  py::dict d;
+  d["approx_kl"] = m.approx_kl;
+  d["ratio_mean"] = m.ratio_mean;
+  d["ratio_max"] = m.ratio_max;
+  d["token_weight"] = m.token_weight;
+  return d;
+}
+
+py::dict metrics(const prefloss::GpgMetrics<double>& m) {
+  py::dict d;
+  d["approx_kl"] = m.approx_kl;
+  d["token_weight"] = m.token_weight;
+  return d;
+}
+
+py::dict metrics(const prefloss::GmpoMetrics<double>& m) {
+  py::dict d;
+  d["clip_fraction"] = m.clip_fraction;
+  d["clip_fraction_low"] = m.clip_fraction_low;
+  d["approx_kl"] = m.approx_kl;
+  d["token_weight"] = m.token_weight;
+  return d;
+}
+
+py::dict metrics(const prefloss::ClipCovMetrics<double>& m) {
+  py::dict d;
+  d["selected_fraction"] = m.selected_fraction;
+  d["clip_fraction"] = m.clip_fraction;
+  d["approx_kl"] = m.approx_kl;
+  d["ratio_mean"] = m.ratio_mean;
+  d["ratio_max"] = m.ratio_max;
+  d["token_weight"] = m.token_weight;
+  return d;
+}
+
+py::dict metrics(const prefloss::KlCovMetrics<double>& m) {
+  py::dict d;
+  d["abs_kl"] = m.abs_kl;
+  d["selected_fraction"] = m.selected_fraction;
+  d["approx_kl"] = m.approx_kl;
+  d["ratio_mean"] = m.ratio_mean;
+  d["ratio_max"] = m.ratio_max;
+  d["token_weight"] = m.token_weight;
+  return d;
+}
+
+py::dict info(const prefloss::CovSelection& s) {
+  py::dict d;
+  d["valid_tokens"] = s.valid_tokens;
+  d["mask_weight"] = s.mask_weight;
+  d["adv_mean"] = s.adv_mean;
+  d["logp_mean"] = s.logp_mean;
+  d["candidates"] = s.candidates;
+  d["target"] = s.target;
+  d["selected"] = s.selected;
   return d;
 }
 
@@ -336,6 +410,179 @@ py::tuple value_loss(const at::Tensor& values, const at::Tensor& old_values, con
   return out(pt::value_loss(values, old_values, returns, mask, o));
 }
 
+py::tuple cispo(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                const at::Tensor& mask, double clip_low, double clip_high, const std::string& agg, OptD log_ratio_clamp,
+                OptD token_count, OptD sequence_count, OptD token_sum_norm, const std::vector<double>& row_weights) {
+  prefloss::CispoOptions o;
+  o.clip_low = clip_low;
+  o.clip_high = clip_high;
+  o.aggregation = aggregation(agg, "cispo");
+  o.log_ratio_clamp = log_ratio_clamp;
+  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights);
+  return out(pt::cispo(logp, old_logp, advantages, mask, o));
+}
+
+py::tuple sapo(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& mask,
+               double tau_pos, double tau_neg, const std::string& agg, OptD log_ratio_clamp, OptD token_count,
+               OptD sequence_count, OptD token_sum_norm, const std::vector<double>& row_weights) {
+  prefloss::SapoOptions o;
+  o.tau_pos = tau_pos;
+  o.tau_neg = tau_neg;
+  o.aggregation = aggregation(agg, "sapo");
+  o.log_ratio_clamp = log_ratio_clamp;
+  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights);
+  return out(pt::sapo(logp, old_logp, advantages, mask, o));
+}
+
+py::tuple gpg(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& mask,
+              const std::string& agg, OptD token_count, OptD sequence_count, OptD token_sum_norm,
+              const std::vector<double>& row_weights) {
+  prefloss::GpgOptions o;
+  o.aggregation = aggregation(agg, "gpg");
+  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights);
+  return out(pt::gpg(logp, old_logp, advantages, mask, o));
+}
+
+py::tuple gmpo(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& mask,
+               double clip_low, double clip_high, OptD sequence_count) {
+  prefloss::GmpoOptions o;
+  o.clip_low = clip_low;
+  o.clip_high = clip_high;
+  o.sequence_count = sequence_count;
+  return out(pt::gmpo(logp, old_logp, advantages, mask, o));
+}
+
+prefloss::ClipCovOptions clip_cov_options(double clip_low, double clip_high, double cov_ratio, double cov_lower,
+                                          double cov_upper, std::uint64_t seed, const std::string& agg,
+                                          const char* fn) {
+  prefloss::ClipCovOptions o;
+  o.clip_low = clip_low;
+  o.clip_high = clip_high;
+  o.cov_ratio = cov_ratio;
+  o.cov_lower = cov_lower;
+  o.cov_upper = cov_upper;
+  o.seed = seed;
+  o.aggregation = aggregation(agg, fn);
+  return o;
+}
+
+py::tuple clip_cov(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                   const at::Tensor& mask, const at::Tensor& selected, double clip_low, double clip_high,
+                   double cov_ratio, double cov_lower, double cov_upper, std::uint64_t seed, const std::string& agg,
+                   OptD token_count, OptD sequence_count, OptD token_sum_norm, const std::vector<double>& row_weights) {
+  prefloss::ClipCovOptions o =
+      clip_cov_options(clip_low, clip_high, cov_ratio, cov_lower, cov_upper, seed, agg, "clip_cov");
+  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights);
+  return out(pt::clip_cov(logp, old_logp, advantages, mask, selected, o));
+}
+
+py::tuple clip_cov_select(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                          const at::Tensor& mask, double clip_low, double clip_high, double cov_ratio, double cov_lower,
+                          double cov_upper, std::uint64_t seed) {
+  const prefloss::ClipCovOptions o =
+      clip_cov_options(clip_low, clip_high, cov_ratio, cov_lower, cov_upper, seed, "token-mean", "clip_cov_select");
+  auto r = pt::clip_cov_select(logp, old_logp, advantages, mask, o);
+  return py::make_tuple(r.selected, info(r.info));
+}
+
+py::tuple kl_cov(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                 const at::Tensor& mask, const at::Tensor& selected, double cov_ratio, double kl_coef,
+                 const std::string& agg, OptD token_count, OptD sequence_count, OptD token_sum_norm,
+                 const std::vector<double>& row_weights) {
+  prefloss::KlCovOptions o;
+  o.cov_ratio = cov_ratio;
+  o.kl_coef = kl_coef;
+  o.aggregation = aggregation(agg, "kl_cov");
+  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights);
+  return out(pt::kl_cov(logp, old_logp, advantages, mask, selected, o));
+}
+
+py::tuple kl_cov_select(const at::Tensor& logp, const at::Tensor& advantages, const at::Tensor& mask,
+                        double cov_ratio) {
+  prefloss::KlCovOptions o;
+  o.cov_ratio = cov_ratio;
+  auto r = pt::kl_cov_select(logp, advantages, mask, o);
+  return py::make_tuple(r.selected, info(r.info));
+}
+
+/// An enumerator by its name; an unknown one is a ValueError naming fn and the argument.
+template <class E, std::size_t N>
+E enum_arg(const std::pair<const char*, E> (&names)[N], const std::string& s, const char* fn, const char* what) {
+  std::string known;
+  for (const auto& [name, e] : names) {
+    if (s == name) return e;
+    known += std::string(known.empty() ? "'" : ", '") + name + "'";
+  }
+  throw std::invalid_argument(std::string("prefloss_torch_ext.") + fn + ": " + what + " must be one of " + known +
+                              ", got '" + s + "'");
+}
+
+template <class E, std::size_t N>
+const char* enum_name(const std::pair<const char*, E> (&names)[N], E e) {
+  for (const auto& [name, v] : names)
+    if (v == e) return name;
+  return "?";
+}
+
+// verl's rollout_is / rollout_rs option strings (the enumerators' names).
+constexpr std::pair<const char*, prefloss::RolloutIsLevel> rollout_levels[] = {
+    {"none", prefloss::RolloutIsLevel::none},
+    {"token", prefloss::RolloutIsLevel::token},
+    {"sequence", prefloss::RolloutIsLevel::sequence}};
+constexpr std::pair<const char*, prefloss::RolloutIsBound> rollout_bounds[] = {
+    {"truncate", prefloss::RolloutIsBound::truncate}, {"mask", prefloss::RolloutIsBound::mask}};
+constexpr std::pair<const char*, prefloss::RolloutRs> rollout_rs_names[] = {
+    {"none", prefloss::RolloutRs::none},
+    {"token_k1", prefloss::RolloutRs::token_k1},
+    {"token_k2", prefloss::RolloutRs::token_k2},
+    {"token_k3", prefloss::RolloutRs::token_k3},
+    {"seq_sum_k1", prefloss::RolloutRs::seq_sum_k1},
+    {"seq_sum_k2", prefloss::RolloutRs::seq_sum_k2},
+    {"seq_sum_k3", prefloss::RolloutRs::seq_sum_k3},
+    {"seq_mean_k1", prefloss::RolloutRs::seq_mean_k1},
+    {"seq_mean_k2", prefloss::RolloutRs::seq_mean_k2},
+    {"seq_mean_k3", prefloss::RolloutRs::seq_mean_k3},
+    {"seq_max_k2", prefloss::RolloutRs::seq_max_k2},
+    {"seq_max_k3", prefloss::RolloutRs::seq_max_k3}};
+
+py::dict metrics(const prefloss::RolloutIsMetrics& m) {
+  py::dict d;
+  d["weight_mean"] = m.weight_mean;
+  d["weight_max"] = m.weight_max;
+  d["weight_min"] = m.weight_min;
+  d["ratio_mean"] = m.ratio_mean;
+  d["ratio_max"] = m.ratio_max;
+  d["truncated_fraction"] = m.truncated_fraction;
+  d["masked_fraction"] = m.masked_fraction;
+  d["rs_masked_fraction"] = m.rs_masked_fraction;
+  d["rs_seq_masked_fraction"] = m.rs_seq_masked_fraction;
+  d["batch_norm_factor"] = m.batch_norm_factor;
+  d["valid_tokens"] = m.valid_tokens;
+  d["kept_tokens"] = m.kept_tokens;
+  d["kept_rows"] = m.kept_rows;
+  d["rollout_kl"] = m.rollout_kl;
+  return d;
+}
+
+py::tuple rollout_is_weights(const at::Tensor& old_logp, const at::Tensor& rollout_logp, const at::Tensor& mask,
+                             const std::string& level, const std::string& bound, double upper, double lower,
+                             OptD log_ratio_clamp, bool batch_normalize, const std::string& rs, OptD rs_upper,
+                             OptD rs_lower) {
+  constexpr const char* fn = "rollout_is_weights";
+  prefloss::RolloutIsOptions o;
+  o.level = enum_arg(rollout_levels, level, fn, "level");
+  o.bound = enum_arg(rollout_bounds, bound, fn, "bound");
+  o.upper = upper;
+  o.lower = lower;
+  o.log_ratio_clamp = log_ratio_clamp;
+  o.batch_normalize = batch_normalize;
+  o.rs = enum_arg(rollout_rs_names, rs, fn, "rs");
+  o.rs_upper = rs_upper;
+  o.rs_lower = rs_lower;
+  auto r = pt::rollout_is_weights(old_logp, rollout_logp, mask, o);
+  return py::make_tuple(r.weights, r.keep, metrics(r.metrics));
+}
+
 py::tuple token_logprobs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& mask, double temperature,
                          bool entropy) {
   prefloss::LogprobOptions o;
@@ -419,6 +666,70 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("token_count") = py::none(), arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
         arg("row_weights") = std::vector<double>{},
         "clipped value loss (prefloss::value_loss), 0.5 max((v-R)^2, (clip(v)-R)^2) aggregated; clip None = off");
+  const prefloss::CispoOptions cispo_d;
+  m.def("cispo", &cispo, arg("logp"), arg("old_logp"), arg("advantages"), arg("mask"), py::kw_only(),
+        arg("clip_low") = cispo_d.clip_low, arg("clip_high") = cispo_d.clip_high,
+        arg("aggregation") = aggregation_name(cispo_d.aggregation), arg("log_ratio_clamp") = cispo_d.log_ratio_clamp,
+        arg("token_count") = py::none(), arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
+        arg("row_weights") = std::vector<double>{},
+        "CISPO (prefloss::cispo): -sg(clip(ratio)) A logp over [batch, tokens] tensors, aggregated; "
+        "log_ratio_clamp None = off (TRL)");
+  const prefloss::SapoOptions sapo_d;
+  m.def("sapo", &sapo, arg("logp"), arg("old_logp"), arg("advantages"), arg("mask"), py::kw_only(),
+        arg("tau_pos") = sapo_d.tau_pos, arg("tau_neg") = sapo_d.tau_neg,
+        arg("aggregation") = aggregation_name(sapo_d.aggregation), arg("log_ratio_clamp") = sapo_d.log_ratio_clamp,
+        arg("token_count") = py::none(), arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
+        arg("row_weights") = std::vector<double>{},
+        "SAPO (prefloss::sapo): -(4 / tau) sigmoid(tau (ratio - 1)) A over [batch, tokens] tensors, aggregated "
+        "(verl's seq-mean-token-mean by default)");
+  const prefloss::GpgOptions gpg_d;
+  m.def("gpg", &gpg, arg("logp"), arg("old_logp"), arg("advantages"), arg("mask"), py::kw_only(),
+        arg("aggregation") = aggregation_name(gpg_d.aggregation), arg("token_count") = py::none(),
+        arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
+        arg("row_weights") = std::vector<double>{},
+        "GPG (prefloss::gpg): -A logp over [batch, tokens] tensors, aggregated; old_logp only for approx_kl");
+  const prefloss::GmpoOptions gmpo_d;
+  m.def("gmpo", &gmpo, arg("logp"), arg("old_logp"), arg("advantages"), arg("mask"), py::kw_only(),
+        arg("clip_low") = gmpo_d.clip_low, arg("clip_high") = gmpo_d.clip_high,
+        arg("sequence_count") = gmpo_d.sequence_count,
+        "GMPO (prefloss::gmpo, verl's geo_mean): the mean over rows of -mean(A) exp(mean of the sign-aware "
+        "clipped log-ratio); clip_low / clip_high are log-space bounds");
+  const prefloss::ClipCovOptions cc_d;
+  m.def("clip_cov_select", &clip_cov_select, arg("logp"), arg("old_logp"), arg("advantages"), arg("mask"),
+        py::kw_only(), arg("clip_low") = cc_d.clip_low, arg("clip_high") = cc_d.clip_high,
+        arg("cov_ratio") = cc_d.cov_ratio, arg("cov_lower") = cc_d.cov_lower, arg("cov_upper") = cc_d.cov_upper,
+        arg("seed") = cc_d.seed,
+        "Clip-Cov's token selection (prefloss::clip_cov_select) -> (selected [batch, tokens] of logp's dtype, "
+        "info dict); not differentiable");
+  m.def("clip_cov", &clip_cov, arg("logp"), arg("old_logp"), arg("advantages"), arg("mask"), arg("selected"),
+        py::kw_only(), arg("clip_low") = cc_d.clip_low, arg("clip_high") = cc_d.clip_high,
+        arg("cov_ratio") = cc_d.cov_ratio, arg("cov_lower") = cc_d.cov_lower, arg("cov_upper") = cc_d.cov_upper,
+        arg("seed") = cc_d.seed, arg("aggregation") = aggregation_name(cc_d.aggregation),
+        arg("token_count") = py::none(), arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
+        arg("row_weights") = std::vector<double>{},
+        "Clip-Cov (prefloss::clip_cov): ppo_clip's surrogate with the selected tokens' loss dropped; selected "
+        "from clip_cov_select (a constant); the selection options are not read");
+  const prefloss::KlCovOptions kc_d;
+  m.def("kl_cov_select", &kl_cov_select, arg("logp"), arg("advantages"), arg("mask"), py::kw_only(),
+        arg("cov_ratio") = kc_d.cov_ratio,
+        "KL-Cov's token selection (prefloss::kl_cov_select) -> (selected [batch, tokens] of logp's dtype, info "
+        "dict); not differentiable");
+  m.def("kl_cov", &kl_cov, arg("logp"), arg("old_logp"), arg("advantages"), arg("mask"), arg("selected"), py::kw_only(),
+        arg("cov_ratio") = kc_d.cov_ratio, arg("kl_coef") = kc_d.kl_coef,
+        arg("aggregation") = aggregation_name(kc_d.aggregation), arg("token_count") = py::none(),
+        arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
+        arg("row_weights") = std::vector<double>{},
+        "KL-Cov (prefloss::kl_cov): -A ratio + kl_coef |logp - old_logp| at the selected tokens (from "
+        "kl_cov_select, a constant)");
+  const prefloss::RolloutIsOptions ris_d;
+  m.def("rollout_is_weights", &rollout_is_weights, arg("old_logp"), arg("rollout_logp"), arg("mask"), py::kw_only(),
+        arg("level") = enum_name(rollout_levels, ris_d.level), arg("bound") = enum_name(rollout_bounds, ris_d.bound),
+        arg("upper") = ris_d.upper, arg("lower") = ris_d.lower, arg("log_ratio_clamp") = ris_d.log_ratio_clamp,
+        arg("batch_normalize") = ris_d.batch_normalize, arg("rs") = enum_name(rollout_rs_names, ris_d.rs),
+        arg("rs_upper") = ris_d.rs_upper, arg("rs_lower") = ris_d.rs_lower,
+        "rollout-correction importance weights (prefloss::rollout_is_weights) -> (weights of old_logp's dtype, keep "
+        "bool mask, metrics dict); not differentiable; level 'none' / 'token' / 'sequence', bound 'truncate' / "
+        "'mask', rs verl's rollout_rs names ('token_k1', 'seq_mean_k3', ...)");
   const prefloss::LogprobOptions lp_d;
   m.def("token_logprobs", &token_logprobs, arg("logits"), arg("labels"), arg("mask"), py::kw_only(),
         arg("temperature") = lp_d.temperature, arg("entropy") = lp_d.entropy,

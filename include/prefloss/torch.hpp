@@ -25,8 +25,10 @@
 ///   itself and its backward writes the token gradient: one autograd node from the tokens to the
 ///   loss, the masks read once each way, as the core does. A tensor that is an unmodified
 ///   masked_sum output (`.values()`, or the Python module's) is recognised and handled the same.
-///   The token losses (ppo_clip, value_loss) and token_logprobs / ppo_clip_from_logits take the
-///   token tensors; linear_logprobs takes the LM head's input and weight.
+///   The token losses (ppo_clip, value_loss, cispo, sapo, gpg, gmpo, clip_cov, kl_cov) and
+///   token_logprobs / ppo_clip_from_logits take the token tensors; linear_logprobs takes the LM
+///   head's input and weight. clip_cov_select / kl_cov_select return a new selection tensor
+///   (no autograd node) for clip_cov / kl_cov's constant `selected` argument.
 /// - Every result has `.loss` (0-dim, differentiable), `.losses` (per example or per sequence,
 ///   differentiable: loss = sum(losses) / n, with n the loss's divisor: the batch, batch_count,
 ///   NllOptions::normalizer; 1 for the token losses), `.metrics` and `.metric_sums` as the core
@@ -40,13 +42,15 @@
 ///   after the backward unless retain_graph (a second backward then is a tensor_error, as
 ///   autograd's own is an error); modifying one in place between the forward and the backward
 ///   is a tensor_error naming it.
-/// - Allocation: nothing proportional to tokens but the gradient tensor autograd receives, and
+/// - Allocation: nothing proportional to tokens but the gradient tensor autograd receives (and
+///   the new output tensors of clip_cov_select, kl_cov_select and rollout_is_weights), and
 ///   O(batch) besides. A gradient of 64 KiB or more reuses the memory of one the trainer freed
 ///   (gradient_cache_limit() bytes are kept; set_gradient_cache_limit(0) turns this off), so a
 ///   step does not pay the kernel for freshly zeroed pages again. The sequence losses,
 ///   token_logprobs and linear_logprobs allocate it in the backward (linear_logprobs both of
-///   hidden's and weight's: the core writes them together). ppo_clip and value_loss, when logp
-///   (values) requires a gradient, run the core's fused pass in the forward, so it is allocated
+///   hidden's and weight's: the core writes them together). ppo_clip, value_loss and the other
+///   token losses, when logp (values) requires a gradient, run the core's fused pass in the
+///   forward, so it is allocated
 ///   there and handed over by the backward (a second backward under retain_graph recomputes
 ///   it); so does ppo_clip_from_logits, whose core call is fused only. A token loss whose
 ///   upstream gradient is not exactly 1 (or whose losses get one) scales its gradient rows in
@@ -242,6 +246,31 @@ using NllResult = Result<NllMetrics<double>>;                ///< nll
 using RankingResult = Result<RankingMetrics<double>>;        ///< bradley_terry_ranking
 using PpoResult = Result<PpoMetrics<double>>;                ///< ppo_clip
 using ValueLossResult = Result<ValueMetrics<double>>;        ///< value_loss
+using CispoResult = Result<CispoMetrics<double>>;            ///< cispo
+using SapoResult = Result<SapoMetrics<double>>;              ///< sapo
+using GpgResult = Result<GpgMetrics<double>>;                ///< gpg
+using GmpoResult = Result<GmpoMetrics<double>>;              ///< gmpo
+using ClipCovResult = Result<ClipCovMetrics<double>>;        ///< clip_cov
+using KlCovResult = Result<KlCovMetrics<double>>;            ///< kl_cov
+
+/// Outputs of clip_cov_select / kl_cov_select: `selected` is a new [batch, tokens] tensor of
+/// logp's dtype, 1 at the chosen tokens and 0 everywhere else (masked-out tokens included), with
+/// no autograd history (pass it to clip_cov / kl_cov as `selected`); `info` is the core's
+/// CovSelection.
+struct CovSelectionOutputs {
+  at::Tensor selected;
+  CovSelection info;
+};
+
+/// Outputs of rollout_is_weights: `weights` a new [batch, tokens] tensor of old_logp's dtype
+/// (pass it to a token loss as its float mask, see prefloss::rollout_is_weights for the
+/// divisors), `keep` a new [batch, tokens] bool tensor (verl's modified response_mask), neither
+/// with autograd history; `metrics` the core's.
+struct RolloutIsOutputs {
+  at::Tensor weights;
+  at::Tensor keep;
+  RolloutIsMetrics metrics;
+};
 
 /// Outputs of token_logprobs: both [batch, tokens] of the compute dtype, differentiable to the
 /// logits, 0 at masked-out tokens; entropy is undefined unless LogprobOptions::entropy.
@@ -1197,6 +1226,154 @@ inline ValueLossResult value_loss(const at::Tensor& values, const at::Tensor& ol
       [&](const auto& x, const auto& o, const auto& m, auto* g) {
         return g ? prefloss::value_loss(x, o[0], o[1], m, opt, *g) : prefloss::value_loss(x, o[0], o[1], m, opt);
       });
+}
+
+/// @brief CISPO (prefloss::cispo) over [batch, tokens] logp, old_logp and advantages of one
+/// dtype (float32 or float64) and a mask (bool, uint8 or weights of that dtype). Gradients reach
+/// logp (the clipped weight is detached, as in the core), never old_logp or advantages.
+inline CispoResult cispo(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                         const at::Tensor& mask, const CispoOptions& opt = {}) {
+  return detail::token_call<CispoMetrics, 2>(
+      "cispo", logp, "logp", {&old_logp, &advantages}, {"old_logp", "advantages"}, mask,
+      [&](const auto& x, const auto& o, const auto& m, auto* g) {
+        return g ? prefloss::cispo(x, o[0], o[1], m, opt, *g) : prefloss::cispo(x, o[0], o[1], m, opt);
+      });
+}
+
+/// @brief SAPO (prefloss::sapo) over [batch, tokens] logp, old_logp and advantages of one dtype
+/// (float32 or float64) and a mask. Gradients reach logp, never old_logp or advantages.
+inline SapoResult sapo(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                       const at::Tensor& mask, const SapoOptions& opt = {}) {
+  return detail::token_call<SapoMetrics, 2>("sapo", logp, "logp", {&old_logp, &advantages}, {"old_logp", "advantages"},
+                                            mask, [&](const auto& x, const auto& o, const auto& m, auto* g) {
+                                              return g ? prefloss::sapo(x, o[0], o[1], m, opt, *g)
+                                                       : prefloss::sapo(x, o[0], o[1], m, opt);
+                                            });
+}
+
+/// @brief GPG (prefloss::gpg) over [batch, tokens] logp, old_logp (read for approx_kl only) and
+/// advantages of one dtype (float32 or float64) and a mask. Gradients reach logp, never old_logp
+/// or advantages.
+inline GpgResult gpg(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                     const at::Tensor& mask, const GpgOptions& opt = {}) {
+  return detail::token_call<GpgMetrics, 2>("gpg", logp, "logp", {&old_logp, &advantages}, {"old_logp", "advantages"},
+                                           mask, [&](const auto& x, const auto& o, const auto& m, auto* g) {
+                                             return g ? prefloss::gpg(x, o[0], o[1], m, opt, *g)
+                                                      : prefloss::gpg(x, o[0], o[1], m, opt);
+                                           });
+}
+
+/// @brief GMPO (prefloss::gmpo) over [batch, tokens] logp, old_logp and advantages of one dtype
+/// (float32 or float64) and a mask; `.losses` are the rows' -Abar_i rho_i / B (loss = their sum).
+/// Gradients reach logp, never old_logp or advantages.
+inline GmpoResult gmpo(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                       const at::Tensor& mask, const GmpoOptions& opt = {}) {
+  return detail::token_call<GmpoMetrics, 2>("gmpo", logp, "logp", {&old_logp, &advantages}, {"old_logp", "advantages"},
+                                            mask, [&](const auto& x, const auto& o, const auto& m, auto* g) {
+                                              return g ? prefloss::gmpo(x, o[0], o[1], m, opt, *g)
+                                                       : prefloss::gmpo(x, o[0], o[1], m, opt);
+                                            });
+}
+
+/// @brief Clip-Cov (prefloss::clip_cov) over [batch, tokens] logp, old_logp, advantages and
+/// `selected` (clip_cov_select's output, or any 0/1 tensor) of one dtype (float32 or float64)
+/// and a mask. `selected` is a constant of the loss: gradients reach logp only, never old_logp,
+/// advantages or selected.
+inline ClipCovResult clip_cov(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                              const at::Tensor& mask, const at::Tensor& selected, const ClipCovOptions& opt = {}) {
+  return detail::token_call<ClipCovMetrics, 3>("clip_cov", logp, "logp", {&old_logp, &advantages, &selected},
+                                               {"old_logp", "advantages", "selected"}, mask,
+                                               [&](const auto& x, const auto& o, const auto& m, auto* g) {
+                                                 return g ? prefloss::clip_cov(x, o[0], o[1], m, o[2], opt, *g)
+                                                          : prefloss::clip_cov(x, o[0], o[1], m, o[2], opt);
+                                               });
+}
+
+/// @brief KL-Cov (prefloss::kl_cov) over [batch, tokens] logp, old_logp, advantages and
+/// `selected` (kl_cov_select's output) of one dtype (float32 or float64) and a mask. Gradients
+/// reach logp only, never old_logp, advantages or selected.
+inline KlCovResult kl_cov(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                          const at::Tensor& mask, const at::Tensor& selected, const KlCovOptions& opt = {}) {
+  return detail::token_call<KlCovMetrics, 3>(
+      "kl_cov", logp, "logp", {&old_logp, &advantages, &selected}, {"old_logp", "advantages", "selected"}, mask,
+      [&](const auto& x, const auto& o, const auto& m, auto* g) {
+        return g ? prefloss::kl_cov(x, o[0], o[1], m, o[2], opt, *g) : prefloss::kl_cov(x, o[0], o[1], m, o[2], opt);
+      });
+}
+
+namespace detail {
+/// A cov selection: logp (float32 or float64) fixes the dtype of the other token tensors and of
+/// the new selection tensor; core(logp, others, mask, selected_out) is the core call.
+template <std::size_t K, class Core>
+CovSelectionOutputs cov_select_call(const char* fn, const at::Tensor& logp,
+                                    const std::array<const at::Tensor*, K>& others,
+                                    const std::array<const char*, K>& names, const at::Tensor& mask, Core&& core) {
+  return on_real(logp, fn, "logp", [&](auto t) {
+    using S = typename decltype(t)::type;
+    require_readable(logp, fn, "logp", 2, rank_dims(2));
+    const auto om = arg_maps<S, 2>(others, names, fn, DtypeRule::of("logp"), std::make_index_sequence<K>{});
+    return on_mask<S>(mask, fn, "mask", [&](auto m) {
+      using Mk = typename decltype(m)::type;
+      require_readable(mask, fn, "mask", 2, rank_dims(2));
+      CovSelectionOutputs r;
+      r.selected = new_cpu<S>({logp.size(0), logp.size(1)});
+      r.info = core(read_map<S, 2>(logp), om, read_map<Mk, 2>(mask), write_map<S, 2>(r.selected));
+      return r;
+    });
+  });
+}
+}  // namespace detail
+
+/// @brief Clip-Cov's token selection (prefloss::clip_cov_select) over [batch, tokens] logp,
+/// old_logp and advantages of one dtype (float32 or float64) and a mask: a new selection tensor
+/// of logp's dtype and the core's CovSelection. Not differentiable: no autograd node, and the
+/// inputs' requires_grad is ignored.
+inline CovSelectionOutputs clip_cov_select(const at::Tensor& logp, const at::Tensor& old_logp,
+                                           const at::Tensor& advantages, const at::Tensor& mask,
+                                           const ClipCovOptions& opt = {}) {
+  return detail::cov_select_call<2>("clip_cov_select", logp, {&old_logp, &advantages}, {"old_logp", "advantages"}, mask,
+                                    [&](const auto& x, const auto& o, const auto& m, auto out) {
+                                      return prefloss::clip_cov_select(x, o[0], o[1], m, opt, out);
+                                    });
+}
+
+/// @brief KL-Cov's token selection (prefloss::kl_cov_select) over [batch, tokens] logp and
+/// advantages of one dtype (float32 or float64) and a mask: a new selection tensor of logp's
+/// dtype and the core's CovSelection. Not differentiable, as clip_cov_select.
+inline CovSelectionOutputs kl_cov_select(const at::Tensor& logp, const at::Tensor& advantages, const at::Tensor& mask,
+                                         const KlCovOptions& opt = {}) {
+  return detail::cov_select_call<1>("kl_cov_select", logp, {&advantages}, {"advantages"}, mask,
+                                    [&](const auto& x, const auto& o, const auto& m, auto out) {
+                                      return prefloss::kl_cov_select(x, o[0], m, opt, out);
+                                    });
+}
+
+/// @brief Rollout-correction importance weights (prefloss::rollout_is_weights) from [batch,
+/// tokens] old_logp and rollout_logp (float32 or float64, each its own) and a mask (bool, uint8,
+/// or weights of old_logp's dtype): new weights of old_logp's dtype and the keep mask (bool).
+/// Not differentiable: no autograd node (the weights are constants of the loss, as verl's).
+inline RolloutIsOutputs rollout_is_weights(const at::Tensor& old_logp, const at::Tensor& rollout_logp,
+                                           const at::Tensor& mask, const RolloutIsOptions& opt = {}) {
+  constexpr const char* fn = "rollout_is_weights";
+  return detail::on_real(old_logp, fn, "old_logp", [&](auto ot) {
+    using S = typename decltype(ot)::type;
+    detail::require_readable(old_logp, fn, "old_logp", 2, detail::rank_dims(2));
+    return detail::on_real(rollout_logp, fn, "rollout_logp", [&](auto rt) {
+      using R = typename decltype(rt)::type;
+      detail::require_readable(rollout_logp, fn, "rollout_logp", 2, detail::rank_dims(2));
+      return detail::on_mask<S>(mask, fn, "mask", [&](auto mt) {
+        using Mk = typename decltype(mt)::type;
+        detail::require_readable(mask, fn, "mask", 2, detail::rank_dims(2));
+        RolloutIsOutputs r;
+        r.weights = detail::new_cpu<S>({old_logp.size(0), old_logp.size(1)});
+        r.keep = detail::new_cpu<bool>({old_logp.size(0), old_logp.size(1)});
+        r.metrics = prefloss::rollout_is_weights(detail::read_map<S, 2>(old_logp), detail::read_map<R, 2>(rollout_logp),
+                                                 detail::read_map<Mk, 2>(mask), opt, detail::write_map<S, 2>(r.weights),
+                                                 detail::write_map<bool, 2>(r.keep));
+        return r;
+      });
+    });
+  });
 }
 
 /// @brief Token log-probs (and the entropy with LogprobOptions::entropy) from [batch, tokens,

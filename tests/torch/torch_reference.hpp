@@ -240,7 +240,7 @@ inline Tensor ref_masked_mean(const Tensor& x, const Tensor& mask) {
 
 /// agg_loss's per-row contributions (their sum is the loss), the core's documented modes:
 /// token-mean sum_t w l / sum w, seq-mean-token-sum S_i / B, seq-mean-token-mean S_i / (B W_i)
-/// (0 for an empty row), seq-mean-token-sum-norm S_i / (B C) with C = tokens per row.
+/// (0 for an empty row), seq-mean-token-sum-norm S_i / (B C) with C = tokens per row, token-sum S_i.
 inline Tensor agg_rows(const Tensor& l, const Tensor& mask, pl::Aggregation a) {
   const Tensor w = mask_w(mask, l);
   const Tensor S = torch::where(w != 0, l * w, torch::zeros_like(l)).sum(1);
@@ -256,6 +256,8 @@ inline Tensor agg_rows(const Tensor& l, const Tensor& mask, pl::Aggregation a) {
     }
     case pl::Aggregation::seq_mean_token_sum_norm:
       return S / (B * T);
+    case pl::Aggregation::token_sum:  // verl's token-sum: sum_i S_i
+      return S;
   }
   return {};
 }
@@ -313,6 +315,99 @@ inline Tensor value_token_losses(const Tensor& v, const Tensor& old, const Tenso
   if (!clip) return 0.5 * l1;
   const Tensor vc = torch::max(torch::min(v, old + *clip), old - *clip);
   return 0.5 * torch::max(l1, (vc - ret).pow(2));
+}
+
+// ---- verl's other token policy losses (compute_policy_loss_cispo / _sapo / _gpg / _geo_mean /
+// _clip_cov / _kl_cov, verl/trainer/ppo/core_algos.py), per token unless said ----------------------
+
+/// logp - old_logp clamped to [-c, c] (verl's +-20) when c is set.
+inline Tensor clamped_log_ratio(const Tensor& logp, const Tensor& old, const std::optional<double>& c) {
+  const Tensor d = logp - old;
+  return c ? d.clamp(-*c, *c) : d;
+}
+
+/// compute_policy_loss_cispo: -sg(clamp(ratio, 1 - lo, 1 + hi)) A logp.
+inline Tensor cispo_token_losses(const Tensor& logp, const Tensor& old, const Tensor& adv, const pl::CispoOptions& o) {
+  const Tensor ratio = torch::exp(clamped_log_ratio(logp, old, o.log_ratio_clamp));
+  const Tensor w = ratio.clamp(1 - o.clip_low, 1 + o.clip_high).detach();
+  return -w * adv * logp;
+}
+
+/// compute_policy_loss_sapo: -sigmoid(tau (ratio - 1)) (4 / tau) A, tau = tau_pos where A > 0.
+inline Tensor sapo_token_losses(const Tensor& logp, const Tensor& old, const Tensor& adv, const pl::SapoOptions& o) {
+  const Tensor ratio = torch::exp(clamped_log_ratio(logp, old, o.log_ratio_clamp));
+  const Tensor tau = torch::where(adv > 0, torch::full_like(adv, o.tau_pos), torch::full_like(adv, o.tau_neg));
+  return -torch::sigmoid(tau * (ratio - 1)) * (4 / tau) * adv;
+}
+
+/// compute_policy_loss_gpg: -logp A.
+inline Tensor gpg_token_losses(const Tensor& logp, const Tensor& adv) { return -logp * adv; }
+
+/// compute_policy_loss_geo_mean's per-row terms -Abar_i rho_i / B (their sum is the loss), with
+/// the mask's weights where verl multiplies by response_mask (and where(), so that masked-out
+/// tokens never enter); B = sequence_count when given.
+inline Tensor gmpo_rows(const Tensor& logp, const Tensor& old, const Tensor& adv, const Tensor& mask,
+                        const pl::GmpoOptions& o) {
+  const Tensor w = mask_w(mask, logp);
+  const Tensor d = logp - old;
+  const Tensor sgn = torch::sign(adv);
+  const Tensor u = sgn * torch::min(sgn * d, sgn * d.clamp(-o.clip_low, o.clip_high));
+  const Tensor W = w.sum(1);
+  const Tensor z = torch::zeros_like(d);
+  const Tensor rho = torch::exp(torch::where(w != 0, u * w, z).sum(1) / (W + 1e-8));
+  const Tensor abar = torch::where(w != 0, adv * w, z).sum(1) / (W + 1e-8);
+  const double B = o.sequence_count ? *o.sequence_count : static_cast<double>(logp.size(0));
+  return -abar * rho / B;
+}
+
+/// compute_policy_loss_clip_cov's pg_losses with corr = 1 - selected: no log-ratio clamp.
+inline Tensor clip_cov_token_losses(const Tensor& logp, const Tensor& old, const Tensor& adv, const Tensor& selected,
+                                    const pl::ClipCovOptions& o) {
+  const Tensor ratio = torch::exp(logp - old);
+  const Tensor l1 = -adv * ratio;
+  const Tensor l2 = -adv * ratio.clamp(1 - o.clip_low, 1 + o.clip_high);
+  return torch::maximum(l1, l2) * (1 - selected);
+}
+
+/// compute_policy_loss_kl_cov's pg_losses: -A ratio, plus ppo_kl_coef |logp - old| at the
+/// selected tokens.
+inline Tensor kl_cov_token_losses(const Tensor& logp, const Tensor& old, const Tensor& adv, const Tensor& selected,
+                                  const pl::KlCovOptions& o) {
+  const Tensor d = logp - old;
+  const Tensor l1 = -adv * torch::exp(d);
+  return torch::where(selected != 0, l1 + o.kl_coef * d.abs(), l1);
+}
+
+/// The cov of both selections, (A - mean A) (logp - mean logp) over the valid tokens, in float64:
+/// weighted means for clip_cov (verl masked_mean), plain means for kl_cov (verl's .mean() of the
+/// gathered valid tokens).
+inline Tensor cov_all(const Tensor& logp, const Tensor& adv, const Tensor& mask, bool weighted) {
+  const Tensor lp = logp.detach().to(torch::kDouble), a = adv.detach().to(torch::kDouble);
+  const Tensor valid = mask != 0;
+  const Tensor w = weighted ? mask.to(torch::kDouble) : valid.to(torch::kDouble);
+  const Tensor z = torch::zeros_like(lp);
+  const Tensor sw = w.sum();
+  const Tensor ma = torch::where(valid, a * w, z).sum() / sw, ml = torch::where(valid, lp * w, z).sum() / sw;
+  return (a - ma) * (lp - ml);
+}
+
+/// verl compute_rollout_correction_weights (verl/trainer/ppo/rollout_corr_helper.py) with
+/// log_ratio = old_logp - rollout_logp and a 0/1 mask, no rejection sampling or batch
+/// normalization: token level exp(clamp(d, +-20)), sequence level exp(clamp(masked_sum(d), +-20))
+/// broadcast, times the mask; truncate: clamp(max = upper); mask (IcePop): 0 outside [lower, upper].
+inline Tensor rollout_is_ref(const Tensor& old, const Tensor& rollout, const Tensor& mask,
+                             const pl::RolloutIsOptions& o) {
+  const Tensor d = old.to(torch::kDouble) - rollout.to(torch::kDouble);
+  const Tensor m = mask.to(torch::kDouble);
+  Tensor raw;
+  if (o.level == pl::RolloutIsLevel::sequence) {
+    const Tensor sum = torch::where(m != 0, d * m, torch::zeros_like(d)).sum(1, true);
+    raw = torch::exp(sum.clamp(-20, 20)).expand_as(d) * m;
+  } else {
+    raw = torch::exp(d.clamp(-20, 20)) * m;
+  }
+  if (o.bound == pl::RolloutIsBound::truncate) return raw.clamp_max(o.upper);
+  return torch::where((raw >= o.lower) & (raw <= o.upper), raw, torch::zeros_like(raw));
 }
 
 /// log_softmax(z / tau).gather(labels) and the entropy -sum p log p, both 0 at masked-out tokens.
