@@ -37,7 +37,7 @@
 PREFLOSS_KERNELS_BEGIN
 namespace prefloss::detail {
 
-inline constexpr std::size_t max_sums = 6;
+inline constexpr std::size_t max_sums = 7;
 
 /// Selected lanes and weights for lanes<S> mask entries of any mask type.
 template <class S, class M>
@@ -339,10 +339,12 @@ TokenStats token_forward(const Kernel& k, const In& in, const AggregationSpec& s
   } else {
     for (Index i = 0; i < B; ++i) keep(i, row(i));
   }
+  double nonempty = 0;
+  for (const double w : weights) nonempty += w > 0;
   double loss = 0;
   for (Index i = 0; i < B; ++i) {
     const double row_loss = scales[i];
-    scales[i] = row_scale(spec, i, weights[static_cast<std::size_t>(i)], total.weight);
+    scales[i] = row_scale(spec, i, weights[static_cast<std::size_t>(i)], total.weight, nonempty);
     const double contribution = scales[i] * row_loss;
     losses[i] = static_cast<S>(contribution);
     loss += contribution;
@@ -353,18 +355,17 @@ TokenStats token_forward(const Kernel& k, const In& in, const AggregationSpec& s
 
 /// @brief token_forward and the token gradient in one pass over the inputs (grad fully
 /// overwritten). A row's gradient scale must be known before the row streams, so token_mean
-/// sums the masks first (the row weights wait in scales[]) and the other modes sum each row's
-/// mask just before it (still in cache for the main pass). With threads, blocks of rows stream
-/// on the pool (each block fences its own streaming stores) and their stats are merged here in
-/// row order.
+/// (and a mode that divides by the non-empty rows) sums the masks first (the row weights wait in scales[]) and the
+/// other modes sum each row's mask just before it (still in cache for the main pass). With threads, blocks of rows
+/// stream on the pool (each block fences its own streaming stores) and their stats are merged here in row order.
 template <class Kernel, class In, class S = typename In::compute_type>
 TokenStats token_forward_fused(const Kernel& k, const In& in, const AggregationSpec& spec, double* scales, S* losses,
                                const MatrixOut<typename In::grad_type>& grad, const Threads& threads = {}) {
   const Index B = in.rows;
-  const bool all_first = needs_total_weight(spec);
+  const bool all_first = needs_total_weight(spec) || needs_nonempty_rows(spec);
   const bool pooled = threads.count() > 1;
   const Index grain = token_grain(in);
-  double total_weight = 0;
+  double total_weight = 0, nonempty = 0;
   if (all_first) {
     if (pooled)
       threads.for_rows(B, grain, [&](Index b, Index e) {
@@ -373,13 +374,14 @@ TokenStats token_forward_fused(const Kernel& k, const In& in, const AggregationS
     for (Index i = 0; i < B; ++i) {
       if (!pooled) scales[i] = row_weight<S>(in.mask_row(i), in.len(i));
       total_weight += scales[i];
+      nonempty += scales[i] > 0;
     }
   }
   const bool stream = use_stream_store<typename In::grad_type>(static_cast<std::size_t>(in.layout().count()));
   // Row i's stats, its scale left in scales[i].
   const auto row = [&](Index i, auto streaming) {
     const double w = all_first ? scales[i] : row_weight<S>(in.mask_row(i), in.len(i));
-    scales[i] = row_scale(spec, i, w, total_weight);
+    scales[i] = row_scale(spec, i, w, total_weight, nonempty);
     TokenStats st =
         in.template row<true, true, decltype(streaming)::value>(k, i, static_cast<S>(scales[i]), grad.row(i));
     st.weight = w;

@@ -54,13 +54,15 @@ PpoLogitsResult<S> ppo_from_logits_impl(const LogitsArgs<S, Z, Lab, M>& a, const
 
   // The row scales as the token-loss drivers form them (token_forward_fused), before any row.
   std::vector<double> scales(static_cast<std::size_t>(B));
-  double total_weight = 0;
+  double total_weight = 0, nonempty = 0;
   for (Index i = 0; i < B; ++i) {
     scales[static_cast<std::size_t>(i)] = row_weight<S>(a.mask.data + i * T, T);
     total_weight += scales[static_cast<std::size_t>(i)];
+    nonempty += scales[static_cast<std::size_t>(i)] > 0;
   }
   for (Index i = 0; i < B; ++i)
-    scales[static_cast<std::size_t>(i)] = row_scale(plan.spec, i, scales[static_cast<std::size_t>(i)], total_weight);
+    scales[static_cast<std::size_t>(i)] =
+        row_scale(plan.spec, i, scales[static_cast<std::size_t>(i)], total_weight, nonempty);
 
   std::vector<double> ent_sums(static_cast<std::size_t>(B), 0.0);
   constexpr Index W = static_cast<Index>(lanes<S>);

@@ -85,6 +85,10 @@ struct DpoOptions {
   /// e approaches 0.5 (labels that carry no information): that is the estimator's value, not a
   /// rounding artefact, and prefloss computes it as it is.
   double label_smoothing = 0.0;
+  /// true (default): sigmoid with e > 0 is cDPO (OpenRLHF's DPOLoss, torchtune); false: sigmoid
+  /// ignores label_smoothing, as TRL's DPOTrainer._compute_loss does since cDPO left TRL (the other
+  /// variants still read it, so a dpo_mixture keeps TRL's per-term behaviour).
+  bool sigmoid_label_smoothing = true;
   DpoVariant variant = DpoVariant::sigmoid;
   bool reference_free = false;  ///< true: rho = 0, the reference inputs are ignored
   /// The score of each log-ratio (TRL's f_divergence_type); apo_zero, aot and aot_unpaired take
@@ -233,8 +237,10 @@ inline ValueSlope dpo_of_margin(const DpoOptions& opt, DpoVariant v, double z) n
       // division: for a tiny tau each is huge and of opposite sign, and inf - inf would be NaN.
       return {a * one_m + x, da * one_m + (x * (one_m - tau) - a * s) / tau};
     }
+    case DpoVariant::sigmoid:
+      return smoothed_logistic(z, opt.sigmoid_label_smoothing ? e : 0.0);
     default:
-      return smoothed_logistic(z, e);  // sigmoid, and each sorted term of aot / aot_unpaired
+      return smoothed_logistic(z, e);  // each sorted term of aot / aot_unpaired
   }
 }
 
@@ -383,8 +389,8 @@ PREFLOSS_DETAIL_ONE_BODY auto dpo_run(const char* fn, In in, const DpoOptions& o
 /// and reference give TRL's sigmoid_norm for reverse_kl). Every variant and score is TRL's
 /// DPOTrainer._compute_loss (trl/trainer/dpo_trainer.py, f2cd577) except two choices:
 /// - sigmoid with e > 0 is cDPO, as OpenRLHF's DPOLoss computes it (openrlhf/models/loss.py);
-///   TRL's _compute_loss ignores label_smoothing for loss_type="sigmoid", so TRL's sigmoid loss
-///   is this one with e = 0.
+///   TRL's _compute_loss ignores label_smoothing for loss_type="sigmoid": set
+///   sigmoid_label_smoothing = false (preset::trl::dpo does) for TRL's loss.
 /// - alpha_divergence's exponent clamp is alpha_clamp, applied in double; TRL applies it in
 ///   float32 (and fails on float64 scores, which its clamp table lacks).
 ///

@@ -24,6 +24,7 @@ enum class Aggregation {
   token_mean,               ///< sum_i S_i / sum_i W_i (or / token_count when given); 0 without valid tokens
   seq_mean_token_sum,       ///< (1/B) sum_i S_i
   seq_mean_token_mean,      ///< (1/B) sum_i S_i / W_i; an empty row contributes 0 and still counts in B
+                            ///< (see count_empty_rows, row_weight_guard)
   seq_mean_token_sum_norm,  ///< (1/B) sum_i S_i / C, C = token_sum_norm (default: tokens per row; must be set for
                             ///< packed input), Dr.GRPO
   /// sum_i S_i: verl's "token-sum" (agg_loss at 1dda039; its dp_size factor, which undoes DDP's
@@ -52,6 +53,14 @@ enum class Aggregation {
 ///   sum over ranks of its row_weights(mask) (reduce/counts.hpp), so a split row gets the scale
 ///   1 / (B W_i) of the unsplit row and the ranks' losses and gradients add up to the unsplit
 ///   call's. Empty (the default): this call's own row weights.
+/// - `double row_weight_guard`: seq_mean_token_mean only: g >= 0 added to each row's weight,
+///   S_i / (W_i + g). verl's agg_loss (1dda039) and OpenRLHF's aggregation (models/loss.py) add
+///   1e-8; prefloss's default 0 gives a row its exact token mean.
+/// - `bool count_empty_rows`: the seq_* modes without sequence_count: true (default) divides by
+///   all B rows of the call, false by the rows that hold a valid token (W_i > 0), as verl's
+///   agg_loss and OpenRLHF do when no global batch size is given. For sharded batches pass
+///   sequence_count instead (the sum of TokenCounts::nonempty_rows, or of rows): a per-call
+///   count does not add up across shards.
 ///
 /// The scalar normalizers must be finite and > 0 when set, with a reciprocal finite in the token type
 /// (option_error otherwise: the gradient scale would overflow). They are direct members, not a
@@ -64,6 +73,8 @@ enum class Aggregation {
   std::optional<double> sequence_count = std::nullopt; \
   std::optional<double> token_sum_norm = std::nullopt; \
   std::vector<double> row_weights = {};                \
+  double row_weight_guard = 0.0;                       \
+  bool count_empty_rows = true;                        \
   static constexpr bool prefloss_aggregation_normalizers = true
 
 namespace detail {
@@ -77,6 +88,8 @@ struct AggregationSpec {
   std::optional<double> sequence_count = std::nullopt;  ///< seq_* modes: global number of sequences instead of B
   std::optional<double> token_sum_norm = std::nullopt;  ///< seq_mean_token_sum_norm: C instead of `tokens`
   const double* row_weights = nullptr;  ///< seq_mean_token_mean: [batch] whole-row weights instead of W_i; null: W_i
+  double row_weight_guard = 0.0;        ///< seq_mean_token_mean: added to every W_i
+  bool count_empty_rows = true;         ///< seq_* modes without sequence_count: false divides by the non-empty rows
 };
 
 /// AggregationSpec::tokens of a packed call: there is no one row length to default C to.
@@ -99,6 +112,8 @@ void validate_aggregation(const char* fn, const AggregationSpec& s) {
   positive(s.token_count, "token_count");
   positive(s.sequence_count, "sequence_count");
   positive(s.token_sum_norm, "token_sum_norm");
+  require_option(s.row_weight_guard >= 0 && std::isfinite(s.row_weight_guard), fn, "row_weight_guard",
+                 ">= 0 and finite", s.row_weight_guard);
   if (s.row_weights) {
     if (s.mode != Aggregation::seq_mean_token_mean)
       throw option_error(std::string(fn) + ": option 'row_weights' is set (" + std::to_string(s.batch) +
@@ -138,6 +153,13 @@ inline bool needs_total_weight(const AggregationSpec& s) noexcept {
   return s.mode == Aggregation::token_mean && !s.token_count;
 }
 
+/// True when the row scales divide by the call's count of non-empty rows (count_empty_rows =
+/// false in a seq_* mode without sequence_count): a fused pass must sum the masks first.
+inline bool needs_nonempty_rows(const AggregationSpec& s) noexcept {
+  return !s.count_empty_rows && !s.sequence_count && s.mode != Aggregation::token_mean &&
+         s.mode != Aggregation::token_sum;
+}
+
 /// True when row i's gradient scale depends on its own weight W_i (seq_mean_token_mean).
 inline bool needs_row_weight(const AggregationSpec& s) noexcept { return s.mode == Aggregation::seq_mean_token_mean; }
 
@@ -147,22 +169,28 @@ inline bool needs_row_weight(const AggregationSpec& s) noexcept { return s.mode 
 /// @param i the row (its entry of row_weights, when given, replaces row_weight)
 /// @param row_weight W_i of this call (used by seq_mean_token_mean)
 /// @param total_weight sum_i W_i of this call (used by token_mean without token_count)
-inline double row_scale(const AggregationSpec& s, Index i, double row_weight, double total_weight) noexcept {
-  const double seqs = s.sequence_count ? *s.sequence_count : static_cast<double>(s.batch);
+/// @param nonempty_rows the rows of this call with W_i > 0 (used when needs_nonempty_rows)
+inline double row_scale(const AggregationSpec& s, Index i, double row_weight, double total_weight,
+                        double nonempty_rows) noexcept {
+  const double seqs = s.sequence_count      ? *s.sequence_count
+                      : !s.count_empty_rows ? nonempty_rows
+                                            : static_cast<double>(s.batch);
   switch (s.mode) {
     case Aggregation::token_mean: {
       const double n = s.token_count ? *s.token_count : total_weight;
       return n != 0 ? 1.0 / n : 0.0;
     }
     case Aggregation::seq_mean_token_sum:
-      return 1.0 / seqs;
+      return seqs != 0 ? 1.0 / seqs : 0.0;  // seqs = 0: no row holds a token (count_empty_rows = false)
     case Aggregation::seq_mean_token_mean: {
+      // An empty row (W_i = 0) has S_i = 0 and scale 0, whatever the guard: 1 / (B g) alone
+      // could overflow for a tiny g, and inf * 0 is NaN.
       const double w = s.row_weights ? s.row_weights[i] : row_weight;
-      return w != 0 ? 1.0 / (seqs * w) : 0.0;
+      return w != 0 && seqs != 0 ? 1.0 / (seqs * (w + s.row_weight_guard)) : 0.0;
     }
     case Aggregation::seq_mean_token_sum_norm: {
       const double c = s.token_sum_norm ? *s.token_sum_norm : static_cast<double>(s.tokens);
-      return c != 0 ? 1.0 / (seqs * c) : 0.0;
+      return c != 0 && seqs != 0 ? 1.0 / (seqs * c) : 0.0;
     }
     case Aggregation::token_sum:
       return 1.0;
@@ -185,6 +213,8 @@ AggregationSpec aggregation_spec(const char* fn, const Opt& opt, Index batch, In
   s.token_count = opt.token_count;
   s.sequence_count = opt.sequence_count;
   s.token_sum_norm = opt.token_sum_norm;
+  s.row_weight_guard = opt.row_weight_guard;
+  s.count_empty_rows = opt.count_empty_rows;
   if (!opt.row_weights.empty()) {
     if (static_cast<Index>(opt.row_weights.size()) != batch)
       throw option_error(std::string(fn) + ": option 'row_weights' must have one entry per row (" +

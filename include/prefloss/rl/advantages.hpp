@@ -180,7 +180,7 @@ void reinforce_pp_baseline_impl(const SC& scores, const GR& grouping, const MK& 
   static_assert(is_real_v<S>, "prefloss: scores must be float or double");
   static_assert(is_mask_v<M>, "prefloss: masks must be bool, uint8_t, float or double");
   static_assert(std::is_same_v<tensor_scalar_t<O>, S>, "prefloss: out must have the scores' scalar type");
-  require_option(opt.eps >= 0 && std::isfinite(opt.eps), fn, "eps", ">= 0 and finite", opt.eps);
+  require_whiten_options(opt, fn);
   const auto s = vector_view(scores, fn, "scores");
   const auto m = matrix_view(mask, fn, "mask");
   if (m.rows != s.size)
@@ -215,18 +215,19 @@ void reinforce_pp_baseline_impl(const SC& scores, const GR& grouping, const MK& 
   double swx = 0;
   for (std::size_t i = 0; i < a.size(); ++i)
     if (w[i] != 0) swx += w[i] * a[i];
-  const double mean = swx / sw;
-  double ss = 0;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    if (w[i] != 0) ss += w[i] * (a[i] - mean) * (a[i] - mean);
-  double var = ss / sw;
-  if (opt.unbiased) var *= sw / (sw - 1);
-  const double inv = 1.0 / std::sqrt(var + opt.eps);
-  const double add = opt.shift_mean ? 0.0 : mean;
+  const WhitenMap f = whiten_map(
+      sw, swx,
+      [&](double mean) {
+        double ss = 0;
+        for (std::size_t i = 0; i < a.size(); ++i)
+          if (w[i] != 0) ss += w[i] * (a[i] - mean) * (a[i] - mean);
+        return ss;
+      },
+      opt);
   for (Index i = 0; i < m.rows; ++i) {
     const M* mi = m.row(i);
     S* oi = o.row(i);
-    const S v = static_cast<S>((a[static_cast<std::size_t>(i)] - mean) * inv + add);
+    const S v = static_cast<S>(f(a[static_cast<std::size_t>(i)]));
     for (Index t = 0; t < m.len(i); ++t) oi[t] = mi[t] != M(0) ? v : S(0);
   }
 }

@@ -21,6 +21,10 @@ namespace prefloss {
 struct GroupOptions {
   double epsilon = 1e-6;     ///< >= 0: added to the group's standard deviation before dividing
   bool scale_by_std = true;  ///< false: A = s - mean only (Dr.GRPO; verl norm_adv_by_std_in_grpo=False)
+  /// A group of one divides by (1 + epsilon) rounded to float32, as verl's does: its std is the
+  /// float32 torch.tensor(1.0), so std + epsilon is a float32 sum whatever the scores' type
+  /// (1 / (1 + 1e-6) = 0.9999990463 rather than 0.9999990000). false (default): in double.
+  bool singleton_std_float32 = false;
 };
 
 namespace detail {
@@ -39,9 +43,12 @@ void group_advantage(const S* s, const Index* idx, std::size_t n, const GroupOpt
     }
     sd = std::sqrt(ss / static_cast<double>(n - 1));  // torch.std: unbiased
   }
+  const double denominator = n == 1 && opt.singleton_std_float32
+                                 ? static_cast<double>(1.0f + static_cast<float>(opt.epsilon))
+                                 : sd + opt.epsilon;
   for (std::size_t k = 0; k < n; ++k) {
     const double a = static_cast<double>(s[idx[k]]) - mean;
-    out[idx[k]] = static_cast<S>(opt.scale_by_std ? a / (sd + opt.epsilon) : a);
+    out[idx[k]] = static_cast<S>(opt.scale_by_std ? a / denominator : a);
   }
 }
 
@@ -62,7 +69,8 @@ auto group_prologue(const char* fn, const SC& scores, O& out, const GroupOptions
 ///
 /// Per group with scores s_j (n > 1 samples): A_j = (s_j - mean) / (std + epsilon), std the
 /// unbiased standard deviation (torch.std); A_j = s_j - mean when !scale_by_std. A group of one
-/// sample uses mean 0 and std 1, as verl does (A = s / (1 + epsilon)). scale_by_std = false is
+/// sample uses mean 0 and std 1, as verl does (A = s / (1 + epsilon); verl rounds 1 + epsilon
+/// to float32, which singleton_std_float32 reproduces). scale_by_std = false is
 /// Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): A_j = s_j - mean, as verl's
 /// norm_adv_by_std_in_grpo=False, and TRL's scale_rewards="none" for groups of two or more (TRL
 /// gives a lone sample 0, verl its score); grpo_reward_advantages() in rl/advantages.hpp has

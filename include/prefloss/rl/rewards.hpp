@@ -92,7 +92,7 @@ void logit_whiten(const X& rewards, const WhitenOptions& opt, O&& out) {
   using S = detail::tensor_scalar_t<X>;
   static_assert(detail::is_real_v<S>, "prefloss: rewards must be float or double");
   static_assert(std::is_same_v<detail::tensor_scalar_t<O>, S>, "prefloss: out must have the rewards' scalar type");
-  detail::require_option(opt.eps >= 0 && std::isfinite(opt.eps), fn, "eps", ">= 0 and finite", opt.eps);
+  detail::require_whiten_options(opt, fn);
   const auto r = detail::vector_view(rewards, fn, "rewards");
   S* o = detail::vector_out(out, r.size, fn, "out");
   const double n = static_cast<double>(r.size);
@@ -109,13 +109,15 @@ void logit_whiten(const X& rewards, const WhitenOptions& opt, O&& out) {
   }
   double sum = 0;
   for (const double v : x) sum += v;
-  const double mean = sum / n;
-  double ss = 0;
-  for (const double v : x) ss += (v - mean) * (v - mean);
-  const double var = opt.unbiased ? ss / (n - 1) : ss / n;
-  const double inv = 1.0 / std::sqrt(var + opt.eps);
-  const double add = opt.shift_mean ? 0.0 : mean;
-  for (Index i = 0; i < r.size; ++i) o[i] = static_cast<S>((x[static_cast<std::size_t>(i)] - mean) * inv + add);
+  const detail::WhitenMap f = detail::whiten_map(
+      n, sum,
+      [&](double mean) {
+        double ss = 0;
+        for (const double v : x) ss += (v - mean) * (v - mean);
+        return ss;
+      },
+      opt);
+  for (Index i = 0; i < r.size; ++i) o[i] = static_cast<S>(f(x[static_cast<std::size_t>(i)]));
 }
 
 // ---- best-of-n ---------------------------------------------------------------------------------
