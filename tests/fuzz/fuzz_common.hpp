@@ -272,23 +272,25 @@ class Decoder : public Source {
 inline void decode(Decoder& d, pl::PpoOptions& o) {
   d.fields(o.clip_low, o.clip_high, o.dual_clip, o.aggregation, o.kl_coef, o.kl_estimator, o.token_count,
            o.sequence_count, o.token_sum_norm, o.log_ratio_clamp, o.k3_log_ratio_clamp, o.k3_clamp, o.importance_level,
-           o.delta);
+           o.delta, o.row_weight_guard, o.count_empty_rows);
 }
 inline void decode(Decoder& d, pl::GmpoOptions& o) { d.fields(o.clip_low, o.clip_high, o.sequence_count); }
 /// The seed is not an option field (no integral option decoder): the harness draws it.
 inline void decode(Decoder& d, pl::ClipCovOptions& o) {
   d.fields(o.clip_low, o.clip_high, o.cov_ratio, o.cov_lower, o.cov_upper, o.aggregation, o.token_count,
-           o.sequence_count, o.token_sum_norm);
+           o.sequence_count, o.token_sum_norm, o.row_weight_guard, o.count_empty_rows);
 }
 inline void decode(Decoder& d, pl::KlCovOptions& o) {
-  d.fields(o.cov_ratio, o.kl_coef, o.aggregation, o.token_count, o.sequence_count, o.token_sum_norm);
+  d.fields(o.cov_ratio, o.kl_coef, o.aggregation, o.token_count, o.sequence_count, o.token_sum_norm, o.row_weight_guard,
+           o.count_empty_rows);
 }
 inline void decode(Decoder& d, pl::ValueOptions& o) {
-  d.fields(o.clip, o.aggregation, o.token_count, o.sequence_count, o.token_sum_norm);
+  d.fields(o.clip, o.aggregation, o.token_count, o.sequence_count, o.token_sum_norm, o.row_weight_guard,
+           o.count_empty_rows);
 }
 inline void decode(Decoder& d, pl::DpoOptions& o) {
   d.fields(o.beta, o.label_smoothing, o.variant, o.reference_free, o.divergence, o.alpha, o.alpha_clamp, o.bco_delta,
-           o.discopop_tau);
+           o.discopop_tau, o.sigmoid_label_smoothing);
 }
 inline void decode(Decoder& d, pl::IpoOptions& o) { d.fields(o.beta, o.reference_free); }
 inline void decode(Decoder& d, pl::SimpoOptions& o) { d.fields(o.beta, o.gamma, o.label_smoothing); }
@@ -300,8 +302,10 @@ inline void decode(Decoder& d, pl::BradleyTerryOptions& o) { d.fields(o.center_c
 inline void decode(Decoder& d, pl::NllOptions& o) { d.fields(o.normalizer); }
 inline void decode(Decoder& d, pl::KlOptions& o) { d.fields(o.estimator, o.k3_log_ratio_clamp, o.k3_clamp); }
 inline void decode(Decoder& d, pl::GaeOptions& o) { d.fields(o.gamma, o.lam, o.whiten_advantages); }
-inline void decode(Decoder& d, pl::WhitenOptions& o) { d.fields(o.shift_mean, o.eps, o.unbiased); }
-inline void decode(Decoder& d, pl::GroupOptions& o) { d.fields(o.epsilon, o.scale_by_std); }
+inline void decode(Decoder& d, pl::WhitenOptions& o) {
+  d.fields(o.shift_mean, o.eps, o.unbiased, o.count_guard, o.bessel_guard, o.min_variance);
+}
+inline void decode(Decoder& d, pl::GroupOptions& o) { d.fields(o.epsilon, o.scale_by_std, o.singleton_std_float32); }
 
 template <class O>
 O options(Decoder& d) {
@@ -364,7 +368,9 @@ struct Record {
   }
   template <class S>
   void add(const pl::PpoMetrics<S>& m) {
-    for (const S v : {m.clip_fraction, m.clip_fraction_low, m.approx_kl, m.ratio_mean, m.ratio_max, m.kl_mean}) add(v);
+    for (const S v : {m.clip_fraction, m.clip_fraction_low, m.approx_kl, m.ratio_mean, m.ratio_max, m.kl_mean,
+                      m.clip_fraction_below, m.clip_fraction_above})
+      add(v);
     add(m.token_weight);
   }
   template <class S>
