@@ -69,12 +69,34 @@ struct Case {
 };
 
 /// Every family the suite compares: each has a TEST_CASE below that loads golden_<family>.txt.
-const char* const families[] = {
-    "advantages", "bco",         "bradley_terry", "cov_policy", "cpo",        "dpo",
-    "dpo_logits", "dpo_mixture", "dpo_variants",  "gae",        "gmpo",       "group_advantages",
-    "ipo",        "kl",          "kto",           "ld_dpo",     "logprobs",   "logprobs_lowp",
-    "nll",        "orpo",        "policy_losses", "ppo_clip",   "ppo_logits", "rollout_correction",
-    "simpo",      "value_loss",  "whiten"};
+const char* const families[] = {"advantages",
+                                "bco",
+                                "bradley_terry",
+                                "cov_policy",
+                                "cpo",
+                                "dpo",
+                                "dpo_logits",
+                                "dpo_mixture",
+                                "dpo_variants",
+                                "gae",
+                                "gmpo",
+                                "group_advantages",
+                                "ipo",
+                                "kl",
+                                "kto",
+                                "ld_dpo",
+                                "logprobs",
+                                "logprobs_lowp",
+                                "nll",
+                                "orpo",
+                                "policy_losses",
+                                "ppo_clip",
+                                "ppo_logits",
+                                "presets",
+                                "rollout_correction",
+                                "simpo",
+                                "value_loss",
+                                "whiten"};
 
 std::vector<Case> load(const std::string& family) {
   const std::string path = std::string(PREFLOSS_TEST_DATA_DIR) + "/golden_" + family + ".txt";
@@ -1032,6 +1054,85 @@ TEST_CASE("golden: group_advantages vs verl compute_grpo_outcome_advantage", "[g
       Vec<T> out(s.size());
       pl::group_advantages(s, static_cast<long>(c.num("group_size")), o, out);
       compare(c, "out", out);
+    });
+  }
+}
+
+TEST_CASE("golden: conformance presets vs verl, TRL, OpenRLHF and torchtune as written", "[golden][presets]") {
+  for (const Case& c : load("presets")) {
+    const std::string& preset = c.str("preset");
+    for_types([&](auto z) {
+      using T = decltype(z);
+      if (preset == "verl_ppo" || preset == "trl_grpo" || preset == "openrlhf_ppo") {
+        const auto lp = tok<T>(c.at("logp")), old = tok<T>(c.at("old_logp")), adv = tok<T>(c.at("advantages"));
+        const auto m = mask(c.at("mask"));
+        pl::PpoOptions o = preset == "verl_ppo"   ? pl::preset::verl::ppo()
+                           : preset == "trl_grpo" ? pl::preset::trl::grpo()
+                                                  : pl::preset::openrlhf::ppo();
+        o.clip_low = c.num("clip_low");
+        o.clip_high = c.num("clip_high");
+        if (c.s.count("aggregation")) o.aggregation = aggregation(c.str("aggregation"));
+        Tok<T> g(lp.dimension(0), lp.dimension(1)), gf(lp.dimension(0), lp.dimension(1));
+        const auto check = [&](const auto& r, const auto& fused) {
+          r.backward(g);
+          compare(c, "loss", r.loss);
+          compare(c, "losses", r.losses);
+          compare_grad(c, "grad", g);
+          compare(c, "loss", fused.loss);
+          compare_grad(c, "grad", gf);
+          if (preset == "verl_ppo") {
+            const auto vm = pl::preset::verl::metrics(r.metric_sums);
+            compare(c, "clip_fraction", vm.clip_fraction);
+            compare(c, "clip_fraction_low", vm.clip_fraction_low);
+            compare(c, "approx_kl", vm.approx_kl);
+          } else if (preset == "trl_grpo") {
+            compare(c, "clip_fraction_below", r.metrics.clip_fraction_below);
+            compare(c, "clip_fraction_above", r.metrics.clip_fraction_above);
+            compare(c, "clip_fraction", r.metrics.clip_fraction);  // TRL's region_mean
+          }
+        };
+        if (preset == "trl_grpo") {
+          const auto ref = tok<T>(c.at("ref_logp"));
+          o.kl_coef = c.num("kl_coef");
+          check(pl::ppo_clip(lp, old, adv, m, ref, o), pl::ppo_clip(lp, old, adv, m, ref, o, gf));
+        } else {
+          check(pl::ppo_clip(lp, old, adv, m, o), pl::ppo_clip(lp, old, adv, m, o, gf));
+        }
+      } else if (preset == "trl_dpo") {
+        const PairTokens<T> p(c);
+        const auto rc = vec<T>(c.at("ref_c")), rr = vec<T>(c.at("ref_r"));
+        pl::DpoOptions o = pl::preset::trl::dpo();
+        o.beta = c.num("beta");
+        o.label_smoothing = c.num("label_smoothing");
+        const auto pc = pl::masked_sum(p.xc, p.mc), pr = pl::masked_sum(p.xr, p.mr);
+        const std::string& terms = c.str("terms");
+        if (terms == "sigmoid") {
+          p.check(c, pl::dpo(pc, pr, rc, rr, o));
+        } else {
+          REQUIRE(terms == "sigmoid,robust");
+          const Rec& tw = c.at("term_weights");
+          const std::vector<pl::DpoTerm> mix = {{pl::DpoVariant::sigmoid, tw.v.at(0)},
+                                                {pl::DpoVariant::robust, tw.v.at(1)}};
+          p.check(c, pl::dpo_mixture(pc, pr, rc, rr, mix, o));
+        }
+      } else if (preset == "verl_grpo" || preset == "openrlhf_group_norm") {
+        const auto s = vec<T>(c.at("scores"));
+        const pl::GroupOptions o =
+            preset == "verl_grpo" ? pl::preset::verl::grpo() : pl::preset::openrlhf::group_norm();
+        Vec<T> out(s.size());
+        pl::group_advantages(s, static_cast<long>(c.num("group_size")), o, out);
+        compare(c, "out", out);
+      } else {
+        const auto x = tok<T>(c.at("values"));
+        const auto m = mask(c.at("mask"));
+        const pl::WhitenOptions o = preset == "verl_whiten"        ? pl::preset::verl::whiten()
+                                    : preset == "torchtune_whiten" ? pl::preset::torchtune::whiten()
+                                                                   : pl::preset::openrlhf::whiten();
+        REQUIRE((preset == "verl_whiten" || preset == "torchtune_whiten" || preset == "openrlhf_whiten"));
+        Tok<T> out(x.dimension(0), x.dimension(1));
+        pl::masked_whiten(x, m, out, o);
+        compare_grad(c, "out", out);
+      }
     });
   }
 }

@@ -15,6 +15,8 @@ TEST_CASE("every options struct takes a designated initializer that skips its op
   CHECK(!ppo.sequence_count);
   CHECK(!ppo.token_sum_norm);
   CHECK(ppo.log_ratio_clamp == 20.0);
+  CHECK(ppo.row_weight_guard == 0.0);
+  CHECK(ppo.count_empty_rows);
   const auto value = pl::ValueOptions{.aggregation = pl::Aggregation::seq_mean_token_mean};
   CHECK(value.clip == 0.2);
   CHECK(!value.token_count);
@@ -34,7 +36,11 @@ TEST_CASE("every options struct takes a designated initializer that skips its op
   CHECK(pl::KlOptions{.estimator = pl::KlEstimator::k1}.k3_clamp == 10.0);
   CHECK(pl::GaeOptions{.lam = 0.95}.gamma == 1.0);
   CHECK(pl::WhitenOptions{.eps = 1e-6}.unbiased);
+  CHECK(pl::WhitenOptions{.unbiased = false}.count_guard == 0.0);
+  CHECK(pl::WhitenOptions{.count_guard = 1e-8, .bessel_guard = true}.min_variance == 0.0);
   CHECK(pl::GroupOptions{.scale_by_std = false}.epsilon == 1e-6);
+  CHECK(!pl::GroupOptions{.epsilon = 1e-4}.singleton_std_float32);
+  CHECK(pl::DpoOptions{.sigmoid_label_smoothing = false}.label_smoothing == 0.0);
   const auto gspo = pl::PpoOptions{.importance_level = pl::ImportanceLevel::sequence};
   CHECK(!gspo.delta);
   CHECK(!gspo.bias_corrected_kl);
@@ -58,6 +64,10 @@ TEST_CASE("the shared normalizer and k3-clamp fields are designated like any oth
   // PREFLOSS_AGGREGATION_NORMALIZERS and PREFLOSS_K3_CLAMPS expand to direct members, in order.
   const auto ppo = pl::PpoOptions{.clip_high = 0.28, .kl_coef = 0.1, .token_count = 4096.0, .k3_clamp = std::nullopt};
   CHECK(ppo.token_count == 4096.0);
+  const auto verl = pl::PpoOptions{
+      .aggregation = pl::Aggregation::seq_mean_token_mean, .row_weight_guard = 1e-8, .count_empty_rows = false};
+  CHECK(!verl.count_empty_rows);
+  CHECK(pl::ValueOptions{.row_weight_guard = 1e-8}.count_empty_rows);
   CHECK(!ppo.sequence_count);
   CHECK(ppo.k3_log_ratio_clamp == 20.0);
   CHECK(!ppo.k3_clamp);

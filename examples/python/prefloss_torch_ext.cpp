@@ -189,6 +189,8 @@ py::dict metrics(const prefloss::PpoMetrics<double>& m) {
   py::dict d;
   d["clip_fraction"] = m.clip_fraction;
   d["clip_fraction_low"] = m.clip_fraction_low;
+  d["clip_fraction_below"] = m.clip_fraction_below;
+  d["clip_fraction_above"] = m.clip_fraction_above;
   d["approx_kl"] = m.approx_kl;
   d["ratio_mean"] = m.ratio_mean;
   d["ratio_max"] = m.ratio_max;
@@ -365,19 +367,21 @@ py::tuple bradley_terry_ranking(const at::Tensor& rewards, double center_coef, O
 // The global normalizers both token losses take (PREFLOSS_AGGREGATION_NORMALIZERS).
 template <class O>
 void set_normalizers(O& o, OptD token_count, OptD sequence_count, OptD token_sum_norm,
-                     const std::vector<double>& row_weights) {
+                     const std::vector<double>& row_weights, double row_weight_guard, bool count_empty_rows) {
   o.token_count = token_count;
   o.sequence_count = sequence_count;
   o.token_sum_norm = token_sum_norm;
   o.row_weights = row_weights;
+  o.row_weight_guard = row_weight_guard;
+  o.count_empty_rows = count_empty_rows;
 }
 
 py::tuple ppo_clip(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
                    const at::Tensor& mask, const OptT& ref_logp, double clip_low, double clip_high, double dual_clip,
                    const std::string& agg, double kl_coef, const std::string& kl_est, OptD log_ratio_clamp,
                    OptD k3_log_ratio_clamp, OptD k3_clamp, OptD token_count, OptD sequence_count, OptD token_sum_norm,
-                   const std::vector<double>& row_weights, const std::string& importance_level, OptD delta,
-                   bool bias_corrected_kl) {
+                   const std::vector<double>& row_weights, double row_weight_guard, bool count_empty_rows,
+                   const std::string& importance_level, OptD delta, bool bias_corrected_kl) {
   prefloss::PpoOptions o;
   if (importance_level != "token" && importance_level != "sequence")
     throw prefloss::option_error("prefloss_torch_ext.ppo_clip: importance_level must be 'token' or 'sequence', got '" +
@@ -395,51 +399,54 @@ py::tuple ppo_clip(const at::Tensor& logp, const at::Tensor& old_logp, const at:
   o.log_ratio_clamp = log_ratio_clamp;
   o.k3_log_ratio_clamp = k3_log_ratio_clamp;
   o.k3_clamp = k3_clamp;
-  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights);
+  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights, row_weight_guard, count_empty_rows);
   return ref_logp ? out(pt::ppo_clip(logp, old_logp, advantages, mask, *ref_logp, o))
                   : out(pt::ppo_clip(logp, old_logp, advantages, mask, o));
 }
 
 py::tuple value_loss(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
                      const at::Tensor& mask, OptD clip, const std::string& agg, OptD token_count, OptD sequence_count,
-                     OptD token_sum_norm, const std::vector<double>& row_weights) {
+                     OptD token_sum_norm, const std::vector<double>& row_weights, double row_weight_guard,
+                     bool count_empty_rows) {
   prefloss::ValueOptions o;
   o.clip = clip;
   o.aggregation = aggregation(agg, "value_loss");
-  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights);
+  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights, row_weight_guard, count_empty_rows);
   return out(pt::value_loss(values, old_values, returns, mask, o));
 }
 
 py::tuple cispo(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
                 const at::Tensor& mask, double clip_low, double clip_high, const std::string& agg, OptD log_ratio_clamp,
-                OptD token_count, OptD sequence_count, OptD token_sum_norm, const std::vector<double>& row_weights) {
+                OptD token_count, OptD sequence_count, OptD token_sum_norm, const std::vector<double>& row_weights,
+                double row_weight_guard, bool count_empty_rows) {
   prefloss::CispoOptions o;
   o.clip_low = clip_low;
   o.clip_high = clip_high;
   o.aggregation = aggregation(agg, "cispo");
   o.log_ratio_clamp = log_ratio_clamp;
-  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights);
+  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights, row_weight_guard, count_empty_rows);
   return out(pt::cispo(logp, old_logp, advantages, mask, o));
 }
 
 py::tuple sapo(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& mask,
                double tau_pos, double tau_neg, const std::string& agg, OptD log_ratio_clamp, OptD token_count,
-               OptD sequence_count, OptD token_sum_norm, const std::vector<double>& row_weights) {
+               OptD sequence_count, OptD token_sum_norm, const std::vector<double>& row_weights,
+               double row_weight_guard, bool count_empty_rows) {
   prefloss::SapoOptions o;
   o.tau_pos = tau_pos;
   o.tau_neg = tau_neg;
   o.aggregation = aggregation(agg, "sapo");
   o.log_ratio_clamp = log_ratio_clamp;
-  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights);
+  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights, row_weight_guard, count_empty_rows);
   return out(pt::sapo(logp, old_logp, advantages, mask, o));
 }
 
 py::tuple gpg(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& mask,
               const std::string& agg, OptD token_count, OptD sequence_count, OptD token_sum_norm,
-              const std::vector<double>& row_weights) {
+              const std::vector<double>& row_weights, double row_weight_guard, bool count_empty_rows) {
   prefloss::GpgOptions o;
   o.aggregation = aggregation(agg, "gpg");
-  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights);
+  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights, row_weight_guard, count_empty_rows);
   return out(pt::gpg(logp, old_logp, advantages, mask, o));
 }
 
@@ -469,10 +476,11 @@ prefloss::ClipCovOptions clip_cov_options(double clip_low, double clip_high, dou
 py::tuple clip_cov(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
                    const at::Tensor& mask, const at::Tensor& selected, double clip_low, double clip_high,
                    double cov_ratio, double cov_lower, double cov_upper, std::uint64_t seed, const std::string& agg,
-                   OptD token_count, OptD sequence_count, OptD token_sum_norm, const std::vector<double>& row_weights) {
+                   OptD token_count, OptD sequence_count, OptD token_sum_norm, const std::vector<double>& row_weights,
+                   double row_weight_guard, bool count_empty_rows) {
   prefloss::ClipCovOptions o =
       clip_cov_options(clip_low, clip_high, cov_ratio, cov_lower, cov_upper, seed, agg, "clip_cov");
-  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights);
+  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights, row_weight_guard, count_empty_rows);
   return out(pt::clip_cov(logp, old_logp, advantages, mask, selected, o));
 }
 
@@ -488,12 +496,12 @@ py::tuple clip_cov_select(const at::Tensor& logp, const at::Tensor& old_logp, co
 py::tuple kl_cov(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
                  const at::Tensor& mask, const at::Tensor& selected, double cov_ratio, double kl_coef,
                  const std::string& agg, OptD token_count, OptD sequence_count, OptD token_sum_norm,
-                 const std::vector<double>& row_weights) {
+                 const std::vector<double>& row_weights, double row_weight_guard, bool count_empty_rows) {
   prefloss::KlCovOptions o;
   o.cov_ratio = cov_ratio;
   o.kl_coef = kl_coef;
   o.aggregation = aggregation(agg, "kl_cov");
-  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights);
+  set_normalizers(o, token_count, sequence_count, token_sum_norm, row_weights, row_weight_guard, count_empty_rows);
   return out(pt::kl_cov(logp, old_logp, advantages, mask, selected, o));
 }
 
@@ -656,7 +664,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("kl_estimator") = kl_estimator_name(ppo_d.kl_estimator), arg("log_ratio_clamp") = ppo_d.log_ratio_clamp,
         arg("k3_log_ratio_clamp") = ppo_d.k3_log_ratio_clamp, arg("k3_clamp") = ppo_d.k3_clamp,
         arg("token_count") = py::none(), arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
-        arg("row_weights") = std::vector<double>{}, arg("importance_level") = "token", arg("delta") = ppo_d.delta,
+        arg("row_weights") = std::vector<double>{}, arg("row_weight_guard") = 0.0, arg("count_empty_rows") = true,
+        arg("importance_level") = "token", arg("delta") = ppo_d.delta,
         arg("bias_corrected_kl") = ppo_d.bias_corrected_kl,
         "PPO-clip (prefloss::ppo_clip) over [batch, tokens] tensors; dual_clip 0 = off (verl: 3); ref_logp for "
         "the KL term (kl_coef > 0); importance_level 'sequence' = GSPO; delta = TRL's INTELLECT-2 cap");
@@ -664,14 +673,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("value_loss", &value_loss, arg("values"), arg("old_values"), arg("returns"), arg("mask"), py::kw_only(),
         arg("clip") = value_d.clip, arg("aggregation") = aggregation_name(value_d.aggregation),
         arg("token_count") = py::none(), arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
-        arg("row_weights") = std::vector<double>{},
+        arg("row_weights") = std::vector<double>{}, arg("row_weight_guard") = 0.0, arg("count_empty_rows") = true,
         "clipped value loss (prefloss::value_loss), 0.5 max((v-R)^2, (clip(v)-R)^2) aggregated; clip None = off");
   const prefloss::CispoOptions cispo_d;
   m.def("cispo", &cispo, arg("logp"), arg("old_logp"), arg("advantages"), arg("mask"), py::kw_only(),
         arg("clip_low") = cispo_d.clip_low, arg("clip_high") = cispo_d.clip_high,
         arg("aggregation") = aggregation_name(cispo_d.aggregation), arg("log_ratio_clamp") = cispo_d.log_ratio_clamp,
         arg("token_count") = py::none(), arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
-        arg("row_weights") = std::vector<double>{},
+        arg("row_weights") = std::vector<double>{}, arg("row_weight_guard") = 0.0, arg("count_empty_rows") = true,
         "CISPO (prefloss::cispo): -sg(clip(ratio)) A logp over [batch, tokens] tensors, aggregated; "
         "log_ratio_clamp None = off (TRL)");
   const prefloss::SapoOptions sapo_d;
@@ -679,14 +688,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("tau_pos") = sapo_d.tau_pos, arg("tau_neg") = sapo_d.tau_neg,
         arg("aggregation") = aggregation_name(sapo_d.aggregation), arg("log_ratio_clamp") = sapo_d.log_ratio_clamp,
         arg("token_count") = py::none(), arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
-        arg("row_weights") = std::vector<double>{},
+        arg("row_weights") = std::vector<double>{}, arg("row_weight_guard") = 0.0, arg("count_empty_rows") = true,
         "SAPO (prefloss::sapo): -(4 / tau) sigmoid(tau (ratio - 1)) A over [batch, tokens] tensors, aggregated "
         "(verl's seq-mean-token-mean by default)");
   const prefloss::GpgOptions gpg_d;
   m.def("gpg", &gpg, arg("logp"), arg("old_logp"), arg("advantages"), arg("mask"), py::kw_only(),
         arg("aggregation") = aggregation_name(gpg_d.aggregation), arg("token_count") = py::none(),
         arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
-        arg("row_weights") = std::vector<double>{},
+        arg("row_weights") = std::vector<double>{}, arg("row_weight_guard") = 0.0, arg("count_empty_rows") = true,
         "GPG (prefloss::gpg): -A logp over [batch, tokens] tensors, aggregated; old_logp only for approx_kl");
   const prefloss::GmpoOptions gmpo_d;
   m.def("gmpo", &gmpo, arg("logp"), arg("old_logp"), arg("advantages"), arg("mask"), py::kw_only(),
@@ -706,7 +715,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("cov_ratio") = cc_d.cov_ratio, arg("cov_lower") = cc_d.cov_lower, arg("cov_upper") = cc_d.cov_upper,
         arg("seed") = cc_d.seed, arg("aggregation") = aggregation_name(cc_d.aggregation),
         arg("token_count") = py::none(), arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
-        arg("row_weights") = std::vector<double>{},
+        arg("row_weights") = std::vector<double>{}, arg("row_weight_guard") = 0.0, arg("count_empty_rows") = true,
         "Clip-Cov (prefloss::clip_cov): ppo_clip's surrogate with the selected tokens' loss dropped; selected "
         "from clip_cov_select (a constant); the selection options are not read");
   const prefloss::KlCovOptions kc_d;
@@ -718,7 +727,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("cov_ratio") = kc_d.cov_ratio, arg("kl_coef") = kc_d.kl_coef,
         arg("aggregation") = aggregation_name(kc_d.aggregation), arg("token_count") = py::none(),
         arg("sequence_count") = py::none(), arg("token_sum_norm") = py::none(),
-        arg("row_weights") = std::vector<double>{},
+        arg("row_weights") = std::vector<double>{}, arg("row_weight_guard") = 0.0, arg("count_empty_rows") = true,
         "KL-Cov (prefloss::kl_cov): -A ratio + kl_coef |logp - old_logp| at the selected tokens (from "
         "kl_cov_select, a constant)");
   const prefloss::RolloutIsOptions ris_d;

@@ -34,6 +34,7 @@
 #include "metrics.hpp"
 #include "packed.hpp"
 #include "parallel.hpp"
+#include "preset.hpp"
 #include "reduce/aggregation.hpp"
 #include "reduce/counts.hpp"
 #include "reduce/masked.hpp"

@@ -2454,6 +2454,228 @@ def gen_openrlhf_is(w):
         w.end()
 
 
+# ---- conformance presets: each anchor's formula as written, guards and all ---------------------
+
+def verl_masked_mean(x, m):
+    """verl_F.masked_mean (verl/utils/torch_functional.py, 1dda039): sum / (count + 1e-8)."""
+    md = m.double()
+    return (sel(x, m) * md).sum() / (md.sum() + 1e-8)
+
+
+def verl_agg_loss_exact(loss_mat, mask, mode):
+    """verl agg_loss (core_algos.py, 1dda039) as written, dp_size 1, no global counts: token-mean
+    divides by the mask's sum, the seq-mean modes by the rows holding a token, seq-mean-token-mean
+    divides each row by (count + 1e-8). Returns (loss, per-row contribution)."""
+    l = sel(loss_mat, mask)
+    md = mask.double()
+    rows = (l * md).sum(-1)
+    if mode == "token_mean":
+        contrib = rows / md.sum()
+    else:
+        counts = md.sum(-1)
+        seq_mask = (counts > 0).double()
+        gbs = seq_mask.sum()
+        if mode == "seq_mean_token_mean":
+            contrib = rows / (counts + 1e-8) * seq_mask / gbs
+        else:
+            contrib = rows * seq_mask / gbs
+            if mode == "seq_mean_token_sum_norm":
+                contrib = contrib / loss_mat.shape[-1]
+    return contrib.sum(), contrib
+
+
+def trl_grpo_loss(lp, old, adv, ref, m, eps_low, eps_high, beta):
+    """GRPOTrainer._compute_loss (grpo_trainer.py, f2cd577), loss_type "dapo", token level, one
+    process: no clamp on the log-ratio or the k3 KL; the normalizer is num_items_in_batch (here this
+    batch's mask sum). Also its clip_ratio low / high / region means (global_masked_mean)."""
+    md = m.double()
+    per_token_kl = torch.exp(ref - lp) - (ref - lp) - 1
+    coef_1 = torch.exp(lp - old)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if beta != 0.0:
+        per_token_loss = per_token_loss + beta * per_token_kl
+    loss = (sel(per_token_loss, m) * md).sum() / md.sum()
+    rows = (sel(per_token_loss, m) * md).sum(-1) / md.sum()
+    low = (coef_1 < 1 - eps_low) & (adv < 0)
+    high = (coef_1 > 1 + eps_high) & (adv > 0)
+    gmm = lambda x: (sel(x.double(), m) * md).sum() / md.sum().clamp(min=1.0)
+    return loss, rows, gmm(low), gmm(high), gmm(low | high)
+
+
+def openrlhf_ppo_loss(lp, old, adv, m, eps_low, eps_high, token_level_loss):
+    """PolicyLoss.forward (openrlhf/models/loss.py, 3c3be623), policy_loss_type "ppo", no dual clip,
+    no vLLM correction, no global counts; aggregate_loss as written (token_counts + 1e-8)."""
+    md = m.double()
+    ratio = (lp - old).clamp(min=-20.0, max=20.0).exp()
+    loss = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    l = sel(loss, m) * md
+    if token_level_loss:
+        rows = l.sum(-1) / md.sum()
+    else:
+        counts = md.sum(-1)
+        seq_loss = l.sum(-1) / (counts + 1e-8)
+        seq_mask = (counts > 0).double()
+        rows = seq_loss * seq_mask / seq_mask.sum()
+    return rows.sum(), rows
+
+
+def gen_presets():
+    w = Writer("presets", "preset::verl / trl / openrlhf / torchtune against each anchor's own formula")
+    # verl: compute_policy_loss_vanilla (clip_ratio_c = 3 always) + agg_loss + masked_mean metrics.
+    for k, agg in enumerate(["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm"]):
+        rng, m, lp, old, adv, ref = ppo_inputs(2500 + k)
+        for j, (dlog, a) in enumerate([(1.5, -0.8), (0.9, -1.1), (-0.4, 0.7)]):  # dual clip bites at j = 0
+            m[0, j] = True
+            old[0, j] = f32(-1.0 - 0.5 * j)
+            lp[0, j] = f32(old[0, j].item() + dlog)
+            adv[0, j] = f32(a)
+        m[3] = False  # a row of one token: its divisor 1 + 1e-8 is visible in double
+        m[3, 0] = True
+        old[3, 0], lp[3, 0], adv[3, 0] = f32(-0.7), f32(-0.5), f32(1.3)
+        x = leaf(lp)
+        xs, olds, advs = sel(x, m), sel(old, m), sel(adv, m)
+        pg, nkl, l1, l2 = verl_policy_loss(xs, olds, advs, m, 0.2, 0.28, 3.0, True)
+        loss, contrib = verl_agg_loss_exact(pg, m, agg)
+        w.case("verl_ppo_" + agg)
+        w.s("preset", "verl_ppo")
+        w.s("aggregation", agg)
+        for lab, t_ in [("clip_low", 0.2), ("clip_high", 0.28), ("logp", lp), ("old_logp", old), ("advantages", adv),
+                        ("mask", m.double()), ("loss", loss), ("losses", contrib), ("grad", grad_of(loss, x)),
+                        ("clip_fraction", verl_masked_mean(torch.gt(l2, l1).double(), m)),
+                        ("clip_fraction_low",
+                         verl_masked_mean((torch.gt(torch.maximum(l1, l2), -advs * 3.0) & (advs < 0)).double(), m)),
+                        ("approx_kl", verl_masked_mean(-nkl, m))]:
+            w.t(lab, t_)
+        w.end()
+
+    # TRL GRPO "dapo": a plain batch, and one with tokens beyond verl's clamps (log-ratio 21, k3 at
+    # ref - logp = 12), which TRL does not clamp.
+    for k, name in enumerate(["trl_grpo_dapo", "trl_grpo_beyond_clamps"]):
+        rng, m, lp, old, adv, ref = ppo_inputs(2510 + k)
+        if name == "trl_grpo_beyond_clamps":
+            m[0, 0] = m[0, 1] = True
+            old[0, 0], lp[0, 0], adv[0, 0], ref[0, 0] = f32(-25.0), f32(-4.0), f32(-1e-3), f32(-4.0)
+            old[0, 1], lp[0, 1], adv[0, 1], ref[0, 1] = f32(-2.0), f32(-14.0), f32(0.5), f32(-2.0)
+        x = leaf(lp)
+        loss, rows, low, high, region = trl_grpo_loss(sel(x, m), sel(old, m), sel(adv, m), sel(ref, m), m, 0.2, 0.28,
+                                                      0.04)
+        w.case(name)
+        w.s("preset", "trl_grpo")
+        for lab, t_ in [("clip_low", 0.2), ("clip_high", 0.28), ("kl_coef", 0.04), ("logp", lp), ("old_logp", old),
+                        ("advantages", adv), ("ref_logp", ref), ("mask", m.double()), ("loss", loss),
+                        ("losses", rows), ("grad", grad_of(loss, x)), ("clip_fraction_below", low),
+                        ("clip_fraction_above", high), ("clip_fraction", region)]:
+            w.t(lab, t_)
+        w.end()
+
+    # OpenRLHF PolicyLoss, token- and sequence-level (an empty row: row 2 of ppo_inputs).
+    for k, tll in enumerate([True, False]):
+        rng, m, lp, old, adv, ref = ppo_inputs(2520 + k)
+        m[3] = False
+        m[3, 0] = True
+        old[3, 0], lp[3, 0], adv[3, 0] = f32(-0.7), f32(-0.5), f32(1.3)
+        x = leaf(lp)
+        loss, rows = openrlhf_ppo_loss(sel(x, m), sel(old, m), sel(adv, m), m, 0.2, 0.2, tll)
+        w.case("openrlhf_ppo_" + ("token" if tll else "sequence"))
+        w.s("preset", "openrlhf_ppo")
+        w.s("aggregation", "token_mean" if tll else "seq_mean_token_mean")
+        for lab, t_ in [("clip_low", 0.2), ("clip_high", 0.2), ("logp", lp), ("old_logp", old), ("advantages", adv),
+                        ("mask", m.double()), ("loss", loss), ("losses", rows), ("grad", grad_of(loss, x))]:
+            w.t(lab, t_)
+        w.end()
+
+    # TRL DPO: loss_type "sigmoid" ignores label_smoothing; in a [sigmoid, robust] list robust keeps it.
+    for k, (name, terms) in enumerate([("trl_dpo_sigmoid_smoothing", [("sigmoid", 1.0)]),
+                                       ("trl_dpo_mixture_smoothing", [("sigmoid", 1.0), ("robust", 0.5)])]):
+        rng, mc, mr, xc, xr = pair_inputs(2530 + k)
+        lc, lr = leaf(xc), leaf(xr)
+        pc, pr = masked_sum(lc, mc), masked_sum(lr, mr)
+        rc = torch.tensor([f32(v + rng.uniform(-4, 4)) for v in pc.tolist()])
+        rr = torch.tensor([f32(v + rng.uniform(-4, 4)) for v in pr.tolist()])
+        beta, ls = 0.5, 0.2
+        F = torch.nn.functional
+        d = (pc - rc) - (pr - rr)
+        loss, losses = 0.0, torch.zeros(B)
+        for lt, lw in terms:
+            if lt == "sigmoid":  # TRL's branch reads no label_smoothing
+                per_seq = -F.logsigmoid(beta * d)
+            else:
+                per_seq = trl_compute_loss(pc, pr, rc, rr, beta, ls, lt)
+            losses = losses + lw * per_seq
+            loss = loss + lw * per_seq.mean()
+        w.case(name)
+        w.s("preset", "trl_dpo")
+        w.s("terms", ",".join(lt for lt, _ in terms))
+        for lab, t_ in [("term_weights", torch.tensor([lw for _, lw in terms])), ("beta", beta),
+                        ("label_smoothing", ls), ("logp_c", xc), ("mask_c", mc.double()), ("logp_r", xr),
+                        ("mask_r", mr.double()), ("ref_c", rc), ("ref_r", rr), ("loss", loss),
+                        ("losses", losses), ("grad_c", grad_of(loss, lc)), ("grad_r", grad_of(loss, lr))]:
+            w.t(lab, t_)
+        w.end()
+
+    # Group advantages: verl (eps 1e-6; a lone sample's std is torch.tensor(1.0), float32 whatever
+    # the scores' type, so std + eps is a float32 sum) and OpenRLHF group_norm (eps 1e-9).
+    for k, (name, g) in enumerate([("verl_grpo_singletons", 1), ("verl_grpo_group4", 4),
+                                   ("openrlhf_group_norm4", 4)]):
+        rng = random.Random(2540 + k)
+        s_ = vec(rng, 12, -1, 2)
+        out = torch.empty(12)
+        for a in range(0, 12, g):
+            grp = s_[a:a + g]
+            if name.startswith("verl"):
+                if g == 1:
+                    mean, std = torch.tensor(0.0, dtype=torch.float32), torch.tensor(1.0, dtype=torch.float32)
+                else:
+                    mean, std = torch.mean(grp), torch.std(grp)
+                out[a:a + g] = (grp - mean) / (std + 1e-6)
+            else:
+                out[a:a + g] = (grp - grp.mean(-1, keepdim=True)) / (grp.std(-1, keepdim=True) + 1e-9)
+        w.case(name)
+        w.s("preset", "verl_grpo" if name.startswith("verl") else "openrlhf_group_norm")
+        w.t("group_size", g)
+        w.t("scores", s_)
+        w.t("out", out)
+        w.end()
+
+    # Whitening: verl masked_whiten (masked_mean's 1e-8), torchtune whiten (adds the mean back, the
+    # guarded count in Bessel's factor), OpenRLHF's advantage normalization (population variance
+    # clamped at 1e-8), the last also on values whose variance is below the clamp. Few selected
+    # entries with a large mean, so the 1e-8 guards move the result by more than double's rounding.
+    for k, (name, spread) in enumerate([("verl_whiten", 1.0), ("torchtune_whiten", 1.0), ("openrlhf_whiten", 1.0),
+                                        ("openrlhf_whiten_tiny_variance", 2e-5)]):
+        rng = random.Random(2550 + k)
+        m = torch.zeros(2, 5, dtype=torch.bool)
+        m[0, :2] = True
+        m[1, 1:3] = True
+        x = gauss(rng, m, 0.0, spread, base=torch.full((2, 5), 5.0))
+        xs, md = sel(x, m), m.double()
+        if name == "verl_whiten":
+            mean = (xs * md).sum() / (md.sum() + 1e-8)
+            var = (((xs - mean) ** 2) * md).sum() / (md.sum() + 1e-8)
+            var = var * md.sum() / (md.sum() - 1)
+            out = (xs - mean) * torch.rsqrt(var + 1e-8)
+        elif name == "torchtune_whiten":
+            mean = (xs * md).sum() / (md.sum() + 1e-8)
+            c = xs - mean
+            var = ((c ** 2) * md).sum() / (md.sum() + 1e-8)
+            n = md.sum() + 1e-8
+            var = var * (n / (n - 1))
+            out = (xs - mean) * torch.rsqrt(var + 1e-8) + mean  # shift_mean=True adds it back
+        else:
+            num = md.sum()
+            mean = (xs * md).sum() / num
+            var = ((xs - mean).pow(2) * md).sum() / num
+            out = (xs - mean) * var.clamp(min=1e-8).rsqrt()
+        w.case(name)
+        w.s("preset", name if not name.startswith("openrlhf") else "openrlhf_whiten")
+        w.t("values", x)
+        w.t("mask", md)
+        w.t("out", sel(out, m))
+        w.end()
+    w.write()
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     for gen in [gen_dpo, gen_dpo_variants, gen_ld_dpo, gen_dpo_mixture, gen_ipo, gen_kto, gen_bradley_terry, gen_simpo,
@@ -2461,6 +2683,7 @@ def main():
                 gen_logprobs_lowp, gen_dpo_logits, gen_ppo_logits, gen_advantages, gen_rollout_correction]:
         gen()
     gen_bco()
+    gen_presets()
 
 
 if __name__ == "__main__":
