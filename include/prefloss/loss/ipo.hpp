@@ -21,8 +21,8 @@ struct IpoOptions {
   bool reference_free = false;  ///< true: rho = 0, the reference inputs are ignored
   /// Examples in the global batch: loss = sum(losses) / batch_count, gradients to match (see
   /// DpoOptions::batch_count). Unset: this call's batch.
-  std::optional<double> batch_count =
-      std::nullopt;  /// Threads the call (and its result's backward()) may split the sequence rows over: the values
+  std::optional<double> batch_count = std::nullopt;
+  /// Threads the call (and its result's backward()) may split the sequence rows over: the values
   /// are read in blocks of rows and the per-example terms run in order on the calling thread,
   /// the same bits for any count (see prefloss::Threads). Default: this thread.
   Threads threads = {};
