@@ -100,8 +100,7 @@ std::vector<double> fields_of(const pl::KtoMetrics<S>& m) {
 }
 template <class S>
 std::vector<double> fields_of(const pl::PpoMetrics<S>& m) {
-  return {m.clip_fraction, m.clip_fraction_low,   m.approx_kl,           m.ratio_mean,  m.ratio_max,
-          m.kl_mean,       m.clip_fraction_below, m.clip_fraction_above, m.token_weight};
+  return {m.clip_fraction, m.clip_fraction_low, m.approx_kl, m.ratio_mean, m.ratio_max, m.kl_mean, m.token_weight};
 }
 template <class S>
 std::vector<double> fields_of(const pl::ValueMetrics<S>& m) {
@@ -257,8 +256,6 @@ void check_fields(const Ctx<N>& c, const pl::PpoMetrics<S>& w, const pl::PpoMetr
   check_close("approx_kl", w.approx_kl, m.approx_kl, div(c.sum(E::approx_kl), wt));
   check_close("ratio_mean", w.ratio_mean, m.ratio_mean, div(c.sum(E::ratio), wt));
   check_close("kl_mean", w.kl_mean, m.kl_mean, div(c.sum(E::kl), wt));
-  check_close("clip_fraction_below", w.clip_fraction_below, m.clip_fraction_below, div(c.sum(E::clipped_below), wt));
-  check_close("clip_fraction_above", w.clip_fraction_above, m.clip_fraction_above, div(c.sum(E::clipped_above), wt));
   CHECK(same_bits(w.ratio_max, m.ratio_max));
   check_close("token_weight", w.token_weight, m.token_weight, wt);
 }
@@ -820,7 +817,7 @@ TEMPLATE_TEST_CASE("metric_sums: a default MetricSums is the empty shard", "[met
   STATIC_REQUIRE(pl::MetricSums<pl::NllMetrics<S>>::n_sums == 2);
   STATIC_REQUIRE(pl::MetricSums<pl::KtoMetrics<S>>::n_sums == 8);
   STATIC_REQUIRE(pl::MetricSums<pl::KtoMetrics<S>>::n_maxima == 1);
-  STATIC_REQUIRE(pl::MetricSums<pl::PpoMetrics<S>>::n_sums == 8);
+  STATIC_REQUIRE(pl::MetricSums<pl::PpoMetrics<S>>::n_sums == 6);
   STATIC_REQUIRE(pl::MetricSums<pl::PpoMetrics<S>>::n_maxima == 1);
   STATIC_REQUIRE(pl::MetricSums<pl::ValueMetrics<S>>::n_sums == 3);
 }

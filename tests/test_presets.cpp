@@ -1,7 +1,7 @@
 // The options behind the conformance presets, in closed form on batches small enough to work by
 // hand: the aggregation's row_weight_guard and count_empty_rows (every form: two-pass, fused,
 // threads, packed; with NaN padding in the empty rows), the whitening's count_guard, bessel_guard
-// and min_variance, GRPO's float32 singleton, ppo_clip's clip fractions by the advantage's sign,
+// and min_variance, GRPO's float32 singleton, ppo_clip's clip fraction as TRL's region_mean,
 // verl's guarded metrics, DPO's sigmoid_label_smoothing, and the option errors. The presets
 // themselves are compared with each anchor's formula in test_golden (golden_presets.txt).
 #include <catch2/catch.hpp>
@@ -173,23 +173,17 @@ TEST_CASE("the aggregation options on a packed batch and through ppo_clip's row-
   CHECK(gp(2, 0) == Approx(-0.5).epsilon(1e-15));
 }
 
-TEST_CASE("ppo_clip: TRL's clip fractions by the advantage's sign", "[presets][ppo]") {
-  // r = exp(logp - old) per token: 0.5 (A < 0: below), 0.5 (A > 0: not clipped), 2 (A > 0:
-  // above), 2 (A < 0: not clipped), 1 (A = 0), a masked token that would count as above.
+TEST_CASE("ppo_clip: clip_fraction is TRL's region_mean, the clip conditioned on the advantage's sign",
+          "[presets][ppo]") {
+  // r = exp(logp - old) per token: 0.5 (A < 0: clipped below), 0.5 (A > 0: not clipped), 2 (A > 0:
+  // clipped above), 2 (A < 0: not clipped), 1 (A = 0), and a masked token that would count.
   const double l2 = std::log(2.0);
   const Tok<double> lp = tok(1, 6, {-l2, -l2, l2, l2, 0.0, 5.0});
   const Tok<double> old = tok(1, 6, {0, 0, 0, 0, 0, 0});
   const Tok<double> adv = tok(1, 6, {-1.0, 1.0, 1.0, -1.0, 0.0, 1.0});
   const Tok<std::uint8_t> m = bytes(1, 6, {1, 1, 1, 1, 1, 0});
-  const auto r = pl::ppo_clip(lp, old, adv, m, pl::PpoOptions{});
-  CHECK(r.metrics.clip_fraction_below == Approx(1.0 / 5).epsilon(1e-15));
-  CHECK(r.metrics.clip_fraction_above == Approx(1.0 / 5).epsilon(1e-15));
-  CHECK(r.metrics.clip_fraction == Approx(2.0 / 5).epsilon(1e-15));  // TRL's region_mean here
-  // Merged sums give the merged batch's fractions.
-  auto sums = r.metric_sums;
-  sums += pl::ppo_clip(old, old, adv, m, pl::PpoOptions{}).metric_sums;  // r = 1: nothing clipped
-  CHECK(sums.metrics().clip_fraction_below == Approx(1.0 / 10).epsilon(1e-15));
-  CHECK(sums.metrics().clip_fraction_above == Approx(1.0 / 10).epsilon(1e-15));
+  const auto r = pl::ppo_clip(lp, old, adv, m, pl::preset::trl::grpo());
+  CHECK(r.metrics.clip_fraction == Approx(2.0 / 5).epsilon(1e-15));
 }
 
 TEST_CASE("preset::verl::metrics divides every mean by W + 1e-8, as verl's masked_mean", "[presets][ppo]") {

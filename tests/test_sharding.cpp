@@ -243,9 +243,7 @@ std::vector<double> metric_list(const pl::NllMetrics<S>& m) {
 }
 template <class S>
 std::vector<double> metric_list(const pl::PpoMetrics<S>& m) {
-  // token_weight last: weight() reads it there
-  return {m.clip_fraction, m.clip_fraction_low,   m.approx_kl,           m.ratio_mean,  m.ratio_max,
-          m.kl_mean,       m.clip_fraction_below, m.clip_fraction_above, m.token_weight};
+  return {m.clip_fraction, m.clip_fraction_low, m.approx_kl, m.ratio_mean, m.ratio_max, m.kl_mean, m.token_weight};
 }
 template <class S>
 std::vector<double> metric_list(const pl::ValueMetrics<S>& m) {

@@ -189,8 +189,6 @@ py::dict metrics(const prefloss::PpoMetrics<double>& m) {
   py::dict d;
   d["clip_fraction"] = m.clip_fraction;
   d["clip_fraction_low"] = m.clip_fraction_low;
-  d["clip_fraction_below"] = m.clip_fraction_below;
-  d["clip_fraction_above"] = m.clip_fraction_above;
   d["approx_kl"] = m.approx_kl;
   d["ratio_mean"] = m.ratio_mean;
   d["ratio_max"] = m.ratio_max;

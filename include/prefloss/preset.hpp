@@ -87,10 +87,11 @@ inline DpoOptions dpo() {
 
 /// @brief GRPOTrainer._compute_loss with its default loss_type "dapo" (token_mean; set
 /// token_count to num_items_in_batch for the global normalizer): no log-ratio clamp on coef_1 and
-/// no clamp on the k3 KL (TRL's per_token_kl), no dual clip. TRL's clip_ratio/low_mean and
-/// high_mean are PpoMetrics::clip_fraction_below and clip_fraction_above (at token level; at
-/// sequence level TRL averages them over sequences). ppo_clip's Doxygen maps the other loss
-/// types to aggregations.
+/// no clamp on the k3 KL (TRL's per_token_kl), no dual clip. TRL's clip_ratio/region_mean (the
+/// clip conditioned on the advantage's sign: r < 1 - eps_low with A < 0, or r > 1 + eps_high
+/// with A > 0) is PpoMetrics::clip_fraction, verl's pg_clipfrac, at token level; prefloss does
+/// not split it into TRL's low_mean and high_mean. ppo_clip's Doxygen maps the other loss types
+/// to aggregations.
 inline PpoOptions grpo() {
   PpoOptions o;
   o.log_ratio_clamp = std::nullopt;

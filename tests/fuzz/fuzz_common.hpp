@@ -368,9 +368,7 @@ struct Record {
   }
   template <class S>
   void add(const pl::PpoMetrics<S>& m) {
-    for (const S v : {m.clip_fraction, m.clip_fraction_low, m.approx_kl, m.ratio_mean, m.ratio_max, m.kl_mean,
-                      m.clip_fraction_below, m.clip_fraction_above})
-      add(v);
+    for (const S v : {m.clip_fraction, m.clip_fraction_low, m.approx_kl, m.ratio_mean, m.ratio_max, m.kl_mean}) add(v);
     add(m.token_weight);
   }
   template <class S>

@@ -2487,7 +2487,7 @@ def verl_agg_loss_exact(loss_mat, mask, mode):
 def trl_grpo_loss(lp, old, adv, ref, m, eps_low, eps_high, beta):
     """GRPOTrainer._compute_loss (grpo_trainer.py, f2cd577), loss_type "dapo", token level, one
     process: no clamp on the log-ratio or the k3 KL; the normalizer is num_items_in_batch (here this
-    batch's mask sum). Also its clip_ratio low / high / region means (global_masked_mean)."""
+    batch's mask sum). Also its clip_ratio/region_mean (global_masked_mean)."""
     md = m.double()
     per_token_kl = torch.exp(ref - lp) - (ref - lp) - 1
     coef_1 = torch.exp(lp - old)
@@ -2500,7 +2500,7 @@ def trl_grpo_loss(lp, old, adv, ref, m, eps_low, eps_high, beta):
     low = (coef_1 < 1 - eps_low) & (adv < 0)
     high = (coef_1 > 1 + eps_high) & (adv > 0)
     gmm = lambda x: (sel(x.double(), m) * md).sum() / md.sum().clamp(min=1.0)
-    return loss, rows, gmm(low), gmm(high), gmm(low | high)
+    return loss, rows, gmm(low | high)
 
 
 def openrlhf_ppo_loss(lp, old, adv, m, eps_low, eps_high, token_level_loss):
@@ -2558,14 +2558,13 @@ def gen_presets():
             old[0, 0], lp[0, 0], adv[0, 0], ref[0, 0] = f32(-25.0), f32(-4.0), f32(-1e-3), f32(-4.0)
             old[0, 1], lp[0, 1], adv[0, 1], ref[0, 1] = f32(-2.0), f32(-14.0), f32(0.5), f32(-2.0)
         x = leaf(lp)
-        loss, rows, low, high, region = trl_grpo_loss(sel(x, m), sel(old, m), sel(adv, m), sel(ref, m), m, 0.2, 0.28,
+        loss, rows, region = trl_grpo_loss(sel(x, m), sel(old, m), sel(adv, m), sel(ref, m), m, 0.2, 0.28,
                                                       0.04)
         w.case(name)
         w.s("preset", "trl_grpo")
         for lab, t_ in [("clip_low", 0.2), ("clip_high", 0.28), ("kl_coef", 0.04), ("logp", lp), ("old_logp", old),
                         ("advantages", adv), ("ref_logp", ref), ("mask", m.double()), ("loss", loss),
-                        ("losses", rows), ("grad", grad_of(loss, x)), ("clip_fraction_below", low),
-                        ("clip_fraction_above", high), ("clip_fraction", region)]:
+                        ("losses", rows), ("grad", grad_of(loss, x)), ("clip_fraction", region)]:
             w.t(lab, t_)
         w.end()
 

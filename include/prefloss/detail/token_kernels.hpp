@@ -37,7 +37,7 @@
 PREFLOSS_KERNELS_BEGIN
 namespace prefloss::detail {
 
-inline constexpr std::size_t max_sums = 7;
+inline constexpr std::size_t max_sums = 6;
 
 /// Selected lanes and weights for lanes<S> mask entries of any mask type.
 template <class S, class M>

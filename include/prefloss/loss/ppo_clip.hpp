@@ -77,31 +77,22 @@ struct PpoMetrics {
   S ratio_mean = 0;  ///< mean of the ratio r (exp(logp - old_logp), or GSPO's sequence ratio)
   S ratio_max = 0;   ///< max of r over valid tokens (0 when none)
   S kl_mean = 0;     ///< mean of the KL estimate, times r with bias_corrected_kl (with ref_logp, else 0)
-  /// share of tokens with r < 1 - eps_low and A < 0 (TRL GRPOTrainer's clip_ratio/low_mean: the
-  /// clip conditioned on the advantage's sign)
-  S clip_fraction_below = 0;
-  /// share of tokens with r > 1 + eps_high and A > 0 (TRL's clip_ratio/high_mean); TRL's
-  /// region_mean is clip_fraction_below + clip_fraction_above, the tokens whose clipped branch
-  /// binds, which is clip_fraction (verl's pg_clipfrac) up to rounding ties and the delta cap
-  S clip_fraction_above = 0;
   /// sum of the mask weights (valid tokens), in double: exact for byte-mask counts up to 2^53,
   /// where float stops at 2^24; all-reduce it for token_count
   double token_weight = 0;
 };
 
-/// @brief Entries of MetricSums<PpoMetrics<S>>: eight sums and one maximum, each sum weighted by
+/// @brief Entries of MetricSums<PpoMetrics<S>>: six sums and one maximum, each sum weighted by
 /// the mask as the means are. The means divide by `weight`, this call's (or the merged calls')
 /// own mask weight, not by PpoOptions::token_count.
 struct PpoMetricEntries {
-  static constexpr std::size_t weight = 0;         ///< sums: mask weight of the valid tokens (token_weight)
-  static constexpr std::size_t clipped = 1;        ///< sums: tokens whose clipped branch is strictly larger
-  static constexpr std::size_t clipped_low = 2;    ///< sums: A < 0 tokens capped by dual clip
-  static constexpr std::size_t approx_kl = 3;      ///< sums: old_logp - logp (see PpoMetrics::approx_kl)
-  static constexpr std::size_t ratio = 4;          ///< sums: r
-  static constexpr std::size_t kl = 5;             ///< sums: the KL estimate (0 without ref_logp)
-  static constexpr std::size_t clipped_below = 6;  ///< sums: tokens with r < 1 - eps_low and A < 0
-  static constexpr std::size_t clipped_above = 7;  ///< sums: tokens with r > 1 + eps_high and A > 0
-  static constexpr std::size_t n_sums = 8;
+  static constexpr std::size_t weight = 0;       ///< sums: mask weight of the valid tokens (token_weight)
+  static constexpr std::size_t clipped = 1;      ///< sums: tokens whose clipped branch is strictly larger
+  static constexpr std::size_t clipped_low = 2;  ///< sums: A < 0 tokens capped by dual clip
+  static constexpr std::size_t approx_kl = 3;    ///< sums: old_logp - logp (see PpoMetrics::approx_kl)
+  static constexpr std::size_t ratio = 4;        ///< sums: r
+  static constexpr std::size_t kl = 5;           ///< sums: the KL estimate (0 without ref_logp)
+  static constexpr std::size_t n_sums = 6;
   static constexpr std::size_t ratio_max = 0;  ///< maxima: r over valid tokens (-inf: none)
   static constexpr std::size_t n_maxima = 1;
 };
@@ -122,8 +113,6 @@ struct metric_layout<PpoMetrics<S>> {
     m.ratio_mean = static_cast<S>(mean_or_zero(sums[E::ratio], w));
     m.ratio_max = static_cast<S>(w != 0 ? maxima[E::ratio_max] : 0.0);
     m.kl_mean = static_cast<S>(mean_or_zero(sums[E::kl], w));
-    m.clip_fraction_below = static_cast<S>(mean_or_zero(sums[E::clipped_below], w));
-    m.clip_fraction_above = static_cast<S>(mean_or_zero(sums[E::clipped_above], w));
     m.token_weight = w;
     return m;
   }
@@ -143,11 +132,10 @@ struct metric_layout<PpoMetrics<S>> {
 /// r_t, as at token level.
 template <class S, bool HasRef, KlEstimator K, bool AddKl>
 struct PpoKernel {
-  static constexpr std::size_t n_in = HasRef ? 4 : 3;  // logp, old_logp, advantages[, ref_logp]
-  // clipped, dual-clipped, old - logp, ratio, below, above[, kl]
-  static constexpr std::size_t n_sums = HasRef ? 7 : 6;
-  static constexpr bool has_max = true;   // ratio
-  static constexpr bool row_pass = true;  // GSPO's sequence ratio, when seq != 0
+  static constexpr std::size_t n_in = HasRef ? 4 : 3;    // logp, old_logp, advantages[, ref_logp]
+  static constexpr std::size_t n_sums = HasRef ? 5 : 4;  // clipped, dual-clipped, old - logp, ratio[, kl]
+  static constexpr bool has_max = true;                  // ratio
+  static constexpr bool row_pass = true;                 // GSPO's sequence ratio, when seq != 0
 
   S lo, hi;      // 1 - eps_low, 1 + eps_high
   S c;           // dual clip constant (unused when !dual)
@@ -212,7 +200,7 @@ struct PpoKernel {
           grad = grad + B(kl_coef) * xsimd::select(weighted, k.grad * r + k.value * dr, k.grad);
         }
       }
-      if constexpr (Fwd) o.sums[6] = kv;
+      if constexpr (Fwd) o.sums[4] = kv;
     }
     if constexpr (Fwd) {
       o.loss = loss;
@@ -220,8 +208,6 @@ struct PpoKernel {
       o.sums[1] = xsimd::select(neg & (m > l3), one, zero);
       o.sums[2] = -xsimd::select(at_seq, dt, dc);
       o.sums[3] = r;
-      o.sums[4] = xsimd::select((r < B(lo)) & (A < zero), one, zero);
-      o.sums[5] = xsimd::select((r > B(hi)) & (A > zero), one, zero);
       o.max = r;
     }
     o.grad = grad;
@@ -358,9 +344,7 @@ PpoResult<typename In::compute_type, M, In> ppo_clip_impl(const Matrix<LT>& lp, 
   sums[E::clipped_low] = st.sums[1];
   sums[E::approx_kl] = st.sums[2];
   sums[E::ratio] = st.sums[3];
-  sums[E::clipped_below] = st.sums[4];
-  sums[E::clipped_above] = st.sums[5];
-  sums[E::kl] = ref ? st.sums[6] : 0.0;
+  sums[E::kl] = ref ? st.sums[4] : 0.0;
   // Without a valid token the max is the kernel's -inf already: the merge identity.
   result.metric_sums.maxima[E::ratio_max] = st.max;
   result.metrics = result.metric_sums.metrics();
