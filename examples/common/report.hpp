@@ -289,13 +289,22 @@ struct AsciiPlot {
 struct GpCurve {
   std::string file, x, y, title;          ///< an empty title leaves the curve out of the key
   std::string style = "with lines lw 2";  ///< e.g. "with linespoints pt 7 lc rgb '#1f77b4'"
+  /// A third `using` entry, written as it is: "'w'" for a column (a heatmap "with image"), or an
+  /// expression such as "(sprintf('%.2f', column('w')))" for "with labels". Empty: x:y only.
+  std::string z;
 };
 
 struct GpPanel {
   GpPanel(std::string title_, std::string xlabel_, std::string ylabel_)
       : title(std::move(title_)), xlabel(std::move(xlabel_)), ylabel(std::move(ylabel_)) {}
   GpPanel& curve(std::string file, std::string x, std::string y, std::string curve_title, std::string style) {
-    curves.push_back(GpCurve{std::move(file), std::move(x), std::move(y), std::move(curve_title), std::move(style)});
+    curves.push_back(
+        GpCurve{std::move(file), std::move(x), std::move(y), std::move(curve_title), std::move(style), {}});
+    return *this;
+  }
+  /// A curve with a third column or expression (see GpCurve::z).
+  GpPanel& curve3(std::string file, std::string x, std::string y, std::string z, std::string style) {
+    curves.push_back(GpCurve{std::move(file), std::move(x), std::move(y), "", std::move(style), std::move(z)});
     return *this;
   }
 
@@ -358,11 +367,15 @@ inline bool write_png(const GpFigure& fig, const std::string& png, const std::st
       f << "plot ";
       for (std::size_t i = 0; i < p.curves.size(); ++i) {
         const auto& c = p.curves[i];
-        f << (i ? ", \\\n     " : "") << gp_quote(c.file) << " using " << gp_quote(c.x) << ":" << gp_quote(c.y) << " "
-          << c.style << (c.title.empty() ? std::string(" notitle") : " title " + gp_quote(c.title));
+        f << (i ? ", \\\n     " : "") << gp_quote(c.file) << " using " << gp_quote(c.x) << ":" << gp_quote(c.y)
+          << (c.z.empty() ? std::string() : ":" + c.z) << " " << c.style
+          << (c.title.empty() ? std::string(" notitle") : " title " + gp_quote(c.title));
       }
       f << "\n";
-      f << "unset label\nunset arrow\nset autoscale\nset autoscale xfix\nset xtics autofreq\nset ytics autofreq\n";
+      // What a panel's `extra` may have set must not reach the next panel.
+      f << "unset label\nunset arrow\nset autoscale\nset autoscale xfix\nset xrange [*:*] noreverse\n"
+           "set yrange [*:*] noreverse\nset xtics autofreq norotate font ''\nset ytics autofreq font ''\n"
+           "set grid lc rgb '#dddddd'\n";
     }
     f << "unset multiplot\n";
   }
