@@ -22,6 +22,25 @@
 
 using namespace examples;
 
+namespace {
+
+/// DPO (Rafailov et al. 2023, eq. 7) at a given beta: -log sigmoid(beta [(s_w - s_w,ref) -
+/// (s_l - s_l,ref)]) over masked sums of token log-probs; with `grad`, d loss / d logits added.
+PreferenceLoss dpo_loss(double beta) {
+  return [beta](const Pairs& p, const TabularPolicy& policy, const TabularPolicy& ref, std::vector<float>* grad) {
+    const auto lp = policy.token_logp(p), rp = ref.token_logp(p);
+    const Mask &mc = p.chosen.mask, &mr = p.rejected.mask;
+    pl::DpoOptions opt;
+    opt.beta = beta;
+    const auto r = pl::dpo(pl::masked_sum(lp.chosen, mc), pl::masked_sum(lp.rejected, mr),
+                           pl::masked_sum(rp.chosen, mc), pl::masked_sum(rp.rejected, mr), opt);
+    if (grad) policy.backward(p, r, *grad);  // r.backward to the tokens, the chain rule to the logits
+    return static_cast<double>(r.loss);
+  };
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   const Args args =
       parse_args(argc, argv, "beta_sweep", "DPO's KL-reward frontier against the closed-form optimum", 300, 60);
@@ -58,7 +77,7 @@ int main(int argc, char** argv) {
     cfg.beta = b;
     cfg.lr = 0.005 / b;
     Point p{b, optimum(t, b), {}};
-    p.curve = train_preference(e, cfg, p.opt, b, args.quick ? 5 : 1);
+    p.curve = train_preference(e, cfg, dpo_loss(b), p.opt, b, args.quick ? 5 : 1);
     points.push_back(std::move(p));
   }
   const double secs = clock.seconds();

@@ -24,13 +24,82 @@ using namespace examples;
 
 namespace {
 
+constexpr double kBeta = 0.1;                          // DPO, IPO, KTO: their default beta
+constexpr double kSimpoBeta = 2.0, kSimpoGamma = 0.5;  // SimPO's defaults (it has no reference)
+
+// The four losses, each on a batch of pairs, each adding d loss / d logits to *grad when given
+// one. Sequence values are masked sums of token log-probs (SimPO: masked means), reference
+// values too (constants to prefloss), so at step 0 policy and reference values are bit-identical.
+
+/// DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta [(s_w - s_w,ref) - (s_l - s_l,ref)]).
+double dpo_loss(const Pairs& p, const TabularPolicy& policy, const TabularPolicy& ref, std::vector<float>* grad) {
+  const auto lp = policy.token_logp(p), rp = ref.token_logp(p);
+  const Mask &mc = p.chosen.mask, &mr = p.rejected.mask;
+  pl::DpoOptions opt;
+  opt.beta = kBeta;
+  const auto r = pl::dpo(pl::masked_sum(lp.chosen, mc), pl::masked_sum(lp.rejected, mr), pl::masked_sum(rp.chosen, mc),
+                         pl::masked_sum(rp.rejected, mr), opt);
+  if (grad) policy.backward(p, r, *grad);  // r.backward to the tokens, the chain rule to the logits
+  return r.loss;
+}
+
+/// IPO (Azar et al. 2023): (h - 1 / (2 beta))^2, h the same log-ratio difference as DPO's
+/// (summed log-probs, as OpenRLHF feeds it; TRL feeds masked means).
+double ipo_loss(const Pairs& p, const TabularPolicy& policy, const TabularPolicy& ref, std::vector<float>* grad) {
+  const auto lp = policy.token_logp(p), rp = ref.token_logp(p);
+  const Mask &mc = p.chosen.mask, &mr = p.rejected.mask;
+  pl::IpoOptions opt;
+  opt.beta = kBeta;
+  const auto r = pl::ipo(pl::masked_sum(lp.chosen, mc), pl::masked_sum(lp.rejected, mr), pl::masked_sum(rp.chosen, mc),
+                         pl::masked_sum(rp.rejected, mr), opt);
+  if (grad) policy.backward(p, r, *grad);
+  return r.loss;
+}
+
+/// SimPO (Meng et al. 2024): -log sigmoid(beta (mean log pi(y_w) - mean log pi(y_l)) - gamma).
+double simpo_loss(const Pairs& p, const TabularPolicy& policy, const TabularPolicy&, std::vector<float>* grad) {
+  const auto lp = policy.token_logp(p);
+  pl::SimpoOptions opt;
+  opt.beta = kSimpoBeta;
+  opt.gamma = kSimpoGamma;
+  const auto r =
+      pl::simpo(pl::masked_mean(lp.chosen, p.chosen.mask), pl::masked_mean(lp.rejected, p.rejected.mask), opt);
+  if (grad) policy.backward(p, r, *grad);
+  return r.loss;
+}
+
+/// KTO (Ethayarajh et al. 2024) on the pairs as unpaired completions (kto_batch):
+/// 1 - sigmoid(beta (r - z0)) for a desirable completion, 1 - sigmoid(beta (z0 - r)) for an
+/// undesirable one, r = s - s_ref, z0 the batch's KL estimate from mismatched completions.
+double kto_loss(const Task& t, const Pairs& p, const TabularPolicy& policy, const TabularPolicy& ref,
+                std::vector<float>* grad) {
+  const KtoBatch k = kto_batch(t, p);
+  const Mask &m = k.completions.mask, &mk = k.kl_completions.mask;
+  Tokens lp, kl_lp, ref_lp, ref_kl_lp;
+  policy.token_logp(k.completions, lp);
+  policy.token_logp(k.kl_completions, kl_lp);
+  ref.token_logp(k.completions, ref_lp);
+  ref.token_logp(k.kl_completions, ref_kl_lp);
+  pl::KtoOptions opt;
+  opt.beta = kBeta;
+  const auto r = pl::kto(pl::masked_sum(lp, m), pl::masked_sum(ref_lp, m), k.desirable, pl::masked_sum(kl_lp, mk),
+                         pl::masked_sum(ref_kl_lp, mk), opt);
+  if (grad) {
+    Tokens g(lp.dimensions());
+    r.backward(g);  // d loss / d log pi of the completions; z0 is a constant of the loss
+    policy.backward(k.completions, g, *grad);
+  }
+  return r.loss;
+}
+
 struct Run {
-  Method method;
+  const char* name;
   char glyph;
   const char* color;
+  PreferenceLoss loss;
   std::vector<Snapshot> curve;
   std::string key() const {
-    std::string k = method_name(method);
+    std::string k = name;
     for (auto& c : k) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
     return k;
   }
@@ -51,7 +120,8 @@ int main(int argc, char** argv) {
   const Experiment e = standard_experiment(args.seed);
   const Task& t = e.task;
 
-  PreferenceConfig cfg;  // beta = 0.1 (DPO, IPO, KTO), SimPO beta = 2, gamma = 0.5; Adam lr 0.05, 64 pairs a step
+  PreferenceConfig cfg;  // Adam lr 0.05, 64 pairs a step
+  cfg.beta = kBeta;
   cfg.steps = args.steps;
   cfg.seed = args.seed;
   const Dist ref = reference_dist(t), opt = optimum(t, cfg.beta);
@@ -61,14 +131,14 @@ int main(int argc, char** argv) {
       "the SFT model has E[r] = %.3f and KL(pi_ref||pi*) = %.3f.\n\n",
       describe(e).c_str(), cfg.beta, opt_reward, opt_kl, sft_reward, kl(t, ref, opt));
 
-  std::vector<Run> runs{{Method::dpo, 'o', "#1f77b4", {}},
-                        {Method::ipo, 'x', "#ff7f0e", {}},
-                        {Method::kto, '+', "#2ca02c", {}},
-                        {Method::simpo, '#', "#d62728", {}}};
-  for (auto& r : runs) {
-    cfg.method = r.method;
-    r.curve = train_preference(e, cfg, opt, cfg.beta, args.quick ? 5 : 1);
-  }
+  const auto kto = [&t](const Pairs& p, const TabularPolicy& policy, const TabularPolicy& r, std::vector<float>* g) {
+    return kto_loss(t, p, policy, r, g);
+  };
+  std::vector<Run> runs{{"DPO", 'o', "#1f77b4", dpo_loss, {}},
+                        {"IPO", 'x', "#ff7f0e", ipo_loss, {}},
+                        {"KTO", '+', "#2ca02c", kto, {}},
+                        {"SimPO", '#', "#d62728", simpo_loss, {}}};
+  for (auto& r : runs) r.curve = train_preference(e, cfg, r.loss, opt, cfg.beta, args.quick ? 5 : 1);
   const double secs = clock.seconds();
 
   // ---- CSV ----------------------------------------------------------------------------------
@@ -104,12 +174,11 @@ int main(int argc, char** argv) {
     if (ref_label) p.hline(ref_label, ref_y, '-');
     if (ref2_label) p.hline(ref2_label, ref2_y, '=');
     for (const auto& r : runs)
-      p.add(method_name(r.method), steps, column(r, field, relative ? 1.0 / r.curve[0].*field : 1.0), r.glyph);
+      p.add(r.name, steps, column(r, field, relative ? 1.0 / r.curve[0].*field : 1.0), r.glyph);
     p.print();
   };
   std::string loss0;
-  for (const auto& r : runs)
-    loss0 += fmt("%s%s %.3g", loss0.empty() ? "" : ", ", method_name(r.method), r.curve[0].loss);
+  for (const auto& r : runs) loss0 += fmt("%s%s %.3g", loss0.empty() ? "" : ", ", r.name, r.curve[0].loss);
   plot("training loss / its value at step 0 (" + loss0 + ")", &Snapshot::loss, true, 0, nullptr);
   plot("held-out reward accuracy (implicit reward orders the pair as the true reward; 0 at step 0, all tie)",
        &Snapshot::accuracy, false, 0, nullptr, NAN, nullptr, 0.5);
@@ -125,8 +194,8 @@ int main(int argc, char** argv) {
   std::printf("%-8s %17s %9s %8s %12.3f %12.3f %12.3f\n", "SFT", "", "", "", 0.0, sft_reward, kl(t, ref, opt));
   for (const auto& r : runs) {
     const Snapshot &a = r.curve.front(), &b = r.curve.back();
-    std::printf("%-8s %7.4f -> %6.4f %9.3f %8.3f %12.3f %12.3f %12.3f\n", method_name(r.method), a.loss, b.loss,
-                b.accuracy, b.margin, b.kl_ref, b.true_reward, b.kl_opt);
+    std::printf("%-8s %7.4f -> %6.4f %9.3f %8.3f %12.3f %12.3f %12.3f\n", r.name, a.loss, b.loss, b.accuracy, b.margin,
+                b.kl_ref, b.true_reward, b.kl_opt);
   }
   std::printf("%-8s %17s %9s %8s %12.3f %12.3f %12.3f\n", "optimum", "", "", "", opt_kl, opt_reward, 0.0);
   std::printf("(%ld steps of 64 pairs each, 4 methods, %.2f s)\n\n", args.steps, secs);
@@ -137,8 +206,7 @@ int main(int argc, char** argv) {
   const auto panel = [&](const std::string& title, const std::string& ylabel, const std::string& col, bool key) {
     GpPanel p(title, "step", ylabel);
     for (const auto& r : runs)
-      p.curve(csv, "step", r.key() + "_" + col, key ? method_name(r.method) : "",
-              fmt("with lines lw 2 lc rgb '%s'", r.color));
+      p.curve(csv, "step", r.key() + "_" + col, key ? r.name : "", fmt("with lines lw 2 lc rgb '%s'", r.color));
     return p;
   };
   GpPanel loss = panel("training loss / loss at step 0", "relative loss", "rel_loss", true);
@@ -172,7 +240,7 @@ int main(int argc, char** argv) {
   Checks check;
   for (const auto& r : runs) {
     const Snapshot &a = r.curve.front(), &b = r.curve.back();
-    const char* m = method_name(r.method);
+    const char* m = r.name;
     check.expect(b.loss < a.loss, fmt("%s: training loss falls (%.4f -> %.4f)", m, a.loss, b.loss));
     check.expect(b.accuracy > 0.6,
                  fmt("%s: held-out reward accuracy rises above chance (%.3f -> %.3f)", m, a.accuracy, b.accuracy));

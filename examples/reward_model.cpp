@@ -16,6 +16,25 @@
 
 using namespace examples;
 
+namespace {
+
+/// One batch of the Bradley-Terry loss (Bradley & Terry 1952; InstructGPT's reward-model loss):
+/// -log sigmoid(r_w(x, y_c) - r_w(x, y_r)), the batch mean, with d loss / d w added to grad.
+double bt_loss(const RewardModel& rm, const Pairs& b, std::vector<float>& grad) {
+  Tokens tc, tr;
+  rm.token_rewards(b.chosen, tc);  // w[x, l, y_l] at every valid token
+  rm.token_rewards(b.rejected, tr);
+  // r_w(x, y) = sum_l w[x, l, y_l]: masked sums, so the loss's backward reaches every token.
+  const auto r = pl::bradley_terry(pl::masked_sum(tc, b.chosen.mask), pl::masked_sum(tr, b.rejected.mask));
+  Tokens gc(tc.dimensions()), gr(tr.dimensions());
+  r.backward(gc, gr);  // d loss / d token reward: -sigmoid(-(r_c - r_r)) / B at chosen tokens, the opposite at rejected
+  scatter_add(rm.shape, b.chosen, gc, grad);  // the adjoint of the gather: back into the table
+  scatter_add(rm.shape, b.rejected, gr, grad);
+  return r.loss;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   const Args args = parse_args(argc, argv, "reward_model", "Bradley-Terry reward model on synthetic preference pairs",
                                RewardModelConfig{}.steps, 80);
@@ -36,7 +55,7 @@ int main(int argc, char** argv) {
   cfg.steps = args.steps;
   cfg.seed = args.seed;
   const long every = args.quick ? 4 : 1;  // evaluation is most of the cost: thin it in smoke tests
-  train_reward_model(t, e.train, cfg, [&](long step, const RewardModel& rm, double batch_loss) {
+  train_reward_model(t, e.train, cfg, bt_loss, [&](long step, const RewardModel& rm, double batch_loss) {
     if (step % every != 0 && step != cfg.steps) return;
     const RewardEval tr = evaluate(rm, e.train), ho = evaluate(rm, e.heldout), acc = evaluate(rm, e.heldout_truth);
     log.add({double(step), std::isnan(batch_loss) ? tr.loss : batch_loss, tr.loss, ho.loss, acc.accuracy, ho.accuracy,

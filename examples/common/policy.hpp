@@ -85,6 +85,27 @@ class TabularPolicy {
 
   Dist dist() const { return dist_from_logits(shape, logits); }
 
+  /// Token log-probs of both responses of every pair.
+  struct PairLogp {
+    Tokens chosen, rejected;
+  };
+  PairLogp token_logp(const Pairs& p) const {
+    PairLogp out;
+    token_logp(p.chosen, out.chosen);
+    token_logp(p.rejected, out.rejected);
+    return out;
+  }
+
+  /// grad_logits += d loss / d logits for the result r of a loss over pairs:
+  /// r.backward(g_chosen, g_rejected) gives d loss / d token log-prob, then each side's chain rule.
+  template <class R, class G>
+  void backward(const Pairs& p, const R& r, std::vector<G>& grad_logits) const {
+    Tokens gc(p.chosen.size(), shape.L), gr(p.rejected.size(), shape.L);
+    r.backward(gc, gr);
+    backward(p.chosen, gc, grad_logits);
+    backward(p.rejected, gr, grad_logits);
+  }
+
  private:
   /// z[b, l, :] = logits[prompt_b, l, :] at selected tokens, NaN elsewhere.
   Logits token_rows(const Sequences& seq) const {

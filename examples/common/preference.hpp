@@ -1,9 +1,10 @@
 // Offline preference optimization on the task: a tabular policy trained from the reference on
-// fixed preference pairs, with the loss and its token gradient from prefloss and the chain rule
-// through the log-softmax to the logits (token_logprobs, policy.hpp). dpo_curves and beta_sweep use it.
+// fixed preference pairs, by a loss the example defines in its own file (dpo_curves: DPO, IPO,
+// KTO, SimPO; beta_sweep: DPO), and the exact quantities the curves show.
 #pragma once
 #include <prefloss/prefloss.hpp>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -13,111 +14,44 @@
 
 namespace examples {
 
-enum class Method { dpo, ipo, kto, simpo };
-
-inline const char* method_name(Method m) {
-  switch (m) {
-    case Method::dpo:
-      return "DPO";
-    case Method::ipo:
-      return "IPO";
-    case Method::kto:
-      return "KTO";
-    case Method::simpo:
-      return "SimPO";
-  }
-  return "?";
-}
-
 struct PreferenceConfig {
-  Method method = Method::dpo;
-  double beta = 0.1;        ///< DPO, IPO, KTO: the loss's beta (their default 0.1)
-  double simpo_beta = 2.0;  ///< SimPO's beta and gamma (its defaults; SimPO has no reference)
-  double simpo_gamma = 0.5;
+  double beta = 0.1;  ///< DPO, IPO, KTO: the loss's beta (their default 0.1)
   long steps = 300;
   Index batch = 64;  ///< pairs per step (KTO: their 2 * batch completions)
   double lr = 0.05;  ///< Adam on the logits
   std::uint64_t seed = 1;
 };
 
-/// @brief The method's loss on a batch of pairs. With `grad`, also adds d loss / d logits to it:
+/// @brief A loss on a batch of pairs. With `grad`, it also adds d loss / d logits to it:
 /// prefloss's backward() gives d loss / d token log-prob, the policy chains it through the
-/// log-softmax.
-///
-/// DPO and IPO take masked sums of token log-probs (IPO as OpenRLHF does; TRL feeds masked
-/// means), SimPO masked means without a reference. KTO sees the pairs as unpaired completions —
-/// chosen desirable, rejected undesirable, as TRL converts paired data — and estimates its
-/// reference point from mismatched completions: each completion re-scored under the next
-/// example's prompt, over the positions both responses have. Reference values are passed as
-/// masked sums too (constants to prefloss), so at step 0 the policy's and the reference's
-/// values are bit-identical.
-inline double preference_loss(const Task& t, const PreferenceConfig& cfg, const Pairs& pairs, TabularPolicy& policy,
-                              const TabularPolicy& ref, std::vector<float>* grad = nullptr) {
-  if (cfg.method == Method::kto) {
-    const Sequences seq = concat(t, pairs.chosen, pairs.rejected);
-    const Index n = seq.size();
-    Eigen::Tensor<std::uint8_t, 1> desirable(n);
-    for (Index i = 0; i < n; ++i) desirable(i) = i < pairs.size() ? 1 : 0;
-    Sequences kl_seq = Sequences::empty(t, n);  // completion of example i + 1 under prompt of example i
-    for (Index i = 0; i < n; ++i) {
-      const Index j = (i + 1) % n;
-      const int x = seq.prompt[static_cast<std::size_t>(i)], xj = seq.prompt[static_cast<std::size_t>(j)];
-      kl_seq.set_prompt(t, i, x);
-      for (int l = 0; l < t.shape.L; ++l) {
-        kl_seq.tok(i, l) = seq.tok(j, l);
-        kl_seq.mask(i, l) = l < std::min(t.length(x), t.length(xj)) ? 1 : 0;
-      }
-    }
-    Tokens lp, kl_lp, ref_lp, ref_kl_lp;
-    policy.token_logp(seq, lp);
-    policy.token_logp(kl_seq, kl_lp);
-    ref.token_logp(seq, ref_lp);
-    ref.token_logp(kl_seq, ref_kl_lp);
-    pl::KtoOptions opt;
-    opt.beta = cfg.beta;
-    const auto r = pl::kto(pl::masked_sum(lp, seq.mask), pl::masked_sum(ref_lp, seq.mask), desirable,
-                           pl::masked_sum(kl_lp, kl_seq.mask), pl::masked_sum(ref_kl_lp, kl_seq.mask), opt);
-    if (grad) {
-      Tokens g(lp.dimensions());
-      r.backward(g);
-      policy.backward(seq, g, *grad);
-    }
-    return r.loss;
-  }
+/// log-softmax (TabularPolicy::backward, backward_pairs).
+using PreferenceLoss = std::function<double(const Pairs& pairs, const TabularPolicy& policy, const TabularPolicy& ref,
+                                            std::vector<float>* grad)>;
 
-  Tokens lc, lr;
-  policy.token_logp(pairs.chosen, lc);
-  policy.token_logp(pairs.rejected, lr);
-  const Mask& mc = pairs.chosen.mask;
-  const Mask& mr = pairs.rejected.mask;
-  const auto finish = [&](const auto& r) {
-    if (grad) {
-      Tokens gc(lc.dimensions()), gr(lr.dimensions());
-      r.backward(gc, gr);
-      policy.backward(pairs.chosen, gc, *grad);
-      policy.backward(pairs.rejected, gr, *grad);
+/// KTO's view of paired data (as TRL converts it): chosen completions desirable, rejected
+/// undesirable, and for its reference point each completion re-scored under the next
+/// example's prompt, over the positions both responses have.
+struct KtoBatch {
+  Sequences completions, kl_completions;
+  Eigen::Tensor<std::uint8_t, 1> desirable;
+};
+inline KtoBatch kto_batch(const Task& t, const Pairs& pairs) {
+  KtoBatch k{concat(t, pairs.chosen, pairs.rejected), {}, {}};
+  const Sequences& seq = k.completions;
+  const Index n = seq.size();
+  k.desirable = Eigen::Tensor<std::uint8_t, 1>(n);
+  for (Index i = 0; i < n; ++i) k.desirable(i) = i < pairs.size() ? 1 : 0;
+  k.kl_completions = Sequences::empty(t, n);  // completion of example i + 1 under prompt of example i
+  for (Index i = 0; i < n; ++i) {
+    const Index j = (i + 1) % n;
+    const int x = seq.prompt[static_cast<std::size_t>(i)], xj = seq.prompt[static_cast<std::size_t>(j)];
+    k.kl_completions.set_prompt(t, i, x);
+    for (int l = 0; l < t.shape.L; ++l) {
+      k.kl_completions.tok(i, l) = seq.tok(j, l);
+      k.kl_completions.mask(i, l) = l < std::min(t.length(x), t.length(xj)) ? 1 : 0;
     }
-    return static_cast<double>(r.loss);
-  };
-  if (cfg.method == Method::simpo) {
-    pl::SimpoOptions opt;
-    opt.beta = cfg.simpo_beta;
-    opt.gamma = cfg.simpo_gamma;
-    return finish(pl::simpo(pl::masked_mean(lc, mc), pl::masked_mean(lr, mr), opt));
   }
-  Tokens ref_lc, ref_lr;
-  ref.token_logp(pairs.chosen, ref_lc);
-  ref.token_logp(pairs.rejected, ref_lr);
-  const auto rc = pl::masked_sum(ref_lc, mc);
-  const auto rr = pl::masked_sum(ref_lr, mr);
-  if (cfg.method == Method::ipo) {
-    pl::IpoOptions opt;
-    opt.beta = cfg.beta;
-    return finish(pl::ipo(pl::masked_sum(lc, mc), pl::masked_sum(lr, mr), rc, rr, opt));
-  }
-  pl::DpoOptions opt;
-  opt.beta = cfg.beta;
-  return finish(pl::dpo(pl::masked_sum(lc, mc), pl::masked_sum(lr, mr), rc, rr, opt));
+  return k;
 }
 
 /// What the curves show at one step. Everything but the loss is measured the same way for every
@@ -133,11 +67,11 @@ struct Snapshot {
   double kl_opt;       ///< KL(pi || pi*), exact, pi* the closed-form optimum `target`
 };
 
-inline Snapshot snapshot(long step, const Experiment& e, const PreferenceConfig& cfg, TabularPolicy& policy,
+inline Snapshot snapshot(long step, const Experiment& e, const PreferenceLoss& loss, const TabularPolicy& policy,
                          const TabularPolicy& ref, const Dist& ref_dist, const Dist& target, double metric_beta) {
   Snapshot s{};
   s.step = step;
-  s.loss = preference_loss(e.task, cfg, e.train, policy, ref);
+  s.loss = loss(e.train, policy, ref, nullptr);
   const Pairs& ho = e.heldout_truth;
   Tokens lc, lr, ref_lc, ref_lr;
   policy.token_logp(ho.chosen, lc);
@@ -157,11 +91,12 @@ inline Snapshot snapshot(long step, const Experiment& e, const PreferenceConfig&
   return s;
 }
 
-/// @brief Trains a policy from the reference on e.train with cfg.method (Adam on the logits);
-/// returns a snapshot at step 0 and every `every` steps (and at the last step). `target` is the
-/// optimum KL(pi || pi*) is measured against.
-inline std::vector<Snapshot> train_preference(const Experiment& e, const PreferenceConfig& cfg, const Dist& target,
-                                              double metric_beta, long every = 1) {
+/// @brief Trains a policy from the reference on e.train by `loss` (Adam on the logits); returns
+/// a snapshot at step 0 and every `every` steps (and at the last step). `target` is the optimum
+/// KL(pi || pi*) is measured against.
+inline std::vector<Snapshot> train_preference(const Experiment& e, const PreferenceConfig& cfg,
+                                              const PreferenceLoss& loss, const Dist& target, double metric_beta,
+                                              long every = 1) {
   const Task& t = e.task;
   const TabularPolicy ref(t.shape, t.ref_logits);
   const Dist ref_dist = ref.dist();
@@ -169,14 +104,14 @@ inline std::vector<Snapshot> train_preference(const Experiment& e, const Prefere
   Adam adam(cfg.lr);
   Batcher batches(e.train.size(), cfg.batch, cfg.seed);
   std::vector<float> grad(t.shape.size());
-  std::vector<Snapshot> out{snapshot(0, e, cfg, policy, ref, ref_dist, target, metric_beta)};
+  std::vector<Snapshot> out{snapshot(0, e, loss, policy, ref, ref_dist, target, metric_beta)};
   for (long step = 1; step <= cfg.steps; ++step) {
     const Pairs pairs = select(t, e.train, batches.next());
     std::fill(grad.begin(), grad.end(), 0.0f);
-    preference_loss(t, cfg, pairs, policy, ref, &grad);
+    loss(pairs, policy, ref, &grad);
     adam.step(policy.logits, grad);
     if (step % every == 0 || step == cfg.steps)
-      out.push_back(snapshot(step, e, cfg, policy, ref, ref_dist, target, metric_beta));
+      out.push_back(snapshot(step, e, loss, policy, ref, ref_dist, target, metric_beta));
   }
   return out;
 }

@@ -74,9 +74,29 @@ inline RewardModel true_reward_model(const Task& t) {
   return RewardModel{t.shape, std::vector<float>(t.score.begin(), t.score.end())};
 }
 
-/// Trains a reward model with Adam on minibatches of `train`; calls on_step(step, rm, batch_loss)
-/// at step 0 (before training, batch_loss = NaN) and after every step.
+/// A reward model's loss on a batch of pairs; it adds d loss / d w (the table) to grad.
+using RewardLoss = std::function<double(const RewardModel& rm, const Pairs& batch, std::vector<float>& grad)>;
+
+/// The Bradley-Terry loss -log sigmoid(r_w(x, y_c) - r_w(x, y_r)), batch mean, over masked sums of
+/// per-token rewards: what reward_model trains (it spells the step out in its own file), and
+/// what ppo_rlhf and method_comparison reuse.
+inline double bradley_terry_loss(const RewardModel& rm, const Pairs& b, std::vector<float>& grad) {
+  Tokens tc, tr;
+  rm.token_rewards(b.chosen, tc);
+  rm.token_rewards(b.rejected, tr);
+  const auto r = pl::bradley_terry(pl::masked_sum(tc, b.chosen.mask), pl::masked_sum(tr, b.rejected.mask));
+  Tokens gc(tc.dimensions()), gr(tr.dimensions());
+  r.backward(gc, gr);
+  scatter_add(rm.shape, b.chosen, gc, grad);
+  scatter_add(rm.shape, b.rejected, gr, grad);
+  return r.loss;
+}
+
+/// Trains a reward model with Adam on minibatches of `train` by `loss` plus the L2 penalty;
+/// calls on_step(step, rm, batch_loss) at step 0 (before training, batch_loss = NaN) and after
+/// every step.
 inline RewardModel train_reward_model(const Task& t, const Pairs& train, const RewardModelConfig& cfg,
+                                      const RewardLoss& loss = bradley_terry_loss,
                                       const std::function<void(long, const RewardModel&, double)>& on_step = {}) {
   Rng rng(cfg.seed);
   RewardModel rm{t.shape, std::vector<float>(t.shape.size())};
@@ -84,23 +104,13 @@ inline RewardModel train_reward_model(const Task& t, const Pairs& train, const R
   Adam adam(cfg.lr, cfg.weight_decay);
   Batcher batches(train.size(), cfg.batch, rng.next());
   std::vector<float> grad(t.shape.size());
-  Tokens tc, tr, gc, gr;
   if (on_step) on_step(0, rm, std::numeric_limits<double>::quiet_NaN());
   for (long step = 1; step <= cfg.steps; ++step) {
-    const Pairs b = select(t, train, batches.next());
-    rm.token_rewards(b.chosen, tc);
-    rm.token_rewards(b.rejected, tr);
-    // The loss and d loss / d token reward from the library; the table gradient is its scatter.
-    const auto r = pl::bradley_terry(pl::masked_sum(tc, b.chosen.mask), pl::masked_sum(tr, b.rejected.mask));
-    gc = Tokens(tc.dimensions());
-    gr = Tokens(tr.dimensions());
-    r.backward(gc, gr);
     std::fill(grad.begin(), grad.end(), 0.0f);
-    scatter_add(t.shape, b.chosen, gc, grad);
-    scatter_add(t.shape, b.rejected, gr, grad);
+    const double batch_loss = loss(rm, select(t, train, batches.next()), grad);
     for (std::size_t k = 0; k < grad.size(); ++k) grad[k] += static_cast<float>(cfg.l2 * rm.w[k]);
     adam.step(rm.w, grad);
-    if (on_step) on_step(step, rm, r.loss);
+    if (on_step) on_step(step, rm, batch_loss);
   }
   return rm;
 }
