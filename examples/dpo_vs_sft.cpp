@@ -85,25 +85,18 @@ double dpo_step(const Pairs& batch, TabularPolicy& policy, const TabularPolicy& 
                 std::vector<float>& grad) {
   // Sequence log-probs s = sum_l log pi(y_l | x): the policy's, and the frozen reference's
   // (constants to prefloss: DPO differentiates the policy side only).
-  Tokens lc, lr, ref_lc, ref_lr;
-  policy.token_logp(batch.chosen, lc);
-  policy.token_logp(batch.rejected, lr);
-  ref.token_logp(batch.chosen, ref_lc);
-  ref.token_logp(batch.rejected, ref_lr);
+  const auto lp = policy.token_logp(batch), rp = ref.token_logp(batch);
+  const Mask &mc = batch.chosen.mask, &mr = batch.rejected.mask;
   // DPO (Rafailov et al. 2023, Eq. 7): -log sigmoid(beta [(s_c - rho_c) - (s_r - rho_r)]), mean
   // over the pairs; masked sums, as in the paper and TRL.
   pl::DpoOptions opt;
   opt.beta = kBeta;
-  const auto r = pl::dpo(pl::masked_sum(lc, batch.chosen.mask), pl::masked_sum(lr, batch.rejected.mask),
-                         pl::masked_sum(ref_lc, batch.chosen.mask), pl::masked_sum(ref_lr, batch.rejected.mask), opt);
-  // dL/ds spread to every token of each response (the paper's gradient, Sec. 4: -beta sigmoid(-z)
-  // / B on the chosen side, +beta sigmoid(-z) / B on the rejected), then the chain rule through the
-  // log-softmax.
-  Tokens gc(lc.dimensions()), gr(lr.dimensions());
-  r.backward(gc, gr);
+  const auto r = pl::dpo(pl::masked_sum(lp.chosen, mc), pl::masked_sum(lp.rejected, mr), pl::masked_sum(rp.chosen, mc),
+                         pl::masked_sum(rp.rejected, mr), opt);
+  // dL/ds spread to every token of each response (-beta sigmoid(-z) / B on the chosen side,
+  // +beta sigmoid(-z) / B on the rejected: r.backward), then the chain rule through the log-softmax.
   std::fill(grad.begin(), grad.end(), 0.0f);
-  policy.backward(batch.chosen, gc, grad);
-  policy.backward(batch.rejected, gr, grad);
+  policy.backward(batch, r, grad);
   adam.step(policy.logits, grad);
   return r.loss;
 }

@@ -453,20 +453,14 @@ inline TabularPolicy train_dpo(const SafetyTask& st, const Pairs& train, double 
   for (long step = 1; step <= cfg.steps; ++step) {
     const Pairs b = select(t, train, batches.next());
     // log pi(y | x) = masked sum of token log-probs, for the policy and the frozen reference.
-    Tokens lc, lr, rc, rr;
-    policy.token_logp(b.chosen, lc);
-    policy.token_logp(b.rejected, lr);
-    ref.token_logp(b.chosen, rc);
-    ref.token_logp(b.rejected, rr);
+    const auto lp = policy.token_logp(b), rp = ref.token_logp(b);
+    const Mask &mc = b.chosen.mask, &mr = b.rejected.mask;
     // DPO eq. (7): -log sigmoid(beta [log pi/pi_ref (y_c) - log pi/pi_ref (y_r)]).
-    const auto r = pl::dpo(pl::masked_sum(lc, b.chosen.mask), pl::masked_sum(lr, b.rejected.mask),
-                           pl::masked_sum(rc, b.chosen.mask), pl::masked_sum(rr, b.rejected.mask), opt);
+    const auto r = pl::dpo(pl::masked_sum(lp.chosen, mc), pl::masked_sum(lp.rejected, mr),
+                           pl::masked_sum(rp.chosen, mc), pl::masked_sum(rp.rejected, mr), opt);
     // d L / d token log-prob, then the chain rule through the log-softmax to the logits.
-    Tokens gc(lc.dimensions()), gr(lr.dimensions());
-    r.backward(gc, gr);
     std::fill(grad.begin(), grad.end(), 0.0f);
-    policy.backward(b.chosen, gc, grad);
-    policy.backward(b.rejected, gr, grad);
+    policy.backward(b, r, grad);
     adam.step(policy.logits, grad);
     if (on_step) on_step(step, policy, r.loss);
   }
