@@ -77,10 +77,10 @@ int main(int argc, char** argv) {
   // ---- 2. PPO -------------------------------------------------------------------------------
   TabularPolicy policy(t.shape, t.ref_logits);
   const TabularPolicy reference(t.shape, t.ref_logits);
-  std::vector<float> critic(t.shape.rows(), 0.0f);  // V[x, position]
+  TabularCritic critic(t.shape);  // V[x, position]
   Adam adam(cfg.lr), critic_adam(cfg.critic_lr);
   Rng rng(0x99000000ULL + args.seed);
-  std::vector<float> grad(t.shape.size()), critic_grad(critic.size());
+  std::vector<float> grad(t.shape.size()), critic_grad(critic.v.size());
 
   Table log({"iteration", "true_reward", "rm_reward", "kl_ref", "kl_opt_rm", "kl_opt_true", "objective", "score_sample",
              "clip_fraction", "approx_kl", "value_loss", "sft_true_reward", "opt_rm_true_reward", "opt_true_reward",
@@ -91,14 +91,6 @@ int main(int argc, char** argv) {
     log.add({double(it), true_reward(t, d), expected(t, d, rm_table), k, kl(t, d, opt_rm), kl(t, d, opt_true),
              expected(t, d, rm_table) - cfg.kl_coef * k, score, clip, akl, vloss, sft_reward, opt_rm_true,
              true_reward(t, opt_true), opt_rm_kl, opt_rm_objective});
-  };
-  const auto critic_values = [&](const Sequences& s) {
-    Tokens v(s.size(), t.shape.L);
-    for (Index b = 0; b < s.size(); ++b)
-      for (int l = 0; l < t.shape.L; ++l)
-        v(b, l) = s.mask(b, l) ? critic[static_cast<std::size_t>(s.prompt[static_cast<std::size_t>(b)] * t.shape.L + l)]
-                               : std::numeric_limits<float>::quiet_NaN();
-    return v;
   };
   record(0, NAN, NAN, NAN, NAN);
 
@@ -120,7 +112,7 @@ int main(int argc, char** argv) {
         rewards(b, l) = s.mask(b, l) ? static_cast<float>(-cfg.kl_coef * kl_tok(b, l)) +
                                            (l == t.length(s.prompt[static_cast<std::size_t>(b)]) - 1 ? score(b) : 0.0f)
                                      : 0.0f;
-    const Tokens values = critic_values(s);
+    const Tokens values = critic.values(s);
     pl::gae(rewards, values, s.mask, cfg.gae, adv, ret);
 
     // PPO epochs over shuffled minibatches: policy by ppo_clip, critic by value_loss.
@@ -144,15 +136,12 @@ int main(int argc, char** argv) {
         policy.backward(ms, g, grad);
         adam.step(policy.logits, grad);
 
-        const Tokens v = critic_values(ms);
+        const Tokens v = critic.values(ms);
         Tokens gv(v.dimensions());
         const auto vr = pl::value_loss(v, m_val, m_ret, ms.mask, cfg.value, gv);
         std::fill(critic_grad.begin(), critic_grad.end(), 0.0f);
-        for (Index b = 0; b < ms.size(); ++b)
-          for (Index l = 0; l < L; ++l)
-            if (ms.mask(b, l))
-              critic_grad[static_cast<std::size_t>(ms.prompt[static_cast<std::size_t>(b)] * L + l)] += gv(b, l);
-        critic_adam.step(critic, critic_grad);
+        critic.backward(ms, gv, critic_grad);  // d loss / d V into each row of the table
+        critic_adam.step(critic.v, critic_grad);
 
         clip += r.metrics.clip_fraction;
         akl += r.metrics.approx_kl;

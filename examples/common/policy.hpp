@@ -124,4 +124,34 @@ class TabularPolicy {
   }
 };
 
+/// A tabular critic for PPO's GAE: one value V[x, position] per table row.
+struct TabularCritic {
+  Shape shape;
+  std::vector<float> v;  ///< [X * L]
+
+  explicit TabularCritic(const Shape& s) : shape(s), v(s.rows(), 0.0f) {}
+
+  /// V at every token of a batch [batch, max_len]; NaN at padding (value_loss and gae skip it).
+  Tokens values(const Sequences& s) const {
+    Tokens out(s.size(), shape.L);
+    for (Index b = 0; b < s.size(); ++b)
+      for (int l = 0; l < shape.L; ++l)
+        out(b, l) = s.mask(b, l) ? v[index(s, b, l)] : std::numeric_limits<float>::quiet_NaN();
+    return out;
+  }
+
+  /// grad += the gradient d loss / d V of a batch (value_loss's output) summed into each row:
+  /// the adjoint of values().
+  void backward(const Sequences& s, const Tokens& g, std::vector<float>& grad) const {
+    for (Index b = 0; b < s.size(); ++b)
+      for (int l = 0; l < shape.L; ++l)
+        if (s.mask(b, l)) grad[index(s, b, l)] += g(b, l);
+  }
+
+ private:
+  std::size_t index(const Sequences& s, Index b, int l) const {
+    return static_cast<std::size_t>(s.prompt[static_cast<std::size_t>(b)] * shape.L + l);
+  }
+};
+
 }  // namespace examples

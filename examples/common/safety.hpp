@@ -353,7 +353,8 @@ inline TabularPolicy train_ppo(const SafetyTask& st, const RewardModel& help, co
   const Index L = t.shape.L;
   TabularPolicy policy(t.shape, t.ref_logits);
   const TabularPolicy reference(t.shape, t.ref_logits);
-  std::vector<float> critic(t.shape.rows(), 0.0f), grad(t.shape.size()), critic_grad(critic.size());
+  TabularCritic critic(t.shape);
+  std::vector<float> grad(t.shape.size()), critic_grad(critic.v.size());
   Adam adam(cfg.lr), critic_adam(cfg.critic_lr);
   Rng rng(0x5afe0000ULL + cfg.seed);
   pl::GaeOptions gae_opt;
@@ -362,14 +363,6 @@ inline TabularPolicy train_ppo(const SafetyTask& st, const RewardModel& help, co
   gae_opt.whiten_advantages = true;
   pl::ValueOptions vopt;
   vopt.clip = 0.2;
-  const auto critic_values = [&](const Sequences& s) {
-    Tokens v(s.size(), L);
-    for (Index b = 0; b < s.size(); ++b)
-      for (Index l = 0; l < L; ++l)
-        v(b, l) = s.mask(b, l) ? critic[static_cast<std::size_t>(s.prompt[static_cast<std::size_t>(b)] * L + l)]
-                               : std::numeric_limits<float>::quiet_NaN();
-    return v;
-  };
   for (long it = 1; it <= cfg.iterations; ++it) {
     std::vector<int> prompts(static_cast<std::size_t>(cfg.rollout));
     for (auto& x : prompts) x = rng.below(t.shape.X);
@@ -394,7 +387,7 @@ inline TabularPolicy train_ppo(const SafetyTask& st, const RewardModel& help, co
                 : 0.0f;
     }
     // GAE (Schulman et al. 2016): A_l = sum_k (gamma lambda)^k delta_{l+k}, whitened; returns A + V.
-    const Tokens values = critic_values(s);
+    const Tokens values = critic.values(s);
     pl::gae(rewards, values, s.mask, gae_opt, adv, ret);
     std::vector<int> order(static_cast<std::size_t>(B));
     std::iota(order.begin(), order.end(), 0);
@@ -413,15 +406,12 @@ inline TabularPolicy train_ppo(const SafetyTask& st, const RewardModel& help, co
         policy.backward(ms, g, grad);  // chain rule through the log-softmax to the logits
         adam.step(policy.logits, grad);
         // The critic: clipped value loss (V - return)^2 toward the GAE returns.
-        const Tokens v = critic_values(ms);
+        const Tokens v = critic.values(ms);
         Tokens gv(v.dimensions());
         pl::value_loss(v, select_rows(values, idx), select_rows(ret, idx), ms.mask, vopt, gv);
         std::fill(critic_grad.begin(), critic_grad.end(), 0.0f);
-        for (Index b = 0; b < ms.size(); ++b)
-          for (Index l = 0; l < L; ++l)
-            if (ms.mask(b, l))
-              critic_grad[static_cast<std::size_t>(ms.prompt[static_cast<std::size_t>(b)] * L + l)] += gv(b, l);
-        critic_adam.step(critic, critic_grad);
+        critic.backward(ms, gv, critic_grad);  // d loss / d V into each row of the table
+        critic_adam.step(critic.v, critic_grad);
       }
     }
     if (on_iter) on_iter(it, policy, mean_g);
